@@ -1,0 +1,1 @@
+"""Data: reading records, loading images, building the training dataset and batches."""

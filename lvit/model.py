@@ -1,0 +1,186 @@
+"""Assembling a stock `LlavaForConditionalGeneration` from a separate CLIP and language model.
+
+transformers has no builder from separate parts, so lvit composes a `LlavaConfig`, builds the
+LLaVA skeleton on the meta device (no memory) and moves the loaded parts into it. The result is
+the stock class: everything lvit saves loads with plain `from_pretrained`, no lvit and no
+`trust_remote_code`.
+
+The paper's projector is one matrix W (plus bias). The stock projector is always two linears, so
+`projector: linear` is expressed exactly as: `linear_1` = W (trained), activation = identity,
+`linear_2` = identity matrix with zero bias, frozen forever. `mlp2x_gelu` (LLaVA-1.5) trains both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from lvit.errors import LvitError
+from lvit.hub import resolve_source
+from lvit.templates import IMAGE_PLACEHOLDER, VICUNA_V1_CHAT_TEMPLATE
+
+log = logging.getLogger(__name__)
+
+PAD_TOKEN = "<pad>"
+PROJECTOR_FILE = "projector.safetensors"
+RUN_INFO_FILE = "lvit_run.json"
+_ACT = {"linear": "linear", "mlp2x_gelu": "gelu"}
+
+
+def num_image_tokens(vision_config) -> int:
+    """Patch tokens per image with the CLS token dropped: (H/p)*(W/p), 256 for ViT-L/14 at 224 px."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2
+
+
+def load_tokenizer(language_model: str):
+    """The language model's tokenizer with LLaVA's image token and a pad token added if missing."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(language_model)
+    additions = []
+    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+        additions.append(IMAGE_PLACEHOLDER)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if additions:
+        tokenizer.add_special_tokens({"additional_special_tokens": additions})
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_processor(image_processor, tokenizer, vision_config):
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy="default",
+        # CLIP's CLS token: the processor subtracts one for "default" (STACK-NOTES: else 1 token short)
+        num_additional_image_tokens=1,
+        chat_template=VICUNA_V1_CHAT_TEMPLATE,
+    )
+
+
+def assemble(model_cfg, source: str = "<recipe>"):
+    """Load the recipe's vision tower and language model and join them into a LLaVA model.
+
+    Returns `(model, processor)`. The projector is freshly initialised, or loaded from
+    `model.projector_from` (a stage-1 run folder). Nothing is frozen here; see `lvit.stages`.
+    """
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        CLIPVisionModel,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+    from transformers.utils import logging as hf_logging
+
+    vision_src = resolve_source(model_cfg.vision_tower, "model.vision_tower", source)
+    lm_src = resolve_source(model_cfg.language_model, "model.language_model", source)
+    dtype = getattr(torch, model_cfg.torch_dtype)
+    extra = {}
+    if model_cfg.attn_implementation:
+        extra["attn_implementation"] = model_cfg.attn_implementation
+
+    # A full CLIPModel checkpoint loads into CLIPVisionModel; its text tower is reported as unused.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        vision = CLIPVisionModel.from_pretrained(vision_src, dtype=dtype, **extra)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    image_processor = AutoImageProcessor.from_pretrained(vision_src)
+    tokenizer = load_tokenizer(lm_src)
+    lm = AutoModelForCausalLM.from_pretrained(lm_src, dtype=dtype, **extra)
+    if not hasattr(lm, "model") or not hasattr(lm, "lm_head"):
+        raise LvitError(f"{source}: model.language_model {model_cfg.language_model!r} is a "
+                        f"{type(lm).__name__}, not a Llama-family causal LM with .model and .lm_head.")
+
+    if len(tokenizer) != lm.get_input_embeddings().weight.shape[0]:
+        # New rows start at the mean of the old embeddings (transformers' mean_resizing), not at noise.
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    # Only after resizing (STACK-NOTES: else "Padding_idx must be within num_embeddings").
+    lm.config.pad_token_id = tokenizer.pad_token_id
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+
+    config = LlavaConfig(
+        vision_config=vision.config,
+        text_config=lm.config,
+        image_token_index=image_token_id,
+        projector_hidden_act=_ACT[model_cfg.projector],
+        vision_feature_layer=model_cfg.vision_feature_layer,
+        vision_feature_select_strategy="default",
+        image_seq_length=num_image_tokens(vision.config),
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = lm.model
+    model.lm_head = lm.lm_head
+    model.model.multi_modal_projector = new_projector(config, model_cfg.projector, dtype)
+    model.generation_config = lm.generation_config
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.dtype = dtype
+    leftover = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if leftover:
+        raise RuntimeError(f"lvit bug: parameters left on the meta device after assembly: {leftover[:5]}")
+
+    if model_cfg.projector_from:
+        load_projector(model, model_cfg.projector_from, model_cfg.projector, source)
+    processor = build_processor(image_processor, tokenizer, vision.config)
+    return model, processor
+
+
+def new_projector(config, kind: str, dtype: torch.dtype):
+    """A freshly initialised projector; for `linear`, `linear_2` is the frozen identity."""
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    projector = LlavaMultiModalProjector(config).to(dtype)
+    if kind == "linear":
+        with torch.no_grad():
+            projector.linear_2.weight.copy_(torch.eye(config.text_config.hidden_size, dtype=dtype))
+            projector.linear_2.bias.zero_()
+        projector.linear_2.requires_grad_(False)
+    return projector
+
+
+def save_projector(model, out_dir: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    path = Path(out_dir) / PROJECTOR_FILE
+    save_file(state, str(path))
+    return path
+
+
+def load_projector(model, run_dir: str, kind: str, source: str = "<recipe>") -> None:
+    """Load a stage-1 run's projector into `model`, checking type and shapes."""
+    from safetensors.torch import load_file
+
+    run = Path(run_dir)
+    path = run / PROJECTOR_FILE
+    if not path.is_file():
+        raise LvitError(f"{source}: model.projector_from = {run_dir!r} has no {PROJECTOR_FILE}; point it at the "
+                        "output folder of a finished `stage: align` run.")
+    info_path = run / RUN_INFO_FILE
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("projector") not in (None, kind):
+            raise LvitError(f"{source}: model.projector is {kind!r} but the stage-1 run {run_dir!r} trained a "
+                            f"{info['projector']!r} projector; make them match.")
+    state = load_file(str(path))
+    target = model.model.multi_modal_projector
+    expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        raise LvitError(f"{source}: the projector in {path} has shapes {got}, this model needs {expected} "
+                        "(different vision tower or language model than the stage-1 run?).")
+    dtype = next(target.parameters()).dtype
+    target.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    log.info("projector initialised from %s", path)

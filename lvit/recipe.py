@@ -1,0 +1,296 @@
+"""Recipes: YAML files that describe one training run, validated before anything loads.
+
+A recipe has lvit's own sections (`stage`, `model`, `data`, and a few batch/optimizer keys) and a
+`training:` section that is passed through to `trl.SFTConfig`, so every `SFTConfig` /
+`TrainingArguments` option works without lvit re-declaring it. Every key can be overridden on the
+command line with `dotted.key=value` (the value is read as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import functools
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lvit.errors import LvitError
+
+STAGES = ("align", "finetune")
+
+
+@dataclass
+class ModelSection:
+    """Where the parts come from and how they are joined."""
+
+    vision_tower: str
+    """A CLIP vision checkpoint (hub id or local folder); a full CLIPModel checkpoint works too."""
+    language_model: str
+    """A Llama-family causal LM (hub id or local folder); its tokenizer is loaded from the same place."""
+    projector: Literal["linear", "mlp2x_gelu"] = "linear"
+    """`linear`: the paper's single matrix W. `mlp2x_gelu`: LLaVA-1.5's two-layer MLP."""
+    vision_feature_layer: int = -2
+    """Which CLIP layer feeds the projector; -2 (the penultimate) as in LLaVA."""
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The dtype the parts are loaded in."""
+    projector_from: str | None = None
+    """A stage-1 (`align`) run folder whose trained projector initialises this run's projector."""
+    attn_implementation: str | None = None
+    """Passed to `from_pretrained` (`sdpa`, `flash_attention_2`, `eager`); None lets transformers choose."""
+
+
+@dataclass
+class DataSection:
+    """Training data and how a record becomes tokens."""
+
+    path: str
+    """A LLaVA-format JSON (a list of records) or JSON Lines file."""
+    image_folder: str | None = None
+    """Folder that relative image paths in the data are resolved against."""
+    template: Literal["vicuna_v1", "plain"] = "vicuna_v1"
+    """Conversation template; see `lvit/templates.py`."""
+    max_length: int = 2048
+    """Longest sequence in tokens, image tokens included."""
+    overlong: Literal["truncate", "drop", "error"] = "truncate"
+    """A sample longer than max_length: `truncate` cuts text after the image (never the image itself;
+    a sample that cannot be cut so is dropped and recorded), `drop` drops and records it, `error` stops."""
+    image_aspect_ratio: Literal["square", "pad"] = "square"
+    """`square`: the processor's resize and centre crop. `pad`: pad to a square with the processor's
+    mean colour first (LLaVA-1.5)."""
+
+
+@dataclass
+class Recipe:
+    stage: Literal["align", "finetune"]
+    """`align` (stage 1: only the projector trains) or `finetune` (stage 2: projector and LM train)."""
+    model: ModelSection
+    data: DataSection
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all processes. When set, gradient accumulation is derived
+    from it (global = per-device batch x accumulation x processes) so it holds on any GPU count."""
+    projector_lr: float | None = None
+    """A separate learning rate for the projector (LLaVA's `mm_projector_lr`); None: the main one."""
+    training: dict[str, Any] = field(default_factory=dict)
+    """Passed to `trl.SFTConfig`."""
+    source: str = "<recipe>"
+    """The file the recipe was read from (set by `load_recipe`, for messages)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+
+# Keys of `training:` that lvit sets itself; a recipe naming them would be silently overridden.
+_RESERVED_TRAINING_KEYS = {
+    "max_length": "use data.max_length (image tokens included) instead",
+    "remove_unused_columns": "lvit's collator needs the raw columns",
+    "dataset_kwargs": "lvit prepares the dataset itself",
+    "packing": "not supported for image data",
+    "padding_free": "not supported for image data",
+    "assistant_only_loss": "lvit's templates already mask everything but the assistant turns",
+    "completion_only_loss": "lvit's templates already mask everything but the assistant turns",
+}
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file, apply `key=value` overrides and validate every key and type.
+
+    Raises `LvitError` naming the file and the key at fault. Loads no model and reads no data.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LvitError(f"recipe file not found: {path}. Pass the path of a YAML recipe (see recipes/).")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise LvitError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise LvitError(f"{path}: a recipe is a YAML mapping (key: value), got {type(raw).__name__}.")
+    for item in overrides:
+        apply_override(raw, item, str(path))
+    return recipe_from_dict(raw, str(path))
+
+
+def apply_override(raw: dict, item: str, source: str) -> None:
+    """Apply one `dotted.key=value` override to a raw recipe mapping, in place."""
+    if "=" not in item:
+        raise LvitError(f"override {item!r} is not of the form key=value (e.g. training.learning_rate=1e-4).")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise LvitError(f"override {item!r}: the key {key!r} is not a dotted recipe key.")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise LvitError(f"override {item!r}: {where} in {source} is a value, not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
+    """Validate a raw recipe mapping into a `Recipe`; errors name `source` and the key."""
+    raw = dict(raw)
+    training = raw.pop("training", None) or {}
+    if not isinstance(training, dict):
+        raise LvitError(f"{source}: 'training' must be a mapping of SFTConfig options.")
+    recipe = _build(Recipe, {**raw, "training": {}}, source, prefix="")
+    recipe.training = _validate_training(training, source)
+    recipe.source = source
+    if recipe.global_batch_size is not None and "gradient_accumulation_steps" in training:
+        raise LvitError(
+            f"{source}: set either global_batch_size or training.gradient_accumulation_steps, not both "
+            "(lvit derives the accumulation from the global batch)."
+        )
+    if recipe.global_batch_size is not None and recipe.global_batch_size < 1:
+        raise LvitError(f"{source}: global_batch_size must be at least 1, got {recipe.global_batch_size}.")
+    if recipe.data.max_length < 2:
+        raise LvitError(f"{source}: data.max_length must be at least 2, got {recipe.data.max_length}.")
+    return recipe
+
+
+def gradient_accumulation(recipe: Recipe, num_processes: int) -> int:
+    """Accumulation steps that keep `global_batch_size` for this many processes."""
+    per_device = int(recipe.training.get("per_device_train_batch_size", 8))
+    if recipe.global_batch_size is None:
+        return int(recipe.training.get("gradient_accumulation_steps", 1))
+    per_step = per_device * num_processes
+    if recipe.global_batch_size % per_step:
+        raise LvitError(
+            f"{recipe.source}: global_batch_size {recipe.global_batch_size} is not a multiple of "
+            f"per_device_train_batch_size {per_device} x {num_processes} process(es) = {per_step}. "
+            "Change training.per_device_train_batch_size (or global_batch_size) so it divides."
+        )
+    return recipe.global_batch_size // per_step
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _build(cls, raw: Any, source: str, prefix: str):
+    where = prefix.rstrip(".") or "the recipe"
+    if not isinstance(raw, dict):
+        raise LvitError(f"{source}: {where} must be a mapping, got {type(raw).__name__}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    _reject_unknown(raw, fields, source, prefix)
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise LvitError(f"{source}: missing required key '{key}'.")
+            continue
+        value = raw[name]
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, source, key + ".")
+        else:
+            kwargs[name] = _coerce(value, hint, key, source)
+    return cls(**kwargs)
+
+
+def _reject_unknown(raw: dict, known, source: str, prefix: str) -> None:
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            where = prefix.rstrip(".") or "the top level"
+            raise LvitError(
+                f"{source}: unknown key '{prefix}{key}'.{hint} Keys allowed at {where}: {', '.join(sorted(known))}."
+            )
+
+
+@functools.cache
+def _sft_fields() -> dict[str, Any]:
+    from trl import SFTConfig  # heavy import, only when a recipe is validated
+
+    hints = typing.get_type_hints(SFTConfig)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(SFTConfig) if f.init}
+
+
+def _validate_training(training: dict, source: str) -> dict:
+    fields = _sft_fields()
+    for key, why in _RESERVED_TRAINING_KEYS.items():
+        if key in training:
+            raise LvitError(f"{source}: training.{key} is set by lvit ({why}); remove it from the recipe.")
+    _reject_unknown(training, fields, source, "training.")
+    return {key: _coerce(value, fields[key], f"training.{key}", source) for key, value in training.items()}
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    ok, out = _match(value, hint)
+    if not ok:
+        raise LvitError(
+            f"{source}: '{key}' should be {_describe(hint)}, got {value!r} ({type(value).__name__})."
+        )
+    return out
+
+
+def _match(value: Any, hint: Any) -> tuple[bool, Any]:
+    if hint is Any or hint is typing.Any:
+        return True, value
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        # Try the non-str members first so that "1e-3" becomes a float where a float is allowed.
+        members = sorted(typing.get_args(hint), key=lambda h: h is str)
+        for member in members:
+            ok, out = _match(value, member)
+            if ok:
+                return True, out
+        return False, None
+    if origin is Literal:
+        return (value in typing.get_args(hint)), value
+    if hint is type(None):
+        return value is None, None
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-5" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if hint is str:
+        return isinstance(value, str), value
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        values = {m.value for m in hint}
+        return (value in values or isinstance(value, hint)), value
+    if origin in (dict, typing.Dict) or hint is dict:  # noqa: UP006
+        return isinstance(value, dict), value
+    if origin in (list, typing.List) or hint is list:  # noqa: UP006
+        return isinstance(value, list), value
+    return True, value  # a type this checker does not know: SFTConfig validates it when built
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in hint)
+    return getattr(hint, "__name__", str(hint))

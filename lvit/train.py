@@ -1,0 +1,213 @@
+"""One training run: recipe -> model, data and `SFTTrainer` -> a saved run folder.
+
+Read top to bottom: `run()` checks the recipe's inputs, builds the `SFTConfig`, assembles the
+model, freezes it for its stage, prepares the data, trains through TRL and saves the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lvit.errors import LvitError
+from lvit.recipe import Recipe, gradient_accumulation
+
+log = logging.getLogger("lvit")
+
+DROPPED_FILE = "dropped_records.jsonl"
+RECIPE_FILE = "lvit_recipe.yaml"
+
+
+def _sft_trainer_class():
+    from trl import SFTTrainer
+
+    class LlavaTrainer(SFTTrainer):
+        """`SFTTrainer` with an optional separate learning rate for the projector.
+
+        TRL has no per-module learning rates (STACK-NOTES), so the optimizer's parameter groups are
+        built here: projector / rest, each split into decay / no-decay like `Trainer` does.
+        """
+
+        def __init__(self, *args, projector_lr: float | None = None, **kwargs):
+            self.projector_lr = projector_lr
+            super().__init__(*args, **kwargs)
+
+        def create_optimizer(self, model=None):
+            if self.projector_lr is None or self.optimizer is not None:
+                return super().create_optimizer(model) if model is not None else super().create_optimizer()
+            model = model if model is not None else self.model
+            decay = set(self.get_decay_parameter_names(model))
+            groups: dict[tuple[bool, bool], list] = {}
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    groups.setdefault(("multi_modal_projector" in name, name in decay), []).append(param)
+            param_groups = []
+            for (is_projector, decays), params in groups.items():
+                group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+                if is_projector:
+                    group["lr"] = self.projector_lr
+                param_groups.append(group)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+            return self.optimizer
+
+    return LlavaTrainer
+
+
+def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_device: bool = True):
+    """The `SFTConfig` for a recipe: its `training:` section plus what lvit sets itself."""
+    from trl import SFTConfig
+
+    if num_processes is None:
+        import os
+
+        num_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    kwargs: dict[str, Any] = dict(recipe.training)
+    kwargs.setdefault("output_dir", f"runs/{Path(recipe.source).stem}")
+    kwargs["gradient_accumulation_steps"] = gradient_accumulation(recipe, num_processes)
+    kwargs.update(
+        remove_unused_columns=False,  # the collator needs the raw record columns
+        dataset_kwargs={"skip_prepare_dataset": True},  # lvit tokenizes (exact masks) in its collator
+        max_length=None,  # lvit enforces data.max_length itself, never cutting image tokens
+    )
+    if not check_device:
+        # Validate the structure on a machine without the recipe's hardware (e.g. a bf16 recipe for
+        # A100s checked on a laptop): device-dependent flags are checked by the real run.
+        kwargs.update(bf16=False, fp16=False, tf32=None, use_cpu=True)
+    try:
+        return SFTConfig(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise LvitError(f"{recipe.source}: the training section is not valid: {exc}") from None
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Everything that can be checked before a model loads: data files and folders."""
+    data = recipe.data
+    if not Path(data.path).is_file():
+        raise LvitError(f"{recipe.source}: data.path = {data.path!r}: file not found. Point it at a LLaVA-format "
+                        f"JSON/JSONL file (override with `data.path=...`).")
+    if data.image_folder is not None and not Path(data.image_folder).is_dir():
+        raise LvitError(f"{recipe.source}: data.image_folder = {data.image_folder!r}: folder not found.")
+    if recipe.model.projector_from is not None and not Path(recipe.model.projector_from).is_dir():
+        raise LvitError(f"{recipe.source}: model.projector_from = {recipe.model.projector_from!r}: folder not found; "
+                        "it should be the output folder of a finished stage-1 (align) run.")
+
+
+def check_output_dir(output_dir: str, resume: bool, source: str) -> None:
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise LvitError(
+            f"output folder {out} exists and is not empty (training.output_dir in {source}); lvit never "
+            "overwrites a run. Choose another folder (`training.output_dir=...`), remove it yourself, or pass "
+            "--resume to continue from its last checkpoint."
+        )
+
+
+def run(recipe: Recipe, resume: bool = False) -> Path:
+    """Train one recipe and save the run; returns the run folder."""
+    import transformers
+
+    from lvit.data.dataset import LlavaCollator, prepare_dataset, write_dropped
+    from lvit.data.images import ImageLoader
+    from lvit.model import assemble, num_image_tokens
+    from lvit.stages import apply_stage, format_report, report_modules
+    from lvit.templates import ConversationEncoder
+
+    check_inputs(recipe)
+    args = build_sft_config(recipe)
+    check_output_dir(args.output_dir, resume, recipe.source)
+    args.distributed_state.wait_for_everyone()  # every rank checked before rank 0 writes anything
+    main = args.process_index == 0
+    _setup_logging(main)
+
+    transformers.set_seed(args.seed)  # the projector's initialisation is part of the run
+    model, processor = assemble(recipe.model, recipe.source)
+    apply_stage(model, recipe.stage, recipe.model.projector)
+    if main:
+        log.info("stage %s: what trains and what is frozen\n%s", recipe.stage, format_report(report_modules(model)))
+
+    tokenizer = processor.tokenizer
+    encoder = ConversationEncoder(recipe.data.template, tokenizer, model.config.image_token_id,
+                                  num_image_tokens(model.config.vision_config))
+    dataset, dropped = prepare_dataset(recipe.data, encoder, recipe.source)
+    out = Path(args.output_dir)
+    if dropped:
+        if main:
+            write_dropped(dropped, out / DROPPED_FILE)
+        log.warning("%d record(s) left out as too long for data.max_length=%d; each is listed with its reason "
+                    "in %s", len(dropped), recipe.data.max_length, out / DROPPED_FILE)
+    log.info("training on %d records (%d with images); global batch %d = %d per device x %d accumulation x %d "
+             "process(es)", len(dataset), sum(p is not None for p in dataset["image_path"]),
+             args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+             args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size)
+
+    collator = LlavaCollator(encoder, ImageLoader(processor.image_processor, recipe.data.image_folder,
+                                                  recipe.data.image_aspect_ratio),
+                             tokenizer.pad_token_id, recipe.data.max_length)
+    trainer = _sft_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        projector_lr=recipe.projector_lr,
+    )
+    result = trainer.train(resume_from_checkpoint=True if resume and _has_checkpoint(out) else None)
+    save_run(trainer, recipe, processor, result.metrics, dropped=len(dropped))
+    if dropped:
+        log.warning("%d record(s) were left out (see %s)", len(dropped), out / DROPPED_FILE)
+    return out
+
+
+def save_run(trainer, recipe: Recipe, processor, metrics: dict, dropped: int = 0) -> None:
+    """Write the run folder: weights (stage 2) or projector (stage 1), processor, recipe, summary."""
+    from lvit.model import PROJECTOR_FILE, RUN_INFO_FILE
+
+    out = Path(trainer.args.output_dir)
+    if recipe.stage == "align":
+        # Only the projector trained: save just it (what stage 2's model.projector_from consumes), not a
+        # copy of the frozen 13B. Gathered through accelerate so it also works under ZeRO-3/FSDP.
+        state = trainer.accelerator.get_state_dict(trainer.model)
+        if trainer.args.should_save:
+            from safetensors.torch import save_file
+
+            prefix = "model.multi_modal_projector."
+            projector = {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in state.items()
+                         if k.startswith(prefix)}
+            out.mkdir(parents=True, exist_ok=True)
+            save_file(projector, str(out / PROJECTOR_FILE))
+            trainer.model.config.save_pretrained(out)
+    else:
+        trainer.save_model(str(out))
+    if trainer.args.should_save:
+        processor.save_pretrained(out)
+        (out / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        info = {
+            "stage": recipe.stage,
+            "projector": recipe.model.projector,
+            "vision_tower": recipe.model.vision_tower,
+            "language_model": recipe.model.language_model,
+            "projector_from": recipe.model.projector_from,
+            "template": recipe.data.template,
+            "data": recipe.data.path,
+            "recipe": recipe.source,
+            "dropped_records": dropped,
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        }
+        (out / RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
+        log.info("run saved to %s", out)
+
+
+def _has_checkpoint(out: Path) -> bool:
+    return any(p.is_dir() and p.name.startswith("checkpoint-") for p in out.glob("checkpoint-*"))
+
+
+def _setup_logging(main: bool) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO if main else logging.WARNING)
