@@ -101,9 +101,7 @@ def assemble(model_cfg, source: str = "<recipe>"):
         raise LvitError(f"{source}: model.language_model {model_cfg.language_model!r} is a "
                         f"{type(lm).__name__}, not a Llama-family causal LM with .model and .lm_head.")
 
-    if len(tokenizer) != lm.get_input_embeddings().weight.shape[0]:
-        # New rows start at the mean of the old embeddings (transformers' mean_resizing), not at noise.
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    resize_embeddings(lm, len(tokenizer))
     # Only after resizing (STACK-NOTES: else "Padding_idx must be within num_embeddings").
     lm.config.pad_token_id = tokenizer.pad_token_id
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
@@ -135,6 +133,24 @@ def assemble(model_cfg, source: str = "<recipe>"):
         load_projector(model, model_cfg.projector_from, model_cfg.projector, source)
     processor = build_processor(image_processor, tokenizer, vision.config)
     return model, processor
+
+
+def resize_embeddings(lm, size: int) -> None:
+    """Grow the LM's input and output embeddings to `size` rows; new rows are the mean of the old.
+
+    Deterministic on purpose (transformers' `mean_resizing` samples around the mean): a run's base
+    model must be rebuilt bit for bit from its recipe when an adapter is merged into it.
+    """
+    old = lm.get_input_embeddings().weight.shape[0]
+    if size == old:
+        return
+    if size < old:
+        raise LvitError(f"the tokenizer has {size} tokens but the model's embeddings have {old} rows; lvit only "
+                        "adds tokens.")
+    lm.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(m): m for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m is not None}.values():
+            emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
 
 
 def new_projector(config, kind: str, dtype: torch.dtype):

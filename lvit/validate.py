@@ -38,7 +38,9 @@ def dry_run(recipe: Recipe) -> bool:
         try:
             args = build_sft_config(recipe, num_processes=1, check_device=False)
             report(True, f"training section builds an SFTConfig (output_dir {args.output_dir})")
-            typer.echo(f"  note  this machine cannot run the recipe's precision settings: {exc}")
+            why = str(exc).split("not valid: ", 1)[-1]
+            typer.echo(f"  note this machine cannot run the recipe's precision settings ({why}); "
+                       "checked with bf16/fp16/tf32 off")
         except LvitError as exc2:
             report(False, "training section", str(exc2))
             args = None

@@ -1,0 +1,115 @@
+"""Training through `lvit.train.run`: what changes and what stays bitwise frozen in each stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from lvit.model import PROJECTOR_FILE, RUN_INFO_FILE, assemble
+from lvit.train import run
+
+
+def _initial_state(recipe):
+    # The run seeds before assembling, so the same seed reproduces its starting weights.
+    import transformers
+
+    transformers.set_seed(recipe.training["seed"])
+    model, _ = assemble(recipe.model)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_stage1_trains_only_the_projector(tiny_recipe, tmp_path):
+    recipe = tiny_recipe("align", out_dir=tmp_path / "s1", training={"max_steps": 3})
+    before = _initial_state(recipe)
+    out = run(recipe)
+
+    projector = load_file(str(out / PROJECTOR_FILE))
+    assert set(projector) == {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    assert not torch.equal(projector["linear_1.weight"], before["model.multi_modal_projector.linear_1.weight"])
+    assert torch.equal(projector["linear_2.weight"], before["model.multi_modal_projector.linear_2.weight"])
+    assert torch.equal(projector["linear_2.bias"], before["model.multi_modal_projector.linear_2.bias"])
+    # stage 1 saves no copy of the frozen parts, only the projector + processor + config
+    assert not (out / "model.safetensors").exists()
+    AutoProcessor.from_pretrained(out)
+    info = json.loads((out / RUN_INFO_FILE).read_text())
+    assert info["stage"] == "align" and info["projector"] == "linear"
+
+
+def test_stage1_frozen_parts_are_bitwise_unchanged(tiny_recipe, tmp_path, monkeypatch):
+    """Inspect the live model after the optimizer steps: every non-projector tensor is bitwise equal."""
+    import lvit.train as train_mod
+
+    captured = {}
+    real_save = train_mod.save_run
+
+    def spy(trainer, *args, **kwargs):
+        captured["state"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        return real_save(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "save_run", spy)
+    recipe = tiny_recipe("align", out_dir=tmp_path / "s1", training={"max_steps": 3})
+    before = _initial_state(recipe)
+    run(recipe)
+    after = captured["state"]
+    assert after.keys() == before.keys()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {"model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.bias"}
+
+
+def test_stage2_trains_projector_and_lm_not_clip(tiny_recipe, tmp_path):
+    stage1 = run(tiny_recipe("align", out_dir=tmp_path / "s1", training={"max_steps": 2}))
+    recipe = tiny_recipe("finetune", out_dir=tmp_path / "s2", model={"projector_from": str(stage1)},
+                         training={"max_steps": 3})
+    before = _initial_state(recipe)  # includes the stage-1 projector, loaded by projector_from
+    stage1_projector = load_file(str(stage1 / PROJECTOR_FILE))
+    torch.testing.assert_close(before["model.multi_modal_projector.linear_1.weight"],
+                               stage1_projector["linear_1.weight"], rtol=0, atol=0)
+
+    out = run(recipe)
+    after = LlavaForConditionalGeneration.from_pretrained(out).state_dict()  # plain transformers
+    for key, value in before.items():
+        if key.startswith("model.vision_tower.") or "multi_modal_projector.linear_2" in key:
+            assert torch.equal(after[key], value), f"{key} must stay frozen"
+    for key in ("model.multi_modal_projector.linear_1.weight", "lm_head.weight",
+                "model.language_model.layers.0.self_attn.q_proj.weight",
+                "model.language_model.embed_tokens.weight"):
+        assert not torch.equal(after[key], before[key]), f"{key} should have trained"
+
+
+def test_projector_learning_rate_group(tiny_recipe, tmp_path, monkeypatch):
+    import lvit.train as train_mod
+
+    seen = {}
+    real_save = train_mod.save_run
+
+    def spy(trainer, *args, **kwargs):
+        seen["groups"] = [(g["lr"] if "initial_lr" not in g else g["initial_lr"], len(g["params"]))
+                          for g in trainer.optimizer.param_groups]
+        seen["projector_ids"] = {id(p) for p in trainer.model.model.multi_modal_projector.parameters()}
+        seen["group_params"] = [[id(p) for p in g["params"]] for g in trainer.optimizer.param_groups]
+        return real_save(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "save_run", spy)
+    run(tiny_recipe("finetune", out_dir=tmp_path / "s2", projector_lr=1.0e-4,
+                    training={"max_steps": 1, "learning_rate": 1.0e-3}))
+    for (lr, _), ids in zip(seen["groups"], seen["group_params"], strict=True):
+        is_projector = all(i in seen["projector_ids"] for i in ids)
+        assert is_projector == (lr == pytest.approx(1.0e-4))
+        if not is_projector:
+            assert lr == pytest.approx(1.0e-3)
+    assert any(lr == pytest.approx(1.0e-4) for lr, _ in seen["groups"])
+
+
+def test_existing_output_folder_is_never_overwritten(tiny_recipe, tmp_path):
+    from lvit.errors import LvitError
+
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    with pytest.raises(LvitError, match="exists and is not empty"):
+        run(tiny_recipe("align", out_dir=out))
+    assert (out / "precious.txt").read_text() == "mine"
