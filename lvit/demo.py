@@ -24,12 +24,19 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 def demo_overrides(out: Path, stage: int) -> list[str]:
     """Overrides that point a tiny recipe at the demo's folder `out`."""
-    common = [f"model.vision_tower={out / 'parts/tiny-clip'}", f"model.language_model={out / 'parts/tiny-vicuna'}",
-              f"data.image_folder={out / 'data/images'}"]
+    common = [
+        f"model.vision_tower={out / 'parts/tiny-clip'}",
+        f"model.language_model={out / 'parts/tiny-vicuna'}",
+        f"data.image_folder={out / 'data/images'}",
+    ]
     if stage == 1:
         return [*common, f"data.path={out / 'data/captions.json'}", f"training.output_dir={out / 'stage1'}"]
-    return [*common, f"data.path={out / 'data/instruct.json'}", f"training.output_dir={out / 'stage2'}",
-            f"model.projector_from={out / 'stage1'}"]
+    return [
+        *common,
+        f"data.path={out / 'data/instruct.json'}",
+        f"training.output_dir={out / 'stage2'}",
+        f"model.projector_from={out / 'stage1'}",
+    ]
 
 
 def prepare(out: Path, n_train: int = 600, n_test: int = 100) -> dict[str, Path]:
@@ -54,12 +61,19 @@ def evaluate(run_dir: Path, test_path: Path, image_folder: Path) -> dict[str, fl
     model = LlavaForConditionalGeneration.from_pretrained(run_dir)  # plain transformers, no lvit classes
     processor = AutoProcessor.from_pretrained(run_dir)
     info = json.loads((run_dir / "lvit_run.json").read_text())
-    encoder = ConversationEncoder(info["template"], processor.tokenizer, model.config.image_token_id,
-                                  num_image_tokens(model.config.vision_config))
+    encoder = ConversationEncoder(
+        info["template"], processor.tokenizer, model.config.image_token_id, num_image_tokens(model.config.vision_config)
+    )
     records = [normalise(r, i) for i, r in enumerate(json.loads(test_path.read_text()))]
     convs = [Conversation(turns=r.conversation.turns[:1], has_image=r.image is not None) for r in records]
-    answers = generate_answers(model, encoder, ImageLoader(processor.image_processor, image_folder), convs,
-                               [r.image for r in records], max_new_tokens=6)
+    answers = generate_answers(
+        model,
+        encoder,
+        ImageLoader(processor.image_processor, image_folder),
+        convs,
+        [r.image for r in records],
+        max_new_tokens=6,
+    )
     per_kind: dict[str, list[bool]] = {}
     for record, answer in zip(records, answers, strict=True):
         kind = record.id.rsplit("-", 1)[-1]
@@ -77,7 +91,9 @@ def run_demo(out: Path, overwrite: bool = False) -> dict[str, float]:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise LvitError(f"{out} exists and is not empty; pass --overwrite to replace it or --out for another folder.")
+            raise LvitError(
+                f"{out} exists and is not empty; pass --overwrite to replace it or --out for another folder."
+            )
         shutil.rmtree(out)
     if not (RECIPES / "tiny_stage1.yaml").is_file():
         raise LvitError(f"the demo recipes are not at {RECIPES}; run lvit from a checkout (pip install -e .).")
@@ -90,14 +106,17 @@ def run_demo(out: Path, overwrite: bool = False) -> dict[str, float]:
     stage2 = run(load_recipe(RECIPES / "tiny_stage2.yaml", demo_overrides(out, 2)))
     typer.echo("[4/4] held-out accuracy (images never trained on), model loaded with plain transformers")
     scores = evaluate(stage2, paths["test"], paths["images"])
-    losses = {name: json.loads((d / "lvit_run.json").read_text())["metrics"].get("train_loss")
-              for name, d in (("stage 1", stage1), ("stage 2", stage2))}
+    losses = {
+        name: json.loads((d / "lvit_run.json").read_text())["metrics"].get("train_loss")
+        for name, d in (("stage 1", stage1), ("stage 2", stage2))
+    }
     typer.echo("")
     for name, loss in losses.items():
         typer.echo(f"  {name} mean training loss: {loss:.3f}")
     for kind, acc in sorted(scores.items()):
         typer.echo(f"  held-out accuracy ({kind}): {acc:.1%}   chance: {synthetic.CHANCE:.0%}")
     typer.echo(f"  wall time: {time.time() - start:.0f} s; run folders: {stage1}, {stage2}")
-    (out / "demo_results.json").write_text(json.dumps({"accuracy": scores, "chance": synthetic.CHANCE,
-                                                       "train_loss": losses}, indent=2))
+    (out / "demo_results.json").write_text(
+        json.dumps({"accuracy": scores, "chance": synthetic.CHANCE, "train_loss": losses}, indent=2)
+    )
     return scores

@@ -8,8 +8,15 @@ from lvit.templates import Conversation, ConversationEncoder
 
 
 @torch.no_grad()
-def generate_answers(model, encoder: ConversationEncoder, image_loader, convs: list[Conversation],
-                     image_paths: list[str | None], max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
+def generate_answers(
+    model,
+    encoder: ConversationEncoder,
+    image_loader,
+    convs: list[Conversation],
+    image_paths: list[str | None],
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+) -> list[str]:
     """Answer the last user turn of each conversation (greedy), in batches with left padding.
 
     Each conversation's turns end with the user turn to answer; `image_paths[i]` is its image

@@ -18,8 +18,10 @@ def resolve_source(value: str, key: str, source: str) -> str:
     path = Path(value).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise LvitError(f"{source}: {key} = {value!r} is a folder without config.json; point it at a "
-                            "Hugging Face model folder (one written by save_pretrained).")
+            raise LvitError(
+                f"{source}: {key} = {value!r} is a folder without config.json; point it at a "
+                "Hugging Face model folder (one written by save_pretrained)."
+            )
         return str(path)
     if value.startswith((".", "/", "~")) or value.count("/") > 1:
         raise LvitError(f"{source}: {key} = {value!r}: no such folder.")

@@ -65,11 +65,13 @@ def build_processor(image_processor, tokenizer, vision_config):
     )
 
 
-def assemble(model_cfg, source: str = "<recipe>"):
+def assemble(model_cfg, source: str = "<recipe>", quantize_lm: bool = False, compute_dtype: str = "bfloat16"):
     """Load the recipe's vision tower and language model and join them into a LLaVA model.
 
     Returns `(model, processor)`. The projector is freshly initialised, or loaded from
     `model.projector_from` (a stage-1 run folder). Nothing is frozen here; see `lvit.stages`.
+    With `quantize_lm`, the language model's linear layers (not its LM head, not CLIP, not the
+    projector) are loaded in 4-bit NF4 with double quantization (QLoRA).
     """
     from transformers import (
         AutoImageProcessor,
@@ -96,10 +98,17 @@ def assemble(model_cfg, source: str = "<recipe>"):
         hf_logging.set_verbosity(verbosity)
     image_processor = AutoImageProcessor.from_pretrained(vision_src)
     tokenizer = load_tokenizer(lm_src)
-    lm = AutoModelForCausalLM.from_pretrained(lm_src, dtype=dtype, **extra)
+    if quantize_lm:
+        from lvit.quant import load_lm_4bit
+
+        lm = load_lm_4bit(lm_src, dtype, getattr(torch, compute_dtype), **extra)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(lm_src, dtype=dtype, **extra)
     if not hasattr(lm, "model") or not hasattr(lm, "lm_head"):
-        raise LvitError(f"{source}: model.language_model {model_cfg.language_model!r} is a "
-                        f"{type(lm).__name__}, not a Llama-family causal LM with .model and .lm_head.")
+        raise LvitError(
+            f"{source}: model.language_model {model_cfg.language_model!r} is a "
+            f"{type(lm).__name__}, not a Llama-family causal LM with .model and .lm_head."
+        )
 
     resize_embeddings(lm, len(tokenizer))
     # Only after resizing (STACK-NOTES: else "Padding_idx must be within num_embeddings").
@@ -145,11 +154,13 @@ def resize_embeddings(lm, size: int) -> None:
     if size == old:
         return
     if size < old:
-        raise LvitError(f"the tokenizer has {size} tokens but the model's embeddings have {old} rows; lvit only "
-                        "adds tokens.")
+        raise LvitError(
+            f"the tokenizer has {size} tokens but the model's embeddings have {old} rows; lvit only adds tokens."
+        )
     lm.resize_token_embeddings(size, mean_resizing=False)
     with torch.no_grad():
-        for emb in {id(m): m for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m is not None}.values():
+        embeddings = (lm.get_input_embeddings(), lm.get_output_embeddings())
+        for emb in {id(m): m for m in embeddings if m is not None}.values():
             emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
 
 
@@ -182,21 +193,27 @@ def load_projector(model, run_dir: str, kind: str, source: str = "<recipe>") -> 
     run = Path(run_dir)
     path = run / PROJECTOR_FILE
     if not path.is_file():
-        raise LvitError(f"{source}: model.projector_from = {run_dir!r} has no {PROJECTOR_FILE}; point it at the "
-                        "output folder of a finished `stage: align` run.")
+        raise LvitError(
+            f"{source}: model.projector_from = {run_dir!r} has no {PROJECTOR_FILE}; point it at the "
+            "output folder of a finished `stage: align` run."
+        )
     info_path = run / RUN_INFO_FILE
     if info_path.is_file():
         info = json.loads(info_path.read_text())
         if info.get("projector") not in (None, kind):
-            raise LvitError(f"{source}: model.projector is {kind!r} but the stage-1 run {run_dir!r} trained a "
-                            f"{info['projector']!r} projector; make them match.")
+            raise LvitError(
+                f"{source}: model.projector is {kind!r} but the stage-1 run {run_dir!r} trained a "
+                f"{info['projector']!r} projector; make them match."
+            )
     state = load_file(str(path))
     target = model.model.multi_modal_projector
     expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
-        raise LvitError(f"{source}: the projector in {path} has shapes {got}, this model needs {expected} "
-                        "(different vision tower or language model than the stage-1 run?).")
+        raise LvitError(
+            f"{source}: the projector in {path} has shapes {got}, this model needs {expected} "
+            "(different vision tower or language model than the stage-1 run?)."
+        )
     dtype = next(target.parameters()).dtype
     target.load_state_dict({k: v.to(dtype) for k, v in state.items()})
     log.info("projector initialised from %s", path)

@@ -66,11 +66,30 @@ class DataSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters on every linear layer of the language model (methods `lora` and `qlora`).
+
+    Defaults: LLaVA-1.5's LoRA recipe (github.com/haotian-liu/LLaVA, scripts/v1_5/finetune_lora.sh:
+    lora_r 128, lora_alpha 256; lora_dropout 0.05 is llava/train/train.py's default).
+    """
+
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """qlora only: the dtype the 4-bit layers compute in (QLoRA paper: bf16)."""
+
+
+@dataclass
 class Recipe:
     stage: Literal["align", "finetune"]
     """`align` (stage 1: only the projector trains) or `finetune` (stage 2: projector and LM train)."""
     model: ModelSection
     data: DataSection
+    method: Literal["full", "lora", "qlora"] = "full"
+    """How the LM trains in `finetune`: all weights (`full`), LoRA on a 16-bit base (`lora`), or LoRA
+    on a 4-bit NF4 base with double quantization (`qlora`). The projector always trains fully."""
+    lora: LoraSection = field(default_factory=LoraSection)
     global_batch_size: int | None = None
     """Samples per optimizer step over all processes. When set, gradient accumulation is derived
     from it (global = per-device batch x accumulation x processes) so it holds on any GPU count."""
@@ -158,6 +177,11 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
         )
     if recipe.global_batch_size is not None and recipe.global_batch_size < 1:
         raise LvitError(f"{source}: global_batch_size must be at least 1, got {recipe.global_batch_size}.")
+    if recipe.method != "full" and recipe.stage != "finetune":
+        raise LvitError(
+            f"{source}: method {recipe.method!r} needs stage 'finetune' (stage 'align' trains only the "
+            "projector, so there is nothing to adapt)."
+        )
     if recipe.data.max_length < 2:
         raise LvitError(f"{source}: data.max_length must be at least 2, got {recipe.data.max_length}.")
     return recipe
@@ -236,9 +260,7 @@ def _validate_training(training: dict, source: str) -> dict:
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     ok, out = _match(value, hint)
     if not ok:
-        raise LvitError(
-            f"{source}: '{key}' should be {_describe(hint)}, got {value!r} ({type(value).__name__})."
-        )
+        raise LvitError(f"{source}: '{key}' should be {_describe(hint)}, got {value!r} ({type(value).__name__}).")
     return out
 
 

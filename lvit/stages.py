@@ -15,15 +15,19 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def apply_stage(model, stage: str, projector: str) -> None:
-    """Set `requires_grad` for `stage` ("align" or "finetune") on an assembled LLaVA model."""
+def apply_stage(model, stage: str, projector: str, train_lm: bool = True) -> None:
+    """Set `requires_grad` for `stage` ("align" or "finetune") on an assembled LLaVA model.
+
+    `train_lm=False` (LoRA, QLoRA) keeps the language model's own weights frozen in `finetune`:
+    its adapters, added afterwards, are what trains.
+    """
+    if stage not in ("align", "finetune"):
+        raise ValueError(f"unknown stage {stage!r}")
     model.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(True)
-    if stage == "finetune":
+    if stage == "finetune" and train_lm:
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
-    elif stage != "align":
-        raise ValueError(f"unknown stage {stage!r}")
     if projector == "linear":
         model.model.multi_modal_projector.linear_2.requires_grad_(False)
     # A frozen tower needs no dropout or train-mode behaviour; the Trainer calls model.train(),
@@ -35,8 +39,11 @@ def report_modules(model) -> list[tuple[str, int, int]]:
     """(module, trainable, frozen) parameter counts for the parts of a LLaVA model."""
     parts = [
         ("model.vision_tower", model.model.vision_tower),
-        *[(f"model.multi_modal_projector.{n}", m) for n, m in model.model.multi_modal_projector.named_children()
-          if any(True for _ in m.parameters())],
+        *[
+            (f"model.multi_modal_projector.{n}", m)
+            for n, m in model.model.multi_modal_projector.named_children()
+            if any(True for _ in m.parameters())
+        ],
         *[(f"model.language_model.{n}", m) for n, m in model.model.language_model.named_children()],
         ("lm_head", model.lm_head),
     ]

@@ -32,8 +32,9 @@ def draw(colour: str, place: str, shape: str, size: int, rng: random.Random):
     return img
 
 
-def write_shapes_data(root: str | Path, n_train: int = 600, n_test: int = 100, size: int = 32,
-                      seed: int = 0) -> dict[str, Path]:
+def write_shapes_data(
+    root: str | Path, n_train: int = 600, n_test: int = 100, size: int = 32, seed: int = 0
+) -> dict[str, Path]:
     """Write images and four LLaVA JSON files under `root`.
 
     - `captions.json`: stage-1 records (a brief-description instruction, the caption as answer);
@@ -54,23 +55,46 @@ def write_shapes_data(root: str | Path, n_train: int = 600, n_test: int = 100, s
         answers = {"colour": colour, "place": place}
         if i >= n_train:
             for kind, question in QUESTIONS.items():
-                test.append({"id": f"test-{i}-{kind}", "image": name, "conversations": [
-                    {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answers[kind]}]})
+                test.append(
+                    {
+                        "id": f"test-{i}-{kind}",
+                        "image": name,
+                        "conversations": [
+                            {"from": "human", "value": f"<image>\n{question}"},
+                            {"from": "gpt", "value": answers[kind]},
+                        ],
+                    }
+                )
             continue
-        captions.append({"id": f"cap-{i}", "image": name, "conversations": [
-            {"from": "human", "value": "Give a brief description of the image.\n<image>"},
-            {"from": "gpt", "value": f"a {colour} {shape} on the {place}"}]})
+        captions.append(
+            {
+                "id": f"cap-{i}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "Give a brief description of the image.\n<image>"},
+                    {"from": "gpt", "value": f"a {colour} {shape} on the {place}"},
+                ],
+            }
+        )
         order = ["colour", "place"] if rng.random() < 0.5 else ["place", "colour"]
         conv = []
         for t, kind in enumerate(order):
             question = QUESTIONS[kind]
-            conv += [{"from": "human", "value": f"<image>\n{question}" if t == 0 else question},
-                     {"from": "gpt", "value": answers[kind]}]
+            conv += [
+                {"from": "human", "value": f"<image>\n{question}" if t == 0 else question},
+                {"from": "gpt", "value": answers[kind]},
+            ]
         instruct.append({"id": f"ins-{i}", "image": name, "conversations": conv})
         if i % 10 == 0:  # a share of text-only records, as in LLaVA's mixtures
-            instruct.append({"id": f"txt-{i}", "conversations": [
-                {"from": "human", "value": "What colours can a shape have here?"},
-                {"from": "gpt", "value": "red, green, blue or yellow"}]})
+            instruct.append(
+                {
+                    "id": f"txt-{i}",
+                    "conversations": [
+                        {"from": "human", "value": "What colours can a shape have here?"},
+                        {"from": "gpt", "value": "red, green, blue or yellow"},
+                    ],
+                }
+            )
     paths = {"captions": root / "captions.json", "instruct": root / "instruct.json", "test": root / "test.json"}
     for key, records in (("captions", captions), ("instruct", instruct), ("test", test)):
         paths[key].write_text(json.dumps(records, indent=1))

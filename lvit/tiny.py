@@ -42,8 +42,9 @@ _BASE_CORPUS = [
 ]
 
 
-def build_tokenizer(out_dir: str | Path, corpus: Iterable[str] = (), vocab_size: int = 400,
-                    style: str = "metaspace") -> Path:
+def build_tokenizer(
+    out_dir: str | Path, corpus: Iterable[str] = (), vocab_size: int = 400, style: str = "metaspace"
+) -> Path:
     """Train a small BPE tokenizer and save it as a Hugging Face tokenizer folder.
 
     `style="metaspace"` behaves like Llama's SentencePiece tokenizer (a "▁" marks word starts);
@@ -80,9 +81,14 @@ def build_tokenizer(out_dir: str | Path, corpus: Iterable[str] = (), vocab_size:
     return out_dir
 
 
-def build_tiny_parts(root: str | Path, corpus: Iterable[str] = (), seed: int = 0,
-                     tokenizer_style: str = "metaspace", vision: dict | None = None,
-                     text: dict | None = None) -> tuple[Path, Path]:
+def build_tiny_parts(
+    root: str | Path,
+    corpus: Iterable[str] = (),
+    seed: int = 0,
+    tokenizer_style: str = "metaspace",
+    vision: dict | None = None,
+    text: dict | None = None,
+) -> tuple[Path, Path]:
     """Write a tiny CLIP checkpoint and a tiny Llama checkpoint (with tokenizer) under `root`.
 
     Returns `(vision_dir, language_model_dir)`, ready for a recipe's `model.vision_tower` and
@@ -105,8 +111,14 @@ def build_tiny_parts(root: str | Path, corpus: Iterable[str] = (), seed: int = 0
     v = {**TINY_VISION, **(vision or {})}
     clip_config = CLIPConfig(
         vision_config={k: val for k, val in v.items() if k != "projection_dim"},
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=100, max_position_embeddings=16),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=100,
+            max_position_embeddings=16,
+        ),
         projection_dim=v["projection_dim"],
     )
     CLIPModel(clip_config).save_pretrained(vision_dir)

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import TrainerCallback
+from trl import SFTTrainer
 
 from lvit.errors import LvitError
 from lvit.recipe import Recipe, gradient_accumulation
@@ -23,40 +26,35 @@ DROPPED_FILE = "dropped_records.jsonl"
 RECIPE_FILE = "lvit_recipe.yaml"
 
 
-def _sft_trainer_class():
-    from trl import SFTTrainer
+class LlavaTrainer(SFTTrainer):
+    """`SFTTrainer` with an optional separate learning rate for the projector.
 
-    class LlavaTrainer(SFTTrainer):
-        """`SFTTrainer` with an optional separate learning rate for the projector.
+    TRL has no per-module learning rates (STACK-NOTES), so the optimizer's parameter groups are
+    built here: projector / rest, each split into decay / no-decay like `Trainer` does.
+    """
 
-        TRL has no per-module learning rates (STACK-NOTES), so the optimizer's parameter groups are
-        built here: projector / rest, each split into decay / no-decay like `Trainer` does.
-        """
+    def __init__(self, *args, projector_lr: float | None = None, **kwargs):
+        self.projector_lr = projector_lr
+        super().__init__(*args, **kwargs)
 
-        def __init__(self, *args, projector_lr: float | None = None, **kwargs):
-            self.projector_lr = projector_lr
-            super().__init__(*args, **kwargs)
-
-        def create_optimizer(self, model=None):
-            if self.projector_lr is None or self.optimizer is not None:
-                return super().create_optimizer(model) if model is not None else super().create_optimizer()
-            model = model if model is not None else self.model
-            decay = set(self.get_decay_parameter_names(model))
-            groups: dict[tuple[bool, bool], list] = {}
-            for name, param in model.named_parameters():
-                if param.requires_grad:
-                    groups.setdefault(("multi_modal_projector" in name, name in decay), []).append(param)
-            param_groups = []
-            for (is_projector, decays), params in groups.items():
-                group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
-                if is_projector:
-                    group["lr"] = self.projector_lr
-                param_groups.append(group)
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-            self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
-            return self.optimizer
-
-    return LlavaTrainer
+    def create_optimizer(self, model=None):
+        if self.projector_lr is None or self.optimizer is not None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        model = model if model is not None else self.model
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                groups.setdefault(("multi_modal_projector" in name, name in decay), []).append(param)
+        param_groups = []
+        for (is_projector, decays), params in groups.items():
+            group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+            if is_projector:
+                group["lr"] = self.projector_lr
+            param_groups.append(group)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
 
 
 def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_device: bool = True):
@@ -64,8 +62,6 @@ def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_dev
     from trl import SFTConfig
 
     if num_processes is None:
-        import os
-
         num_processes = int(os.environ.get("WORLD_SIZE", "1"))
     kwargs: dict[str, Any] = dict(recipe.training)
     kwargs.setdefault("output_dir", f"runs/{Path(recipe.source).stem}")
@@ -89,13 +85,17 @@ def check_inputs(recipe: Recipe) -> None:
     """Everything that can be checked before a model loads: data files and folders."""
     data = recipe.data
     if not Path(data.path).is_file():
-        raise LvitError(f"{recipe.source}: data.path = {data.path!r}: file not found. Point it at a LLaVA-format "
-                        f"JSON/JSONL file (override with `data.path=...`).")
+        raise LvitError(
+            f"{recipe.source}: data.path = {data.path!r}: file not found. Point it at a LLaVA-format "
+            f"JSON/JSONL file (override with `data.path=...`)."
+        )
     if data.image_folder is not None and not Path(data.image_folder).is_dir():
         raise LvitError(f"{recipe.source}: data.image_folder = {data.image_folder!r}: folder not found.")
     if recipe.model.projector_from is not None and not Path(recipe.model.projector_from).is_dir():
-        raise LvitError(f"{recipe.source}: model.projector_from = {recipe.model.projector_from!r}: folder not found; "
-                        "it should be the output folder of a finished stage-1 (align) run.")
+        raise LvitError(
+            f"{recipe.source}: model.projector_from = {recipe.model.projector_from!r}: folder not found; "
+            "it should be the output folder of a finished stage-1 (align) run."
+        )
 
 
 def check_output_dir(output_dir: str, resume: bool, source: str) -> None:
@@ -125,37 +125,63 @@ def run(recipe: Recipe, resume: bool = False) -> Path:
     main = args.process_index == 0
     _setup_logging(main)
 
-    transformers.set_seed(args.seed)  # the projector's initialisation is part of the run
-    model, processor = assemble(recipe.model, recipe.source)
-    apply_stage(model, recipe.stage, recipe.model.projector)
+    transformers.set_seed(args.seed)  # the projector's (and adapters') initialisation is part of the run
+    model, processor = assemble(
+        recipe.model, recipe.source, quantize_lm=recipe.method == "qlora", compute_dtype=recipe.lora.compute_dtype
+    )
+    apply_stage(model, recipe.stage, recipe.model.projector, train_lm=recipe.method == "full")
+    if recipe.method != "full":
+        from lvit.adapters import add_lora
+
+        model = add_lora(model, recipe.lora, recipe.model.projector)
     if main:
-        log.info("stage %s: what trains and what is frozen\n%s", recipe.stage, format_report(report_modules(model)))
+        llava = model.get_base_model() if recipe.method != "full" else model
+        log.info(
+            "stage %s, method %s: what trains and what is frozen\n%s",
+            recipe.stage,
+            recipe.method,
+            format_report(report_modules(llava)),
+        )
 
     tokenizer = processor.tokenizer
-    encoder = ConversationEncoder(recipe.data.template, tokenizer, model.config.image_token_id,
-                                  num_image_tokens(model.config.vision_config))
+    encoder = ConversationEncoder(
+        recipe.data.template, tokenizer, model.config.image_token_id, num_image_tokens(model.config.vision_config)
+    )
     dataset, dropped = prepare_dataset(recipe.data, encoder, recipe.source)
     out = Path(args.output_dir)
     if dropped:
         if main:
             write_dropped(dropped, out / DROPPED_FILE)
-        log.warning("%d record(s) left out as too long for data.max_length=%d; each is listed with its reason "
-                    "in %s", len(dropped), recipe.data.max_length, out / DROPPED_FILE)
-    log.info("training on %d records (%d with images); global batch %d = %d per device x %d accumulation x %d "
-             "process(es)", len(dataset), sum(p is not None for p in dataset["image_path"]),
-             args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-             args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size)
+        log.warning(
+            "%d record(s) left out as too long for data.max_length=%d; each is listed with its reason in %s",
+            len(dropped),
+            recipe.data.max_length,
+            out / DROPPED_FILE,
+        )
+    log.info(
+        "training on %d records (%d with images); global batch %d = %d per device x %d accumulation x %d process(es)",
+        len(dataset),
+        sum(p is not None for p in dataset["image_path"]),
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        args.world_size,
+    )
 
-    collator = LlavaCollator(encoder, ImageLoader(processor.image_processor, recipe.data.image_folder,
-                                                  recipe.data.image_aspect_ratio),
-                             tokenizer.pad_token_id, recipe.data.max_length)
-    trainer = _sft_trainer_class()(
+    collator = LlavaCollator(
+        encoder,
+        ImageLoader(processor.image_processor, recipe.data.image_folder, recipe.data.image_aspect_ratio),
+        tokenizer.pad_token_id,
+        recipe.data.max_length,
+    )
+    trainer = LlavaTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=collator,
         processing_class=processor,
         projector_lr=recipe.projector_lr,
+        callbacks=[RunFilesCallback(recipe, processor)],
     )
     result = trainer.train(resume_from_checkpoint=True if resume and _has_checkpoint(out) else None)
     save_run(trainer, recipe, processor, result.metrics, dropped=len(dropped))
@@ -164,9 +190,49 @@ def run(recipe: Recipe, resume: bool = False) -> Path:
     return out
 
 
+def run_info(recipe: Recipe, metrics: dict | None = None, dropped: int = 0) -> dict:
+    """What `lvit_run.json` says about a run (also written into every checkpoint)."""
+    return {
+        "stage": recipe.stage,
+        "method": recipe.method,
+        "projector": recipe.model.projector,
+        "vision_tower": recipe.model.vision_tower,
+        "language_model": recipe.model.language_model,
+        "projector_from": recipe.model.projector_from,
+        "template": recipe.data.template,
+        "data": recipe.data.path,
+        "recipe": recipe.source,
+        "dropped_records": dropped,
+        "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)},
+    }
+
+
+def write_run_files(folder: Path, recipe: Recipe, info: dict) -> None:
+    from lvit.model import RUN_INFO_FILE
+
+    (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    (folder / RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
+
+
+class RunFilesCallback(TrainerCallback):
+    """Puts the recipe, run summary and processor into every checkpoint, so each one can be
+    resumed, exported or chatted with on its own."""
+
+    def __init__(self, recipe: Recipe, processor):
+        self.recipe = recipe
+        self.processor = processor
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_run_files(folder, self.recipe, run_info(self.recipe))
+                self.processor.save_pretrained(folder)
+
+
 def save_run(trainer, recipe: Recipe, processor, metrics: dict, dropped: int = 0) -> None:
     """Write the run folder: weights (stage 2) or projector (stage 1), processor, recipe, summary."""
-    from lvit.model import PROJECTOR_FILE, RUN_INFO_FILE
+    from lvit.model import PROJECTOR_FILE
 
     out = Path(trainer.args.output_dir)
     if recipe.stage == "align":
@@ -177,8 +243,9 @@ def save_run(trainer, recipe: Recipe, processor, metrics: dict, dropped: int = 0
             from safetensors.torch import save_file
 
             prefix = "model.multi_modal_projector."
-            projector = {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in state.items()
-                         if k.startswith(prefix)}
+            projector = {
+                k[len(prefix) :]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(prefix)
+            }
             out.mkdir(parents=True, exist_ok=True)
             save_file(projector, str(out / PROJECTOR_FILE))
             trainer.model.config.save_pretrained(out)
@@ -186,20 +253,7 @@ def save_run(trainer, recipe: Recipe, processor, metrics: dict, dropped: int = 0
         trainer.save_model(str(out))
     if trainer.args.should_save:
         processor.save_pretrained(out)
-        (out / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        info = {
-            "stage": recipe.stage,
-            "projector": recipe.model.projector,
-            "vision_tower": recipe.model.vision_tower,
-            "language_model": recipe.model.language_model,
-            "projector_from": recipe.model.projector_from,
-            "template": recipe.data.template,
-            "data": recipe.data.path,
-            "recipe": recipe.source,
-            "dropped_records": dropped,
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
-        }
-        (out / RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
+        write_run_files(out, recipe, run_info(recipe, metrics, dropped))
         log.info("run saved to %s", out)
 
 

@@ -28,8 +28,10 @@ def dry_run(recipe: Recipe) -> bool:
             line += "\n         " + detail.replace("\n", "\n         ")
         typer.echo(line)
 
-    typer.echo(f"recipe {recipe.source}: stage {recipe.stage}, projector {recipe.model.projector}, "
-               f"template {recipe.data.template}")
+    typer.echo(
+        f"recipe {recipe.source}: stage {recipe.stage}, projector {recipe.model.projector}, "
+        f"template {recipe.data.template}"
+    )
     report(True, "structure: every key known and well typed")
     try:
         args = build_sft_config(recipe, num_processes=1)
@@ -39,8 +41,10 @@ def dry_run(recipe: Recipe) -> bool:
             args = build_sft_config(recipe, num_processes=1, check_device=False)
             report(True, f"training section builds an SFTConfig (output_dir {args.output_dir})")
             why = str(exc).split("not valid: ", 1)[-1]
-            typer.echo(f"  note this machine cannot run the recipe's precision settings ({why}); "
-                       "checked with bf16/fp16/tf32 off")
+            typer.echo(
+                f"  note this machine cannot run the recipe's precision settings ({why}); "
+                "checked with bf16/fp16/tf32 off"
+            )
         except LvitError as exc2:
             report(False, "training section", str(exc2))
             args = None
@@ -49,11 +53,15 @@ def dry_run(recipe: Recipe) -> bool:
         for n in (1, 2, 4, 8):
             try:
                 acc = gradient_accumulation(recipe, n)
-                typer.echo(f"        {n} process(es): {per_device} per device x {acc} accumulation x {n} = "
-                           f"{recipe.global_batch_size} global batch")
+                typer.echo(
+                    f"        {n} process(es): {per_device} per device x {acc} accumulation x {n} = "
+                    f"{recipe.global_batch_size} global batch"
+                )
             except LvitError:
-                typer.echo(f"        {n} process(es): global batch {recipe.global_batch_size} not reachable "
-                           f"with {per_device} per device")
+                typer.echo(
+                    f"        {n} process(es): global batch {recipe.global_batch_size} not reachable "
+                    f"with {per_device} per device"
+                )
     try:
         check_inputs(recipe)
         report(True, f"data: {recipe.data.path}")

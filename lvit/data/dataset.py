@@ -112,8 +112,7 @@ def write_dropped(dropped: list[Dropped], path: Path) -> None:
 class LlavaCollator:
     """Turns dataset rows into a padded batch: input_ids, attention_mask, labels, pixel_values."""
 
-    def __init__(self, encoder: ConversationEncoder, image_loader: ImageLoader, pad_token_id: int,
-                 max_length: int):
+    def __init__(self, encoder: ConversationEncoder, image_loader: ImageLoader, pad_token_id: int, max_length: int):
         self.encoder = encoder
         self.image_loader = image_loader
         self.pad_token_id = pad_token_id

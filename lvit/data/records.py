@@ -76,7 +76,9 @@ def read_raw_records(path: str | Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            raise LvitError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line of a .jsonl file is one record") from None
+            raise LvitError(
+                f"{path}:{lineno}: not valid JSON ({exc.msg}); each line of a .jsonl file is one record"
+            ) from None
     return records
 
 
@@ -124,15 +126,22 @@ def normalise(raw: object, index: int) -> Record:
         raise RecordError(where, "the conversation must start with a human turn")
     for t in range(1, len(turns)):
         if turns[t][0] == turns[t - 1][0]:
-            raise RecordError(where, f"turns must alternate human/gpt, but turns {t - 1} and {t} are both '{turns[t][0]}'")
+            raise RecordError(
+                where, f"turns must alternate human/gpt, but turns {t - 1} and {t} are both '{turns[t][0]}'"
+            )
     if turns[-1][0] != "assistant":
         raise RecordError(where, "the conversation must end with a gpt (assistant) turn, which is what trains")
     expected = 1 if image is not None else 0
     if placeholders != expected:
         if image is None:
-            raise RecordError(where, "'<image>' appears in the text but the record has no 'image'; add one or remove it")
-        raise RecordError(where, f"the record has an image but {placeholders} '<image>' placeholders; put exactly one "
-                                 "at the start or end of the first human turn")
+            raise RecordError(
+                where, "'<image>' appears in the text but the record has no 'image'; add one or remove it"
+            )
+        raise RecordError(
+            where,
+            f"the record has an image but {placeholders} '<image>' placeholders; put exactly one "
+            "at the start or end of the first human turn",
+        )
     return Record(rid, index, image, Conversation(turns=turns, has_image=image is not None, system=system))
 
 
@@ -140,7 +149,7 @@ def _strip_placeholder(value: str) -> str:
     """Remove the `<image>` placeholder and the newline that joins it to the text."""
     text = value.strip()
     if text.startswith(IMAGE_PLACEHOLDER):
-        text = text[len(IMAGE_PLACEHOLDER):]
+        text = text[len(IMAGE_PLACEHOLDER) :]
     elif text.endswith(IMAGE_PLACEHOLDER):
         text = text[: -len(IMAGE_PLACEHOLDER)]
     else:

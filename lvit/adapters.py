@@ -1,0 +1,50 @@
+"""LoRA adapters for stage 2 (methods `lora` and `qlora`), on the language model only.
+
+`target_modules="all-linear"` or a list of names like `q_proj` would also adapt CLIP's layers
+(STACK-NOTES), so the targets are found by walking the language model and anchored to its path.
+The projector trains fully: it is a peft `modules_to_save`, so it is saved with the adapter and
+restored on resume.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+
+def lm_linear_targets(model) -> str:
+    """A peft `target_modules` regex matching every linear layer of the LLaVA model's language model."""
+    import bitsandbytes as bnb
+
+    names = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.model.language_model.named_modules()
+            if isinstance(m, (torch.nn.Linear, bnb.nn.Linear4bit))
+        }
+    )
+    if not names:
+        raise ValueError("the language model has no linear layers to adapt")
+    return rf"model\.language_model\..*\.({'|'.join(re.escape(n) for n in names)})"
+
+
+def add_lora(model, lora, projector: str):
+    """Wrap an assembled, stage-frozen LLaVA model with LoRA adapters; returns the `PeftModel`."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lm_linear_targets(model),
+        modules_to_save=["multi_modal_projector"],
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    if projector == "linear":
+        # modules_to_save makes a trainable copy of the whole projector; its identity linear_2 stays frozen.
+        for name, param in peft_model.named_parameters():
+            if "multi_modal_projector" in name and ".linear_2." in name:
+                param.requires_grad_(False)
+    return peft_model
