@@ -54,10 +54,13 @@ def report_modules(model) -> list[tuple[str, int, int]]:
             if id(p) in seen:  # tied weights are counted once
                 continue
             seen.add(id(p))
+            # A 4-bit weight is stored packed (two values a byte); count the values it stands for.
+            quant_state = getattr(p, "quant_state", None)
+            n = quant_state.shape.numel() if quant_state is not None else p.numel()
             if p.requires_grad:
-                trainable += p.numel()
+                trainable += n
             else:
-                frozen += p.numel()
+                frozen += n
         rows.append((name, trainable, frozen))
     return rows
 
