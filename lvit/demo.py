@@ -50,19 +50,19 @@ def prepare(out: Path, n_train: int = 600, n_test: int = 100) -> dict[str, Path]
 
 def evaluate(run_dir: Path, test_path: Path, image_folder: Path) -> dict[str, float]:
     """Exact-match accuracy of a run on held-out records, overall and per question kind."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     from lvit.data.images import ImageLoader
     from lvit.data.records import normalise
     from lvit.generate import generate_answers
     from lvit.model import num_image_tokens
+    from lvit.runs import load_trained
     from lvit.templates import Conversation, ConversationEncoder
 
-    model = LlavaForConditionalGeneration.from_pretrained(run_dir)  # plain transformers, no lvit classes
-    processor = AutoProcessor.from_pretrained(run_dir)
-    info = json.loads((run_dir / "lvit_run.json").read_text())
+    # A full fine-tune loads with plain `LlavaForConditionalGeneration.from_pretrained`; adapter runs
+    # are rebuilt as they trained (base + adapter).
+    model, processor, run = load_trained(run_dir)
+    config = model.config
     encoder = ConversationEncoder(
-        info["template"], processor.tokenizer, model.config.image_token_id, num_image_tokens(model.config.vision_config)
+        run.recipe.data.template, processor.tokenizer, config.image_token_id, num_image_tokens(config.vision_config)
     )
     records = [normalise(r, i) for i, r in enumerate(json.loads(test_path.read_text()))]
     convs = [Conversation(turns=r.conversation.turns[:1], has_image=r.image is not None) for r in records]

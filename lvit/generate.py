@@ -26,7 +26,8 @@ def generate_answers(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    dtype = next(model.model.vision_tower.parameters()).dtype
+    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dtype = next(llava.model.vision_tower.parameters()).dtype
     answers: list[str] = []
     try:
         for start in range(0, len(convs), batch_size):

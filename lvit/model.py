@@ -144,13 +144,27 @@ def assemble(model_cfg, source: str = "<recipe>", quantize_lm: bool = False, com
     return model, processor
 
 
+def _gathered(params, modifier_rank=None):
+    """Under DeepSpeed ZeRO-3 a partitioned weight reads as empty unless gathered."""
+    from contextlib import nullcontext
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
 def resize_embeddings(lm, size: int) -> None:
     """Grow the LM's input and output embeddings to `size` rows; new rows are the mean of the old.
 
     Deterministic on purpose (transformers' `mean_resizing` samples around the mean): a run's base
     model must be rebuilt bit for bit from its recipe when an adapter is merged into it.
     """
-    old = lm.get_input_embeddings().weight.shape[0]
+    with _gathered([lm.get_input_embeddings().weight]):
+        old = lm.get_input_embeddings().weight.shape[0]
     if size == old:
         return
     if size < old:
@@ -158,10 +172,11 @@ def resize_embeddings(lm, size: int) -> None:
             f"the tokenizer has {size} tokens but the model's embeddings have {old} rows; lvit only adds tokens."
         )
     lm.resize_token_embeddings(size, mean_resizing=False)
-    with torch.no_grad():
-        embeddings = (lm.get_input_embeddings(), lm.get_output_embeddings())
-        for emb in {id(m): m for m in embeddings if m is not None}.values():
-            emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
+    embeddings = {id(m): m for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m is not None}
+    weights = [m.weight for m in embeddings.values()]
+    with _gathered(weights, modifier_rank=0), torch.no_grad():
+        for weight in weights:
+            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
 
 
 def new_projector(config, kind: str, dtype: torch.dtype):

@@ -183,6 +183,11 @@ def run(recipe: Recipe, resume: bool = False) -> Path:
         projector_lr=recipe.projector_lr,
         callbacks=[RunFilesCallback(recipe, processor)],
     )
+    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+        raise LvitError(
+            "FSDP with a sharded state dict: the Trainer would save no model weights. Set "
+            "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (see recipes/accelerate/fsdp_8gpu.yaml)."
+        )
     result = trainer.train(resume_from_checkpoint=True if resume and _has_checkpoint(out) else None)
     save_run(trainer, recipe, processor, result.metrics, dropped=len(dropped))
     if dropped:
@@ -238,7 +243,9 @@ def save_run(trainer, recipe: Recipe, processor, metrics: dict, dropped: int = 0
     if recipe.stage == "align":
         # Only the projector trained: save just it (what stage 2's model.projector_from consumes), not a
         # copy of the frozen 13B. Gathered through accelerate so it also works under ZeRO-3/FSDP.
-        state = trainer.accelerator.get_state_dict(trainer.model)
+        state = trainer.accelerator.get_state_dict(
+            trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
+        )
         if trainer.args.should_save:
             from safetensors.torch import save_file
 
