@@ -50,6 +50,42 @@ def demo(
     run_demo(out, overwrite=overwrite)
 
 
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="An lvit run folder (training.output_dir) or one of its checkpoint-N."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the export to (created; must not hold files)."),
+    dtype: str = typer.Option(
+        None, "--dtype", help="bf16 (default), fp16 or fp32. --projector-only keeps the trained dtype by default."
+    ),
+    projector_only: bool = typer.Option(
+        False, "--projector-only", help="Write only the projector, for a stage-2 recipe's model.projector_from."
+    ),
+    tolerance: float = typer.Option(
+        None, "--tolerance", help="Largest logit difference the self-check accepts (default: per kind and dtype)."
+    ),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors file, e.g. 5GB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is not empty (after the check)."),
+    device: str = typer.Option(None, "--device", help="Where the self-check runs (default: cuda if available)."),
+) -> None:
+    """Export a run (any stage / method, or a checkpoint) as a stock, self-checked LLaVA folder."""
+    from lvit.export import export as do_export
+
+    try:
+        do_export(
+            run_dir,
+            out,
+            dtype=dtype,
+            projector_only=projector_only,
+            tolerance=tolerance,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+            device=device,
+        )
+    except LvitError as exc:  # printed as by main(), also when the app is invoked directly (CliRunner)
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
 def main() -> None:
     try:
         app()

@@ -65,7 +65,13 @@ def build_processor(image_processor, tokenizer, vision_config):
     )
 
 
-def assemble(model_cfg, source: str = "<recipe>", quantize_lm: bool = False, compute_dtype: str = "bfloat16"):
+def assemble(
+    model_cfg,
+    source: str = "<recipe>",
+    quantize_lm: bool = False,
+    compute_dtype: str = "bfloat16",
+    on_cpu: bool = False,
+):
     """Load the recipe's vision tower and language model and join them into a LLaVA model.
 
     Returns `(model, processor)`. The projector is freshly initialised, or loaded from
@@ -101,7 +107,7 @@ def assemble(model_cfg, source: str = "<recipe>", quantize_lm: bool = False, com
     if quantize_lm:
         from lvit.quant import load_lm_4bit
 
-        lm = load_lm_4bit(lm_src, dtype, getattr(torch, compute_dtype), **extra)
+        lm = load_lm_4bit(lm_src, dtype, getattr(torch, compute_dtype), on_cpu=on_cpu, **extra)
     else:
         lm = AutoModelForCausalLM.from_pretrained(lm_src, dtype=dtype, **extra)
     if not hasattr(lm, "model") or not hasattr(lm, "lm_head"):

@@ -22,11 +22,15 @@ def bnb_config(compute_dtype: torch.dtype):
     )
 
 
-def load_lm_4bit(source: str, dtype: torch.dtype, compute_dtype: torch.dtype, **kwargs):
-    """A causal LM with its linear layers in 4-bit NF4, on this process's GPU (or the CPU)."""
+def load_lm_4bit(source: str, dtype: torch.dtype, compute_dtype: torch.dtype, on_cpu: bool = False, **kwargs):
+    """A causal LM with its linear layers in 4-bit NF4, on this process's GPU (or the CPU).
+
+    bitsandbytes quantizes while loading onto the device, so the device is chosen here: this
+    process's GPU, or the CPU when there is none or `on_cpu` (a recipe with training.use_cpu).
+    """
     from transformers import AutoModelForCausalLM
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not on_cpu:
         from accelerate import PartialState
 
         device_map = {"": PartialState().local_process_index}

@@ -34,7 +34,7 @@ class RunFolder:
 
     @property
     def kind(self) -> str:
-        """"align", "full", "lora" or "qlora"."""
+        """ "align", "full", "lora" or "qlora"."""
         return "align" if self.recipe.stage == "align" else self.recipe.method
 
 
@@ -46,8 +46,10 @@ def read_run(path: str | Path) -> RunFolder:
     recipe_path, info_path = path / RECIPE_FILE, path / RUN_INFO_FILE
     if not recipe_path.is_file() or not info_path.is_file():
         if any(path.glob("checkpoint-*")):
-            raise LvitError(f"{path} has no finished run files yet; pass one of its checkpoints "
-                            f"({', '.join(sorted(p.name for p in path.glob('checkpoint-*')))}) instead.")
+            raise LvitError(
+                f"{path} has no finished run files yet; pass one of its checkpoints "
+                f"({', '.join(sorted(p.name for p in path.glob('checkpoint-*')))}) instead."
+            )
         raise LvitError(f"{path} is not an lvit run folder (no {RECIPE_FILE} / {RUN_INFO_FILE}).")
     recipe = recipe_from_dict(yaml.safe_load(recipe_path.read_text()), str(recipe_path))
     return RunFolder(path, recipe, json.loads(info_path.read_text()))
@@ -73,8 +75,12 @@ def load_trained(path: str | Path, device: str | None = None):
     else:
         from lvit.model import assemble, load_projector
 
-        model, _ = assemble(_base_model_section(run), str(run.path), quantize_lm=run.kind == "qlora",
-                            compute_dtype=run.recipe.lora.compute_dtype)
+        model, _ = assemble(
+            _base_model_section(run),
+            str(run.path),
+            quantize_lm=run.kind == "qlora",
+            compute_dtype=run.recipe.lora.compute_dtype,
+        )
         if run.kind == "align":
             load_projector(model, str(run.path), run.recipe.model.projector, str(run.path))
         else:
@@ -107,8 +113,12 @@ def load_merged(path: str | Path, dtype: torch.dtype = torch.float32):
     from lvit.quant import dequantize_4bit_layers
 
     processor = AutoProcessor.from_pretrained(run.path)
-    model, _ = assemble(_base_model_section(run), str(run.path), quantize_lm=run.kind == "qlora",
-                        compute_dtype=run.recipe.lora.compute_dtype)
+    model, _ = assemble(
+        _base_model_section(run),
+        str(run.path),
+        quantize_lm=run.kind == "qlora",
+        compute_dtype=run.recipe.lora.compute_dtype,
+    )
     if run.kind == "qlora":
         dequantize_4bit_layers(model, torch.float32)
     model = model.to(torch.float32)

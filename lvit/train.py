@@ -127,7 +127,11 @@ def run(recipe: Recipe, resume: bool = False) -> Path:
 
     transformers.set_seed(args.seed)  # the projector's (and adapters') initialisation is part of the run
     model, processor = assemble(
-        recipe.model, recipe.source, quantize_lm=recipe.method == "qlora", compute_dtype=recipe.lora.compute_dtype
+        recipe.model,
+        recipe.source,
+        quantize_lm=recipe.method == "qlora",
+        compute_dtype=recipe.lora.compute_dtype,
+        on_cpu=args.use_cpu,
     )
     apply_stage(model, recipe.stage, recipe.model.projector, train_lm=recipe.method == "full")
     if recipe.method != "full":
