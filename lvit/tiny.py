@@ -118,6 +118,9 @@ def build_tiny_parts(
             num_attention_heads=2,
             vocab_size=100,
             max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
         ),
         projection_dim=v["projection_dim"],
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lvit.data.images import ImageLoader, resolve_image_path
-from lvit.data.records import RecordError, conversation_from_row, normalise, read_raw_records
+from lvit.data.records import conversation_from_row, read_records
 from lvit.errors import LvitError
 from lvit.templates import IGNORE_INDEX, ConversationEncoder
 
@@ -39,27 +39,28 @@ def prepare_dataset(data, encoder: ConversationEncoder, source: str = "<recipe>"
     """
     import datasets
 
-    raws = read_raw_records(data.path)
-    records, errors = [], []
-    for index, raw in enumerate(raws):
+    parsed, problems, total = read_records(data.path)
+    errors = [str(p) for p in problems]
+    records = []
+    for record in parsed:
+        where = f"record #{record.index} (id {record.id!r})"
         try:
-            record = normalise(raw, index)
             encoder.template.pieces(record.conversation)  # template-specific checks (e.g. plain: one caption)
-            if record.image is not None and not resolve_image_path(record.image, data.image_folder).is_file():
-                raise RecordError(
-                    f"record #{index} (id {record.id!r})",
-                    f"image not found: {resolve_image_path(record.image, data.image_folder)} "
-                    "(check data.image_folder or the record's 'image')",
-                )
-            records.append(record)
-        except (RecordError, ValueError) as exc:
-            where = getattr(exc, "where", f"record #{index}")
-            errors.append(f"{where}: {getattr(exc, 'reason', exc)}")
+        except ValueError as exc:
+            errors.append(f"{where}: {exc}")
+            continue
+        if record.image is not None and not resolve_image_path(record.image, data.image_folder).is_file():
+            errors.append(
+                f"{where}: image not found: {resolve_image_path(record.image, data.image_folder)} "
+                "(check data.image_folder or the record's 'image')"
+            )
+            continue
+        records.append(record)
     if errors:
         shown = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
         raise LvitError(
-            f"{data.path}: {len(errors)} of {len(raws)} records cannot be trained on "
+            f"{data.path}: {len(errors)} of {total} records cannot be trained on "
             f"(data.path in {source}):\n  {shown}{more}\nFix or remove these records."
         )
     if not records:

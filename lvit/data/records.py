@@ -155,3 +155,20 @@ def _strip_placeholder(value: str) -> str:
     else:
         text = text.replace(IMAGE_PLACEHOLDER, "")
     return text.strip()
+
+
+def read_records(path: str | Path) -> tuple[list[Record], list[RecordError], int]:
+    """Read a data file and validate every record.
+
+    Returns `(records, problems, total)`: the valid records, one `RecordError` per invalid record
+    (with its id and reason), and the number of records in the file. The one entry point for
+    reading training or question data; new input formats plug in here.
+    """
+    raws = read_raw_records(path)
+    records, problems = [], []
+    for index, raw in enumerate(raws):
+        try:
+            records.append(normalise(raw, index))
+        except RecordError as exc:
+            problems.append(exc)
+    return records, problems, len(raws)
