@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from lvit.data.cli import data_app
 from lvit.errors import LvitError
 
 app = typer.Typer(
@@ -15,6 +16,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(data_app, name="data")
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -22,7 +24,11 @@ def finetune(
     recipe: Path = typer.Argument(..., help="A YAML recipe, e.g. recipes/llava_stage2.yaml."),
     overrides: list[str] = typer.Argument(None, help="Recipe overrides: dotted.key=value (value read as YAML)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe and its inputs; train nothing."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output folder."),
+    resume: bool = typer.Option(
+        None,
+        "--resume/--no-resume",
+        help="Continue from the newest complete checkpoint in the output folder (default: when there is one).",
+    ),
 ) -> None:
     """Train one stage as described by RECIPE."""
     from lvit.recipe import load_recipe
@@ -43,11 +49,14 @@ def finetune(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the tiny model, data and runs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete --out first if it exists."),
+    ablation: bool = typer.Option(
+        False, "--ablation", help="Also train stage 2 without stage 1 (fresh projector, same budget) and compare."
+    ),
 ) -> None:
     """Train a tiny LLaVA end to end on synthetic data (stage 1, then stage 2). Downloads nothing."""
     from lvit.demo import run_demo
 
-    run_demo(out, overwrite=overwrite)
+    run_demo(out, overwrite=overwrite, ablation=ablation)
 
 
 @app.command()
@@ -84,6 +93,239 @@ def export(
     except LvitError as exc:  # printed as by main(), also when the app is invoked directly (CliRunner)
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+
+
+# --- using and measuring a trained model ----------------------------------------------------------------------------
+
+_MODEL_HELP = "An lvit run folder or checkpoint-N (any stage / method), or an exported / stock LLaVA folder."
+_4BIT_HELP = "Load the language model in 4-bit NF4 (full runs and exported folders; QLoRA runs are 4-bit already)."
+
+
+def _fail(exc: LvitError):
+    """Print a user error as main() does, also when the app is invoked directly (CliRunner)."""
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    return typer.Exit(2)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@app.command()
+def chat(
+    model: Path = typer.Argument(..., help=_MODEL_HELP),
+    image: Path = typer.Option(None, "--image", help="The image the conversation is about (optional)."),
+    prompt: str = typer.Option(
+        None, "--prompt", help="Ask this one question and exit. Without it: one question per line, 'exit' or EOF ends."
+    ),
+    load_4bit: bool = typer.Option(False, "--load-4bit", help=_4BIT_HELP),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 (the default) decodes greedily."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0)."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    device: str = typer.Option(None, "--device", help="Default: cuda if available, else cpu."),
+) -> None:
+    """Talk to a trained model about an image; answers stream as they are generated."""
+    from lvit.chat import ChatSession, interactive
+    from lvit.generate import GenerationSettings, load_model
+
+    try:
+        settings = GenerationSettings(max_new_tokens, temperature, top_p)
+        settings.kwargs()  # check the values before the model loads
+        session = ChatSession(load_model(model, load_4bit=load_4bit, device=device), image, settings)
+        if prompt is not None:
+            session.ask(prompt, _write)
+        else:
+            interactive(session, sys.stdin, _write)
+    except LvitError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def generate(
+    model: Path = typer.Argument(..., help=_MODEL_HELP),
+    data: Path = typer.Option(
+        ..., "--data", help="Questions in any data format lvit reads; the last user turn of each record is answered."
+    ),
+    out: Path = typer.Option(..., "--out", help="JSONL answer file; ids already in it are skipped (resume)."),
+    image_folder: Path = typer.Option(None, "--image-folder", help="Folder the data's image paths are relative to."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 (the default) decodes greedily."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    load_4bit: bool = typer.Option(False, "--load-4bit", help=_4BIT_HELP),
+    device: str = typer.Option(None, "--device", help="Default: cuda if available, else cpu."),
+) -> None:
+    """Answer a question file into a JSONL file (batched, resumable)."""
+    from lvit.eval import exact_match
+    from lvit.generate import (
+        GenerationSettings,
+        check_images,
+        generate_file,
+        load_model,
+        read_answer_file,
+        read_questions,
+    )
+
+    try:
+        settings = GenerationSettings(max_new_tokens, temperature, top_p)
+        settings.kwargs()
+        if batch_size < 1:
+            raise LvitError(f"--batch-size must be at least 1, got {batch_size}")
+        questions = read_questions(data)
+        check_images(questions, image_folder)
+        done = read_answer_file(out)
+        already = sum(q.id in done for q in questions)
+        if already:
+            typer.echo(f"{out}: {already} of {len(questions)} questions already answered; answering the rest")
+        rows = generate_file(
+            lambda: load_model(model, load_4bit=load_4bit, device=device),
+            questions,
+            out,
+            image_folder,
+            settings,
+            batch_size,
+        )
+    except LvitError as exc:
+        raise _fail(exc) from None
+    answered = [rows[q.id] for q in questions if q.id in rows]
+    typer.echo(f"{len(answered)} answers in {out}")
+    scored = [row for row in answered if row.get("reference") is not None]
+    if scored:
+        typer.echo(f"exact match against the references: {exact_match(scored)['accuracy']:.1%} of {len(scored)}")
+
+
+eval_app = typer.Typer(
+    help="Benchmarks: generate answers with a model and score them as LLaVA does (or score existing outputs).",
+    no_args_is_help=True,
+)
+app.add_typer(eval_app, name="eval")
+
+
+def _eval_mode(model: Path | None, predictions: Path | None) -> None:
+    if (model is None) == (predictions is None):
+        raise LvitError("pass either MODEL (generate, then score) or --predictions FILE (score existing outputs)")
+
+
+@eval_app.command("scienceqa")
+def eval_scienceqa(
+    model: Path = typer.Argument(None, help=_MODEL_HELP + " Omit with --predictions."),
+    problems: Path = typer.Option(..., "--problems", help="ScienceQA's problems.json."),
+    splits: Path = typer.Option(..., "--splits", help="ScienceQA's pid_splits.json."),
+    predictions: Path = typer.Option(
+        None, "--predictions", help="Score these outputs only: JSON {problem id: output} or an answers JSONL."
+    ),
+    split: str = typer.Option("test", "--split"),
+    image_folder: Path = typer.Option(None, "--image-folder", help="Default: images/<split> beside problems.json."),
+    out: Path = typer.Option(
+        None, "--out", help="Folder for answers.jsonl and results.json (default: MODEL/eval/scienceqa-<split>)."
+    ),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", help="LLaVA's model_vqa_science default."),
+    answer_format: str = typer.Option(
+        "lecture-solution",
+        "--answer-format",
+        help="The prompt the model was trained on: lecture-solution (LLaVA's QCM-LEA, the paper's ScienceQA "
+        "fine-tune) or letter (LLaVA-1.5's single-letter instruction).",
+    ),
+    limit: int = typer.Option(None, "--limit", help="Only the first N problems of the split (a quick look)."),
+    load_4bit: bool = typer.Option(False, "--load-4bit", help=_4BIT_HELP),
+    device: str = typer.Option(None, "--device"),
+) -> None:
+    """ScienceQA accuracy, overall and by subject (NAT/SOC/LAN), context (TXT/IMG/NO) and grade."""
+    from lvit.eval import read_predictions
+    from lvit.eval import scienceqa as sqa
+    from lvit.generate import GenerationSettings
+
+    try:
+        _eval_mode(model, predictions)
+        if predictions is not None:
+            probs, pids = sqa.load_split(problems, splits, split)
+            scores = sqa.score(probs, pids, read_predictions(predictions))
+            target = out or predictions.with_name(f"{predictions.stem}_results.json")
+            sqa.write_results(scores, target, predictions=str(predictions), split=split)
+        else:
+            folder = out or model / "eval" / f"scienceqa-{split}"
+            scores = sqa.evaluate(
+                model,
+                problems,
+                splits,
+                folder,
+                split=split,
+                image_folder=image_folder,
+                settings=GenerationSettings(max_new_tokens),
+                batch_size=batch_size,
+                load_4bit=load_4bit,
+                device=device,
+                limit=limit,
+                answer_format=answer_format,
+            )
+            target = folder / "results.json"
+    except LvitError as exc:
+        raise _fail(exc) from None
+    typer.echo(sqa.format_table(scores, f"ScienceQA {split} ({scores['total']} problems)"))
+    typer.echo(f"results: {target}")
+
+
+@eval_app.command("pope")
+def eval_pope(
+    model: Path = typer.Argument(None, help=_MODEL_HELP + " Omit with --predictions."),
+    annotations: list[Path] = typer.Option(
+        ..., "--annotations", help="A POPE split file (coco_pope_<split>.json) or a folder holding them; repeatable."
+    ),
+    predictions: Path = typer.Option(
+        None, "--predictions", help="Score these outputs only: an answers JSONL (ids '<split>-<question_id>')."
+    ),
+    image_folder: Path = typer.Option(None, "--image-folder", help="Folder of the COCO images the files name."),
+    out: Path = typer.Option(
+        None, "--out", help="Folder for answers.jsonl and results.json (default: MODEL/eval/pope)."
+    ),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="LLaVA's model_vqa_loader default."),
+    prompt_suffix: str = typer.Option(
+        "", "--prompt-suffix", help="Appended to each question, e.g. LLaVA-1.5's single-word instruction."
+    ),
+    limit: int = typer.Option(None, "--limit", help="Only the first N questions of each split (a quick look)."),
+    load_4bit: bool = typer.Option(False, "--load-4bit", help=_4BIT_HELP),
+    device: str = typer.Option(None, "--device"),
+) -> None:
+    """POPE: accuracy, precision, recall, F1 and yes-ratio per split (adversarial / popular / random)."""
+    from lvit.eval import pope, read_predictions
+    from lvit.generate import GenerationSettings
+
+    try:
+        _eval_mode(model, predictions)
+        files = [f for a in annotations for f in (sorted(a.glob("coco_pope_*.json")) if a.is_dir() else [a])]
+        if not files:
+            raise LvitError(f"no annotation files in {', '.join(map(str, annotations))}")
+        if predictions is not None:
+            scores = pope.score(pope.read_splits(files), read_predictions(predictions))
+            target = out or predictions.with_name(f"{predictions.stem}_results.json")
+            pope.write_results(scores, target, predictions=str(predictions))
+        else:
+            folder = out or model / "eval" / "pope"
+            scores = pope.evaluate(
+                model,
+                files,
+                folder,
+                image_folder=image_folder,
+                settings=GenerationSettings(max_new_tokens),
+                batch_size=batch_size,
+                load_4bit=load_4bit,
+                device=device,
+                limit=limit,
+                prompt_suffix=_unescape(prompt_suffix),
+            )
+            target = folder / "results.json"
+    except LvitError as exc:
+        raise _fail(exc) from None
+    typer.echo(pope.format_table(scores))
+    typer.echo(f"results: {target}")
+
+
+def _unescape(text: str) -> str:
+    """`--prompt-suffix '\\nAnswer ...'` as typed in a shell: a literal backslash-n is a newline."""
+    return text.replace("\\n", "\n")
 
 
 def main() -> None:

@@ -5,7 +5,9 @@
 2. Writes a synthetic image-instruction dataset (LLaVA JSON + PNG files).
 3. Runs `recipes/tiny_stage1.yaml` (align) then `recipes/tiny_stage2.yaml` (finetune) with
    `lvit.train.run`, exactly what `lvit finetune` does.
-4. Loads the stage-2 run with plain transformers and reports held-out accuracy beside chance.
+4. Answers the held-out questions with the stage-2 run; reports exact-match accuracy beside chance.
+5. With `--ablation`: also stage 2 without stage 1 (a fresh projector, the same stage-2 budget),
+   the paper's first ablation in miniature; both accuracies are printed.
 """
 
 from __future__ import annotations
@@ -49,41 +51,42 @@ def prepare(out: Path, n_train: int = 600, n_test: int = 100) -> dict[str, Path]
 
 
 def evaluate(run_dir: Path, test_path: Path, image_folder: Path) -> dict[str, float]:
-    """Exact-match accuracy of a run on held-out records, overall and per question kind."""
-    from lvit.data.images import ImageLoader
-    from lvit.data.records import normalise
-    from lvit.generate import generate_answers
-    from lvit.model import num_image_tokens
-    from lvit.runs import load_trained
-    from lvit.templates import Conversation, ConversationEncoder
+    """Exact-match accuracy of a run on held-out questions, overall and per question kind.
+
+    The answers are written to `<run_dir>/eval/heldout-answers.jsonl` (the format `lvit generate` writes).
+    """
+    from lvit.eval import exact_match
+    from lvit.generate import GenerationSettings, generate_file, load_model, read_questions
+    from lvit.synthetic import question_kind
 
     # A full fine-tune loads with plain `LlavaForConditionalGeneration.from_pretrained`; adapter runs
     # are rebuilt as they trained (base + adapter).
-    model, processor, run = load_trained(run_dir)
-    config = model.config
-    encoder = ConversationEncoder(
-        run.recipe.data.template, processor.tokenizer, config.image_token_id, num_image_tokens(config.vision_config)
+    loaded = load_model(run_dir, device="cpu")
+    questions = read_questions(test_path)
+    answers = Path(run_dir) / "eval" / "heldout-answers.jsonl"
+    answers.unlink(missing_ok=True)  # always a fresh measurement
+    rows = generate_file(
+        loaded, questions, answers, image_folder, GenerationSettings(max_new_tokens=6), batch_size=16, progress=False
     )
-    records = [normalise(r, i) for i, r in enumerate(json.loads(test_path.read_text()))]
-    convs = [Conversation(turns=r.conversation.turns[:1], has_image=r.image is not None) for r in records]
-    answers = generate_answers(
-        model,
-        encoder,
-        ImageLoader(processor.image_processor, image_folder),
-        convs,
-        [r.image for r in records],
-        max_new_tokens=6,
-    )
-    per_kind: dict[str, list[bool]] = {}
-    for record, answer in zip(records, answers, strict=True):
-        kind = record.id.rsplit("-", 1)[-1]
-        per_kind.setdefault(kind, []).append(answer.strip().lower() == record.conversation.turns[1][1].lower())
-    scores = {kind: sum(v) / len(v) for kind, v in per_kind.items()}
-    scores["all"] = sum(sum(v) for v in per_kind.values()) / len(records)
+    per_kind: dict[str, list[dict]] = {}
+    for q in questions:
+        per_kind.setdefault(question_kind(q.id), []).append(rows[q.id])
+    scores = {kind: exact_match(kind_rows)["accuracy"] for kind, kind_rows in per_kind.items()}
+    scores["all"] = exact_match([rows[q.id] for q in questions])["accuracy"]
     return scores
 
 
-def run_demo(out: Path, overwrite: bool = False) -> dict[str, float]:
+def ablation_overrides(out: Path) -> list[str]:
+    """Stage 2 as in the demo, but from a freshly initialised projector (no stage 1)."""
+    return [*demo_overrides(out, 2), f"training.output_dir={out / 'stage2-no-stage1'}", "model.projector_from=null"]
+
+
+def run_demo(out: Path, overwrite: bool = False, ablation: bool = False) -> dict[str, float]:
+    """The demo; with `ablation`, also stage 2 without stage 1 (the paper's first ablation in miniature).
+
+    Returns the held-out accuracies of the two-stage model; `demo_results.json` also holds the
+    ablation's under "ablation".
+    """
     from lvit import synthetic
     from lvit.recipe import load_recipe
     from lvit.train import run
@@ -98,25 +101,35 @@ def run_demo(out: Path, overwrite: bool = False) -> dict[str, float]:
     if not (RECIPES / "tiny_stage1.yaml").is_file():
         raise LvitError(f"the demo recipes are not at {RECIPES}; run lvit from a checkout (pip install -e .).")
     start = time.time()
-    typer.echo(f"[1/4] building a tiny CLIP + Llama and a synthetic dataset under {out}")
+    n = 5 if ablation else 4
+    typer.echo(f"[1/{n}] building a tiny CLIP + Llama and a synthetic dataset under {out}")
     paths = prepare(out)
-    typer.echo("[2/4] stage 1 (align): only the projector trains, recipes/tiny_stage1.yaml")
+    typer.echo(f"[2/{n}] stage 1 (align): only the projector trains, recipes/tiny_stage1.yaml")
     stage1 = run(load_recipe(RECIPES / "tiny_stage1.yaml", demo_overrides(out, 1)))
-    typer.echo("[3/4] stage 2 (finetune): projector + LM train, recipes/tiny_stage2.yaml")
+    typer.echo(f"[3/{n}] stage 2 (finetune): projector + LM train, recipes/tiny_stage2.yaml")
     stage2 = run(load_recipe(RECIPES / "tiny_stage2.yaml", demo_overrides(out, 2)))
-    typer.echo("[4/4] held-out accuracy (images never trained on), model loaded with plain transformers")
+    typer.echo(f"[4/{n}] held-out accuracy (images never trained on)")
     scores = evaluate(stage2, paths["test"], paths["images"])
+    runs = {"stage 1": stage1, "stage 2": stage2}
+    results: dict = {"accuracy": scores, "chance": synthetic.CHANCE}
+    if ablation:
+        typer.echo(f"[5/{n}] ablation: stage 2 without stage 1 (a fresh projector, the same stage-2 recipe and budget)")
+        no_stage1 = run(load_recipe(RECIPES / "tiny_stage2.yaml", ablation_overrides(out)))
+        runs["stage 2 without stage 1"] = no_stage1
+        results["ablation"] = {"accuracy": evaluate(no_stage1, paths["test"], paths["images"])}
     losses = {
-        name: json.loads((d / "lvit_run.json").read_text())["metrics"].get("train_loss")
-        for name, d in (("stage 1", stage1), ("stage 2", stage2))
+        name: json.loads((d / "lvit_run.json").read_text())["metrics"].get("train_loss") for name, d in runs.items()
     }
+    results["train_loss"] = losses
     typer.echo("")
     for name, loss in losses.items():
         typer.echo(f"  {name} mean training loss: {loss:.3f}")
     for kind, acc in sorted(scores.items()):
         typer.echo(f"  held-out accuracy ({kind}): {acc:.1%}   chance: {synthetic.CHANCE:.0%}")
-    typer.echo(f"  wall time: {time.time() - start:.0f} s; run folders: {stage1}, {stage2}")
-    (out / "demo_results.json").write_text(
-        json.dumps({"accuracy": scores, "chance": synthetic.CHANCE, "train_loss": losses}, indent=2)
-    )
+    if ablation:
+        typer.echo("  ablation, held-out accuracy (all):")
+        typer.echo(f"    stage 1 + stage 2:       {scores['all']:.1%}")
+        typer.echo(f"    stage 2 without stage 1: {results['ablation']['accuracy']['all']:.1%}")
+    typer.echo(f"  wall time: {time.time() - start:.0f} s; run folders: {', '.join(str(d) for d in runs.values())}")
+    (out / "demo_results.json").write_text(json.dumps(results, indent=2))
     return scores

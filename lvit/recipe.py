@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import enum
 import functools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,9 +51,16 @@ class DataSection:
     """Training data and how a record becomes tokens."""
 
     path: str
-    """A LLaVA-format JSON (a list of records) or JSON Lines file."""
+    """The data: a JSON (a list of records) or JSON Lines file in LLaVA or chat format, or a Hugging Face
+    dataset (a `save_to_disk` folder, parquet or arrow files). See `lvit/data/records.py`."""
     image_folder: str | None = None
     """Folder that relative image paths in the data are resolved against."""
+    format: Literal["auto", "llava", "chat", "hf"] = "auto"
+    """The data's format; `auto` detects it (a folder / .parquet / .arrow is `hf`, else from the first record)."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """A record that cannot be trained on (`lvit data check` lists them): `error` stops before training with
+    the checker's report; `skip` trains on the rest and lists each skipped record with its reason in the run
+    folder's `skipped_records.jsonl`."""
     template: Literal["vicuna_v1", "plain"] = "vicuna_v1"
     """Conversation template; see `lvit/templates.py`."""
     max_length: int = 2048
@@ -81,6 +89,24 @@ class LoraSection:
 
 
 @dataclass
+class EvalSection:
+    """Evaluation during training (`lvit.eval.callback`): answers to a question set, scored, written to
+    the run folder's `eval/` at the end (and `eval/step-N/` every `every_n_steps` steps). lvit's own keys."""
+
+    data: str | None = None
+    """Questions with reference answers, in any format lvit reads; null: no evaluation."""
+    image_folder: str | None = None
+    """Folder the questions' image paths are relative to; null: `data.image_folder`."""
+    metric: Literal["exact_match", "scienceqa", "pope"] = "exact_match"
+    """`exact_match` (case-insensitive), `scienceqa` (LLaVA's answer parsing), `pope` (LLaVA's yes/no parsing)."""
+    max_new_tokens: int = 32
+    every_n_steps: int | None = None
+    """Also evaluate every this many optimizer steps; null: only at the end."""
+    batch_size: int = 16
+    """Questions per generation batch."""
+
+
+@dataclass
 class Recipe:
     stage: Literal["align", "finetune"]
     """`align` (stage 1: only the projector trains) or `finetune` (stage 2: projector and LM train)."""
@@ -95,6 +121,8 @@ class Recipe:
     from it (global = per-device batch x accumulation x processes) so it holds on any GPU count."""
     projector_lr: float | None = None
     """A separate learning rate for the projector (LLaVA's `mm_projector_lr`); None: the main one."""
+    eval: EvalSection = field(default_factory=EvalSection)
+    """Evaluation during training; off unless `eval.data` is set."""
     training: dict[str, Any] = field(default_factory=dict)
     """Passed to `trl.SFTConfig`."""
     source: str = "<recipe>"
@@ -118,6 +146,21 @@ _RESERVED_TRAINING_KEYS = {
 }
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `2e-5` (no dot) as a string; a recipe means a number, also inside mappings."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe file, apply `key=value` overrides and validate every key and type.
 
@@ -127,7 +170,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise LvitError(f"recipe file not found: {path}. Pass the path of a YAML recipe (see recipes/).")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise LvitError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -146,7 +189,7 @@ def apply_override(raw: dict, item: str, source: str) -> None:
     if not all(parts):
         raise LvitError(f"override {item!r}: the key {key!r} is not a dotted recipe key.")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _yaml(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     node = raw

@@ -70,7 +70,12 @@ def load_trained(path: str | Path, device: str | None = None):
 
     run = read_run(path)
     processor = AutoProcessor.from_pretrained(run.path)
-    if run.kind == "full":
+    # A full run, or a stage-1 *checkpoint* (the Trainer saves the whole model there; only the
+    # finished stage-1 run folder holds just the projector).
+    whole = (
+        run.kind == "align" and not (run.path / PROJECTOR_FILE).is_file() and any(run.path.glob("model*.safetensors"))
+    )
+    if run.kind == "full" or whole:
         model = LlavaForConditionalGeneration.from_pretrained(run.path)
     else:
         from lvit.model import assemble, load_projector
@@ -121,6 +126,8 @@ def load_merged(path: str | Path, dtype: torch.dtype = torch.float32):
     )
     if run.kind == "qlora":
         dequantize_4bit_layers(model, torch.float32)
+        for attr in ("quantization_config", "_pre_quantization_dtype"):  # no longer 4-bit: say so
+            model.config.text_config.__dict__.pop(attr, None)
     model = model.to(torch.float32)
     merged = PeftModel.from_pretrained(model, run.path).merge_and_unload()
     merged.eval()

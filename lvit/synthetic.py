@@ -102,6 +102,11 @@ def write_shapes_data(
     return paths
 
 
+def question_kind(record_id: str) -> str:
+    """ "colour" or "place" for a held-out record id (`test-<i>-<kind>`)."""
+    return record_id.rsplit("-", 1)[-1]
+
+
 def corpus() -> list[str]:
     """Text the tiny tokenizer should know for this task."""
     words = [*COLOURS, *PLACES, *SHAPES, *QUESTIONS.values(), "a on the", "Give a brief description of the image."]

@@ -13,10 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from transformers import TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import SFTTrainer
 
+from lvit.checkpoints import GracefulStop, resume_checkpoint, set_aside_incomplete
 from lvit.errors import LvitError
 from lvit.recipe import Recipe, gradient_accumulation
 
@@ -24,6 +27,31 @@ log = logging.getLogger("lvit")
 
 DROPPED_FILE = "dropped_records.jsonl"
 RECIPE_FILE = "lvit_recipe.yaml"
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped batches whose order depends only on (seed, epoch)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
 
 
 class LlavaTrainer(SFTTrainer):
@@ -36,6 +64,50 @@ class LlavaTrainer(SFTTrainer):
     def __init__(self, *args, projector_lr: float | None = None, **kwargs):
         self.projector_lr = projector_lr
         super().__init__(*args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # transformers 5.24 writes LLaVA checkpoints with the legacy key names (`language_model.model.*`)
+        # but its resume path loads them with `load_state_dict(strict=False)` under the new names
+        # (`model.language_model.*`): nothing is loaded and training silently restarts from the
+        # initial weights. Map the keys back and load strictly. Adapters, DeepSpeed and FSDP keep
+        # their own loaders.
+        model = model if model is not None else self.model
+        folder = Path(resume_from_checkpoint)
+        files = _weight_files(folder)
+        if not files or self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(model, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+        from transformers.core_model_loading import revert_weight_conversion
+
+        own = model.state_dict()
+        by_tensor = {}
+        for key, tensor in own.items():
+            by_tensor.setdefault(id(tensor), key)
+        to_model_key = {saved: by_tensor[id(t)] for saved, t in revert_weight_conversion(model, dict(own)).items()}
+        state = {}
+        for file in files:
+            for key, tensor in load_file(str(file)).items():
+                state[to_model_key.get(key, key)] = tensor
+        missing = set(own) - set(state)
+        # tied weights are saved once
+        missing = {k for k in missing if not any(own[k] is own[o] for o in state if o in own)}
+        unexpected = set(state) - set(own)
+        if missing or unexpected:
+            raise LvitError(
+                f"{folder}: cannot resume, the checkpoint's weights do not fit this model "
+                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})."
+            )
+        model.load_state_dict(state, strict=False)
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            # transformers' sampler draws from the global RNG, whose state differs between a run and
+            # its resumption; seeding per epoch makes the data order the same in both.
+            return EpochSeededLengthGroupedSampler(
+                sampler.batch_size, sampler.lengths, self.args.data_seed or self.args.seed
+            )
+        return sampler
 
     def create_optimizer(self, model=None):
         if self.projector_lr is None or self.optimizer is not None:
@@ -66,6 +138,9 @@ def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_dev
     kwargs: dict[str, Any] = dict(recipe.training)
     kwargs.setdefault("output_dir", f"runs/{Path(recipe.source).stem}")
     kwargs["gradient_accumulation_steps"] = gradient_accumulation(recipe, num_processes)
+    # Batches of similar length waste little on padding (LLaVA-1.5 groups by length too); lvit's
+    # dataset has the `length` column (text + image tokens) the sampler reads. A recipe may say "random".
+    kwargs.setdefault("train_sampling_strategy", "group_by_length")
     kwargs.update(
         remove_unused_columns=False,  # the collator needs the raw record columns
         dataset_kwargs={"skip_prepare_dataset": True},  # lvit tokenizes (exact masks) in its collator
@@ -84,10 +159,10 @@ def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_dev
 def check_inputs(recipe: Recipe) -> None:
     """Everything that can be checked before a model loads: data files and folders."""
     data = recipe.data
-    if not Path(data.path).is_file():
+    if not Path(data.path).exists():  # a file, or a Hugging Face dataset folder
         raise LvitError(
-            f"{recipe.source}: data.path = {data.path!r}: file not found. Point it at a LLaVA-format "
-            f"JSON/JSONL file (override with `data.path=...`)."
+            f"{recipe.source}: data.path = {data.path!r}: file not found. Point it at a LLaVA- or chat-format "
+            f"JSON/JSONL file or a Hugging Face dataset folder (override with `data.path=...`)."
         )
     if data.image_folder is not None and not Path(data.image_folder).is_dir():
         raise LvitError(f"{recipe.source}: data.image_folder = {data.image_folder!r}: folder not found.")
@@ -96,23 +171,22 @@ def check_inputs(recipe: Recipe) -> None:
             f"{recipe.source}: model.projector_from = {recipe.model.projector_from!r}: folder not found; "
             "it should be the output folder of a finished stage-1 (align) run."
         )
+    if recipe.eval.data is not None:
+        from lvit.eval.callback import check_eval_inputs
+
+        check_eval_inputs(recipe)
 
 
-def check_output_dir(output_dir: str, resume: bool, source: str) -> None:
-    out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise LvitError(
-            f"output folder {out} exists and is not empty (training.output_dir in {source}); lvit never "
-            "overwrites a run. Choose another folder (`training.output_dir=...`), remove it yourself, or pass "
-            "--resume to continue from its last checkpoint."
-        )
+def run(recipe: Recipe, resume: bool | None = None) -> Path:
+    """Train one recipe and save the run; returns the run folder.
 
-
-def run(recipe: Recipe, resume: bool = False) -> Path:
-    """Train one recipe and save the run; returns the run folder."""
+    An output folder holding checkpoints of an unfinished run is resumed from its newest complete
+    checkpoint (`resume=None`, the default; `True` requires one, `False` refuses). A folder holding
+    anything else is never written into.
+    """
     import transformers
 
-    from lvit.data.dataset import LlavaCollator, prepare_dataset, write_dropped
+    from lvit.data.dataset import SKIPPED_FILE, LlavaCollator, prepare, write_skipped
     from lvit.data.images import ImageLoader
     from lvit.model import assemble, num_image_tokens
     from lvit.stages import apply_stage, format_report, report_modules
@@ -120,10 +194,16 @@ def run(recipe: Recipe, resume: bool = False) -> Path:
 
     check_inputs(recipe)
     args = build_sft_config(recipe)
-    check_output_dir(args.output_dir, resume, recipe.source)
-    args.distributed_state.wait_for_everyone()  # every rank checked before rank 0 writes anything
     main = args.process_index == 0
     _setup_logging(main)
+    out = Path(args.output_dir)
+    if main:
+        set_aside_incomplete(out)
+    args.distributed_state.wait_for_everyone()
+    resume_from = resume_checkpoint(out, resume, recipe.source)
+    args.distributed_state.wait_for_everyone()  # every rank decided before rank 0 writes anything
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
 
     transformers.set_seed(args.seed)  # the projector's (and adapters') initialisation is part of the run
     model, processor = assemble(
@@ -151,16 +231,20 @@ def run(recipe: Recipe, resume: bool = False) -> Path:
     encoder = ConversationEncoder(
         recipe.data.template, tokenizer, model.config.image_token_id, num_image_tokens(model.config.vision_config)
     )
-    dataset, dropped = prepare_dataset(recipe.data, encoder, recipe.source)
-    out = Path(args.output_dir)
-    if dropped:
+    prepared = prepare(recipe.data, encoder, recipe.source)  # the checks of `lvit data check`
+    dataset, dropped, skipped_file = prepared.dataset, prepared.dropped, out / SKIPPED_FILE
+    if prepared.skipped:
         if main:
-            write_dropped(dropped, out / DROPPED_FILE)
+            write_skipped(prepared.skipped, skipped_file)
         log.warning(
-            "%d record(s) left out as too long for data.max_length=%d; each is listed with its reason in %s",
+            "%d of %d record(s) left out of training (%d invalid, skipped under data.on_bad_record=skip; %d too "
+            "long for data.max_length=%d); each is listed with its reason in %s",
+            len(prepared.skipped),
+            prepared.total,
+            len(prepared.skipped) - len(dropped),
             len(dropped),
             recipe.data.max_length,
-            out / DROPPED_FILE,
+            skipped_file,
         )
     log.info(
         "training on %d records (%d with images); global batch %d = %d per device x %d accumulation x %d process(es)",
@@ -177,6 +261,7 @@ def run(recipe: Recipe, resume: bool = False) -> Path:
         ImageLoader(processor.image_processor, recipe.data.image_folder, recipe.data.image_aspect_ratio),
         tokenizer.pad_token_id,
         recipe.data.max_length,
+        skipped_file=skipped_file if recipe.data.on_bad_record == "skip" else None,
     )
     trainer = LlavaTrainer(
         model=model,
@@ -185,17 +270,28 @@ def run(recipe: Recipe, resume: bool = False) -> Path:
         data_collator=collator,
         processing_class=processor,
         projector_lr=recipe.projector_lr,
-        callbacks=[RunFilesCallback(recipe, processor)],
+        callbacks=[
+            RunFilesCallback(recipe, processor),
+            stop := GracefulStop(),
+            *_eval_callbacks(recipe, processor, encoder, args),
+        ],
     )
     if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
         raise LvitError(
             "FSDP with a sharded state dict: the Trainer would save no model weights. Set "
             "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (see recipes/accelerate/fsdp_8gpu.yaml)."
         )
-    result = trainer.train(resume_from_checkpoint=True if resume and _has_checkpoint(out) else None)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stop.stopped_at is not None:
+        raise LvitError(
+            f"training stopped by {stop.signal_name} at step {stop.stopped_at}; checkpoint saved in "
+            f"{out / f'checkpoint-{stop.stopped_at}'}. Run the same command again to resume from it."
+        )
     save_run(trainer, recipe, processor, result.metrics, dropped=len(dropped))
-    if dropped:
-        log.warning("%d record(s) were left out (see %s)", len(dropped), out / DROPPED_FILE)
+    if skipped_file.is_file():  # also images that failed to decode mid-run (data.on_bad_record=skip)
+        with skipped_file.open(encoding="utf-8") as f:
+            left_out = sum(1 for _ in f)
+        log.warning("%d of %d record(s) were left out of training (see %s)", left_out, prepared.total, skipped_file)
     return out
 
 
@@ -268,8 +364,13 @@ def save_run(trainer, recipe: Recipe, processor, metrics: dict, dropped: int = 0
         log.info("run saved to %s", out)
 
 
-def _has_checkpoint(out: Path) -> bool:
-    return any(p.is_dir() and p.name.startswith("checkpoint-") for p in out.glob("checkpoint-*"))
+def _eval_callbacks(recipe: Recipe, processor, encoder, args) -> list:
+    """Evaluation during training (a recipe's `eval:` section); see `lvit.eval.callback`."""
+    if recipe.eval.data is None:
+        return []
+    from lvit.eval.callback import eval_callbacks
+
+    return eval_callbacks(recipe, processor, encoder, args)
 
 
 def _setup_logging(main: bool) -> None:

@@ -21,8 +21,14 @@ RECIPES = REPO / "recipes"
 
 def lvit(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the real entry point in a subprocess, as a user would."""
-    return subprocess.run([sys.executable, "-m", "lvit", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lvit", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        timeout=timeout,
+    )
 
 
 def test_help_is_lazy():
@@ -49,16 +55,24 @@ def test_unknown_key_is_a_clear_error_not_a_traceback(tiny_recipe, tmp_path):
 
 def test_missing_data_path_is_reported_before_any_model_loads(tiny_recipe, tmp_path):
     # The model paths are bogus too: the data error must come first, so no model was loaded.
-    path = tiny_recipe.write(tmp_path / "r.yaml", "finetune", out_dir=tmp_path / "out",
-                             data={"path": str(tmp_path / "nope.json")},
-                             model={"vision_tower": str(tmp_path / "no-clip")})
+    path = tiny_recipe.write(
+        tmp_path / "r.yaml",
+        "finetune",
+        out_dir=tmp_path / "out",
+        data={"path": str(tmp_path / "nope.json")},
+        model={"vision_tower": str(tmp_path / "no-clip")},
+    )
     with pytest.raises(LvitError, match=r"data\.path = .*nope\.json.*file not found"):
         CliRunner().invoke(app, ["finetune", str(path)], catch_exceptions=False)
 
 
 def test_unreachable_model_id_names_the_recipe_key(tiny_recipe, tmp_path):
-    path = tiny_recipe.write(tmp_path / "r.yaml", "finetune", out_dir=tmp_path / "out",
-                             model={"language_model": "someone/not-a-real-model-xyz"})
+    path = tiny_recipe.write(
+        tmp_path / "r.yaml",
+        "finetune",
+        out_dir=tmp_path / "out",
+        model={"language_model": "someone/not-a-real-model-xyz"},
+    )
     result = lvit("finetune", str(path))
     assert result.returncode == 2
     assert "model.language_model = 'someone/not-a-real-model-xyz'" in result.stderr
@@ -66,8 +80,9 @@ def test_unreachable_model_id_names_the_recipe_key(tiny_recipe, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("name", ["llava_stage1.yaml", "llava_stage2.yaml", "llava_stage2_qlora.yaml",
-                                  "llava_stage2_lora.yaml"])
+@pytest.mark.parametrize(
+    "name", ["llava_stage1.yaml", "llava_stage2.yaml", "llava_stage2_qlora.yaml", "llava_stage2_lora.yaml"]
+)
 def test_paper_recipes_dry_run_offline(name):
     result = lvit("finetune", str(RECIPES / name), "--dry-run")
     assert result.returncode == 1
@@ -80,12 +95,20 @@ def test_paper_recipes_dry_run_offline(name):
 
 def test_paper_recipe_dry_run_passes_with_local_parts(tiny_parts, shapes_data, tmp_path):
     vision, lm = tiny_parts
-    result = CliRunner().invoke(app, [
-        "finetune", str(RECIPES / "llava_stage2.yaml"), "--dry-run",
-        f"model.vision_tower={vision}", f"model.language_model={lm}", f"model.projector_from={tmp_path}",
-        f"data.path={shapes_data['instruct']}", f"data.image_folder={shapes_data['images']}",
-        f"training.output_dir={tmp_path / 'out'}",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "finetune",
+            str(RECIPES / "llava_stage2.yaml"),
+            "--dry-run",
+            f"model.vision_tower={vision}",
+            f"model.language_model={lm}",
+            f"model.projector_from={tmp_path}",
+            f"data.path={shapes_data['instruct']}",
+            f"data.image_folder={shapes_data['images']}",
+            f"training.output_dir={tmp_path / 'out'}",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "8 process(es): 4 per device x 1 accumulation x 8 = 32 global batch" in result.output
     assert "dry run passed" in result.output
@@ -94,8 +117,11 @@ def test_paper_recipe_dry_run_passes_with_local_parts(tiny_parts, shapes_data, t
 def test_cli_overrides_reach_the_run(tiny_recipe, tmp_path):
     path = tiny_recipe.write(tmp_path / "r.yaml", "align", out_dir=tmp_path / "ignored")
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["finetune", str(path), f"training.output_dir={out}", "training.max_steps=1",
-                                      "data.max_length=64"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        app,
+        ["finetune", str(path), f"training.output_dir={out}", "training.max_steps=1", "data.max_length=64"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0
     saved = yaml.safe_load((out / "lvit_recipe.yaml").read_text())
     assert saved["training"]["max_steps"] == 1 and saved["data"]["max_length"] == 64

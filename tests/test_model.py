@@ -41,8 +41,9 @@ def test_linear_projector_trains_exactly_one_matrix_and_bias(tiny_parts):
     th = model.config.text_config.hidden_size
     for stage in ("align", "finetune"):
         apply_stage(model, stage, "linear")
-        trainable = {n: p.numel() for n, p in model.named_parameters()
-                     if p.requires_grad and "multi_modal_projector" in n}
+        trainable = {
+            n: p.numel() for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" in n
+        }
         assert trainable == {
             "model.multi_modal_projector.linear_1.weight": vh * th,
             "model.multi_modal_projector.linear_1.bias": th,

@@ -62,21 +62,26 @@ def test_stage1_frozen_parts_are_bitwise_unchanged(tiny_recipe, tmp_path, monkey
 
 def test_stage2_trains_projector_and_lm_not_clip(tiny_recipe, tmp_path):
     stage1 = run(tiny_recipe("align", out_dir=tmp_path / "s1", training={"max_steps": 2}))
-    recipe = tiny_recipe("finetune", out_dir=tmp_path / "s2", model={"projector_from": str(stage1)},
-                         training={"max_steps": 3})
+    recipe = tiny_recipe(
+        "finetune", out_dir=tmp_path / "s2", model={"projector_from": str(stage1)}, training={"max_steps": 3}
+    )
     before = _initial_state(recipe)  # includes the stage-1 projector, loaded by projector_from
     stage1_projector = load_file(str(stage1 / PROJECTOR_FILE))
-    torch.testing.assert_close(before["model.multi_modal_projector.linear_1.weight"],
-                               stage1_projector["linear_1.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        before["model.multi_modal_projector.linear_1.weight"], stage1_projector["linear_1.weight"], rtol=0, atol=0
+    )
 
     out = run(recipe)
     after = LlavaForConditionalGeneration.from_pretrained(out).state_dict()  # plain transformers
     for key, value in before.items():
         if key.startswith("model.vision_tower.") or "multi_modal_projector.linear_2" in key:
             assert torch.equal(after[key], value), f"{key} must stay frozen"
-    for key in ("model.multi_modal_projector.linear_1.weight", "lm_head.weight",
-                "model.language_model.layers.0.self_attn.q_proj.weight",
-                "model.language_model.embed_tokens.weight"):
+    for key in (
+        "model.multi_modal_projector.linear_1.weight",
+        "lm_head.weight",
+        "model.language_model.layers.0.self_attn.q_proj.weight",
+        "model.language_model.embed_tokens.weight",
+    ):
         assert not torch.equal(after[key], before[key]), f"{key} should have trained"
 
 
@@ -87,15 +92,20 @@ def test_projector_learning_rate_group(tiny_recipe, tmp_path, monkeypatch):
     real_save = train_mod.save_run
 
     def spy(trainer, *args, **kwargs):
-        seen["groups"] = [(g["lr"] if "initial_lr" not in g else g["initial_lr"], len(g["params"]))
-                          for g in trainer.optimizer.param_groups]
+        seen["groups"] = [
+            (g["lr"] if "initial_lr" not in g else g["initial_lr"], len(g["params"]))
+            for g in trainer.optimizer.param_groups
+        ]
         seen["projector_ids"] = {id(p) for p in trainer.model.model.multi_modal_projector.parameters()}
         seen["group_params"] = [[id(p) for p in g["params"]] for g in trainer.optimizer.param_groups]
         return real_save(trainer, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "save_run", spy)
-    run(tiny_recipe("finetune", out_dir=tmp_path / "s2", projector_lr=1.0e-4,
-                    training={"max_steps": 1, "learning_rate": 1.0e-3}))
+    run(
+        tiny_recipe(
+            "finetune", out_dir=tmp_path / "s2", projector_lr=1.0e-4, training={"max_steps": 1, "learning_rate": 1.0e-3}
+        )
+    )
     for (lr, _), ids in zip(seen["groups"], seen["group_params"], strict=True):
         is_projector = all(i in seen["projector_ids"] for i in ids)
         assert is_projector == (lr == pytest.approx(1.0e-4))

@@ -1,10 +1,25 @@
-"""Loading images for the vision tower: any common mode to RGB, EXIF orientation applied."""
+"""Loading images for the vision tower: any common mode to RGB, EXIF orientation applied.
+
+An image is named by a string: a file path (absolute, or relative to the image folder), or a
+reference to an image embedded in a Hugging Face dataset (`lvit.data.hf`, made by
+`read_records`), which is only read and decoded when a batch needs it.
+"""
 
 from __future__ import annotations
 
+import io
+import os
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps
+
+from lvit.data.hf import describe_embedded, is_embedded, read_embedded
+
+# Modes with an alpha channel (or a transparent palette entry): composited over white.
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# 16-bit (and 32-bit integer) greyscale: scaled to 8 bits from the full 16-bit range, not clipped.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def resolve_image_path(path: str, image_folder: str | Path | None) -> Path:
@@ -14,23 +29,50 @@ def resolve_image_path(path: str, image_folder: str | Path | None) -> Path:
     return p
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image, apply its EXIF orientation and convert it to RGB (alpha over white)."""
+def describe_image(image: str, image_folder: str | Path | None) -> str:
+    """How an image is named in messages: its resolved path, or the embedded reference."""
+    return describe_embedded(image) if is_embedded(image) else str(resolve_image_path(image, image_folder))
+
+
+def open_image_source(image: str, image_folder: str | Path | None):
+    """What `PIL.Image.open` takes for an image name: a path, or the embedded bytes as a file object."""
+    if is_embedded(image):
+        return io.BytesIO(read_embedded(image))
+    return resolve_image_path(image, image_folder)
+
+
+def load_rgb(path) -> Image.Image:
+    """Open an image (path or file object), apply its EXIF orientation and convert it to RGB.
+
+    Transparency is composited over white; 16-bit greyscale is scaled (not clipped) to 8 bits;
+    palette, 1-bit, greyscale and CMYK images are converted by PIL.
+    """
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            background = Image.new("RGB", rgba.size, (255, 255, 255))
-            background.paste(rgba, mask=rgba.getchannel("A"))
-            return background
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16/32-bit greyscale: scale to 8 bits instead of clipping
-            import numpy as np
+        return to_rgb(img)
 
-            arr = np.asarray(img, dtype=np.float64)
-            hi = arr.max() or 1.0
-            return Image.fromarray((arr * (255.0 / hi)).astype("uint8")).convert("RGB")
-        return img.convert("RGB")
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode in _WIDE_MODES:
+        import numpy as np
+
+        scaled = np.clip(np.asarray(img).astype(np.float64), 0, 65535) / 257.0  # 65535 -> 255
+        return Image.fromarray(np.rint(scaled).astype("uint8")).convert("RGB")
+    if img.mode == "F":
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        if arr.size and arr.max() <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype("uint8")).convert("RGB")
+    return img.convert("RGB")
 
 
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -44,21 +86,91 @@ def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     return out
 
 
+def mean_fill(image_processor) -> tuple[int, ...]:
+    """The padding colour for `pad`: the processor's mean, as LLaVA computes it.
+
+    Source: LLaVA `llava/train/train.py` and `llava/mm_utils.py`:
+    `expand2square(image, tuple(int(x*255) for x in processor.image_mean))` (truncated, not rounded).
+    """
+    mean = getattr(image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
+    return tuple(int(m * 255) for m in mean)
+
+
 class ImageLoader:
-    """Loads a record's image and turns a batch of them into `pixel_values`."""
+    """Loads a record's image and turns a batch of them into `pixel_values`.
+
+    Holds only the processor and settings (no open files or datasets), so it pickles into
+    data-loader worker processes.
+    """
 
     def __init__(self, image_processor, image_folder: str | Path | None = None, aspect_ratio: str = "square"):
         self.image_processor = image_processor
         self.image_folder = image_folder
         self.aspect_ratio = aspect_ratio
-        mean = getattr(image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
-        self.fill = tuple(int(round(255 * m)) for m in mean)
+        self.fill = mean_fill(image_processor)
 
     def load(self, path: str) -> Image.Image:
-        img = load_rgb(resolve_image_path(path, self.image_folder))
+        img = load_rgb(open_image_source(path, self.image_folder))
         if self.aspect_ratio == "pad":
             img = pad_to_square(img, self.fill)
         return img
 
     def pixel_values(self, images: list[Image.Image]):
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+# ---------------------------------------------------------------------------------------------
+# checking images (lvit data check, training's up-front checks)
+
+
+def image_exists(image: str, image_folder: str | Path | None) -> bool:
+    """Whether an image can be found: a regular file (one stat), or an embedded image (always)."""
+    if is_embedded(image):
+        return True
+    return os.path.isfile(resolve_image_path(image, image_folder))
+
+
+def probe_image(image: str, image_folder: str | Path | None) -> tuple[str, str, str] | None:
+    """Decode an image fully, as training would; returns None if it is fine, else
+    `(kind, severity, message)`. Never raises for a bad file (a decompression bomb included)."""
+    where = describe_image(image, image_folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            load_rgb(open_image_source(image, image_folder))
+            return None
+        except Image.DecompressionBombWarning as exc:
+            return (
+                "image_too_large",
+                "warning",
+                f"image {where} is very large ({exc}); it decodes, slowly and with a lot of memory, into a "
+                "few hundred pixels: downscale it",
+            )
+        except Image.DecompressionBombError as exc:
+            return (
+                "image_too_large",
+                "error",
+                f"image {where} is too large to decode safely ({exc}); PIL refuses it as a possible "
+                "decompression bomb: downscale it, or remove the record",
+            )
+        except FileNotFoundError:
+            return ("image_missing", "error", f"image not found: {where} (check the image folder or the path)")
+        except Image.UnidentifiedImageError:
+            return (
+                "image_unreadable",
+                "error",
+                f"image {where} is not an image file PIL can read (wrong file, or an unsupported format): "
+                "replace it with a PNG or JPEG",
+            )
+        except OSError as exc:
+            if "truncated" in str(exc):
+                return ("image_truncated", "error", f"image {where} is truncated ({exc}): re-download or re-encode it")
+            if isinstance(exc, PermissionError):
+                return ("image_unreadable", "error", f"image {where} cannot be opened ({exc}): fix its permissions")
+            return ("image_corrupt", "error", f"image {where} is corrupt ({exc}): re-download or re-encode it")
+        except Exception as exc:  # PIL raises SyntaxError, ValueError, struct.error... for broken files
+            return (
+                "image_corrupt",
+                "error",
+                f"image {where} is corrupt ({type(exc).__name__}: {exc}): re-download or re-encode it",
+            )

@@ -1,9 +1,20 @@
-"""Reading LLaVA-format data and normalising each record into a `Conversation`.
+"""Reading training / question data in every format lvit takes, normalising each record.
 
-LLaVA's format (LLaVA-CC3M-595K, LLaVA-Instruct-158K, llava_v1_5_mix665k) is a JSON list, or
-JSON Lines, of records `{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}]}`.
-A record without `image` is text-only. The `<image>` placeholder may stand at the start or at the
-end of the first human turn; it is removed here and the template puts the image back in its place.
+Formats (`data.format`, detected when `auto`):
+
+- `llava`: LLaVA's format (LLaVA-CC3M-595K, LLaVA-Instruct-158K, llava_v1_5_mix665k), a JSON list or
+  JSON Lines of `{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}]}`. A record
+  without `image` is text-only. The `<image>` placeholder may stand at the start or at the end of
+  the first human turn; it is removed here and the template puts the image back in its place.
+- `chat`: the Hugging Face / TRL chat convention, a JSON list or JSON Lines of
+  `{"messages": [{"role": "user"|"assistant"|"system", "content": str | [{"type": "image"},
+  {"type": "text", "text": ...}]}], "images": [path]}`.
+- `hf`: a Hugging Face `datasets` dataset (`save_to_disk` folder, parquet or arrow files) whose rows
+  are in either schema, with images as paths or embedded (`lvit.data.hf`).
+
+`read_records` is the one entry point (training, `lvit data check`, `lvit data convert`, question
+files): every record comes back as a `Record` or as a `RecordError` that names it (index, id, line)
+and says how to fix it.
 """
 
 from __future__ import annotations
@@ -16,15 +27,57 @@ from lvit.errors import LvitError
 from lvit.templates import IMAGE_PLACEHOLDER, Conversation
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+FORMATS = ("auto", "llava", "chat", "hf")
 
 
 class RecordError(ValueError):
-    """A record that cannot be trained on; the message says why and how to fix it."""
+    """A problem with one record; the message says what and how to fix it.
 
-    def __init__(self, where: str, message: str):
+    `kind` is a stable name for the problem (see `lvit.data.check.KINDS`); `severity` is "error"
+    (the record cannot be trained on) or "warning" (it can, but something is off).
+    """
+
+    def __init__(
+        self,
+        where: str,
+        message: str,
+        kind: str = "invalid",
+        *,
+        index: int | None = None,
+        id: str | None = None,  # noqa: A002 - the record's id
+        line: int | None = None,
+        severity: str = "error",
+    ):
         super().__init__(f"{where}: {message}")
         self.where = where
         self.reason = message
+        self.kind = kind
+        self.index = index
+        self.id = id
+        self.line = line
+        self.severity = severity
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "id": self.id,
+            "line": self.line,
+            "kind": self.kind,
+            "severity": self.severity,
+            "message": self.reason,
+        }
+
+
+Problem = RecordError
+
+
+def where_of(index: int | None, rid: str | None = None, line: int | None = None) -> str:
+    """How messages name a record: `record #3 (id 'x')`, plus the line for JSON Lines files."""
+    head = f"record #{index}" if index is not None else "a record"
+    extra = [f"id {rid!r}"] if rid is not None else []
+    if line is not None:
+        extra.append(f"line {line}")
+    return f"{head} ({', '.join(extra)})" if extra else head
 
 
 @dataclass
@@ -33,6 +86,11 @@ class Record:
     index: int
     image: str | None
     conversation: Conversation
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        return where_of(self.index, self.id, self.line)
 
     def to_row(self) -> dict:
         """The columns lvit keeps in its `datasets.Dataset` (images stay paths until batching)."""
@@ -54,21 +112,18 @@ def conversation_from_row(row: dict) -> Conversation:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# reading files
+
+
 def read_raw_records(path: str | Path) -> list[dict]:
-    """Read a LLaVA JSON list or a JSON Lines file; errors name the file and line."""
+    """Read a JSON list or a JSON Lines file; errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise LvitError(f"data file not found: {path}")
     text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LvitError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
-        if not isinstance(data, list):
-            raise LvitError(f"{path}: expected a JSON list of records")
-        return data
+    if text.lstrip().startswith("["):
+        return _json_list(path, text)
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -82,67 +137,420 @@ def read_raw_records(path: str | Path) -> list[dict]:
     return records
 
 
-def normalise(raw: object, index: int) -> Record:
-    """Validate one raw LLaVA record and turn it into a `Record`, or raise `RecordError`."""
+def _json_list(path: Path, text: str) -> list:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LvitError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
+    if not isinstance(data, list):
+        raise LvitError(f"{path}: expected a JSON list of records")
+    return data
+
+
+def _read_json_rows(path: Path) -> tuple[list, list[int | None], list[RecordError]]:
+    """Like `read_raw_records`, but a broken JSON Lines line is a problem (with its line), not the end."""
+    if not path.is_file():
+        raise LvitError(f"data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        data = _json_list(path, text)
+        return data, [None] * len(data), []
+    raws: list = []
+    lines: list[int | None] = []
+    problems: list[RecordError] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raws.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raws.append(None)
+            index = len(raws) - 1
+            problems.append(
+                RecordError(
+                    where_of(index, None, lineno),
+                    f"not valid JSON ({exc.msg}); each line of a .jsonl file is one complete record",
+                    "invalid_json",
+                    index=index,
+                    line=lineno,
+                )
+            )
+        lines.append(lineno)
+    return raws, lines, problems
+
+
+def detect_format(path: str | Path, raws: list | None = None) -> str:
+    """`hf` for dataset folders and parquet/arrow files; else `chat` or `llava` from the first record."""
+    from lvit.data.hf import is_hf_path
+
+    if is_hf_path(path):
+        return "hf"
+    for raw in raws or ():
+        if isinstance(raw, dict):
+            return "chat" if "messages" in raw and "conversations" not in raw else "llava"
+    return "llava"
+
+
+@dataclass
+class ReadResult:
+    """Everything one pass over a data source gives: see `read_all`."""
+
+    format: str
+    """`llava` or `chat` (JSON / JSON Lines), `hf/llava` or `hf/chat` (a Hugging Face dataset)."""
+    records: list[Record]
+    """Records whose conversation is valid (images not checked)."""
+    problems: list[RecordError]
+    total: int
+    bad_images: dict[int, tuple]
+    """index -> (image, id, line) of invalid records that still name an image, to check it too."""
+
+
+def read_all(path: Path, fmt: str = "auto") -> ReadResult:
+    """Read a data source and normalise every record (no image checks)."""
+    if fmt not in FORMATS:
+        raise LvitError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+    container, schema, raws, lines, problems = load_rows(Path(path), fmt)
+    norm = normalise_chat if schema == "chat" else normalise
+    records: list[Record] = []
+    bad_images: dict[int, tuple] = {}
+    for index, raw in enumerate(raws):
+        if raw is None:  # a broken JSON line, already a problem
+            continue
+        line = lines[index]
+        try:
+            records.append(norm(raw, index, line))
+        except RecordError as exc:
+            problems.append(exc)
+            image = _image_field(raw, schema)
+            if image is not None:
+                bad_images[index] = (image, exc.id, line)
+    name = f"hf/{schema}" if container == "hf" else schema
+    return ReadResult(name, records, problems, len(raws), bad_images)
+
+
+def read_records(
+    path: str | Path,
+    fmt: str = "auto",
+    image_folder: str | Path | None = None,
+    check_images: bool = False,
+    decode: bool = False,
+) -> tuple[list[Record], list[RecordError], int]:
+    """Read a data file (or dataset) in any supported format and validate every record.
+
+    Returns `(records, problems, total)`: the valid records, one or more `RecordError` per invalid
+    record (with its index, id and reason, in record order), and the number of records read.
+    `fmt` is `auto` (detected), `llava`, `chat` or `hf` (a Hugging Face dataset whose rows use
+    either schema). With `check_images`, each record's image must exist (relative paths are
+    resolved against `image_folder`; one stat per distinct file); with `decode`, it is also fully
+    decoded, as training would (once per distinct file).
+    """
+    read = read_all(Path(path), fmt)
+    records, problems = read.records, list(read.problems)
+    if check_images or decode:
+        records, image_problems = check_record_images(read, image_folder, decode)
+        problems.extend(image_problems)
+    problems.sort(key=lambda p: -1 if p.index is None else p.index)
+    return records, problems, read.total
+
+
+def load_rows(path: Path, fmt: str = "auto") -> tuple[str, str, list, list[int | None], list[RecordError]]:
+    """`(container, schema, raw rows, their line numbers or None, problems)` for any supported source;
+    container is `json` or `hf`, schema `llava` or `chat`."""
+    from lvit.data.hf import is_hf_path, read_rows
+
+    if fmt == "hf" or is_hf_path(path):
+        schema, raws = read_rows(path, None if fmt in ("auto", "hf") else fmt)
+        return "hf", schema, raws, [None] * len(raws), []
+    raws, lines, problems = _read_json_rows(path)
+    schema = fmt if fmt in ("llava", "chat") else detect_format(path, raws)
+    return "json", schema, raws, lines, problems
+
+
+def _image_field(raw: object, schema: str) -> str | None:
+    """The one image path of a raw record, if it names one clearly (for checks on invalid records)."""
     if not isinstance(raw, dict):
-        raise RecordError(f"record #{index}", f"a record is a JSON object, got {type(raw).__name__}")
-    rid = str(raw.get("id", index))
-    where = f"record #{index} (id {rid!r})"
+        return None
+    image = raw.get("image") if schema == "llava" else raw.get("images", raw.get("image"))
+    if isinstance(image, list) and len(image) == 1:
+        image = image[0]
+    return image if isinstance(image, str) and image.strip() else None
+
+
+def check_record_images(
+    read: ReadResult, image_folder: str | Path | None, decode: bool = False
+) -> tuple[list[Record], list[RecordError]]:
+    """Check the image of every record (and of invalid records that name one): `(records whose image is
+    fine, problems)`. One stat (or decode) per distinct image."""
+    from lvit.data.images import describe_image, image_exists, probe_image
+
+    records, bad_image_of = read.records, read.bad_images
+
+    cache: dict[str, tuple | None] = {}
+
+    def problem_of(image: str):
+        if image in cache:
+            return cache[image]
+        if not image_exists(image, image_folder):
+            found = ("image_missing", "error", f"image not found: {describe_image(image, image_folder)} "
+                     "(check data.image_folder / --image-folder or the record's image path)")  # fmt: skip
+        elif decode:
+            found = probe_image(image, image_folder)
+        else:
+            found = None
+        cache[image] = found
+        return found
+
+    kept, problems = [], []
+    for record in records:
+        found = problem_of(record.image) if record.image is not None else None
+        if found is None or found[1] == "warning":
+            kept.append(record)
+        if found is not None:
+            kind, severity, message = found
+            problems.append(
+                RecordError(
+                    record.where, message, kind, index=record.index, id=record.id, line=record.line, severity=severity
+                )
+            )
+    for index, (image, rid, line) in bad_image_of.items():
+        found = problem_of(image)
+        if found is not None:
+            kind, severity, message = found
+            where = where_of(index, rid, line)
+            problems.append(RecordError(where, message, kind, index=index, id=rid, line=line, severity=severity))
+    return kept, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# normalising one record
+
+
+def _rid(raw: dict, index: int) -> str:
+    rid = raw.get("id")
+    return str(index) if rid is None else str(rid)
+
+
+class _Fail:
+    """Builds a record's `RecordError`; the record's description is only formatted when one is raised."""
+
+    __slots__ = ("raw", "index", "line")
+
+    def __init__(self, raw: dict, index: int, line: int | None):
+        self.raw, self.index, self.line = raw, index, line
+
+    def __call__(self, kind: str, message: str) -> RecordError:
+        rid = _rid(self.raw, self.index)
+        where = where_of(self.index, rid, self.line)
+        return RecordError(where, message, kind, index=self.index, id=rid, line=self.line)
+
+
+def _not_an_object(raw: object, index: int, line: int | None) -> RecordError:
+    return RecordError(
+        where_of(index, None, line),
+        f"a record is a JSON object, got {type(raw).__name__}",
+        "not_an_object",
+        index=index,
+        line=line,
+    )
+
+
+def normalise(raw: object, index: int, line: int | None = None) -> Record:
+    """Validate one raw LLaVA record and turn it into a `Record`, or raise `RecordError`.
+
+    Written for speed (it runs once per record of a 600K-record file): the checks are the same
+    as the error messages describe, in this order: each turn, then the turn order, then the
+    placeholders.
+    """
+    if type(raw) is not dict:
+        raise _not_an_object(raw, index, line)
     convs = raw.get("conversations")
-    if not isinstance(convs, list) or not convs:
-        raise RecordError(where, "'conversations' is missing or empty; add a list of {from, value} turns")
+    if type(convs) is not list or not convs:
+        hint = " (this looks like a chat-format record: set the format to 'chat')" if "messages" in raw else ""
+        raise _Fail(raw, index, line)(
+            "no_conversation", f"'conversations' is missing or empty; add a list of {{from, value}} turns{hint}"
+        )
     image = raw.get("image")
-    if image is not None and (not isinstance(image, str) or not image.strip()):
-        raise RecordError(where, f"'image' must be a file path, got {image!r}")
+    if image is not None and (type(image) is not str or not image or image.isspace()):
+        image = _check_image_field(image, _Fail(raw, index, line))
 
     turns: list[tuple[str, str]] = []
     system = None
     placeholders = 0
+    roles = ROLES
     for t, turn in enumerate(convs):
-        if not isinstance(turn, dict):
-            raise RecordError(where, f"turn {t} is not an object with 'from' and 'value'")
-        role = ROLES.get(turn.get("from"))
+        if type(turn) is not dict:
+            raise _Fail(raw, index, line)("bad_turn", f"turn {t} is not an object with 'from' and 'value'")
+        src = turn.get("from")
+        role = roles.get(src) if type(src) is str else None
         if role is None:
-            raise RecordError(where, f"turn {t} has unknown role {turn.get('from')!r}; use 'human' or 'gpt'")
+            raise _Fail(raw, index, line)("unknown_role", f"turn {t} has unknown role {src!r}; use 'human' or 'gpt'")
         value = turn.get("value")
-        if not isinstance(value, str) or not value.strip():
-            raise RecordError(where, f"turn {t} ('{turn.get('from')}') has an empty or non-string 'value'")
-        if role == "system":
+        if not isinstance(value, str) or not value or value.isspace():
+            raise _Fail(raw, index, line)(
+                "empty_turn", f"turn {t} ('{src}') has an empty or non-string 'value'; give it text"
+            )
+        if IMAGE_PLACEHOLDER in value:
+            if role == "system" or role != "user" or turns:
+                if role == "system" and t != 0:
+                    raise _Fail(raw, index, line)("system_not_first", f"turn {t}: a system turn may only come first")
+                raise _Fail(raw, index, line)(
+                    "placeholder_mismatch", f"turn {t}: '<image>' may only appear in the first human turn"
+                )
+            placeholders += value.count(IMAGE_PLACEHOLDER)
+            value = _strip_placeholder(value)
+        elif role == "system":
             if t != 0:
-                raise RecordError(where, f"turn {t}: a system turn may only come first")
+                raise _Fail(raw, index, line)("system_not_first", f"turn {t}: a system turn may only come first")
             system = value
             continue
-        count = value.count(IMAGE_PLACEHOLDER)
-        placeholders += count
-        if count:
-            if role != "user" or turns:
-                raise RecordError(where, f"turn {t}: '<image>' may only appear in the first human turn")
-            value = _strip_placeholder(value)
-            if not value:
-                value = ""
         turns.append((role, value))
+    return _finish(_Fail(raw, index, line), _rid(raw, index), index, line, image, turns, system, placeholders, False)
 
-    if not turns or turns[0][0] != "user":
-        raise RecordError(where, "the conversation must start with a human turn")
-    for t in range(1, len(turns)):
-        if turns[t][0] == turns[t - 1][0]:
-            raise RecordError(
-                where, f"turns must alternate human/gpt, but turns {t - 1} and {t} are both '{turns[t][0]}'"
+
+def _check_image_field(image, fail):
+    if image is None:
+        return None
+    if isinstance(image, list) and len(image) > 1 and all(isinstance(i, str) for i in image):
+        raise fail(
+            "multiple_images",
+            f"the record has {len(image)} images; lvit trains on one image per record (LLaVA's format): "
+            "split it into one record per image",
+        )
+    if not isinstance(image, str) or not image.strip():
+        raise fail("bad_image_field", f"'image' must be a file path, got {image!r}")
+    return image
+
+
+def _finish(fail, rid, index, line, image, turns, system, placeholders, chat: bool) -> Record:
+    human, gpt = ("user", "assistant") if chat else ("human", "gpt")
+    if not turns:
+        raise fail("no_conversation", f"the conversation has no {human}/{gpt} turns")
+    if turns[0][0] != "user":
+        raise fail("starts_with_assistant", f"the conversation must start with a {human} turn")
+    prev = None
+    for t, (role, _) in enumerate(turns):
+        if role == prev:
+            raise fail(
+                "not_alternating",
+                f"turns must alternate {human}/{gpt}, but turns {t - 1} and {t} are both '{role}'",
             )
+        prev = role
     if turns[-1][0] != "assistant":
-        raise RecordError(where, "the conversation must end with a gpt (assistant) turn, which is what trains")
+        raise fail(
+            "ends_with_user",
+            "the conversation must end with an assistant message, which is what trains; remove the last user "
+            "message or add its answer"
+            if chat
+            else "the conversation must end with a gpt (assistant) turn, which is what trains; remove the last "
+            "human turn or add its answer",
+        )
     expected = 1 if image is not None else 0
     if placeholders != expected:
+        field = "images" if chat else "image"
+        mark = "{'type': 'image'} part" if chat else "'<image>' placeholder"
         if image is None:
-            raise RecordError(
-                where, "'<image>' appears in the text but the record has no 'image'; add one or remove it"
+            raise fail(
+                "placeholder_mismatch",
+                f"'<image>' appears in the text but the record has no '{field}'; add one or remove it"
+                if not chat
+                else f"a {mark} appears but the record has no '{field}'; add the image or remove the part",
             )
-        raise RecordError(
-            where,
+        raise fail(
+            "placeholder_mismatch",
             f"the record has an image but {placeholders} '<image>' placeholders; put exactly one "
-            "at the start or end of the first human turn",
+            "at the start or end of the first human turn"
+            if not chat
+            else f"the record has an image but {placeholders} image parts; put exactly one {mark} in the first "
+            "user message",
         )
-    return Record(rid, index, image, Conversation(turns=turns, has_image=image is not None, system=system))
+    return Record(rid, index, image, Conversation(turns=turns, has_image=image is not None, system=system), line)
+
+
+def normalise_chat(raw: object, index: int, line: int | None = None) -> Record:
+    """Validate one chat-format record (`messages` + `images`) into a `Record`, or raise `RecordError`."""
+    if not isinstance(raw, dict):
+        raise RecordError(
+            where_of(index, None, line),
+            f"a record is a JSON object, got {type(raw).__name__}",
+            "not_an_object",
+            index=index,
+            line=line,
+        )
+    rid = _rid(raw, index)
+    where = where_of(index, rid, line)
+
+    def fail(kind: str, message: str) -> RecordError:
+        return RecordError(where, message, kind, index=index, id=rid, line=line)
+
+    messages = raw.get("messages")
+    if not isinstance(messages, list) or not messages:
+        hint = " (this looks like a LLaVA-format record: set the format to 'llava')" if "conversations" in raw else ""
+        raise fail("no_conversation", f"'messages' is missing or empty; add a list of {{role, content}} messages{hint}")
+    images = raw.get("images", raw.get("image"))
+    if images is None or images == []:
+        image = None
+    else:
+        if isinstance(images, str):
+            images = [images]
+        if not isinstance(images, list) or not all(isinstance(i, str) and i.strip() for i in images):
+            raise fail("bad_image_field", f"'images' must be a list of image file paths, got {images!r}")
+        image = _check_image_field(images if len(images) > 1 else images[0], fail)
+
+    turns: list[tuple[str, str]] = []
+    system = None
+    placeholders = 0
+    for m, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise fail("bad_turn", f"message {m} is not an object with 'role' and 'content'")
+        src = message.get("role")
+        role = ROLES.get(src) if isinstance(src, str) else None
+        if role is None:
+            raise fail("unknown_role", f"message {m} has unknown role {src!r}; use 'user', 'assistant' or 'system'")
+        text, count = _chat_content(message.get("content"), m, fail)
+        if role == "system":
+            if m != 0:
+                raise fail("system_not_first", f"message {m}: a system message may only come first")
+            if count:
+                raise fail("placeholder_mismatch", f"message {m}: an image may only appear in the first user message")
+            system = text
+            continue
+        placeholders += count
+        if count and (role != "user" or turns):
+            raise fail("placeholder_mismatch", f"message {m}: an image may only appear in the first user message")
+        turns.append((role, text))
+    return _finish(fail, rid, index, line, image, turns, system, placeholders, chat=True)
+
+
+def _chat_content(content, m: int, fail) -> tuple[str, int]:
+    """(text, number of images) of one chat message's content."""
+    if isinstance(content, str):
+        count = content.count(IMAGE_PLACEHOLDER)
+        text = _strip_placeholder(content) if count else content
+        if not text.strip() and not count:
+            raise fail("empty_turn", f"message {m} has empty content; give it text")
+        return text, count
+    if not isinstance(content, list):
+        raise fail("empty_turn", f"message {m}: 'content' must be a string or a list of parts, got {content!r}")
+    texts, count = [], 0
+    for p, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            count += 1
+        elif kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise fail("empty_turn", f"message {m} part {p}: a text part needs a string 'text'")
+            count += text.count(IMAGE_PLACEHOLDER)
+            texts.append(_strip_placeholder(text) if IMAGE_PLACEHOLDER in text else text)
+        else:
+            raise fail(
+                "bad_turn",
+                f"message {m} part {p} is {part!r}; parts are {{'type': 'text', 'text': ...}} or {{'type': 'image'}}",
+            )
+    text = "\n".join(t for t in texts if t.strip())
+    if not text.strip() and not count:
+        raise fail("empty_turn", f"message {m} has no text; give it a text part")
+    return text, count
 
 
 def _strip_placeholder(value: str) -> str:
@@ -155,20 +563,3 @@ def _strip_placeholder(value: str) -> str:
     else:
         text = text.replace(IMAGE_PLACEHOLDER, "")
     return text.strip()
-
-
-def read_records(path: str | Path) -> tuple[list[Record], list[RecordError], int]:
-    """Read a data file and validate every record.
-
-    Returns `(records, problems, total)`: the valid records, one `RecordError` per invalid record
-    (with its id and reason), and the number of records in the file. The one entry point for
-    reading training or question data; new input formats plug in here.
-    """
-    raws = read_raw_records(path)
-    records, problems = [], []
-    for index, raw in enumerate(raws):
-        try:
-            records.append(normalise(raw, index))
-        except RecordError as exc:
-            problems.append(exc)
-    return records, problems, len(raws)

@@ -1,0 +1,152 @@
+"""How long `lvit data check` takes on a LLaVA-mix-sized dataset (600K records).
+
+Writes, under --out (default /tmp/lvit-data-check-bench):
+
+- `images/`: a few thousand small PNG files, referenced over and over (so the run measures lvit,
+  not the disk);
+- `data.json`: one LLaVA JSON list of 600K records shaped like llava_v1_5_mix665k: ~50% one-turn
+  caption records (CC3M-style instruction + short caption), ~40% multi-turn image conversations
+  (2-6 turns), ~10% text-only conversations, from a pseudo-English vocabulary, with a handful of
+  broken records (missing image, a conversation that does not alternate, a duplicate id);
+- `parts/`: a tiny CLIP config at 224 px / patch 14 (256 image tokens, like ViT-L/14) and a
+  language model folder with a 32K-vocabulary BPE tokenizer trained on that vocabulary, plus
+  `recipe.yaml` (max_length 2048) for the `--recipe` run. Only configs and the tokenizer are read.
+
+Then it runs, as a user would, `lvit data check DATA --image-folder IMAGES` and
+`lvit data check DATA --image-folder IMAGES --recipe recipe.yaml` (each with `--json` to a file)
+and prints the wall time of each.
+
+    python benchmarks/data_check.py                    # 600K records
+    python benchmarks/data_check.py --records 50000    # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou", "ee")]
+INSTRUCTIONS = [  # LLaVA's brief-description instructions (CC3M-595K), a few of them
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+]
+
+
+def vocabulary(rng: random.Random, n: int = 6000) -> list[str]:
+    words = {"".join(rng.choices(SYLLABLES, k=rng.choice((1, 2, 2, 3, 3, 4)))) for _ in range(n * 2)}
+    return sorted(words)[:n]
+
+
+def sentence(rng: random.Random, words: list[str], weights: list[float], lo: int, hi: int) -> str:
+    text = " ".join(rng.choices(words, weights, k=rng.randint(lo, hi)))
+    return text[0].upper() + text[1:] + rng.choice((".", ".", "?", "!"))
+
+
+def write_data(out: Path, n_records: int, n_images: int, seed: int = 0) -> tuple[Path, Path, list[str]]:
+    from PIL import Image
+
+    rng = random.Random(seed)
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for i in range(n_images):
+        name = images / f"{i:05d}.png"
+        if not name.exists():
+            Image.new("RGB", (24, 24), tuple(rng.randrange(256) for _ in range(3))).save(name)
+    words = vocabulary(rng)
+    weights = [1.0 / (rank + 1) for rank in range(len(words))]  # Zipf-like
+    records = []
+    for i in range(n_records):
+        kind = rng.random()
+        image = f"{rng.randrange(n_images):05d}.png"
+        if kind < 0.5:
+            conv = [
+                {"from": "human", "value": f"{rng.choice(INSTRUCTIONS)}\n<image>"},
+                {"from": "gpt", "value": sentence(rng, words, weights, 6, 18)},
+            ]
+            records.append({"id": f"cap-{i}", "image": image, "conversations": conv})
+            continue
+        conv = []
+        for t in range(rng.choice((1, 1, 2, 3))):
+            q = sentence(rng, words, weights, 5, 20)
+            if t == 0 and kind < 0.9:
+                q = f"<image>\n{q}"
+            a = " ".join(sentence(rng, words, weights, 5, 25) for _ in range(rng.randint(1, 4)))
+            conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+        record = {"id": f"ins-{i}", "image": image, "conversations": conv}
+        if kind >= 0.9:
+            del record["image"]
+            record["id"] = f"txt-{i}"
+        records.append(record)
+    # a few broken records, so the report has something to say
+    records[10]["image"] = "missing/00000.png"
+    records[20]["conversations"].insert(1, {"from": "human", "value": "And?"})
+    records[30]["id"] = records[31]["id"]
+    data = out / "data.json"
+    data.write_text(json.dumps(records))
+    return data, images, words
+
+
+def write_parts(out: Path, words: list[str]) -> Path:
+    from lvit.tiny import build_tiny_parts, build_tokenizer
+
+    corpus = [" ".join(words[i : i + 200]) for i in range(0, len(words), 200)] * 3
+    vision_dir, lm_dir = build_tiny_parts(out / "parts", vision={"image_size": 224, "patch_size": 14})
+    build_tokenizer(lm_dir, corpus + INSTRUCTIONS, vocab_size=32000)  # replaces the tiny one; no weights are read
+    recipe = out / "recipe.yaml"
+    recipe.write_text(
+        "stage: finetune\n"
+        f"model:\n  vision_tower: {vision_dir}\n  language_model: {lm_dir}\n"
+        f"data:\n  path: {out / 'data.json'}\n  image_folder: {out / 'images'}\n  max_length: 2048\n"
+        f"training:\n  output_dir: {out / 'run'}\n  use_cpu: true\n  bf16: false\n"
+    )
+    return recipe
+
+
+def timed(cmd: list[str], report: Path) -> tuple[float, int]:
+    start = time.perf_counter()
+    with report.open("w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return time.perf_counter() - start, rc.returncode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/lvit-data-check-bench"))
+    parser.add_argument("--records", type=int, default=600_000)
+    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--skip-write", action="store_true", help="Reuse the data already under --out.")
+    args = parser.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.skip_write:
+        start = time.perf_counter()
+        data, images, words = write_data(out, args.records, args.images)
+        recipe = write_parts(out, words)
+        size = data.stat().st_size / 2**20
+        print(
+            f"wrote {args.records} records ({size:.0f} MiB) and {args.images} images in {time.perf_counter() - start:.0f} s"
+        )
+    data, images, recipe = out / "data.json", out / "images", out / "recipe.yaml"
+    base = [sys.executable, "-m", "lvit", "data", "check", str(data), "--image-folder", str(images), "--json"]
+    for name, cmd in (("check", base), ("check --recipe", [*base, "--recipe", str(recipe)])):
+        report = out / f"report-{name.replace(' ', '').replace('--', '-')}.json"
+        seconds, rc = timed(cmd, report)
+        summary = json.loads(report.read_text())
+        print(
+            f"lvit data {name}: {seconds:.1f} s wall (exit {rc}); {summary['records']} records, "
+            f"{summary['errors']} errors, {summary['warnings']} warnings, lengths {summary['lengths'] and {k: v for k, v in summary['lengths'].items() if k != 'histogram'}}"
+        )
+        print(f"  command: {' '.join(cmd[1:])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""`lvit data ...`: check and convert training data. Heavy libraries are imported inside the commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from lvit.errors import LvitError
+
+data_app = typer.Typer(
+    help="Check and convert training data (LLaVA JSON/JSONL, chat format, Hugging Face datasets).",
+    no_args_is_help=True,
+)
+
+
+def _fail(exc: LvitError) -> typer.Exit:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    return typer.Exit(2)
+
+
+@data_app.command("check")
+def check(
+    data: str = typer.Argument(
+        None, help="A JSON/JSONL file or a Hugging Face dataset (folder, .parquet, .arrow). Default: the recipe's."
+    ),
+    image_folder: Path = typer.Option(None, "--image-folder", help="Folder relative image paths are resolved against."),
+    recipe: Path = typer.Option(
+        None,
+        "--recipe",
+        help="Measure samples with this recipe's tokenizer, template and vision tower (configs only, no weights) "
+        "and check them against data.max_length / data.overlong.",
+    ),
+    fmt: str = typer.Option(None, "--format", help="auto (default), llava, chat or hf."),
+    decode: bool = typer.Option(False, "--decode", help="Decode every image as training would (slower)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON report."),
+) -> None:
+    """Check every record of DATA; list each problem with the record's id, then a summary.
+
+    Exit status: 0 without errors (warnings allowed), 1 with errors, 2 when the data or recipe cannot be read.
+    """
+    from lvit.data.check import check_data
+
+    try:
+        rec = None
+        if recipe is not None:
+            from lvit.data.check import load_data_recipe
+
+            rec = load_data_recipe(recipe)
+        report = check_data(data, fmt, image_folder, recipe=rec, decode=decode)
+    except LvitError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=1))
+    else:
+        typer.echo(report.format_text())
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@data_app.command("convert")
+def convert(
+    src: str = typer.Argument(
+        ..., metavar="IN", help="Data in any format lvit reads, or the word 'scienceqa' (with --problems ...)."
+    ),
+    out: Path = typer.Argument(None, metavar="OUT", help="The file to write (.json or .jsonl)."),
+    to: str = typer.Option(
+        None, "--to", help="llava (JSON list), llava-jsonl or chat. Default: from OUT's suffix (.jsonl: llava-jsonl)."
+    ),
+    image_folder: Path = typer.Option(None, "--image-folder", help="Folder IN's relative image paths are relative to."),
+    fmt: str = typer.Option("auto", "--format", help="IN's format: auto, llava, chat or hf."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Convert the readable records, list the others."),
+    problems: Path = typer.Option(None, "--problems", help="scienceqa: the release's problems.json."),
+    splits: Path = typer.Option(None, "--splits", help="scienceqa: the release's pid_splits.json."),
+    split: str = typer.Option("train", "--split", help="scienceqa: which split to convert."),
+    image_root: Path = typer.Option(None, "--image-root", help="scienceqa: the images folder (<split>/<pid>/...)."),
+    out_option: Path = typer.Option(None, "--out", help="scienceqa: the file to write (same as OUT)."),
+    answer_format: str = typer.Option(
+        "lecture-solution",
+        "--answer-format",
+        help="scienceqa: lecture-solution (LLaVA's QCM-LEA, for training) or letter (the option letter alone).",
+    ),
+) -> None:
+    """Convert IN to OUT, or ScienceQA to LLaVA format (`lvit data convert scienceqa --problems ...`)."""
+    try:
+        if src == "scienceqa" and not Path(src).exists():
+            from lvit.data.scienceqa import convert_scienceqa
+
+            target = out_option or out
+            if problems is None or splits is None or target is None:
+                raise LvitError("scienceqa needs --problems problems.json --splits pid_splits.json and --out FILE")
+            result = convert_scienceqa(problems, splits, split, target, image_root, answer_format)
+            typer.echo(f"{result['records']} ScienceQA {split} records ({result['images']} with an image) -> {target}")
+            if result["image_folder"]:
+                typer.echo(f"image folder for the recipe (data.image_folder): {result['image_folder']}")
+            if result["missing_images"]:
+                typer.secho(
+                    f"warning: {len(result['missing_images'])} image(s) not found under {result['image_folder']}, "
+                    f"e.g. {result['missing_images'][0]}",
+                    fg=typer.colors.YELLOW,
+                    err=True,
+                )
+            return
+        target = out if out is not None else out_option
+        if target is None:
+            raise LvitError("pass OUT, the file to write")
+        from lvit.data.convert import convert as do_convert
+
+        result = do_convert(src, target, to, fmt, image_folder, skip_bad)
+    except LvitError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"{result['written']} of {result['read']} records -> {result['out']} ({result['format']})")
+    for line in result["skipped"]:
+        typer.secho(f"  skipped {line}", fg=typer.colors.YELLOW, err=True)
+    if result["images_written"]:
+        typer.echo(f"{result['images_written']} embedded images written to {result['image_folder']}")
+    if result["image_folder"]:
+        typer.echo(f"image folder for the recipe (data.image_folder / --image-folder): {result['image_folder']}")

@@ -1,0 +1,123 @@
+"""Measuring a trained model: benchmark scorers (ScienceQA, POPE) and evaluation during training.
+
+Every metric scores rows of an answer file (`lvit.generate`: `{"id", "answer", "reference"}`);
+`score_answers` picks the metric by name, as a recipe's `eval.metric` does.
+"""
+
+from __future__ import annotations
+
+METRICS = ("exact_match", "scienceqa", "pope")
+
+
+def exact_match(rows: list[dict]) -> dict:
+    """Share of answers equal to their reference, ignoring case and surrounding whitespace."""
+    hits = [row["answer"].strip().lower() == row["reference"].strip().lower() for row in rows]
+    return {"accuracy": sum(hits) / len(hits) if hits else 0.0, "correct": sum(hits), "total": len(hits)}
+
+
+def score_answers(metric: str, rows: list[dict]) -> dict:
+    """Score answer rows that carry a `reference` with one of `METRICS`."""
+    missing = [row["id"] for row in rows if row.get("reference") is None]
+    if missing:
+        raise ValueError(f"{len(missing)} question(s) have no reference answer to score against, e.g. {missing[0]!r}")
+    if metric == "exact_match":
+        return exact_match(rows)
+    if metric == "scienceqa":
+        from lvit.eval.scienceqa import score_against_references
+
+        return score_against_references(rows)
+    if metric == "pope":
+        from lvit.eval.pope import pope_metrics
+
+        return pope_metrics([row["answer"] for row in rows], [row["reference"] for row in rows])
+    raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+
+
+def read_predictions(path) -> dict[str, str]:
+    """Raw model outputs by question id, from any of:
+
+    - a JSON object `{id: text}` (or `{id: {"text"|"answer": text}}`);
+    - a JSON list or JSON Lines of rows with `id` or `question_id` and `answer` or `text`
+      (lvit's answer files; LLaVA's `model_vqa*.py` answer files).
+    """
+    import json
+    from pathlib import Path
+
+    from lvit.errors import LvitError
+
+    path = Path(path)
+    if not path.is_file():
+        raise LvitError(f"predictions file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+        rows = data if isinstance(data, list) else None
+    except json.JSONDecodeError:
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise LvitError(f"{path}: neither JSON nor JSON Lines ({exc.msg}, line {exc.lineno})") from None
+        data = None
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out[str(key)] = _prediction_text(value, path, key)
+        return out
+    if rows is None:
+        raise LvitError(f"{path}: expected a JSON object {{id: text}} or rows with an id and a text")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise LvitError(f"{path}: row {i + 1} is not an object")
+        key = row.get("id", row.get("question_id"))
+        if key is None:
+            raise LvitError(f"{path}: row {i + 1} has no 'id' (or 'question_id')")
+        out[str(key)] = _prediction_text(row, path, key)
+    return out
+
+
+def _prediction_text(value, path, key) -> str:
+    from lvit.errors import LvitError
+
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        for name in ("answer", "text"):
+            if isinstance(value.get(name), str):
+                return value[name]
+    raise LvitError(f"{path}: the prediction for {key!r} has no text (a string, or an object with 'answer'/'text')")
+
+
+def answer_questions(
+    model_path,
+    records: list[dict],
+    out_dir,
+    image_folder=None,
+    settings=None,
+    batch_size: int = 16,
+    load_4bit: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> tuple[list, dict[str, dict]]:
+    """Write benchmark `records` (LLaVA format) to `out_dir/questions.jsonl` and answer them into
+    `out_dir/answers.jsonl` (resumable). Returns `(questions, answer rows by id)`."""
+    import json
+    from pathlib import Path
+
+    from lvit.generate import check_images, generate_file, load_model, read_questions
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    questions_path = out_dir / "questions.jsonl"
+    questions_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    questions = read_questions(questions_path)
+    check_images(questions, image_folder)  # before the model loads
+    rows = generate_file(
+        lambda: load_model(model_path, load_4bit=load_4bit, device=device),
+        questions,
+        out_dir / "answers.jsonl",
+        image_folder,
+        settings,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return questions, rows

@@ -1,0 +1,175 @@
+"""Evaluation during training: a recipe's `eval:` section.
+
+```yaml
+eval:
+  data: data/heldout.json       # questions in any format lvit reads, with reference answers
+  image_folder: data/images     # default: data.image_folder
+  metric: exact_match           # or scienceqa ("The answer is X." references), pope (yes/no references)
+  max_new_tokens: 32
+  every_n_steps: null           # also evaluate every N optimizer steps, into eval/step-N/
+```
+
+At the end of training the run folder gets `eval/results.json` and `eval/answers.jsonl`; with
+`every_n_steps`, `eval/step-N/` holds the same at step N. Evaluation never changes training:
+generation runs without gradients in eval mode, every module's train/eval mode and every random
+number generator are restored afterwards, and 4-bit layers are kept out of bitsandbytes' CPU
+repacking, whose packed weights have no backward (STACK-NOTES).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from lvit.errors import LvitError
+
+log = logging.getLogger("lvit")
+
+EVAL_DIR = "eval"
+
+
+def check_eval_inputs(recipe) -> None:
+    """The recipe's evaluation questions and images exist (checked before any model loads)."""
+    from lvit.generate import check_images, read_questions
+
+    section = recipe.eval
+    if section.data is None:
+        return
+    if not Path(section.data).is_file():
+        raise LvitError(f"{recipe.source}: eval.data = {section.data!r}: file not found.")
+    if section.every_n_steps is not None and section.every_n_steps < 1:
+        raise LvitError(
+            f"{recipe.source}: eval.every_n_steps must be at least 1 (or null), got {section.every_n_steps}."
+        )
+    try:
+        questions = read_questions(section.data)
+        check_images(questions, eval_image_folder(recipe))
+    except LvitError as exc:
+        raise LvitError(f"{recipe.source}: eval.data: {exc}") from None
+    missing = [q.id for q in questions if q.reference is None]
+    if missing:
+        raise LvitError(
+            f"{recipe.source}: eval.data = {section.data!r}: {len(missing)} question(s) have no reference answer "
+            f"(a final gpt/assistant turn) to score against, e.g. {missing[0]!r}."
+        )
+
+
+def eval_image_folder(recipe):
+    return recipe.eval.image_folder if recipe.eval.image_folder is not None else recipe.data.image_folder
+
+
+def eval_callbacks(recipe, processor, encoder, args) -> list[TrainerCallback]:
+    """`[EvalCallback]` when the recipe has an `eval:` section with data, else `[]`."""
+    if recipe.eval.data is None:
+        return []
+    sharded = (
+        bool(args.fsdp)
+        or bool(args.deepspeed)
+        or any(
+            os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+        )
+    )
+    if sharded:
+        raise LvitError(
+            f"{recipe.source}: eval: evaluation during training needs whole weights on one process (DDP or a single "
+            "GPU), not FSDP / DeepSpeed. Remove the eval section and run `lvit generate` / `lvit eval` on the saved "
+            "run."
+        )
+    return [EvalCallback(recipe, processor, encoder)]
+
+
+class EvalCallback(TrainerCallback):
+    """Answers the recipe's evaluation questions with the model being trained and scores them."""
+
+    def __init__(self, recipe, processor, encoder):
+        from lvit.data.images import ImageLoader
+        from lvit.generate import GenerationSettings, read_questions
+
+        self.recipe = recipe
+        self.section = recipe.eval
+        self.questions = read_questions(self.section.data)
+        self.encoder = encoder
+        self.loader = ImageLoader(processor.image_processor, eval_image_folder(recipe), recipe.data.image_aspect_ratio)
+        self.settings = GenerationSettings(max_new_tokens=self.section.max_new_tokens)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        every = self.section.every_n_steps
+        if every and state.global_step % every == 0 and state.global_step < state.max_steps:
+            self.evaluate(model, args, state, Path(args.output_dir) / EVAL_DIR / f"step-{state.global_step}")
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.evaluate(model, args, state, Path(args.output_dir) / EVAL_DIR)
+
+    def evaluate(self, model, args, state, folder: Path) -> dict | None:
+        """Generate and score on the main process; other processes go on (DDP waits for it at the next step)."""
+        if not state.is_world_process_zero:
+            return None
+        from lvit.eval import score_answers
+        from lvit.generate import answer_row, iter_answers
+
+        if self.recipe.method == "qlora":
+            from lvit.quant import disable_cpu_repacking
+
+            disable_cpu_repacking(model)  # done at load already; generation must never repack (STACK-NOTES)
+        rng = _rng_state()
+        try:
+            rows = []
+            questions = self.questions
+            batches = iter_answers(
+                model,
+                self.encoder,
+                self.loader,
+                [q.conversation for q in questions],
+                [q.image for q in questions],
+                self.settings,
+                self.section.batch_size,
+            )
+            for start, answers in batches:
+                rows += [
+                    answer_row(q, a) for q, a in zip(questions[start : start + len(answers)], answers, strict=True)
+                ]
+        finally:
+            _restore_rng_state(rng)
+        scores = score_answers(self.section.metric, rows)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        results = {"metric": self.section.metric, "step": state.global_step, "data": self.section.data, **scores}
+        (folder / "results.json").write_text(json.dumps(results, indent=2))
+        log.info(
+            "evaluation at step %d (%s on %d questions): %s; written to %s",
+            state.global_step,
+            self.section.metric,
+            len(rows),
+            _headline(scores),
+            folder,
+        )
+        return results
+
+
+def _headline(scores: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,131 @@
+"""`lvit chat`: multi-turn conversations with the run's template, streamed answers, every kind of model folder."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lvit.chat import ChatSession, interactive
+from lvit.cli import app
+from lvit.generate import GenerationSettings, generate_answers, load_model
+from lvit.templates import Conversation
+
+MAX_NEW = 12
+
+
+def _train(tiny_recipe, tmp_path_factory, stage="finetune", **overrides) -> Path:
+    from lvit.train import run
+
+    out = tmp_path_factory.mktemp(f"chat-{stage}-{overrides.get('method', 'full')}") / "run"
+    training = {"max_steps": 1, "learning_rate": 1e-5, **overrides.pop("training", {})}
+    return run(tiny_recipe(stage, out_dir=out, training=training, **overrides))
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_recipe, tmp_path_factory) -> Path:
+    return _train(tiny_recipe, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def image(shapes_data) -> str:
+    return str(Path(shapes_data["images"]) / json.loads(Path(shapes_data["test"]).read_text())[0]["image"])
+
+
+def test_session_keeps_history_and_streams(full_run, image):
+    loaded = load_model(full_run, device="cpu")
+    session = ChatSession(loaded, image, GenerationSettings(MAX_NEW))
+    streamed: list[str] = []
+    first = session.ask("What colour is the shape?", streamed.append)
+    assert "".join(streamed).strip() == first
+    streamed.clear()
+    second = session.ask("Where is the shape?", streamed.append)
+    assert "".join(streamed).strip() == second
+    assert session.turns == [
+        ("user", "What colour is the shape?"),
+        ("assistant", first),
+        ("user", "Where is the shape?"),
+        ("assistant", second),
+    ]
+    # The second answer is what the batch path gives for the same history (image in the first user turn).
+    conv = Conversation(turns=session.turns[:3], has_image=True)
+    expected = generate_answers(loaded.model, loaded.encoder(), loaded.image_loader(), [conv], [image], MAX_NEW)
+    assert second == expected[0]
+    assert not loaded.model.training
+
+
+def test_cli_prompt_answers_like_generate(full_run, image):
+    result = CliRunner().invoke(
+        app,
+        ["chat", str(full_run), "--image", image, "--prompt", "Where is the shape?", "--max-new-tokens", str(MAX_NEW)],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    loaded = load_model(full_run, device="cpu")
+    conv = Conversation(turns=[("user", "Where is the shape?")], has_image=True)
+    expected = generate_answers(loaded.model, loaded.encoder(), loaded.image_loader(), [conv], [image], MAX_NEW)
+    assert result.stdout.strip() == expected[0]
+
+
+def test_interactive_reads_until_exit_or_eof(full_run, image):
+    loaded = load_model(full_run, device="cpu")
+    out: list[str] = []
+    session = ChatSession(loaded, image, GenerationSettings(4))
+    assert interactive(session, io.StringIO("What colour?\n\nWhere?\nexit\nnever asked\n"), out.append) == 2
+    assert len(session.turns) == 4 and "".join(out).count("ASSISTANT: ") == 2
+    session = ChatSession(loaded, None, GenerationSettings(4))  # text only, ends at EOF
+    assert interactive(session, io.StringIO("hello\n"), out.append) == 1
+    result = CliRunner().invoke(app, ["chat", str(full_run), "--max-new-tokens", "4"], input="hi\nexit\n")
+    assert result.exit_code == 0 and result.stdout.count("USER: ") == 2 and result.stdout.count("ASSISTANT: ") == 1
+
+
+def test_cli_errors(full_run, tmp_path):
+    result = CliRunner().invoke(app, ["chat", str(full_run), "--image", str(tmp_path / "nope.png"), "--prompt", "x"])
+    assert result.exit_code == 2 and "nope.png: file not found" in result.output
+    result = CliRunner().invoke(app, ["chat", str(tmp_path), "--prompt", "x"])
+    assert result.exit_code == 2 and "neither an lvit run folder" in result.output
+    result = CliRunner().invoke(app, ["chat", str(full_run), "--prompt", "x", "--top-p", "0"])
+    assert result.exit_code == 2 and "--top-p" in result.output
+
+
+@pytest.mark.parametrize("kind", ["align", "lora", "qlora", "full-4bit"])
+def test_every_kind_of_run_chats(kind, tiny_recipe, tmp_path_factory, full_run, image):
+    """Stage 1, LoRA and QLoRA adapters (rebuilt on their base), and a full run loaded in 4-bit."""
+    args = []
+    if kind == "align":
+        run_dir = _train(tiny_recipe, tmp_path_factory, stage="align")
+    elif kind in ("lora", "qlora"):
+        run_dir = _train(
+            tiny_recipe, tmp_path_factory, method=kind, lora={"r": 8, "alpha": 16}, training={"optim": "adamw_torch"}
+        )
+    else:
+        run_dir, args = full_run, ["--load-4bit"]
+    result = CliRunner().invoke(
+        app,
+        [
+            "chat",
+            str(run_dir),
+            "--image",
+            image,
+            "--prompt",
+            "What colour is the shape?",
+            "--max-new-tokens",
+            "6",
+            *args,
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith("\n")
+    if kind == "lora":
+        refused = CliRunner().invoke(app, ["chat", str(run_dir), "--prompt", "x", "--load-4bit"])
+        assert refused.exit_code == 2 and "lvit export" in refused.output
+    if kind == "full-4bit":
+        from lvit.quant import linear4bit_modules
+
+        loaded = load_model(run_dir, load_4bit=True, device="cpu")
+        names = [name for name, _ in linear4bit_modules(loaded.model)]
+        assert names and all(name.startswith("model.language_model.") for name in names)

@@ -1,0 +1,351 @@
+"""`lvit export`: every kind of run (and checkpoint) -> a stock, self-checked LLaVA folder.
+
+Each run is trained once per module and exported once per module (module-scoped fixtures); the
+tests then inspect the written folders. Loading with plain transformers happens in one subprocess
+that must not import lvit or peft.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lvit.errors import LvitError
+from lvit.export import EXPORT_INFO_FILE, default_tolerance, export, safetensors_keys
+from lvit.model import PROJECTOR_FILE, RUN_INFO_FILE
+from lvit.runs import RECIPE_FILE, load_trained
+
+LORA = {"r": 8, "alpha": 16}
+ADAPTER_MARKERS = ("lora_", "modules_to_save", "base_layer", "original_module")
+
+
+def _train(tiny_recipe, tmp_path_factory, stage: str, **overrides) -> Path:
+    from lvit.train import run
+
+    return run(tiny_recipe(stage, tmp_path_factory.mktemp(f"export-{stage}") / "run", **overrides))
+
+
+@pytest.fixture(scope="module")
+def align_run(tiny_recipe, tmp_path_factory) -> Path:
+    # checkpoints too: a stage-1 checkpoint-N holds the whole model, not the projector
+    training = {"save_strategy": "steps", "save_steps": 2, "max_steps": 4}
+    return _train(tiny_recipe, tmp_path_factory, "align", training=training)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_recipe, tmp_path_factory) -> Path:
+    return _train(tiny_recipe, tmp_path_factory, "finetune", training={"optim": "adamw_torch", "max_steps": 3})
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_recipe, tmp_path_factory) -> Path:
+    training = {"optim": "adamw_torch", "max_steps": 3}
+    return _train(tiny_recipe, tmp_path_factory, "finetune", method="lora", lora=LORA, training=training)
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tiny_recipe, tmp_path_factory) -> Path:
+    training = {"optim": "adamw_torch", "save_strategy": "steps", "save_steps": 2, "max_steps": 4}
+    return _train(tiny_recipe, tmp_path_factory, "finetune", method="qlora", lora=LORA, training=training)
+
+
+@pytest.fixture(scope="module")
+def exports(align_run, full_run, qlora_run, tmp_path_factory):
+    """name -> (run folder, ExportResult, printed output); fp32 except qlora (the bf16 default)."""
+    root = tmp_path_factory.mktemp("exports")
+    jobs = {
+        "align": (align_run, "fp32"),
+        "align-checkpoint": (align_run / "checkpoint-2", "fp32"),
+        "full": (full_run, "fp32"),
+        "qlora": (qlora_run, None),
+        "qlora-checkpoint": (qlora_run / "checkpoint-2", "fp32"),
+    }
+    out = {}
+    for name, (run_dir, dtype) in jobs.items():
+        printed: list[str] = []
+        result = export(run_dir, root / name, dtype=dtype, echo=printed.append)
+        out[name] = (run_dir, result, "\n".join(printed))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli_export(lora_run, tmp_path_factory):
+    """The lora run through the CLI: fp32, small shards, replacing an existing folder."""
+    from lvit.cli import app
+
+    out = tmp_path_factory.mktemp("cli") / "lora"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier export")
+    args = ["export", str(lora_run), "--out", str(out), "--dtype", "fp32", "--max-shard-size", "200KB", "--overwrite"]
+    result = CliRunner().invoke(app, args)
+    return result, out
+
+
+def _all_exports(exports, cli_export):
+    """name -> (run folder, export folder, template)."""
+    folders = {name: (run_dir, result.path) for name, (run_dir, result, _) in exports.items()}
+    folders["lora-cli"] = (None, cli_export[1])
+    return folders
+
+
+# --- the runs' exports -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["align", "align-checkpoint", "full", "qlora", "qlora-checkpoint"])
+def test_export_matches_the_trained_model(exports, name):
+    run_dir, result, printed = exports[name]
+    assert result.path.is_dir() and (result.path / "config.json").is_file()
+    assert "max |logit difference|" in printed and f"{result.max_abs_diff:.3g}" in printed
+    assert result.max_abs_diff <= result.tolerance
+    if name.startswith("qlora"):
+        # the trained model computes its 4-bit layers in bf16; the export computes in fp32
+        assert result.kind == "qlora" and 0 < result.max_abs_diff < 0.05
+    else:
+        assert result.max_abs_diff <= 1e-4 and 1e-4 <= result.tolerance < 2e-4
+    assert "record 'ins-0'" in result.sample or "record 'cap-0'" in result.sample  # the run's own data
+
+
+def test_no_adapter_or_quantization_left(exports, cli_export):
+    for name, (_, folder) in _all_exports(exports, cli_export).items():
+        keys = safetensors_keys(folder)
+        assert keys, name
+        assert not [k for k in keys if any(m in k for m in ADAPTER_MARKERS)], name
+        assert not (folder / "adapter_config.json").exists() and not (folder / "adapter_model.safetensors").exists()
+        assert "quantization_config" not in (folder / "config.json").read_text(), name
+
+
+def _tensor_dtypes(folder: Path) -> set[str]:
+    dtypes = set()
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    return dtypes
+
+
+def test_bf16_export_writes_bf16_tensors(exports, cli_export):
+    _, result, _ = exports["qlora"]  # exported with the default dtype: bf16
+    assert result.dtype == "bf16" and _tensor_dtypes(result.path) == {"BF16"}
+    config = json.loads((result.path / "config.json").read_text())
+    assert config["dtype"] == config["text_config"]["dtype"] == config["vision_config"]["dtype"] == "bfloat16"
+    # --dtype fp32 stays fp32
+    assert _tensor_dtypes(exports["full"][1].path) == _tensor_dtypes(cli_export[1]) == {"F32"}
+
+
+def test_model_card_names_the_parts(exports, tiny_parts):
+    vision, lm = tiny_parts
+    _, result, _ = exports["qlora-checkpoint"]
+    card = (result.path / "README.md").read_text()
+    for needed in (str(vision), str(lm), "QLoRA", "checkpoint-2", "projector", "linear", "vicuna_v1"):
+        assert needed in card, needed
+    assert "LlavaForConditionalGeneration.from_pretrained" in card and "apply_chat_template" in card
+    assert f"{result.max_abs_diff:.3g}" in card
+    assert "method: qlora" in card  # the recipe, embedded
+    info = json.loads((result.path / EXPORT_INFO_FILE).read_text())
+    assert info["kind"] == "qlora" and info["max_abs_diff"] == result.max_abs_diff
+    # a finished run's card shows its training metrics
+    full_card = (exports["full"][1].path / "README.md").read_text()
+    assert "train_loss" in full_card and "full fine-tune" in full_card
+    # a stage-1 model is prompted the way it was trained (plain template), not with the chat template
+    assert 'bos_token + "<image>"' in (exports["align"][1].path / "README.md").read_text()
+
+
+# --- plain transformers, no lvit -----------------------------------------------------------------------------
+
+_PLAIN_LOAD = r"""
+import json, sys
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+folders, image_path, saved_path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+image = Image.open(image_path).convert("RGB")
+results, saved = {}, {}
+for name, (folder, plain) in folders.items():
+    processor = AutoProcessor.from_pretrained(folder)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    assert type(model) is LlavaForConditionalGeneration
+    if plain:
+        prompt = processor.tokenizer.bos_token + "<image>"
+    else:
+        content = [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]
+        messages = [{"role": "user", "content": content}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    new = generated[0, inputs["input_ids"].shape[1]:]
+    saved[name] = {"inputs": dict(inputs), "logits": logits}
+    results[name] = {"new_tokens": int(new.numel()), "text": processor.decode(new, skip_special_tokens=True)}
+torch.save(saved, saved_path)
+imported = sorted({m.split(".")[0] for m in sys.modules} & {"lvit", "peft", "bitsandbytes"})
+print(json.dumps({"results": results, "imported": imported}))
+"""
+
+
+@pytest.fixture(scope="module")
+def plain_load(exports, cli_export, shapes_data, tmp_path_factory):
+    folders = {
+        name: (str(folder), name.startswith("align")) for name, (_, folder) in _all_exports(exports, cli_export).items()
+    }
+    image = sorted(shapes_data["images"].iterdir())[0]
+    saved = tmp_path_factory.mktemp("plain") / "logits.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PLAIN_LOAD, json.dumps(folders), str(image), str(saved)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path_factory.getbasetemp(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), torch.load(saved)
+
+
+def test_exports_load_and_generate_with_plain_transformers(plain_load, exports, cli_export):
+    report, _ = plain_load
+    assert report["imported"] == []  # neither lvit nor peft (nor bitsandbytes) was needed
+    assert set(report["results"]) == set(_all_exports(exports, cli_export))
+    for name, result in report["results"].items():
+        assert result["new_tokens"] == 3, name
+
+
+def test_plain_transformers_logits_match_the_run(plain_load, exports, cli_export, lora_run):
+    """The stock processor's inputs through the run's model as trained (lvit) == the plain-loaded export."""
+    _, saved = plain_load
+    runs = {name: run_dir for name, (run_dir, _) in _all_exports(exports, cli_export).items()}
+    runs["lora-cli"] = lora_run
+    for name in ("align", "full", "lora-cli", "qlora"):
+        model, _, run = load_trained(runs[name])
+        inputs = saved[name]["inputs"]
+        with torch.no_grad():
+            expected = model(**inputs).logits.float()
+        diff = (saved[name]["logits"] - expected).abs().max().item()
+        if name == "qlora":  # bf16 weights and a bf16-computing trained model
+            bound = default_tolerance(
+                "qlora", torch.bfloat16, torch.float32, torch.bfloat16, expected.abs().max().item()
+            )
+        else:
+            bound = 1e-4
+        assert diff <= bound, (name, diff, bound)
+
+
+# --- the CLI -------------------------------------------------------------------------------------------------
+
+
+def test_cli_exports_and_replaces_with_overwrite(cli_export):
+    result, out = cli_export
+    assert result.exit_code == 0, result.output
+    assert "max |logit difference|" in result.output and "ok" in result.output
+    info = json.loads((out / EXPORT_INFO_FILE).read_text())
+    assert info["kind"] == "lora" and info["dtype"] == "fp32" and info["max_abs_diff"] <= 1e-4
+    assert not (out / "stale.txt").exists()  # replaced, after the self-check passed
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert not list(out.parent.glob("lora.tmp-*")) and not list(out.parent.glob("lora.old-*"))
+
+
+def test_cli_bad_run_dir_is_a_short_error(tmp_path):
+    from lvit.cli import app
+
+    for bad in (tmp_path / "missing", tmp_path):
+        result = CliRunner().invoke(app, ["export", str(bad), "--out", str(tmp_path / "out")])
+        assert result.exit_code not in (0, None)
+        assert "error:" in result.output and "RUN_DIR must be" in result.output
+        assert "Traceback" not in result.output
+        assert isinstance(result.exception, SystemExit)  # handled, not an escaping exception
+    assert not (tmp_path / "out").exists()
+
+
+# --- projector only ------------------------------------------------------------------------------------------
+
+
+def test_projector_only_feeds_a_stage2_recipe(align_run, tiny_recipe, tmp_path):
+    from lvit.model import assemble
+    from lvit.train import check_inputs
+
+    result = export(align_run, tmp_path / "proj", projector_only=True, echo=lambda _: None)
+    out = result.path
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [PROJECTOR_FILE, RUN_INFO_FILE, RECIPE_FILE, "README.md", EXPORT_INFO_FILE]
+    )
+    written = load_file(str(out / PROJECTOR_FILE))
+    assert set(written) == {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    trained = load_file(str(align_run / PROJECTOR_FILE))
+    assert all(torch.equal(written[k], trained[k]) for k in trained)  # trained dtype kept by default
+    assert result.max_abs_diff == 0.0
+
+    recipe = tiny_recipe("finetune", tmp_path / "stage2", model={"projector_from": str(out)})
+    check_inputs(recipe)
+    model, _ = assemble(recipe.model, recipe.source)  # what `lvit.train.run` does first
+    initial = model.model.multi_modal_projector.state_dict()
+    assert all(torch.equal(initial[k], written[k]) for k in written)
+
+
+def test_projector_only_of_a_lora_run_is_its_trained_projector(lora_run, cli_export, tmp_path):
+    result = export(lora_run, tmp_path / "proj", projector_only=True, dtype="fp32", echo=lambda _: None)
+    written = load_file(str(result.path / PROJECTOR_FILE))
+    model, _, _ = load_trained(lora_run)
+    wrapper = model.get_base_model().model.multi_modal_projector
+    trained = wrapper.modules_to_save["default"].state_dict()
+    assert all(torch.equal(written[k], trained[k]) for k in written)
+    # and it is the projector of the merged export too
+    merged = {}
+    for path in cli_export[1].glob("model-*.safetensors"):
+        merged.update(load_file(str(path)))
+    for name, tensor in written.items():
+        assert torch.equal(merged[next(k for k in merged if k.endswith(f"multi_modal_projector.{name}"))], tensor)
+
+
+# --- refusing and failing ------------------------------------------------------------------------------------
+
+
+def test_refuses_existing_folder_and_the_run_itself(full_run, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(LvitError, match="exists and is not empty.*--overwrite"):
+        export(full_run, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    for inside in (full_run, full_run.parent):
+        with pytest.raises(LvitError, match="destroy the run"):
+            export(full_run, inside, overwrite=True)
+    with pytest.raises(LvitError, match="--dtype"):
+        export(full_run, tmp_path / "x", dtype="int8")
+    assert not (tmp_path / "x").exists()
+
+
+def test_failed_self_check_leaves_nothing(full_run, tmp_path, monkeypatch):
+    import lvit.export as export_mod
+
+    real = export_mod._load_merged
+
+    def corrupted(run, dtype):  # a broken merge: one weight off
+        model, processor, run = real(run, dtype)
+        with torch.no_grad():
+            model.lm_head.weight[0] += 1.0
+        return model, processor, run
+
+    monkeypatch.setattr(export_mod, "_load_merged", corrupted)
+    with pytest.raises(LvitError, match="self-check failed.*nothing was written"):
+        export(full_run, tmp_path / "new" / "export", dtype="fp32", echo=lambda _: None)
+    assert list(tmp_path.iterdir()) == []  # no output folder, no temporary folder, no parent it created
+
+    out = tmp_path / "export"
+
+    # with --overwrite, the folder that was there survives a failed export
+    out.mkdir()
+    (out / "keep.txt").write_text("previous export")
+    with pytest.raises(LvitError, match="self-check failed"):
+        export(full_run, out, dtype="fp32", overwrite=True, echo=lambda _: None)
+    assert [p.name for p in tmp_path.iterdir()] == ["export"] and (out / "keep.txt").is_file()

@@ -1,0 +1,216 @@
+"""Reading LLaVA-format records and normalising them into conversations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lvit.data.records import RecordError, normalise, read_raw_records
+from lvit.errors import LvitError
+from lvit.templates import IMAGE_PLACEHOLDER
+
+
+def rec(*turns, image: str | None = "a.png", rid: str = "r1") -> dict:
+    """A raw record; `turns` alternate human/gpt values unless given as (from, value) pairs."""
+    convs = []
+    for i, turn in enumerate(turns):
+        src, value = turn if isinstance(turn, tuple) else ("human" if i % 2 == 0 else "gpt", turn)
+        convs.append({"from": src, "value": value})
+    out = {"id": rid, "conversations": convs}
+    if image is not None:
+        out["image"] = image
+    return out
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "<image>\nWhat colour is it?",
+        "What colour is it?\n<image>",
+        "  <image>What colour is it?  ",
+        "What colour is it?<image>",
+    ],
+)
+def test_placeholder_at_start_or_end_is_removed(first):
+    record = normalise(rec(first, "red", "Where?", "left"), 3)
+    conv = record.conversation
+    assert conv.turns == [
+        ("user", "What colour is it?"),
+        ("assistant", "red"),
+        ("user", "Where?"),
+        ("assistant", "left"),
+    ]
+    assert conv.has_image is True
+    assert conv.system is None
+    assert (record.id, record.index, record.image) == ("r1", 3, "a.png")
+    assert all(IMAGE_PLACEHOLDER not in text for _, text in conv.turns)
+
+
+def test_text_only_record():
+    record = normalise(rec("What colours can a shape have?", "red or blue", image=None), 0)
+    assert record.image is None
+    assert record.conversation.has_image is False
+    assert record.conversation.turns == [("user", "What colours can a shape have?"), ("assistant", "red or blue")]
+
+
+def test_roles_user_and_assistant_are_accepted_too():
+    record = normalise(rec(("user", "<image>\nQ?"), ("assistant", "A.")), 0)
+    assert record.conversation.turns == [("user", "Q?"), ("assistant", "A.")]
+
+
+def test_system_turn_first_is_accepted():
+    record = normalise(rec(("system", "Answer in one word."), ("human", "<image>\nColour?"), ("gpt", "red")), 0)
+    assert record.conversation.system == "Answer in one word."
+    assert record.conversation.turns == [("user", "Colour?"), ("assistant", "red")]
+    assert record.to_row() == {
+        "id": "r1",
+        "image_path": "a.png",
+        "roles": ["user", "assistant"],
+        "texts": ["Colour?", "red"],
+        "system": "Answer in one word.",
+    }
+
+
+def test_missing_id_uses_the_index():
+    raw = rec("Q?", "A.", image=None)
+    del raw["id"]
+    assert normalise(raw, 7).id == "7"
+
+
+BAD = {
+    "missing conversations": ({"id": "bad", "image": "a.png"}, "'conversations' is missing or empty"),
+    "empty conversations": ({"id": "bad", "conversations": []}, "'conversations' is missing or empty"),
+    "conversations not a list": ({"id": "bad", "conversations": "hi"}, "'conversations' is missing or empty"),
+    "unknown role": (rec(("human", "<image>\nQ?"), ("bot", "A."), rid="bad"), "turn 1 has unknown role 'bot'"),
+    "missing role": (
+        {"id": "bad", "image": "a.png", "conversations": [{"value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]},
+        "turn 0 has unknown role None",
+    ),
+    "empty value": (rec("<image>\nQ?", "   ", rid="bad"), "turn 1 ('gpt') has an empty or non-string 'value'"),
+    "non-string value": (rec("<image>\nQ?", 42, rid="bad"), "turn 1 ('gpt') has an empty or non-string 'value'"),
+    "turn not an object": (
+        {"id": "bad", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQ?"}, "A."]},
+        "turn 1 is not an object",
+    ),
+    "starts with gpt": (
+        rec(("gpt", "Hello."), ("human", "Q?"), ("gpt", "A."), image=None, rid="bad"),
+        "start with a human turn",
+    ),
+    "not alternating": (
+        rec(("human", "<image>\nQ?"), ("human", "More?"), ("gpt", "A."), rid="bad"),
+        "turns 0 and 1 are both 'user'",
+    ),
+    "ends with human": (rec("<image>\nQ?", "A.", "Q2?", rid="bad"), "must end with a gpt (assistant) turn"),
+    "placeholder without image": (rec("<image>\nQ?", "A.", image=None, rid="bad"), "the record has no 'image'"),
+    "image without placeholder": (rec("Q?", "A.", rid="bad"), "has an image but 0 '<image>' placeholders"),
+    "two placeholders": (rec("<image>\n<image>\nQ?", "A.", rid="bad"), "has an image but 2 '<image>' placeholders"),
+    "placeholder in a later human turn": (
+        rec("<image>\nQ?", "A.", "<image>\nQ2?", "B.", rid="bad"),
+        "turn 2: '<image>' may only appear in the first human turn",
+    ),
+    "placeholder in a gpt turn": (
+        rec("<image>\nQ?", "A <image>", rid="bad"),
+        "turn 1: '<image>' may only appear in the first human turn",
+    ),
+    "system turn later": (
+        rec(("human", "<image>\nQ?"), ("system", "Be brief."), ("gpt", "A."), rid="bad"),
+        "turn 1: a system turn may only come first",
+    ),
+    "image not a string": ({**rec("<image>\nQ?", "A.", rid="bad"), "image": ["a.png"]}, "'image' must be a file path"),
+    "image empty": ({**rec("<image>\nQ?", "A.", rid="bad"), "image": " "}, "'image' must be a file path"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_invalid_records_raise_record_error_naming_the_record(case):
+    raw, reason = BAD[case]
+    with pytest.raises(RecordError) as info:
+        normalise(raw, 5)
+    err = info.value
+    assert err.where == "record #5 (id 'bad')"
+    assert reason in err.reason
+    assert str(err).startswith("record #5 (id 'bad'): ")
+    assert isinstance(err, ValueError)
+
+
+def test_record_that_is_not_an_object():
+    with pytest.raises(RecordError, match=r"record #2: a record is a JSON object, got list"):
+        normalise(["human", "gpt"], 2)
+
+
+# Regression (was an lvit bug): a non-hashable "from" value (e.g. a list) made `ROLES.get(...)` raise TypeError,
+# a traceback instead of a RecordError naming the record.
+def test_unhashable_role_is_a_record_error():
+    raw = {"id": "bad", "image": "a.png", "conversations": [{"from": ["human"], "value": "<image>\nQ?"}]}
+    with pytest.raises(RecordError, match=r"record #0 \(id 'bad'\): turn 0 has unknown role \['human'\]"):
+        normalise(raw, 0)
+
+
+# Regression (was an lvit bug): '<image>' inside a system turn was neither counted nor rejected; the tokenizer
+# turned it into an image-token id ("Image features and image tokens do not match" at training time).
+def test_placeholder_in_system_turn_is_rejected():
+    raw = rec(("system", "Look at <image> carefully."), ("human", "<image>\nQ?"), ("gpt", "A."), rid="bad")
+    with pytest.raises(RecordError, match="'<image>' may only appear in the first human turn"):
+        normalise(raw, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# read_raw_records
+
+RECORDS = [rec("<image>\nQ?", "A.", rid="one"), rec("Q?", "A.", image=None, rid="two")]
+
+
+def test_reads_a_json_list(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text("\n  " + json.dumps(RECORDS, indent=2))  # leading whitespace is fine
+    assert read_raw_records(path) == RECORDS
+
+
+def test_reads_json_lines_skipping_blank_lines(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + "\n\n" + json.dumps(RECORDS[1]) + "\n")
+    assert read_raw_records(path) == RECORDS
+
+
+def test_invalid_json_lines_line_reports_its_line_number(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + "\n\n" + '{"id": "broken", "conversations": [\n' + json.dumps(RECORDS[1]))
+    with pytest.raises(LvitError, match=rf"{path}:3: not valid JSON"):
+        read_raw_records(path)
+
+
+def test_invalid_json_list_reports_line_and_column(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('[\n {"id": "a",\n  "conversations": [}\n]')
+    with pytest.raises(LvitError, match=rf"{path}: not valid JSON \(line 3, column \d+\)"):
+        read_raw_records(path)
+
+
+def test_missing_data_file(tmp_path):
+    with pytest.raises(LvitError, match="data file not found: .*nope.json"):
+        read_raw_records(tmp_path / "nope.json")
+
+
+def test_shapes_data_reads_and_normalises(shapes_data):
+    """The synthetic captions put the placeholder at the END of the human turn; instruct at the start."""
+    captions = [normalise(r, i) for i, r in enumerate(read_raw_records(shapes_data["captions"]))]
+    assert len(captions) == 48
+    assert all(c.conversation.turns[0] == ("user", "Give a brief description of the image.") for c in captions)
+    instruct = [normalise(r, i) for i, r in enumerate(read_raw_records(shapes_data["instruct"]))]
+    text_only = [r for r in instruct if r.image is None]
+    assert [r.id for r in text_only] == [f"txt-{i}" for i in range(48) if i % 10 == 0]  # synthetic: every 10th
+    assert all(len(r.conversation.turns) == 4 and r.conversation.has_image for r in instruct if r.image)
+
+
+def test_read_records_keeps_valid_records_and_reports_the_rest(tmp_path):
+    from lvit.data.records import read_records
+
+    raws = [RECORDS[0], rec("<image>\nQ?", "A.", image=None, rid="bad"), RECORDS[1]]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(raws))
+    records, problems, total = read_records(path)
+    assert total == 3
+    assert [(r.id, r.index) for r in records] == [("one", 0), ("two", 2)]
+    assert [p.where for p in problems] == ["record #1 (id 'bad')"]
+    assert "the record has no 'image'" in problems[0].reason
