@@ -46,12 +46,21 @@ def vocabulary(rng: random.Random, n: int = 6000) -> list[str]:
     return sorted(words)[:n]
 
 
-def sentence(rng: random.Random, words: list[str], weights: list[float], lo: int, hi: int) -> str:
-    text = " ".join(rng.choices(words, weights, k=rng.randint(lo, hi)))
+def sentence(rng: random.Random, words: list[str], cum: list[float], lo: int, hi: int) -> str:
+    text = " ".join(rng.choices(words, cum_weights=cum, k=rng.randint(lo, hi)))
     return text[0].upper() + text[1:] + rng.choice((".", ".", "?", "!"))
 
 
+VQA_SUFFIX = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
+
+
 def write_data(out: Path, n_records: int, n_images: int, seed: int = 0) -> tuple[Path, Path, list[str]]:
+    """Records shaped like LLaVA's stage-1 + stage-2 mixtures: 70% captions (CC3M-595K style: an
+    instruction and a 8-20 word caption), 25% short-answer VQA conversations (1-5 questions, as
+    VQAv2/GQA in llava_v1_5_mix665k), 5% long conversations (LLaVA-Instruct style: 40-120 word
+    answers; a third of them text-only)."""
+    from itertools import accumulate
+
     from PIL import Image
 
     rng = random.Random(seed)
@@ -62,28 +71,31 @@ def write_data(out: Path, n_records: int, n_images: int, seed: int = 0) -> tuple
         if not name.exists():
             Image.new("RGB", (24, 24), tuple(rng.randrange(256) for _ in range(3))).save(name)
     words = vocabulary(rng)
-    weights = [1.0 / (rank + 1) for rank in range(len(words))]  # Zipf-like
+    cum = list(accumulate(1.0 / (rank + 1) for rank in range(len(words))))  # Zipf-like
     records = []
     for i in range(n_records):
         kind = rng.random()
         image = f"{rng.randrange(n_images):05d}.png"
-        if kind < 0.5:
-            conv = [
-                {"from": "human", "value": f"{rng.choice(INSTRUCTIONS)}\n<image>"},
-                {"from": "gpt", "value": sentence(rng, words, weights, 6, 18)},
-            ]
+        if kind < 0.70:
+            instruction = rng.choice(INSTRUCTIONS)
+            q = f"{instruction}\n<image>" if rng.random() < 0.5 else f"<image>\n{instruction}"
+            conv = [{"from": "human", "value": q}, {"from": "gpt", "value": sentence(rng, words, cum, 8, 20)}]
             records.append({"id": f"cap-{i}", "image": image, "conversations": conv})
             continue
         conv = []
-        for t in range(rng.choice((1, 1, 2, 3))):
-            q = sentence(rng, words, weights, 5, 20)
-            if t == 0 and kind < 0.9:
-                q = f"<image>\n{q}"
-            a = " ".join(sentence(rng, words, weights, 5, 25) for _ in range(rng.randint(1, 4)))
-            conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+        long = kind >= 0.95
+        for t in range(rng.randint(1, 3) if long else rng.randint(1, 5)):
+            if long:
+                q = sentence(rng, words, cum, 8, 20)
+                a = " ".join(sentence(rng, words, cum, 8, 20) for _ in range(rng.randint(3, 6)))
+            else:
+                q = f"{sentence(rng, words, cum, 4, 10)}\n{VQA_SUFFIX}"
+                a = " ".join(rng.choices(words, cum_weights=cum, k=rng.randint(1, 3)))
+            conv += [{"from": "human", "value": f"<image>\n{q}" if t == 0 else q}, {"from": "gpt", "value": a}]
         record = {"id": f"ins-{i}", "image": image, "conversations": conv}
-        if kind >= 0.9:
+        if long and kind >= 0.983:  # text-only
             del record["image"]
+            conv[0]["value"] = conv[0]["value"].replace("<image>\n", "")
             record["id"] = f"txt-{i}"
         records.append(record)
     # a few broken records, so the report has something to say
@@ -130,22 +142,27 @@ def main() -> None:
     if not args.skip_write:
         start = time.perf_counter()
         data, images, words = write_data(out, args.records, args.images)
-        recipe = write_parts(out, words)
-        size = data.stat().st_size / 2**20
-        print(
-            f"wrote {args.records} records ({size:.0f} MiB) and {args.images} images in {time.perf_counter() - start:.0f} s"
-        )
+        write_parts(out, words)
+        mib = data.stat().st_size / 2**20
+        took = time.perf_counter() - start
+        print(f"wrote {args.records} records ({mib:.0f} MiB) and {args.images} images in {took:.0f} s")
     data, images, recipe = out / "data.json", out / "images", out / "recipe.yaml"
     base = [sys.executable, "-m", "lvit", "data", "check", str(data), "--image-folder", str(images), "--json"]
+    print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} before the runs")
     for name, cmd in (("check", base), ("check --recipe", [*base, "--recipe", str(recipe)])):
         report = out / f"report-{name.replace(' ', '').replace('--', '-')}.json"
         seconds, rc = timed(cmd, report)
-        summary = json.loads(report.read_text())
+        s = json.loads(report.read_text())
         print(
-            f"lvit data {name}: {seconds:.1f} s wall (exit {rc}); {summary['records']} records, "
-            f"{summary['errors']} errors, {summary['warnings']} warnings, lengths {summary['lengths'] and {k: v for k, v in summary['lengths'].items() if k != 'histogram'}}"
+            f"lvit data {name}: {seconds:.1f} s wall (exit {rc}): {s['records']} records, {s['images']} with an "
+            f"image ({s['unique_images']} distinct), {s['text_only']} text-only, {s['errors']} errors, "
+            f"{s['warnings']} warnings"
         )
-        print(f"  command: {' '.join(cmd[1:])}")
+        if s["lengths"]:
+            ln = s["lengths"]
+            print(f"  lengths (tokens, 256 image tokens included): min {ln['min']} p50 {ln['p50']} p90 {ln['p90']} "
+                  f"p99 {ln['p99']} max {ln['max']}")  # fmt: skip
+        print(f"  command: lvit {' '.join(cmd[3:])}")
 
 
 if __name__ == "__main__":

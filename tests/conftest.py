@@ -165,3 +165,15 @@ class TinyRecipes:
 def tiny_recipe(tiny_parts, shapes_data, tmp_path_factory) -> TinyRecipes:
     """Factory of tiny recipes on `tiny_parts` + `shapes_data`; see `TinyRecipes`."""
     return TinyRecipes(tiny_parts, shapes_data, tmp_path_factory)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA; on a machine without it they are skipped, with the reason."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
