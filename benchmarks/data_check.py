@@ -1,16 +1,16 @@
-"""How long `lvit data check` takes on a LLaVA-mix-sized dataset (600K records).
+"""How long `lvit data check` takes on a 600K-record LLaVA JSON (the size of LLaVA-CC3M-Pretrain-595K).
 
 Writes, under --out (default /tmp/lvit-data-check-bench):
 
 - `images/`: a few thousand small PNG files, referenced over and over (so the run measures lvit,
   not the disk);
-- `data.json`: one LLaVA JSON list of 600K records shaped like llava_v1_5_mix665k: ~50% one-turn
-  caption records (CC3M-style instruction + short caption), ~40% multi-turn image conversations
-  (2-6 turns), ~10% text-only conversations, from a pseudo-English vocabulary, with a handful of
-  broken records (missing image, a conversation that does not alternate, a duplicate id);
+- `data.json`: one LLaVA JSON list of 600K records (see `write_data` for the mix: mostly
+  CC3M-style captions, some short-answer VQA and long LLaVA-Instruct-style conversations, a few
+  text-only), from a pseudo-English vocabulary, with a handful of broken records (a missing image,
+  a conversation that does not alternate, a duplicate id);
 - `parts/`: a tiny CLIP config at 224 px / patch 14 (256 image tokens, like ViT-L/14) and a
-  language model folder with a 32K-vocabulary BPE tokenizer trained on that vocabulary, plus
-  `recipe.yaml` (max_length 2048) for the `--recipe` run. Only configs and the tokenizer are read.
+  language model folder whose BPE tokenizer is trained on that vocabulary, plus `recipe.yaml`
+  (max_length 2048) for the `--recipe` run. Only configs and the tokenizer are read.
 
 Then it runs, as a user would, `lvit data check DATA --image-folder IMAGES` and
 `lvit data check DATA --image-folder IMAGES --recipe recipe.yaml` (each with `--json` to a file)
@@ -55,10 +55,10 @@ VQA_SUFFIX = "Answer the question using a single word or phrase."  # LLaVA-1.5's
 
 
 def write_data(out: Path, n_records: int, n_images: int, seed: int = 0) -> tuple[Path, Path, list[str]]:
-    """Records shaped like LLaVA's stage-1 + stage-2 mixtures: 70% captions (CC3M-595K style: an
-    instruction and a 8-20 word caption), 25% short-answer VQA conversations (1-5 questions, as
-    VQAv2/GQA in llava_v1_5_mix665k), 5% long conversations (LLaVA-Instruct style: 40-120 word
-    answers; a third of them text-only)."""
+    """Records shaped mostly like LLaVA-CC3M-Pretrain-595K (the paper's 600K stage-1 set) with some
+    stage-2 data mixed in: 85% captions (an instruction and a 8-20 word caption), 12% short-answer
+    VQA conversations (1-3 questions, as VQAv2/GQA in llava_v1_5_mix665k), 3% long conversations
+    (LLaVA-Instruct style: 40-120 word answers; a third of them text-only)."""
     from itertools import accumulate
 
     from PIL import Image
@@ -76,15 +76,15 @@ def write_data(out: Path, n_records: int, n_images: int, seed: int = 0) -> tuple
     for i in range(n_records):
         kind = rng.random()
         image = f"{rng.randrange(n_images):05d}.png"
-        if kind < 0.70:
+        if kind < 0.85:
             instruction = rng.choice(INSTRUCTIONS)
             q = f"{instruction}\n<image>" if rng.random() < 0.5 else f"<image>\n{instruction}"
             conv = [{"from": "human", "value": q}, {"from": "gpt", "value": sentence(rng, words, cum, 8, 20)}]
             records.append({"id": f"cap-{i}", "image": image, "conversations": conv})
             continue
         conv = []
-        long = kind >= 0.95
-        for t in range(rng.randint(1, 3) if long else rng.randint(1, 5)):
+        long = kind >= 0.97
+        for t in range(rng.randint(1, 3)):
             if long:
                 q = sentence(rng, words, cum, 8, 20)
                 a = " ".join(sentence(rng, words, cum, 8, 20) for _ in range(rng.randint(3, 6)))
@@ -93,7 +93,7 @@ def write_data(out: Path, n_records: int, n_images: int, seed: int = 0) -> tuple
                 a = " ".join(rng.choices(words, cum_weights=cum, k=rng.randint(1, 3)))
             conv += [{"from": "human", "value": f"<image>\n{q}" if t == 0 else q}, {"from": "gpt", "value": a}]
         record = {"id": f"ins-{i}", "image": image, "conversations": conv}
-        if long and kind >= 0.983:  # text-only
+        if long and kind >= 0.99:  # text-only
             del record["image"]
             conv[0]["value"] = conv[0]["value"].replace("<image>\n", "")
             record["id"] = f"txt-{i}"
@@ -108,11 +108,14 @@ def write_data(out: Path, n_records: int, n_images: int, seed: int = 0) -> tuple
 
 
 def write_parts(out: Path, words: list[str]) -> Path:
+    from lvit.templates import VICUNA_V1_SYSTEM
     from lvit.tiny import build_tiny_parts, build_tokenizer
 
     corpus = [" ".join(words[i : i + 200]) for i in range(0, len(words), 200)] * 3
     vision_dir, lm_dir = build_tiny_parts(out / "parts", vision={"image_size": 224, "patch_size": 14})
-    build_tokenizer(lm_dir, corpus + INSTRUCTIONS, vocab_size=32000)  # replaces the tiny one; no weights are read
+    build_tokenizer(
+        lm_dir, corpus + INSTRUCTIONS + [VICUNA_V1_SYSTEM, VQA_SUFFIX], vocab_size=32000
+    )  # replaces the tiny one; no weights are read
     recipe = out / "recipe.yaml"
     recipe.write_text(
         "stage: finetune\n"
@@ -123,11 +126,18 @@ def write_parts(out: Path, words: list[str]) -> Path:
     return recipe
 
 
-def timed(cmd: list[str], report: Path) -> tuple[float, int]:
+def timed(cmd: list[str], report: Path) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system, all threads of the child) and exit status of `cmd`."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with report.open("w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return time.perf_counter() - start, rc.returncode
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, rc.returncode
 
 
 def main() -> None:
@@ -151,10 +161,11 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} before the runs")
     for name, cmd in (("check", base), ("check --recipe", [*base, "--recipe", str(recipe)])):
         report = out / f"report-{name.replace(' ', '').replace('--', '-')}.json"
-        seconds, rc = timed(cmd, report)
+        seconds, cpu, rc = timed(cmd, report)
         s = json.loads(report.read_text())
         print(
-            f"lvit data {name}: {seconds:.1f} s wall (exit {rc}): {s['records']} records, {s['images']} with an "
+            f"lvit data {name}: {seconds:.1f} s wall, {cpu:.1f} s CPU (exit {rc}, load average now "
+            f"{os.getloadavg()[0]:.1f}): {s['records']} records, {s['images']} with an "
             f"image ({s['unique_images']} distinct), {s['text_only']} text-only, {s['errors']} errors, "
             f"{s['warnings']} warnings"
         )

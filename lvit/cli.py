@@ -233,7 +233,7 @@ def eval_scienceqa(
     device: str = typer.Option(None, "--device"),
 ) -> None:
     """ScienceQA accuracy, overall and by subject (NAT/SOC/LAN), context (TXT/IMG/NO) and grade."""
-    from lvit.eval import read_predictions
+    from lvit.eval import read_predictions, write_results
     from lvit.eval import scienceqa as sqa
     from lvit.generate import GenerationSettings
 
@@ -243,7 +243,7 @@ def eval_scienceqa(
             probs, pids = sqa.load_split(problems, splits, split)
             scores = sqa.score(probs, pids, read_predictions(predictions))
             target = out or predictions.with_name(f"{predictions.stem}_results.json")
-            sqa.write_results(scores, target, predictions=str(predictions), split=split)
+            write_results("scienceqa", scores, target, predictions=str(predictions), split=split)
         else:
             folder = out or model / "eval" / f"scienceqa-{split}"
             scores = sqa.evaluate(
@@ -290,7 +290,7 @@ def eval_pope(
     device: str = typer.Option(None, "--device"),
 ) -> None:
     """POPE: accuracy, precision, recall, F1 and yes-ratio per split (adversarial / popular / random)."""
-    from lvit.eval import pope, read_predictions
+    from lvit.eval import pope, read_predictions, write_results
     from lvit.generate import GenerationSettings
 
     try:
@@ -301,7 +301,7 @@ def eval_pope(
         if predictions is not None:
             scores = pope.score(pope.read_splits(files), read_predictions(predictions))
             target = out or predictions.with_name(f"{predictions.stem}_results.json")
-            pope.write_results(scores, target, predictions=str(predictions))
+            write_results("pope", scores, target, predictions=str(predictions))
         else:
             folder = out or model / "eval" / "pope"
             scores = pope.evaluate(

@@ -127,9 +127,9 @@ def run_demo(out: Path, overwrite: bool = False, ablation: bool = False) -> dict
     for kind, acc in sorted(scores.items()):
         typer.echo(f"  held-out accuracy ({kind}): {acc:.1%}   chance: {synthetic.CHANCE:.0%}")
     if ablation:
-        typer.echo("  ablation, held-out accuracy (all):")
-        typer.echo(f"    stage 1 + stage 2:       {scores['all']:.1%}")
-        typer.echo(f"    stage 2 without stage 1: {results['ablation']['accuracy']['all']:.1%}")
+        typer.echo("  ablation, held-out accuracy:")
+        for name, acc in (("stage 1 + stage 2", scores), ("stage 2 without stage 1", results["ablation"]["accuracy"])):
+            typer.echo(f"    {name:<24} {acc['all']:.1%} (colour {acc['colour']:.1%}, place {acc['place']:.1%})")
     typer.echo(f"  wall time: {time.time() - start:.0f} s; run folders: {', '.join(str(d) for d in runs.values())}")
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
     return scores

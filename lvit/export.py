@@ -410,7 +410,7 @@ def build_sample(run, processor, config) -> Sample:
         data.template, processor.tokenizer, config.image_token_id, num_image_tokens(config.vision_config)
     )
     loader = ImageLoader(processor.image_processor, data.image_folder, data.image_aspect_ratio)
-    for record in _image_records(data.path):
+    for record in _image_records(data):
         conv = Conversation(turns=record.conversation.turns[:2], has_image=True, system=record.conversation.system)
         try:
             encoded = encoder.encode(conv)
@@ -432,20 +432,15 @@ def build_sample(run, processor, config) -> Sample:
     )
 
 
-def _image_records(path: str) -> Iterator:
-    from lvit.data.records import RecordError, normalise, read_raw_records
+def _image_records(data) -> Iterator:
+    """Image records of the run's data, in any format lvit reads (the same reader as training)."""
+    from lvit.data.records import read_records
 
     try:
-        raws = read_raw_records(path)
-    except (LvitError, OSError, UnicodeDecodeError):
+        records, _, _ = read_records(data.path, fmt=data.format, image_folder=data.image_folder)
+    except (LvitError, OSError, UnicodeDecodeError, ValueError):
         return
-    for index, raw in enumerate(raws[:_MAX_RECORDS_SCANNED]):
-        try:
-            record = normalise(raw, index)
-        except RecordError:
-            continue
-        if record.image is not None:
-            yield record
+    yield from (r for r in records[:_MAX_RECORDS_SCANNED] if r.image is not None)
 
 
 def synthetic_image(size: int = 224):
@@ -638,8 +633,12 @@ def model_card(run, result: ExportResult, out: Path) -> str:
             "",
             f"Trainer state: global step {state['global_step']}, last logged loss {state['last_logged_loss']}.",
         ]
-    if info.get("dropped_records"):
-        lines += ["", f"{info['dropped_records']} record(s) were left out of training as too long."]
+    if info.get("skipped_records"):
+        lines += [
+            "",
+            f"{info['skipped_records']} record(s) were left out of training (invalid or too long); "
+            "the run folder's skipped_records.jsonl lists each with its reason.",
+        ]
     checked = "projector outputs" if result.projector_only else "logits"
     trained = "the 4-bit base + adapter" if run.kind == "qlora" else "the run's model"
     lines += [

@@ -313,9 +313,9 @@ def read_questions(path: str | Path) -> list[Question]:
     from lvit.data.records import read_records
 
     records, problems, _ = read_records(path)
-    if any(_is_unanswered(p) for p in problems):
-        # Training data must end with an answer; question data need not. Re-read with a stand-in answer.
-        records, problems = _read_unanswered(path, records, problems)
+    if any(p.kind == "ends_with_user" for p in problems):
+        # Training data must end with an answer; a question need not: read those records again with a stand-in.
+        records, problems = _with_unanswered(path, records, problems)
     if problems:
         listed = "\n".join(f"  {p}" for p in problems[:5])
         more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
@@ -323,10 +323,8 @@ def read_questions(path: str | Path) -> list[Question]:
     questions, seen = [], set()
     for record in records:
         turns = list(record.conversation.turns)
-        reference = None
-        if turns[-1][0] == "assistant":
-            reference = turns.pop()[1]
-        if getattr(record, "_unanswered", False):
+        reference = turns.pop()[1] if turns[-1][0] == "assistant" else None
+        if reference == _STAND_IN:
             reference = None
         if record.id in seen:
             raise LvitError(f"{path}: id {record.id!r} appears more than once; answers are matched to questions by id.")
@@ -338,45 +336,30 @@ def read_questions(path: str | Path) -> list[Question]:
     return questions
 
 
-_UNANSWERED_REASON = "the conversation must end with a gpt"
 _STAND_IN = "\x00unanswered\x00"
 
 
-def _is_unanswered(problem) -> bool:
-    return getattr(problem, "reason", "").startswith(_UNANSWERED_REASON)
+def _with_unanswered(path, records, problems):
+    """Records that failed only for ending with a user turn, read again with a stand-in answer (any format)."""
+    from lvit.data.records import RecordError, load_rows, normalise, normalise_chat
 
-
-def _read_unanswered(path, records, problems):
-    from lvit.data.records import RecordError, normalise, read_raw_records
-
-    try:
-        raws = read_raw_records(path)
-    except LvitError:  # a format only read_records understands: report the original problems
-        return records, problems
-    records, problems = [], []
-    for index, raw in enumerate(raws):
-        unanswered = False
-        try:
-            convs = raw.get("conversations") if isinstance(raw, dict) else None
-            if (
-                isinstance(convs, list)
-                and convs
-                and isinstance(convs[-1], dict)
-                and convs[-1].get("from")
-                in (
-                    "human",
-                    "user",
-                )
-            ):
-                raw = {**raw, "conversations": [*convs, {"from": "gpt", "value": _STAND_IN}]}
-                unanswered = True
-            record = normalise(raw, index)
-        except RecordError as exc:
-            problems.append(exc)
+    _, schema, raws, lines, _ = load_rows(Path(path))
+    norm = normalise_chat if schema == "chat" else normalise
+    records, kept = list(records), []
+    for problem in problems:
+        if problem.kind != "ends_with_user" or problem.index is None:
+            kept.append(problem)
             continue
-        record._unanswered = unanswered
-        records.append(record)
-    return records, problems
+        raw = dict(raws[problem.index])
+        if schema == "chat":
+            raw["messages"] = [*raw["messages"], {"role": "assistant", "content": _STAND_IN}]
+        else:
+            raw["conversations"] = [*raw["conversations"], {"from": "gpt", "value": _STAND_IN}]
+        try:
+            records.append(norm(raw, problem.index, lines[problem.index]))
+        except RecordError as exc:
+            kept.append(exc)
+    return sorted(records, key=lambda r: r.index), kept
 
 
 def read_answer_file(path: str | Path, repair: bool = False) -> dict[str, dict]:

@@ -25,7 +25,6 @@ from lvit.recipe import Recipe, gradient_accumulation
 
 log = logging.getLogger("lvit")
 
-DROPPED_FILE = "dropped_records.jsonl"
 RECIPE_FILE = "lvit_recipe.yaml"
 
 
@@ -186,7 +185,7 @@ def run(recipe: Recipe, resume: bool | None = None) -> Path:
     """
     import transformers
 
-    from lvit.data.dataset import SKIPPED_FILE, LlavaCollator, prepare, write_skipped
+    from lvit.data.dataset import SKIPPED_FILE, LlavaCollator, prepare, tidy_skipped, write_skipped
     from lvit.data.images import ImageLoader
     from lvit.model import assemble, num_image_tokens
     from lvit.stages import apply_stage, format_report, report_modules
@@ -232,17 +231,17 @@ def run(recipe: Recipe, resume: bool | None = None) -> Path:
         recipe.data.template, tokenizer, model.config.image_token_id, num_image_tokens(model.config.vision_config)
     )
     prepared = prepare(recipe.data, encoder, recipe.source)  # the checks of `lvit data check`
-    dataset, dropped, skipped_file = prepared.dataset, prepared.dropped, out / SKIPPED_FILE
+    dataset, skipped_file = prepared.dataset, out / SKIPPED_FILE
     if prepared.skipped:
         if main:
-            write_skipped(prepared.skipped, skipped_file)
+            write_skipped(prepared.skipped, skipped_file, append=resume_from is not None)
         log.warning(
             "%d of %d record(s) left out of training (%d invalid, skipped under data.on_bad_record=skip; %d too "
             "long for data.max_length=%d); each is listed with its reason in %s",
             len(prepared.skipped),
             prepared.total,
-            len(prepared.skipped) - len(dropped),
-            len(dropped),
+            len(prepared.skipped) - len(prepared.dropped),
+            len(prepared.dropped),
             recipe.data.max_length,
             skipped_file,
         )
@@ -287,15 +286,14 @@ def run(recipe: Recipe, resume: bool | None = None) -> Path:
             f"training stopped by {stop.signal_name} at step {stop.stopped_at}; checkpoint saved in "
             f"{out / f'checkpoint-{stop.stopped_at}'}. Run the same command again to resume from it."
         )
-    save_run(trainer, recipe, processor, result.metrics, dropped=len(dropped))
-    if skipped_file.is_file():  # also images that failed to decode mid-run (data.on_bad_record=skip)
-        with skipped_file.open(encoding="utf-8") as f:
-            left_out = sum(1 for _ in f)
+    save_run(trainer, recipe, processor, result.metrics, skipped=len(prepared.skipped))
+    left_out = tidy_skipped(skipped_file) if main else 0  # with images that failed to decode mid-run (skip)
+    if left_out:
         log.warning("%d of %d record(s) were left out of training (see %s)", left_out, prepared.total, skipped_file)
     return out
 
 
-def run_info(recipe: Recipe, metrics: dict | None = None, dropped: int = 0) -> dict:
+def run_info(recipe: Recipe, metrics: dict | None = None, skipped: int = 0) -> dict:
     """What `lvit_run.json` says about a run (also written into every checkpoint)."""
     return {
         "stage": recipe.stage,
@@ -307,7 +305,7 @@ def run_info(recipe: Recipe, metrics: dict | None = None, dropped: int = 0) -> d
         "template": recipe.data.template,
         "data": recipe.data.path,
         "recipe": recipe.source,
-        "dropped_records": dropped,
+        "skipped_records": skipped,  # invalid (on_bad_record=skip) or too long; see skipped_records.jsonl
         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)},
     }
 
@@ -335,7 +333,7 @@ class RunFilesCallback(TrainerCallback):
                 self.processor.save_pretrained(folder)
 
 
-def save_run(trainer, recipe: Recipe, processor, metrics: dict, dropped: int = 0) -> None:
+def save_run(trainer, recipe: Recipe, processor, metrics: dict, skipped: int = 0) -> None:
     """Write the run folder: weights (stage 2) or projector (stage 1), processor, recipe, summary."""
     from lvit.model import PROJECTOR_FILE
 
@@ -360,7 +358,7 @@ def save_run(trainer, recipe: Recipe, processor, metrics: dict, dropped: int = 0
         trainer.save_model(str(out))
     if trainer.args.should_save:
         processor.save_pretrained(out)
-        write_run_files(out, recipe, run_info(recipe, metrics, dropped))
+        write_run_files(out, recipe, run_info(recipe, metrics, skipped))
         log.info("run saved to %s", out)
 
 

@@ -78,6 +78,22 @@ def test_read_questions(questions_file):
     assert multi.reference is not None
 
 
+def test_read_questions_chat_format(tmp_path):
+    """Any format read_records reads; unanswered questions there too."""
+    path = tmp_path / "q.jsonl"
+    image_turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the shape?"}]}
+    rows = [
+        {"id": "a", "messages": [image_turn, {"role": "assistant", "content": "left"}], "images": ["00001.png"]},
+        {"id": "b", "messages": [image_turn], "images": ["00002.png"]},
+        {"id": "c", "messages": [{"role": "user", "content": "Hi?"}]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b, c = read_questions(path)
+    assert (a.id, a.reference, a.image, a.prompt) == ("a", "left", "00001.png", "Where is the shape?")
+    assert (b.id, b.reference, b.image, b.conversation.has_image) == ("b", None, "00002.png", True)
+    assert (c.reference, c.image, c.conversation.turns) == (None, None, [("user", "Hi?")])
+
+
 def test_read_questions_errors(tmp_path):
     path = tmp_path / "q.json"
     path.write_text(json.dumps([{"id": "a", "conversations": [{"from": "human", "value": "x"}]}] * 2))

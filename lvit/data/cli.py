@@ -32,6 +32,9 @@ def check(
         help="Measure samples with this recipe's tokenizer, template and vision tower (configs only, no weights) "
         "and check them against data.max_length / data.overlong.",
     ),
+    overrides: list[str] = typer.Option(
+        None, "--override", "-o", help="Recipe override key=value (as for `lvit finetune`); repeat for several."
+    ),
     fmt: str = typer.Option(None, "--format", help="auto (default), llava, chat or hf."),
     decode: bool = typer.Option(False, "--decode", help="Decode every image as training would (slower)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON report."),
@@ -47,7 +50,9 @@ def check(
         if recipe is not None:
             from lvit.data.check import load_data_recipe
 
-            rec = load_data_recipe(recipe)
+            rec = load_data_recipe(recipe, overrides or [])
+        elif overrides:
+            raise LvitError("--override changes the recipe given with --recipe; there is none")
         report = check_data(data, fmt, image_folder, recipe=rec, decode=decode)
     except LvitError as exc:
         raise _fail(exc) from None

@@ -97,6 +97,16 @@ def prepare(data, encoder: ConversationEncoder, source: str = "<recipe>") -> Pre
         )
     if insp.total == 0:
         raise LvitError(f"{data.path}: no records (data.path in {source}).")
+    if insp.warnings:
+        kinds = Counter(p.kind for p in insp.warnings)
+        log.info(
+            "%s: %d warning(s) (%s); `lvit data check %s --recipe %s` lists them",
+            data.path,
+            len(insp.warnings),
+            ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
+            data.path,
+            source,
+        )
 
     skipped = []
     by_record: dict[int | None, list] = {}
@@ -176,10 +186,13 @@ def write_dropped(dropped: list[Dropped], path: Path) -> None:
             f.write(json.dumps(asdict(d)) + "\n")
 
 
-def write_skipped(skipped: list[Skipped], path: Path) -> None:
-    """Write `skipped_records.jsonl`: one `{"id", "index", "kind", "reason"}` line per record left out."""
+def write_skipped(skipped: list[Skipped], path: Path, append: bool = False) -> None:
+    """Write `skipped_records.jsonl`: one `{"id", "index", "kind", "reason"}` line per record left out.
+
+    `append` keeps the lines already there (a resumed run keeps what its first part recorded;
+    `tidy_skipped` removes the repeats at the end)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    with path.open("a" if append else "w", encoding="utf-8") as f:
         for s in skipped:
             f.write(json.dumps(asdict(s)) + "\n")
 
@@ -192,6 +205,17 @@ def append_skipped(skipped: Skipped, path: str | Path) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+def tidy_skipped(path: Path) -> int:
+    """Drop repeated lines from `skipped_records.jsonl` (a record whose image fails is met once per epoch and
+    worker) and return how many records it lists; 0 when there is no file."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = list(dict.fromkeys(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()))
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return len(lines)
 
 
 class LlavaCollator:

@@ -87,6 +87,17 @@ def _prediction_text(value, path, key) -> str:
     raise LvitError(f"{path}: the prediction for {key!r} has no text (a string, or an object with 'answer'/'text')")
 
 
+def write_results(benchmark: str, scores: dict, path, **extra):
+    """Write a benchmark's scores (and what produced them) as JSON; returns the path."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": benchmark, **extra, **scores}, indent=2))
+    return path
+
+
 def answer_questions(
     model_path,
     records: list[dict],

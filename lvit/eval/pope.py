@@ -149,43 +149,17 @@ def format_table(scores: dict, title: str = "POPE") -> str:
     return "\n".join(lines)
 
 
-def write_results(scores: dict, path: str | Path, **extra) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"benchmark": "pope", **extra, **scores}, indent=2))
-    return path
+def evaluate(model_path, annotation_paths, out_dir, limit: int | None = None, prompt_suffix: str = "", **generation):
+    """Answer every split's questions into `out_dir/answers.jsonl`; score into `out_dir/results.json`.
 
-
-def evaluate(
-    model_path,
-    annotation_paths: list[str | Path],
-    out_dir,
-    image_folder=None,
-    settings=None,
-    batch_size: int = 16,
-    load_4bit: bool = False,
-    device: str | None = None,
-    limit: int | None = None,
-    prompt_suffix: str = "",
-    progress: bool = True,
-) -> dict:
-    """Answer every split's questions into `out_dir/answers.jsonl`; score into `out_dir/results.json`."""
-    from lvit.eval import answer_questions
+    `generation`: `lvit.eval.answer_questions`'s options (image_folder, settings, batch_size, ...).
+    """
+    from lvit.eval import answer_questions, write_results
 
     splits = read_splits(annotation_paths)
     if limit is not None:
         splits = {name: rows[:limit] for name, rows in splits.items()}
-    _, rows = answer_questions(
-        model_path,
-        question_records(splits, prompt_suffix),
-        out_dir,
-        image_folder,
-        settings,
-        batch_size=batch_size,
-        load_4bit=load_4bit,
-        device=device,
-        progress=progress,
-    )
+    _, rows = answer_questions(model_path, question_records(splits, prompt_suffix), out_dir, **generation)
     scores = score(splits, {key: row["answer"] for key, row in rows.items()})
-    write_results(scores, Path(out_dir) / "results.json", model=str(model_path))
+    write_results("pope", scores, Path(out_dir) / "results.json", model=str(model_path))
     return scores

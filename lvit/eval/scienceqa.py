@@ -157,13 +157,6 @@ def _read_json(path, kind, what: str):
     return data
 
 
-def write_results(scores: dict, path: str | Path, **extra) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"benchmark": "scienceqa", **extra, **scores}, indent=2))
-    return path
-
-
 def evaluate(
     model_path,
     problems_path,
@@ -171,35 +164,24 @@ def evaluate(
     out_dir,
     split: str = "test",
     image_folder=None,
-    settings=None,
-    batch_size: int = 16,
-    load_4bit: bool = False,
-    device: str | None = None,
     limit: int | None = None,
     answer_format: str = "lecture-solution",
-    progress: bool = True,
+    **generation,
 ) -> dict:
-    """Generate answers for a split into `out_dir/answers.jsonl`, score them into `out_dir/results.json`."""
-    from lvit.eval import answer_questions
+    """Generate answers for a split into `out_dir/answers.jsonl`, score them into `out_dir/results.json`.
+
+    `generation`: `lvit.eval.answer_questions`'s options (settings, batch_size, load_4bit, ...).
+    """
+    from lvit.eval import answer_questions, write_results
 
     problems, pids = load_split(problems_path, splits_path, split)
     if limit is not None:
         pids = pids[:limit]
     if image_folder is None:
         image_folder = Path(problems_path).parent / "images" / split
-    _, rows = answer_questions(
-        model_path,
-        question_records(problems, pids, answer_format),
-        out_dir,
-        image_folder,
-        settings,
-        batch_size=batch_size,
-        load_4bit=load_4bit,
-        device=device,
-        progress=progress,
-    )
+    records = question_records(problems, pids, answer_format)
+    _, rows = answer_questions(model_path, records, out_dir, image_folder, **generation)
     scores = score(problems, pids, {pid: rows[pid]["answer"] for pid in pids if pid in rows})
-    write_results(
-        scores, Path(out_dir) / "results.json", model=str(model_path), split=split, answer_format=answer_format
-    )
+    extra = {"model": str(model_path), "split": split, "answer_format": answer_format}
+    write_results("scienceqa", scores, Path(out_dir) / "results.json", **extra)
     return scores
