@@ -460,8 +460,18 @@ class Meter:
         self.rss_reset = None
         self.peak_mem_gib = None
         self.load = []
+        self.token = None  # lock-step: a socket to the driver, which hands out one step at a time
+        self.step_s: list[float] = []  # lock-step: each step's time while holding the token
+        self.step_cpu_s = 0.0
+        self._go = self._go_cpu = None
 
-    def install(self, compact_head: bool) -> None:
+    def wait_token(self) -> None:
+        if self.token is not None and self._go is None:
+            if self.token.recv(1) != b"G":
+                raise SystemExit("lock-step driver went away")
+            self._go, self._go_cpu = time.perf_counter(), _cpu_seconds()
+
+    def install(self, compact_head: bool, token_fd: int | None = None) -> None:
         import torch
         import torch.utils.data._utils.fetch as fetch
         from transformers import TrainerCallback
@@ -485,18 +495,27 @@ class Meter:
                 meter.data_s = meter.collate_s = 0.0
                 meter.cpu0 = _cpu_seconds()
                 meter.t0 = time.perf_counter()
+                if meter.token is not None:
+                    meter.token.sendall(f"R{state.max_steps}\n".encode())
 
             def on_step_end(self, args, state, control, **kwargs):
                 if cuda:
                     torch.cuda.synchronize()
                 meter.step_ends.append(time.perf_counter())
                 meter.cpu1 = _cpu_seconds()
+                if meter.token is not None:
+                    meter.step_s.append(meter.step_ends[-1] - meter._go)
+                    meter.step_cpu_s += meter.cpu1 - meter._go_cpu
+                    meter._go = None
+                    meter.token.sendall(b"D")
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "loss" in logs and "train_runtime" not in logs:
                     meter.losses.append(float(logs["loss"]))
 
             def on_train_end(self, args, state, control, **kwargs):
+                if meter.token is not None and meter.token.recv(1) != b"E":
+                    raise SystemExit("lock-step driver went away")  # saving and evaluating wait for the others
                 meter.load.append(os.getloadavg()[0])
                 if cuda:
                     meter.peak_mem_gib = torch.cuda.max_memory_allocated() / GIB
@@ -521,6 +540,18 @@ class Meter:
             return original_step(trainer, model, inputs, *args, **kwargs)
 
         SFTTrainer.training_step = training_step
+
+        if token_fd is not None:
+            import socket
+
+            self.token = socket.socket(fileno=token_fd)
+            original_batches = SFTTrainer.get_batch_samples
+
+            def get_batch_samples(trainer, *args, **kwargs):
+                meter.wait_token()  # the step's data fetch (and accelerate's prefetch of the next batch) is timed
+                return original_batches(trainer, *args, **kwargs)
+
+            SFTTrainer.get_batch_samples = get_batch_samples
 
         original_fetch = fetch._MapDatasetFetcher.fetch
 
@@ -560,8 +591,12 @@ class Meter:
 
     def summary(self) -> dict:
         samples, real, padded, labelled = (sum(b[i] for b in self.batches) for i in range(4))
-        seconds = self.step_ends[-1] - self.t0
+        if self.token is not None:
+            seconds, cpu = sum(self.step_s), self.step_cpu_s
+        else:
+            seconds, cpu = self.step_ends[-1] - self.t0, self.cpu1 - self.cpu0
         return {
+            "schedule": "lockstep" if self.token is not None else "sequential",
             "steps": len(self.step_ends),
             "samples": samples,
             "real_tokens": real,
@@ -571,8 +606,9 @@ class Meter:
             "samples_per_s": samples / seconds,
             "tokens_per_s": real / seconds,
             "padding_fraction": 1 - real / padded,
-            "cpu_s": self.cpu1 - self.cpu0,
-            "samples_per_cpu_s": samples / (self.cpu1 - self.cpu0),
+            "cpu_s": cpu,
+            "samples_per_cpu_s": samples / cpu,
+            "step_s": self.step_s,
             "data_s": self.data_s,
             "collate_s": self.collate_s,
             "peak_mem_gib": self.peak_mem_gib,
@@ -743,10 +779,10 @@ def child(spec_path: str) -> None:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     meter = Meter()
-    meter.install(compact_head=spec.get("compact_head", False))
+    meter.install(compact_head=spec.get("compact_head", False), token_fd=spec.get("token_fd"))
     started = time.perf_counter()
     metrics = run_baseline(spec) if spec["method"] == "baseline" else run_lvit(spec)
-    result = {"spec": spec, "trainer_metrics": metrics, **meter.summary()}
+    result = {"spec": spec, "trainer_metrics": metrics, "torch_threads": torch.get_num_threads(), **meter.summary()}
     result.update(heldout_loss(spec["out"], spec))
     result["child_wall_s"] = time.perf_counter() - started
     shutil.rmtree(spec["out"], ignore_errors=True)  # weights: not needed after the held-out loss
@@ -833,27 +869,95 @@ def machine() -> dict:
 # driver (parent)
 
 
-def run_child(spec: dict, work: Path, log) -> dict:
-    spec_path = work / f"spec-{spec['label']}-r{spec['round']}.json"
-    spec["result"] = str(work / f"result-{spec['label']}-r{spec['round']}.json")
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+
+
+def _prepare_child(spec: dict, work: Path) -> tuple[list[str], Path]:
+    name = f"{spec['label']}-r{spec['round']}"
+    spec_path = work / f"spec-{name}.json"
+    spec["result"] = str(work / f"result-{name}.json")
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    stderr = work / f"log-{spec['label']}-r{spec['round']}.txt"
-    start = time.perf_counter()
-    with stderr.open("w") as f:
-        rc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)], stdout=f, stderr=f, env=env)
-    if rc.returncode != 0:
-        sys.exit(f"run {spec['label']} (round {spec['round']}) failed; see {stderr}:\n{stderr.read_text()[-3000:]}")
+    return [sys.executable, __file__, "--child", str(spec_path)], work / f"log-{name}.txt"
+
+
+def _finish_child(spec: dict, rc: int, log_path: Path, wall: float, log) -> dict:
+    if rc != 0:
+        sys.exit(f"run {spec['label']} (round {spec['round']}) failed; see {log_path}:\n{log_path.read_text()[-3000:]}")
     result = json.loads(Path(spec["result"]).read_text())
-    result["process_wall_s"] = time.perf_counter() - start
+    result["process_wall_s"] = wall
     log(
         f"  r{spec['round']} {spec['label']:<13} {result['samples_per_s']:7.3f} samples/s  "
         f"{result['tokens_per_s']:8.1f} tok/s  padding {result['padding_fraction']:6.1%}  "
-        f"{result['seconds']:6.1f} s loop / {result['process_wall_s']:5.1f} s process  "
+        f"{result['seconds']:6.1f} s timed / {result['process_wall_s']:5.1f} s process  "
         f"loss {result['mean_train_loss']:.4f}  held-out {result['heldout_loss']:.4f}  "
-        f"mem {result['peak_mem_gib']:.2f} GiB  load {result['loadavg_start_end']}"
+        f"mem {result['peak_mem_gib']:.2f} GiB  load {[round(x, 2) for x in result['loadavg_start_end']]}"
     )
     return result
+
+
+def run_sequential(spec: dict, work: Path, log) -> dict:
+    """One run on its own (the GPU schedule, and `--schedule sequential`)."""
+    cmd, log_path = _prepare_child(spec, work)
+    start = time.perf_counter()
+    with log_path.open("w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=f, env={**os.environ, **CHILD_ENV}).returncode
+    return _finish_child(spec, rc, log_path, time.perf_counter() - start, log)
+
+
+def run_lockstep(specs: list[dict], work: Path, log) -> list[dict]:
+    """Several runs started together that take turns, one optimizer step each (A B C A B C ...).
+
+    Each child waits for the token before fetching its step's batch and gives it back after the optimizer
+    step, so only one trains at any moment. Its timed seconds are the sum of its own steps. Consecutive
+    steps of the methods are seconds apart, so a shared machine's changing load falls on all of them
+    alike, which alternating whole runs of minutes does not achieve. Set-up, warm-up and the held-out
+    evaluation run concurrently and are not timed.
+    """
+    import socket
+
+    procs, socks, logs, starts = [], [], [], []
+    try:
+        for spec in specs:
+            ours, theirs = socket.socketpair()
+            spec["token_fd"] = theirs.fileno()
+            cmd, log_path = _prepare_child(spec, work)
+            f = log_path.open("w")
+            starts.append(time.perf_counter())
+            procs.append(
+                subprocess.Popen(cmd, stdout=f, stderr=f, env={**os.environ, **CHILD_ENV}, pass_fds=(theirs.fileno(),))
+            )
+            f.close()
+            theirs.close()
+            socks.append(ours)
+            logs.append(log_path)
+        remaining = []
+        for spec, sock, proc, log_path in zip(specs, socks, procs, logs, strict=True):
+            line = sock.makefile("rb").readline()
+            if not line.startswith(b"R"):
+                proc.wait()
+                _finish_child(spec, proc.returncode or 1, log_path, 0.0, log)
+            remaining.append(int(line[1:]))
+        while any(remaining):
+            for i, sock in enumerate(socks):
+                if remaining[i]:
+                    sock.sendall(b"G")
+                    if sock.recv(1) != b"D":
+                        procs[i].wait()
+                        _finish_child(specs[i], procs[i].returncode or 1, logs[i], 0.0, log)
+                    remaining[i] -= 1
+        for sock in socks:
+            sock.sendall(b"E")
+        results = []
+        for spec, proc, log_path, start in zip(specs, procs, logs, starts, strict=True):
+            rc = proc.wait()
+            results.append(_finish_child(spec, rc, log_path, time.perf_counter() - start, log))
+        return results
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for sock in socks:
+            sock.close()
 
 
 def geomean(xs: list[float]) -> float:
@@ -940,6 +1044,12 @@ def main() -> None:
     parser.add_argument("--lever-rounds", type=int, default=1, help="rounds in which the lever runs are made")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--schedule",
+        choices=("lockstep", "sequential"),
+        help="lockstep: a round's runs take turns step by step (default on the CPU); sequential: one run after "
+        "the other (default on a GPU, where two models may not fit)",
+    )
     parser.add_argument("--gpu-7b-layers", type=int, default=None, help="UNTESTED: GPU run, Vicuna-7B shape, N layers")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
@@ -956,6 +1066,7 @@ def main() -> None:
     records = args.records or (512 if gpu else 128)
     batch = args.batch or (8 if gpu else 4)
     lr = args.lr or (2e-5 if gpu else 1e-3)
+    schedule = args.schedule or ("sequential" if gpu else "lockstep")
     began = time.perf_counter()
     stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     tmp = None
@@ -993,6 +1104,7 @@ def main() -> None:
             "seed": args.seed,
             "max_length": shape["max_length"],
             "max_words": max_words,
+            "schedule": schedule,
             "threads": args.threads,
         }
         labels = check_labels(base)
@@ -1018,8 +1130,8 @@ def main() -> None:
                     "compact_head": {"compact_head": True},
                 }
                 plan += [(lever, extra[lever]) for lever in levers]
-            for label, change in plan:
-                spec = {
+            specs = [
+                {
                     **base,
                     **change,
                     "label": label,
@@ -1027,7 +1139,12 @@ def main() -> None:
                     "method": "baseline" if label == "baseline" else "lvit",
                     "out": str(work / f"run-{label}-r{rnd}"),
                 }
-                results.append(run_child(spec, work, log))
+                for label, change in plan
+            ]
+            if schedule == "lockstep":
+                results += run_lockstep(specs, work, log)
+            else:
+                results += [run_sequential(spec, work, log) for spec in specs]
         summary = summarize(results, mfu)
         wall = time.perf_counter() - began
         report = {

@@ -1,10 +1,10 @@
-"""The learning proof on the demo's task, and the paper's first ablation in miniature.
+"""The learning proof on the demo's task.
 
-One `lvit demo --ablation` run (stage 1 + stage 2, then stage 2 again from a fresh projector with the
-same budget). Asserted: the two-stage model answers held-out images (never trained on) at >= 80%
+One `lvit demo` run (stage 1 + stage 2). `lvit demo --ablation`, which also runs stage 2 alone (the
+paper's first ablation in miniature), is reported in benchmarks/RESULTS.md rather than tested, to keep
+the suite short. Asserted: the two-stage model answers held-out images (never trained on) at >= 80%
 per question kind (chance 25%), and what a user reaches it through (`lvit chat`, an exported folder
-answered by `lvit generate`) gives the same answers. The ablation's accuracy is reported, not
-compared: on this toy task stage 2 alone may learn as well.
+answered by `lvit generate`) gives the same answers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from lvit.cli import app
 
-pytestmark = pytest.mark.slow  # two to three minutes on 2 cores: three training runs
+pytestmark = pytest.mark.slow  # one to two minutes on 2 cores: two training runs
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +25,16 @@ def demo(tmp_path_factory) -> Path:
     from lvit.demo import run_demo
 
     out = tmp_path_factory.mktemp("learning") / "demo"
-    run_demo(out, ablation=True)
+    run_demo(out)
     return out
 
 
 def test_two_stages_learn_the_task(demo):
     results = json.loads((demo / "demo_results.json").read_text())
     assert results["accuracy"]["colour"] >= 0.8 and results["accuracy"]["place"] >= 0.8, results
-    ablation = results["ablation"]["accuracy"]  # reported, not compared
-    assert set(ablation) == {"colour", "place", "all"} and all(0.0 <= v <= 1.0 for v in ablation.values())
-    assert set(results["train_loss"]) == {"stage 1", "stage 2", "stage 2 without stage 1"}
-    assert not (demo / "stage2-no-stage1" / "projector.safetensors").exists()
-    recipe = (demo / "stage2-no-stage1" / "lvit_recipe.yaml").read_text()
-    assert "projector_from: null" in recipe
+    assert results["chance"] == 0.25
+    assert set(results["train_loss"]) == {"stage 1", "stage 2"}
+    assert (demo / "stage1" / "projector.safetensors").is_file() and (demo / "stage2" / "model.safetensors").is_file()
 
 
 def test_chat_answers_like_the_evaluation(demo):
