@@ -2,8 +2,11 @@
 
 What it compares
     The same stage-2 (full fine-tune) training, with the same model, records and hyperparameters, done in
-    two ways. The runs alternate (baseline, lvit, baseline, lvit, ...; `--rounds`) so that the load of a
-    shared machine falls on both.
+    two ways, `--rounds` times. On the CPU the runs of a round go in lock-step (`--schedule lockstep`,
+    the default there). The processes start together and take turns one optimizer step at a time:
+    baseline step, lvit step, baseline step, and so on. So the changing load of a shared machine falls
+    on both alike, which alternating whole runs of minutes (`--schedule sequential`, the GPU default)
+    does not achieve.
 
     - baseline: what a user would write with TRL alone, following TRL's VLM SFT example
       (`examples/scripts/sft_vlm.py`). A stock LLaVA checkpoint is loaded with plain
@@ -22,23 +25,29 @@ What it compares
     initial weights are the same: lvit's run assembles the same parts with the same seed, and that
     assembled model is the checkpoint the baseline loads.
 
-    The levers are lvit runs with one thing changed, each run next to the lvit default run of the same round:
+    The levers are lvit runs with one thing changed. Each is made in the same round (the same lock-step
+    group) as an lvit default run:
     - `random`: `training.train_sampling_strategy=random`, i.e. what length grouping gives;
-    - `workers1`: `training.dataloader_num_workers=1`;
+    - `workers1`: `training.dataloader_num_workers=1`. In lock-step its worker also prefetches while
+      the other runs hold the turn: off its clock, on theirs. That is a small effect here: lvit's
+      whole data path is about 1% of a step;
     - `compact_head`: TRL's fused LM head scores only the labelled positions on the CPU, as it already
       does on CUDA with Triton. This is a monkeypatch of `trl.trainer.utils._use_triton`; see
       RESULTS.md for the proposal.
 
 What it reports, per run and per method
-    samples/s and tokens/s over the training loop only. The window runs from the end of `on_train_begin`
+    samples/s and tokens/s over the training loop only, with every step timed. In lock-step a run's time
+    is the sum of its own steps: from being given the turn, which comes before the step's batch is
+    fetched, to its `on_step_end`. In sequential mode it is the window from the end of `on_train_begin`
     to the last `on_step_end`. An explicit forward+backward on two records, made in `on_train_begin`
-    with the gradients then dropped, is the warm-up, so every step is timed and no method's first batch
-    is left out. lvit's sampler puts the longest batch first, so leaving out the first step would favour
-    lvit. Tokens are real tokens, the sum of `attention_mask` over the batches the training step
-    received. Padding is 1 - real / padded positions. Peak memory is VmHWM (peak RSS) during training
-    on the CPU, reset at the start of training, or `torch.cuda.max_memory_allocated` on a GPU. The
-    data time is the time spent fetching batches (dataset `__getitem__` + collator, main process only),
-    and the collator time is part of it. Also the process CPU seconds in the window.
+    with the gradients then dropped, is the warm-up, so no step has to be left out. lvit's sampler puts
+    the longest batch first, so leaving out the first step would favour lvit. Model loading, dataset
+    preparation, saving and the held-out evaluation are not timed. Tokens are real tokens, the sum of
+    `attention_mask` over the batches the training step received. Padding is 1 - real / padded positions.
+    Peak memory is VmHWM (peak RSS) during training on the CPU, reset at the start of training, or
+    `torch.cuda.max_memory_allocated` on a GPU. The data time is the time spent fetching batches
+    (dataset `__getitem__` + collator, main process only), and the collator time is part of it. Also
+    the process CPU seconds while timed.
 
     The loss side:
     - the mean training loss over the epoch (the same records, in a different order);
@@ -64,8 +73,14 @@ The data and the model (CPU)
     the generated text (4000 merges at most). The LLaVA projector is `mlp2x_gelu`, so the baseline
     needs no frozen identity layer.
 
-    python benchmarks/train_throughput.py --json tt.json                 # CPU: ~15 min on 2 cores
-    python benchmarks/train_throughput.py --records 64 --rounds 1 --levers random   # smoke test
+    python benchmarks/train_throughput.py --threads 1 --json tt.json      # CPU: ~11 min on 2 shared cores
+    python benchmarks/train_throughput.py --records 16 --rounds 1 --levers random   # smoke test, ~2 min
+
+    `--threads 1` on a machine shared with other work. There, each of torch's 2 OpenMP threads waits
+    milliseconds for its core at every operator. This was measured on the 2-core machine used here, at
+    load 3-4. The CLIP tower took 0.36 s per batch with 2 threads and 0.034 s with 1. A 4 x 160-token
+    forward+backward took 2.7 s with 2 threads and 0.8 s with 1. That fixed cost of about 2 s per step
+    hides what padding costs. With 1 thread the step time is proportional to the positions processed.
 
 GPU (UNTESTED: written without a GPU; see RESULTS.md)
     `--gpu-7b-layers N` switches to an LM shaped like Vicuna-7B (4096 hidden, 11008 intermediate, 32
@@ -76,7 +91,7 @@ GPU (UNTESTED: written without a GPU; see RESULTS.md)
     projector (the frozen vision tower's forward is left out). The bf16 peak is measured with a
     8192^3 bf16 matmul. The goal for stage 2 is an MFU of 45%.
 
-    python benchmarks/train_throughput.py --gpu-7b-layers 16 --json gpu.json
+    python benchmarks/train_throughput.py --gpu-7b-layers 32 --rounds 1 --json gpu.json   # 24 or 16 if OOM
 
 This is a benchmark, not a test; pytest does not collect it.
 """
@@ -1039,8 +1054,8 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=32)
     parser.add_argument("--batch", type=int, help="per-device batch = global batch (default: CPU 4, GPU 8)")
     parser.add_argument("--lr", type=float, help="learning rate (default: CPU 1e-3, GPU 2e-5)")
-    parser.add_argument("--rounds", type=int, default=2, help="baseline/lvit pairs, alternating")
-    parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma list of {LEVERS}, or 'none'")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of baseline + lvit (+ levers)")
+    parser.add_argument("--levers", help=f"comma list of {LEVERS}, or 'none' (default: CPU all, GPU random,workers1)")
     parser.add_argument("--lever-rounds", type=int, default=1, help="rounds in which the lever runs are made")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -1058,7 +1073,8 @@ def main() -> None:
         return
 
     gpu = args.gpu_7b_layers is not None
-    levers = [] if args.levers == "none" else [x for x in args.levers.split(",") if x]
+    chosen = args.levers or (",".join(LEVERS) if not gpu else "random,workers1")
+    levers = [] if chosen == "none" else [x for x in chosen.split(",") if x]
     unknown = set(levers) - set(LEVERS)
     if unknown:
         parser.error(f"unknown levers {sorted(unknown)}; known: {LEVERS}")
