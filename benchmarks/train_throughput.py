@@ -774,12 +774,11 @@ def heldout_loss(model_dir: str, spec: dict) -> dict:
 def lm_flop_params(model_dir: str) -> int:
     """P for MFU: LM parameters without the input embedding (the lookup does no matmul), plus the projector."""
     import torch
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoConfig, LlavaForConditionalGeneration
 
+    config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        from transformers import AutoConfig
-
-        model = LlavaForConditionalGeneration(AutoConfig.from_pretrained(model_dir))
+        model = LlavaForConditionalGeneration(config)
     lm = model.model.language_model
     n = sum(p.numel() for p in lm.parameters()) - lm.embed_tokens.weight.numel()
     n += sum(p.numel() for p in model.lm_head.parameters())
