@@ -69,14 +69,23 @@ import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import (
+    GIB,
+    REPO,
+    cpu_model,
+    package_versions,
+    proc_status_gib,
+    reset_peak_rss,
+    write_random_clip,
+    write_random_llama,
+)
+
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
 RECIPE = REPO / "recipes" / "llava_stage2_qlora.yaml"
-GIB = 1024**3
 GOAL_GIB = 16.0
 VOCAB = 32000  # Vicuna v1.3 / Llama-1 tokenizer; lvit adds <image> and <pad> (32002 rows)
 
@@ -146,7 +155,7 @@ def write_tokenizer(out: Path) -> None:
 
 def write_parts(shape: str, seq_len: int, root: Path) -> None:
     """Random CLIP vision tower and Llama LM saved with save_pretrained (bf16), as real checkpoints are."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     config = lm_config(shape, seq_len)
     with torch.device("meta"):
@@ -156,19 +165,9 @@ def write_parts(shape: str, seq_len: int, root: Path) -> None:
     print(f"[writer] initialising random weights on {device}", flush=True)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    vision_cfg = CLIPVisionConfig(**SHAPES[shape]["vision"])
-    with torch.device(device):
-        vision = CLIPVisionModel._from_config(vision_cfg, dtype=torch.bfloat16)
-    vision.save_pretrained(root / "clip")
-    size = vision_cfg.image_size
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
-        root / "clip"
-    )
-    del vision
+    write_random_clip(root / "clip", SHAPES[shape]["vision"], device)
     write_tokenizer(root / "lm")
-    with torch.device(device):
-        lm = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-    lm.save_pretrained(root / "lm", max_shard_size="5GB")
+    write_random_llama(root / "lm", config, device)
     size_gb = sum(f.stat().st_size for f in (root / "lm").glob("*.safetensors")) / 1e9
     print(f"[writer] wrote {shape} parts ({size_gb:.1f} GB LM shards) in {time.perf_counter() - t0:.0f} s", flush=True)
     (root / "DONE").write_text(json.dumps({"shape": shape, "seq_len": seq_len}))
@@ -192,24 +191,6 @@ def ensure_parts(shape: str, seq_len: int, root: Path) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _proc_status_kib(field: str) -> int | None:
-    with contextlib.suppress(OSError), open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def reset_rss_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class Memory:
     def __init__(self, cuda: bool):
         self.cuda = cuda
@@ -228,11 +209,10 @@ class Memory:
                 "device_used_gib": (total - free) / GIB,
                 "outside_torch_gib": (total - free - torch.cuda.memory_reserved()) / GIB,
             }
-        rss = _proc_status_kib("VmRSS")
-        hwm = _proc_status_kib("VmHWM")
+        rss, hwm = proc_status_gib("VmRSS"), proc_status_gib("VmHWM")
         return {
-            "rss_gib": rss * 1024 / GIB if rss is not None else math.nan,
-            "hwm_gib": hwm * 1024 / GIB if hwm is not None else math.nan,
+            "rss_gib": rss if rss is not None else math.nan,
+            "hwm_gib": hwm if hwm is not None else math.nan,
             "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
         }
 
@@ -241,7 +221,7 @@ class Memory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         else:
-            self.rss_peak_reset = reset_rss_peak()
+            self.rss_peak_reset = reset_peak_rss()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -569,22 +549,9 @@ def run(args) -> dict:
     return results
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[name] = md.version(name)
-    return out
+    names = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate")
+    return {"python": platform.python_version(), **package_versions(names)}
 
 
 def fmt_count(n: float) -> str:
