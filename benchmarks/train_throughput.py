@@ -99,13 +99,11 @@ This is a benchmark, not a test; pytest does not collect it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import functools
 import json
 import math
 import os
-import platform
 import random
 import resource
 import shutil
@@ -114,10 +112,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from itertools import accumulate
 from pathlib import Path
 
-GIB = 1024**3
+from common import (
+    GIB,
+    cpu_model,
+    package_versions,
+    proc_status_gib,
+    reset_peak_rss,
+    syllable_words,
+    write_random_clip,
+    write_random_llama,
+    zipf_cum_weights,
+)
+
 LEVERS = ("random", "workers1", "compact_head")
 
 # vicuna_v1 (lvit.templates.VicunaV1 / VICUNA_V1_CHAT_TEMPLATE) with `{% generation %}` markers around each
@@ -192,7 +200,6 @@ GPU_SHAPE = {
 # ---------------------------------------------------------------------------------------------
 # synthetic LLaVA-Instruct-like data
 
-SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou", "ee")]
 COLOURS = ("red", "green", "blue", "yellow")
 PLACES = ("left", "right", "top", "bottom")
 SHAPES = ("square", "circle")
@@ -205,7 +212,7 @@ DETAIL_QUESTIONS = (
 
 
 def _words(rng: random.Random, n: int = 3000) -> list[str]:
-    words = {"".join(rng.choices(SYLLABLES, k=rng.choice((1, 1, 2, 2, 2, 3, 3, 4)))) for _ in range(n * 2)}
+    words = syllable_words(rng, n * 2, (1, 1, 2, 2, 2, 3, 3, 4))
     common = ["the", "a", "is", "of", "in", "on", "and", "to", "with", "there", "this", "image", "shape"]
     return common + [*COLOURS, *PLACES, *SHAPES] + sorted(words - set(common))[:n]
 
@@ -216,7 +223,7 @@ class TextGen:
     def __init__(self, rng: random.Random):
         self.rng = rng
         self.words = _words(rng)
-        self.cum = list(accumulate(1.0 / (rank + 1) ** 1.05 for rank in range(len(self.words))))
+        self.cum = zipf_cum_weights(len(self.words), 1.05)
 
     def sentence(self, lo: int = 6, hi: int = 18) -> str:
         k = self.rng.randint(lo, hi)
@@ -369,42 +376,24 @@ def build_parts(root: Path, corpus: list[str], words: list[str], gpu_layers: int
 
 
 def _build_gpu_parts(root: Path, corpus: list[str], vision: dict, text: dict) -> tuple[Path, Path]:
-    """UNTESTED. The 7B-shaped LM is built directly in bf16 on the GPU (build_tiny_parts would build it in
-    fp32 on the CPU); the tokenizer and the CLIP folder are lvit.tiny's."""
+    """UNTESTED on a GPU. The 7B-shaped LM is built directly in bf16 on the GPU (build_tiny_parts would build it
+    in fp32 on the CPU), CLIP in bf16 on the CPU; the tokenizer is lvit.tiny's."""
     import torch
-    from transformers import (
-        AutoTokenizer,
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        CLIPVisionModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    from transformers import AutoTokenizer, LlamaConfig
 
     from lvit.tiny import build_tokenizer
 
     vision_dir, lm_dir = root / "clip-vit-l14", root / "vicuna-7b-shape"
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(**{k: v for k, v in vision.items() if k != "projection_dim"})
-    CLIPVisionModel(cfg).to(torch.bfloat16).save_pretrained(vision_dir)
-    size = vision["image_size"]
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
-        vision_dir
-    )
+    write_random_clip(vision_dir, {k: v for k, v in vision.items() if k != "projection_dim"})
     build_tokenizer(lm_dir, corpus)
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
     lm_config = LlamaConfig(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **text
     )
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            lm = LlamaForCausalLM(lm_config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    lm.save_pretrained(lm_dir, max_shard_size="5GB")
-    del lm
-    torch.cuda.empty_cache()
+    write_random_llama(lm_dir, lm_config, "cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return vision_dir, lm_dir
 
 
@@ -435,25 +424,6 @@ def write_stock_checkpoint(model_cfg: dict, out: Path, seed: int) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # measuring inside a run (child process)
-
-
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _cpu_seconds() -> float:
@@ -506,7 +476,7 @@ class Meter:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 else:
-                    meter.rss_reset = _reset_peak_rss()
+                    meter.rss_reset = reset_peak_rss()
                 meter.data_s = meter.collate_s = 0.0
                 meter.cpu0 = _cpu_seconds()
                 meter.t0 = time.perf_counter()
@@ -535,8 +505,7 @@ class Meter:
                 if cuda:
                     meter.peak_mem_gib = torch.cuda.max_memory_allocated() / GIB
                 else:
-                    hwm = _proc_status_kib("VmHWM")
-                    meter.peak_mem_gib = None if hwm is None else hwm * 1024 / GIB
+                    meter.peak_mem_gib = proc_status_gib("VmHWM")
 
         original_init = SFTTrainer.__init__
 
@@ -857,23 +826,9 @@ def bf16_peak_tflops() -> float:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     import torch
-    import transformers
-    import trl
 
-    info = {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-    }
+    info = {"nproc": os.cpu_count(), "cpu": cpu_model(), **package_versions(("torch", "transformers", "trl"))}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
