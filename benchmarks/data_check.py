@@ -31,7 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou", "ee")]
+from common import syllable_words, zipf_cum_weights
+
 INSTRUCTIONS = [  # LLaVA's brief-description instructions (CC3M-595K), a few of them
     "Describe the image concisely.",
     "Provide a brief description of the given image.",
@@ -42,8 +43,7 @@ INSTRUCTIONS = [  # LLaVA's brief-description instructions (CC3M-595K), a few of
 
 
 def vocabulary(rng: random.Random, n: int = 6000) -> list[str]:
-    words = {"".join(rng.choices(SYLLABLES, k=rng.choice((1, 2, 2, 3, 3, 4)))) for _ in range(n * 2)}
-    return sorted(words)[:n]
+    return sorted(syllable_words(rng, n * 2, (1, 2, 2, 3, 3, 4)))[:n]
 
 
 def sentence(rng: random.Random, words: list[str], cum: list[float], lo: int, hi: int) -> str:
@@ -59,8 +59,6 @@ def write_data(out: Path, n_records: int, n_images: int, seed: int = 0) -> tuple
     stage-2 data mixed in: 85% captions (an instruction and a 8-20 word caption), 12% short-answer
     VQA conversations (1-3 questions, as VQAv2/GQA in llava_v1_5_mix665k), 3% long conversations
     (LLaVA-Instruct style: 40-120 word answers; a third of them text-only)."""
-    from itertools import accumulate
-
     from PIL import Image
 
     rng = random.Random(seed)
@@ -71,7 +69,7 @@ def write_data(out: Path, n_records: int, n_images: int, seed: int = 0) -> tuple
         if not name.exists():
             Image.new("RGB", (24, 24), tuple(rng.randrange(256) for _ in range(3))).save(name)
     words = vocabulary(rng)
-    cum = list(accumulate(1.0 / (rank + 1) for rank in range(len(words))))  # Zipf-like
+    cum = zipf_cum_weights(len(words))
     records = []
     for i in range(n_records):
         kind = rng.random()
