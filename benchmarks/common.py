@@ -67,6 +67,18 @@ def package_versions(names) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # random model parts, written like real checkpoints
 
+# CLIP ViT-L/14 (openai/clip-vit-large-patch14's vision tower, LLaVA's): CLIPVisionConfig keyword arguments.
+CLIP_VIT_L14 = dict(
+    num_hidden_layers=24,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
+
 
 def save_clip_image_processor(folder: Path, image_size: int) -> None:
     """CLIP's image processor (resize + centre crop) at `image_size` px, saved into `folder`."""

@@ -70,6 +70,7 @@ import warnings
 from pathlib import Path
 
 from common import (
+    CLIP_VIT_L14,
     GIB,
     REPO,
     cpu_model,
@@ -89,31 +90,21 @@ RECIPE = REPO / "recipes" / "llava_stage2_qlora.yaml"
 GOAL_GIB = 16.0
 VOCAB = 32000  # Vicuna v1.3 / Llama-1 tokenizer; lvit adds <image> and <pad> (32002 rows)
 
-CLIP_L14 = dict(
-    num_hidden_layers=24,
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_attention_heads=16,
-    image_size=224,
-    patch_size=14,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-)
 SHAPES = {
     "13b": dict(
         lm=dict(num_hidden_layers=40, hidden_size=5120, intermediate_size=13824, num_attention_heads=40),
-        vision=CLIP_L14,
+        vision=CLIP_VIT_L14,
         seq_len=2048,
     ),
     "7b": dict(
         lm=dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32),
-        vision=CLIP_L14,
+        vision=CLIP_VIT_L14,
         seq_len=2048,
     ),
     # Same layout (256 image tokens from 224 px / patch 14), small enough for 2 CPU cores.
     "tiny-cpu": dict(
         lm=dict(num_hidden_layers=4, hidden_size=512, intermediate_size=1376, num_attention_heads=8),
-        vision=dict(CLIP_L14, num_hidden_layers=4, hidden_size=256, intermediate_size=1024, num_attention_heads=4),
+        vision=dict(CLIP_VIT_L14, num_hidden_layers=4, hidden_size=256, intermediate_size=1024, num_attention_heads=4),
         seq_len=512,
     ),
 }

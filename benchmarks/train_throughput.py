@@ -115,6 +115,7 @@ import time
 from pathlib import Path
 
 from common import (
+    CLIP_VIT_L14,
     GIB,
     cpu_model,
     package_versions,
@@ -175,15 +176,7 @@ CPU_SHAPE = {
 }
 # Vicuna-7B (LLaMA-7B) and CLIP ViT-L/14 at 224 px; the LM's layer count comes from --gpu-7b-layers.
 GPU_SHAPE = {
-    "vision": dict(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=224,
-        patch_size=14,
-        projection_dim=768,
-    ),
+    "vision": CLIP_VIT_L14,
     "text": dict(
         hidden_size=4096,
         intermediate_size=11008,
