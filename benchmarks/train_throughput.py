@@ -680,21 +680,28 @@ def run_lvit(spec: dict) -> dict:
     return json.loads((out / "lvit_run.json").read_text())["metrics"]
 
 
-def heldout_batches(spec: dict, processor_dir: str, batch: int = 8):
-    """The held-out records as lvit builds them: vicuna_v1 ids, labels on each answer and its EOS."""
+def vicuna_encoder(checkpoint: str):
+    """`(processor, encoder)`: a stock LLaVA folder's processor and lvit's vicuna_v1 encoder for its tokenizer."""
     from transformers import AutoConfig, AutoProcessor
 
-    from lvit.data.dataset import LlavaCollator, prepare
-    from lvit.data.images import ImageLoader
     from lvit.model import num_image_tokens
-    from lvit.recipe import DataSection
     from lvit.templates import ConversationEncoder
 
-    processor = AutoProcessor.from_pretrained(processor_dir)
-    config = AutoConfig.from_pretrained(processor_dir)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint)
     encoder = ConversationEncoder(
         "vicuna_v1", processor.tokenizer, config.image_token_id, num_image_tokens(config.vision_config)
     )
+    return processor, encoder
+
+
+def heldout_batches(spec: dict, processor_dir: str, batch: int = 8):
+    """The held-out records as lvit builds them: vicuna_v1 ids, labels on each answer and its EOS."""
+    from lvit.data.dataset import LlavaCollator, prepare
+    from lvit.data.images import ImageLoader
+    from lvit.recipe import DataSection
+
+    processor, encoder = vicuna_encoder(processor_dir)
     data = DataSection(path=spec["heldout"], image_folder=spec["images"], max_length=spec["max_length"])
     dataset = prepare(data, encoder, "heldout").dataset
     collator = LlavaCollator(
@@ -1140,18 +1147,10 @@ def main() -> None:
 
 def _length_stats(spec: dict) -> dict:
     """Token lengths of the training samples as lvit measures them (image tokens included)."""
-    from transformers import AutoConfig, AutoProcessor
-
     from lvit.data.dataset import prepare
-    from lvit.model import num_image_tokens
     from lvit.recipe import DataSection
-    from lvit.templates import ConversationEncoder
 
-    processor = AutoProcessor.from_pretrained(spec["checkpoint"])
-    config = AutoConfig.from_pretrained(spec["checkpoint"])
-    encoder = ConversationEncoder(
-        "vicuna_v1", processor.tokenizer, config.image_token_id, num_image_tokens(config.vision_config)
-    )
+    processor, encoder = vicuna_encoder(spec["checkpoint"])
     ds = prepare(
         DataSection(path=spec["data"], image_folder=spec["images"], max_length=spec["max_length"]), encoder
     ).dataset
@@ -1161,7 +1160,7 @@ def _length_stats(spec: dict) -> dict:
         "records": len(lengths),
         "text_only": sum(p is None for p in ds["image_path"]),
         "vocab": len(processor.tokenizer),
-        "image_tokens": num_image_tokens(config.vision_config),
+        "image_tokens": encoder.num_image_tokens,
         "mean": round(statistics.fmean(lengths), 1),
         "min": lengths[0],
         "p10": q(0.1),
@@ -1177,17 +1176,11 @@ def simulated_padding(spec: dict, batch: int, n: int = 4000) -> dict:
     `n` >= 200 x batch the grouping uses its full 50-batch megabatches, as on LLaVA-Instruct-158K; the timed
     runs use a few hundred records, where transformers shrinks the megabatch to a quarter of the dataset."""
     import torch
-    from transformers import AutoConfig, AutoProcessor
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from lvit.model import num_image_tokens
-    from lvit.templates import Conversation, ConversationEncoder
+    from lvit.templates import Conversation
 
-    processor = AutoProcessor.from_pretrained(spec["checkpoint"])
-    config = AutoConfig.from_pretrained(spec["checkpoint"])
-    encoder = ConversationEncoder(
-        "vicuna_v1", processor.tokenizer, config.image_token_id, num_image_tokens(config.vision_config)
-    )
+    _, encoder = vicuna_encoder(spec["checkpoint"])
     gen = TextGen(random.Random(spec["seed"]))  # the training data's vocabulary
     records = make_records(n, random.Random(spec["seed"] + 1000), gen, "sim", spec["max_words"])
     roles = {"human": "user", "gpt": "assistant"}
