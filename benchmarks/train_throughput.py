@@ -131,6 +131,8 @@ LEVERS = ("random", "workers1", "compact_head")
 
 # vicuna_v1 (lvit.templates.VicunaV1 / VICUNA_V1_CHAT_TEMPLATE) with `{% generation %}` markers around each
 # answer AND its EOS, which is what `assistant_only_loss=True` needs: what a TRL user writes for LLaVA-v1 data.
+# The baseline's own copy on purpose (it must not use lvit's code), so pylint's duplicate check skips it.
+# pylint: disable=duplicate-code
 VICUNA_V1_GENERATION_TEMPLATE = (
     "{%- set system = 'A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user\\'s questions.' -%}"
@@ -151,6 +153,7 @@ VICUNA_V1_GENERATION_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
 )
+# pylint: enable=duplicate-code
 
 CPU_SHAPE = {
     "vision": dict(
