@@ -157,7 +157,9 @@ def test_dry_run_returns_the_checks_and_prints_nothing(capsys):
     assert not result.ok and result.checks[0] == Check(True, "structure: every key known and well typed")
     failed = [check.what for check in result.checks if not check.passed]
     assert failed == ["data", "model.vision_tower", "model.language_model"]
-    assert any("1 process(es): 16 per device x 8 accumulation" in item for item in result.items if isinstance(item, str))
+    assert any(
+        "1 process(es): 16 per device x 8 accumulation" in item for item in result.items if isinstance(item, str)
+    )
 
 
 # --- one handler for every command --------------------------------------------------------------------------------
