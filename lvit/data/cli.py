@@ -24,8 +24,8 @@ def check(
     recipe: Path = typer.Option(
         None,
         "--recipe",
-        help="Measure samples with this recipe's tokenizer, template and vision tower (configs only, no weights) "
-        "and check them against data.max_length / data.overlong.",
+        help="A recipe file or a shipped recipe's name: measure samples with its tokenizer, template and vision "
+        "tower (configs only, no weights) and check them against data.max_length / data.overlong.",
     ),
     overrides: list[str] = typer.Option(
         None, "--override", "-o", help="Recipe override key=value (as for `lvit finetune`); repeat for several."
