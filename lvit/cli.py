@@ -1,16 +1,36 @@
-"""The `lvit` command line. Heavy libraries are imported inside the commands so `--help` is fast."""
+"""The `lvit` command line. Heavy libraries are imported inside the commands so `--help` is fast.
+
+User mistakes are raised as `LvitError` anywhere below a command; `LvitGroup.invoke` turns them into
+`error: <message>` on stderr and exit status 2, for every command and sub-command, whether the app
+runs from `main()` (the `lvit` script, `python -m lvit`) or is invoked directly (`typer.testing.CliRunner`).
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
 
 from lvit.data.cli import data_app
 from lvit.errors import LvitError
 
+
+class LvitGroup(TyperGroup):
+    """The top-level group: an `LvitError` from any command below it becomes a message and exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LvitError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=LvitGroup,
     help="LLaVA-style visual instruction tuning: stage-1 alignment and stage-2 instruction tuning on TRL.",
     no_args_is_help=True,
     add_completion=False,
@@ -19,9 +39,73 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler on the current `sys.stderr` (which `CliRunner` replaces for each invocation)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _ShortFormatter(logging.Formatter):
+    """lvit's progress as `12:00:00 message`; anything else with its level and logger name."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        self._progress = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO and record.name.split(".")[0] == "lvit":
+            return self._progress.format(record)
+        return super().format(record)
+
+
+def setup_logging() -> None:
+    """Once per process: lvit's INFO messages (progress) to stderr, in a short format.
+
+    A root logger that already has handlers (an application's, pytest's) is left as it is.
+    `lvit.train` then lowers lvit's level to WARNING on all but the main training process.
+    """
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(_ShortFormatter())
+        root.addHandler(handler)
+    logging.getLogger("lvit").setLevel(logging.INFO)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("lvit")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            from lvit import __version__ as number
+        typer.echo(f"lvit {number}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print lvit's version and exit."
+    ),
+) -> None:
+    setup_logging()
+
+
 @app.command(context_settings={"allow_extra_args": False})
 def finetune(
-    recipe: Path = typer.Argument(..., help="A YAML recipe, e.g. recipes/llava_stage2.yaml."),
+    recipe: Path = typer.Argument(
+        ...,
+        help="A YAML recipe, e.g. recipes/llava_stage2.yaml, or the name of a shipped recipe (e.g. llava_stage2; "
+        "`lvit recipes ls` lists them), used when no file of that path exists.",
+    ),
     overrides: list[str] = typer.Argument(None, help="Recipe overrides: dotted.key=value (value read as YAML)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe and its inputs; train nothing."),
     resume: bool = typer.Option(
@@ -37,12 +121,31 @@ def finetune(
     if dry_run:
         from lvit.validate import dry_run as do_dry_run
 
-        ok = do_dry_run(rec)
-        raise typer.Exit(0 if ok else 1)
+        result = do_dry_run(rec)
+        _print_dry_run(result)
+        raise typer.Exit(0 if result.ok else 1)
     from lvit.train import run
 
     out = run(rec, resume=resume)
     typer.echo(f"done: run saved in {out}")
+
+
+def _print_dry_run(result) -> None:
+    """One line per check (`ok  ` green / `FAIL` red, the failure's detail indented below), notes as they are."""
+    from lvit.validate import Check
+
+    rec = result.recipe
+    typer.echo(f"recipe {rec.source}: stage {rec.stage}, projector {rec.model.projector}, template {rec.data.template}")
+    for item in result.items:
+        if not isinstance(item, Check):
+            typer.echo(item)
+            continue
+        mark = typer.style("ok  ", fg=typer.colors.GREEN) if item.passed else typer.style("FAIL", fg=typer.colors.RED)
+        line = f"  {mark} {item.what}"
+        if item.detail:
+            line += "\n         " + item.detail.replace("\n", "\n         ")
+        typer.echo(line)
+    typer.echo("dry run passed: ready to train" if result.ok else "dry run found problems (above)")
 
 
 @app.command()
@@ -52,11 +155,48 @@ def demo(
     ablation: bool = typer.Option(
         False, "--ablation", help="Also train stage 2 without stage 1 (fresh projector, same budget) and compare."
     ),
+    quick: bool = typer.Option(
+        False, "--quick", help="A few records and training steps: seconds, to see it run (it does not learn the task)."
+    ),
 ) -> None:
     """Train a tiny LLaVA end to end on synthetic data (stage 1, then stage 2). Downloads nothing."""
-    from lvit.demo import run_demo
+    from lvit.demo import format_summary, run_demo
 
-    run_demo(out, overwrite=overwrite, ablation=ablation)
+    typer.echo(format_summary(run_demo(out, overwrite=overwrite, ablation=ablation, quick=quick)))
+
+
+# --- the shipped recipes ----------------------------------------------------------------------------------------------
+
+recipes_app = typer.Typer(
+    help="The recipes that ship with lvit: list them, copy one to edit it. `lvit finetune NAME` runs one as it is.",
+    no_args_is_help=True,
+)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.command("ls")
+def recipes_ls() -> None:
+    """One line per shipped recipe: its name and what it is (training recipes, then accelerate launch configs)."""
+    from lvit.catalog import shipped_recipes
+
+    recipes = shipped_recipes()
+    width = max(len(r.name) for r in recipes)
+    for r in recipes:
+        typer.echo(f"{r.name:<{width}}  {r.description}".rstrip())
+
+
+@recipes_app.command("cp")
+def recipes_cp(
+    name: str = typer.Argument(..., help="A shipped recipe, with or without .yaml (see `lvit recipes ls`)."),
+    dest: Path = typer.Argument(
+        ..., help="A file to create (.yaml added when it has no suffix) or an existing folder. Never overwritten."
+    ),
+) -> None:
+    """Copy the shipped recipe NAME to DEST, to edit it and run it with `lvit finetune DEST`."""
+    from lvit.catalog import copy_recipe
+
+    target = copy_recipe(name, dest)
+    typer.echo(f"copied {name} to {target}")
 
 
 @app.command()
@@ -102,7 +242,7 @@ _4BIT_HELP = "Load the language model in 4-bit NF4 (full runs and exported folde
 
 
 def _fail(exc: LvitError):
-    """Print a user error as main() does, also when the app is invoked directly (CliRunner)."""
+    """Print a user error as LvitGroup does (kept for the commands that still catch LvitError themselves)."""
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     return typer.Exit(2)
 
@@ -329,11 +469,7 @@ def _unescape(text: str) -> str:
 
 
 def main() -> None:
-    try:
-        app()
-    except LvitError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+    app()  # LvitGroup.invoke turns an LvitError into its message and exit status 2
 
 
 if __name__ == "__main__":

@@ -7,21 +7,29 @@
    `lvit.train.run`, exactly what `lvit finetune` does.
 4. Answers the held-out questions with the stage-2 run; reports exact-match accuracy beside chance.
 5. With `--ablation`: also stage 2 without stage 1 (a fresh projector, the same stage-2 budget),
-   the paper's first ablation in miniature; both accuracies are printed.
+   the paper's first ablation in miniature; both accuracies are reported.
+6. With `--quick`: a few records and training steps (seconds, not minutes), to see it run; it does
+   not learn the task.
+
+Progress goes to the "lvit" logger; `run_demo` returns the results and the CLI prints the summary.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
 
-import typer
-
+from lvit.catalog import RECIPES_DIR as RECIPES
 from lvit.errors import LvitError
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+log = logging.getLogger("lvit")
+
+# --quick: records (train, test) and training steps (stage 1, stage 2)
+QUICK_DATA = (32, 8)
+QUICK_STEPS = (2, 4)
 
 
 def demo_overrides(out: Path, stage: int) -> list[str]:
@@ -81,11 +89,13 @@ def ablation_overrides(out: Path) -> list[str]:
     return [*demo_overrides(out, 2), f"training.output_dir={out / 'stage2-no-stage1'}", "model.projector_from=null"]
 
 
-def run_demo(out: Path, overwrite: bool = False, ablation: bool = False) -> dict[str, float]:
+def run_demo(out: Path, overwrite: bool = False, ablation: bool = False, quick: bool = False) -> dict:
     """The demo; with `ablation`, also stage 2 without stage 1 (the paper's first ablation in miniature).
 
-    Returns the held-out accuracies of the two-stage model; `demo_results.json` also holds the
-    ablation's under "ablation".
+    With `quick`, a few records and training steps (seconds; the model does not learn the task).
+    Returns what `demo_results.json` holds ("accuracy": held-out accuracy of the two-stage model per
+    question kind and "all", "chance", "train_loss" per run, and with `ablation` "ablation"), plus
+    "runs" (run name -> folder) and "wall_time_s".
     """
     from lvit import synthetic
     from lvit.recipe import load_recipe
@@ -99,37 +109,49 @@ def run_demo(out: Path, overwrite: bool = False, ablation: bool = False) -> dict
             )
         shutil.rmtree(out)
     if not (RECIPES / "tiny_stage1.yaml").is_file():
-        raise LvitError(f"the demo recipes are not at {RECIPES}; run lvit from a checkout (pip install -e .).")
+        raise LvitError(f"the demo recipes are not at {RECIPES}; reinstall lvit (`pip install .` in a checkout).")
     start = time.time()
     n = 5 if ablation else 4
-    typer.echo(f"[1/{n}] building a tiny CLIP + Llama and a synthetic dataset under {out}")
-    paths = prepare(out)
-    typer.echo(f"[2/{n}] stage 1 (align): only the projector trains, recipes/tiny_stage1.yaml")
-    stage1 = run(load_recipe(RECIPES / "tiny_stage1.yaml", demo_overrides(out, 1)))
-    typer.echo(f"[3/{n}] stage 2 (finetune): projector + LM train, recipes/tiny_stage2.yaml")
-    stage2 = run(load_recipe(RECIPES / "tiny_stage2.yaml", demo_overrides(out, 2)))
-    typer.echo(f"[4/{n}] held-out accuracy (images never trained on)")
+    steps = [[], []]
+    if quick:
+        steps = [[f"training.max_steps={k}"] for k in QUICK_STEPS]
+    log.info("[1/%d] building a tiny CLIP + Llama and a synthetic dataset under %s", n, out)
+    paths = prepare(out, *QUICK_DATA) if quick else prepare(out)
+    log.info("[2/%d] stage 1 (align): only the projector trains, recipes/tiny_stage1.yaml", n)
+    stage1 = run(load_recipe(RECIPES / "tiny_stage1.yaml", [*demo_overrides(out, 1), *steps[0]]))
+    log.info("[3/%d] stage 2 (finetune): projector + LM train, recipes/tiny_stage2.yaml", n)
+    stage2 = run(load_recipe(RECIPES / "tiny_stage2.yaml", [*demo_overrides(out, 2), *steps[1]]))
+    log.info("[4/%d] held-out accuracy (images never trained on)", n)
     scores = evaluate(stage2, paths["test"], paths["images"])
     runs = {"stage 1": stage1, "stage 2": stage2}
     results: dict = {"accuracy": scores, "chance": synthetic.CHANCE}
     if ablation:
-        typer.echo(f"[5/{n}] ablation: stage 2 without stage 1 (a fresh projector, the same stage-2 recipe and budget)")
-        no_stage1 = run(load_recipe(RECIPES / "tiny_stage2.yaml", ablation_overrides(out)))
+        log.info("[5/%d] ablation: stage 2 without stage 1 (a fresh projector, the same stage-2 recipe and budget)", n)
+        no_stage1 = run(load_recipe(RECIPES / "tiny_stage2.yaml", [*ablation_overrides(out), *steps[1]]))
         runs["stage 2 without stage 1"] = no_stage1
         results["ablation"] = {"accuracy": evaluate(no_stage1, paths["test"], paths["images"])}
-    losses = {
+    results["train_loss"] = {
         name: json.loads((d / "lvit_run.json").read_text())["metrics"].get("train_loss") for name, d in runs.items()
     }
-    results["train_loss"] = losses
-    typer.echo("")
-    for name, loss in losses.items():
-        typer.echo(f"  {name} mean training loss: {loss:.3f}")
-    for kind, acc in sorted(scores.items()):
-        typer.echo(f"  held-out accuracy ({kind}): {acc:.1%}   chance: {synthetic.CHANCE:.0%}")
-    if ablation:
-        typer.echo("  ablation, held-out accuracy:")
-        for name, acc in (("stage 1 + stage 2", scores), ("stage 2 without stage 1", results["ablation"]["accuracy"])):
-            typer.echo(f"    {name:<24} {acc['all']:.1%} (colour {acc['colour']:.1%}, place {acc['place']:.1%})")
-    typer.echo(f"  wall time: {time.time() - start:.0f} s; run folders: {', '.join(str(d) for d in runs.values())}")
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
-    return scores
+    return {**results, "runs": runs, "wall_time_s": time.time() - start}
+
+
+def format_summary(results: dict) -> str:
+    """The lines `lvit demo` prints after a run, from `run_demo`'s result."""
+    lines = [""]
+    for name, loss in results["train_loss"].items():
+        lines.append(f"  {name} mean training loss: {loss:.3f}")
+    for kind, acc in sorted(results["accuracy"].items()):
+        lines.append(f"  held-out accuracy ({kind}): {acc:.1%}   chance: {results['chance']:.0%}")
+    if "ablation" in results:
+        lines.append("  ablation, held-out accuracy:")
+        pairs = (
+            ("stage 1 + stage 2", results["accuracy"]),
+            ("stage 2 without stage 1", results["ablation"]["accuracy"]),
+        )
+        for name, acc in pairs:
+            lines.append(f"    {name:<24} {acc['all']:.1%} (colour {acc['colour']:.1%}, place {acc['place']:.1%})")
+    folders = ", ".join(str(d) for d in results["runs"].values())
+    lines.append(f"  wall time: {results['wall_time_s']:.0f} s; run folders: {folders}")
+    return "\n".join(lines)

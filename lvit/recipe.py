@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from lvit.catalog import resolve_recipe
 from lvit.errors import LvitError
 
 STAGES = ("align", "finetune")
@@ -166,9 +167,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
     Raises `LvitError` naming the file and the key at fault. Loads no model and reads no data.
     """
-    path = Path(path)
+    path = resolve_recipe(path)
     if not path.is_file():
-        raise LvitError(f"recipe file not found: {path}. Pass the path of a YAML recipe (see recipes/).")
+        raise LvitError(
+            f"recipe file not found: {path}. Pass the path of a YAML recipe or the name of a shipped one "
+            "(`lvit recipes ls` lists them)."
+        )
     try:
         raw = _yaml(path.read_text())
     except yaml.YAMLError as exc:

@@ -1,37 +1,53 @@
 """`lvit finetune RECIPE --dry-run`: check a recipe and its inputs without training.
 
 The structure (keys, types, the `SFTConfig` it builds, the batch arithmetic) is checked first;
-then the inputs a real run needs (data files, model sources). Each check prints one line; the
-exit status is non-zero if any failed.
+then the inputs a real run needs (data files, model sources). `dry_run` returns the checks and
+notes in order (`DryRun`); the CLI prints one line per check and exits non-zero if any failed.
 """
 
 from __future__ import annotations
 
-import typer
+from dataclasses import dataclass, field
 
 from lvit.errors import LvitError
 from lvit.recipe import Recipe, gradient_accumulation
 
 
-def dry_run(recipe: Recipe) -> bool:
+@dataclass(frozen=True)
+class Check:
+    """One check of a dry run: passed or not, what was checked, and why it failed (or more detail)."""
+
+    passed: bool
+    what: str
+    detail: str = ""
+
+
+@dataclass
+class DryRun:
+    """The outcome of `dry_run`: `items` are `Check`s and notes (a `str`: one line as printed) in order."""
+
+    recipe: Recipe
+    items: list[Check | str] = field(default_factory=list)
+
+    @property
+    def checks(self) -> list[Check]:
+        return [item for item in self.items if isinstance(item, Check)]
+
+    @property
+    def ok(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+
+def dry_run(recipe: Recipe) -> DryRun:
+    """Check `recipe` (structure, training section, batch arithmetic, data, model sources); loads no model."""
     from lvit.hub import resolve_source
     from lvit.train import build_sft_config, check_inputs
 
-    ok = True
+    result = DryRun(recipe)
 
     def report(passed: bool, what: str, detail: str = "") -> None:
-        nonlocal ok
-        ok &= passed
-        mark = typer.style("ok  ", fg=typer.colors.GREEN) if passed else typer.style("FAIL", fg=typer.colors.RED)
-        line = f"  {mark} {what}"
-        if detail:
-            line += "\n         " + detail.replace("\n", "\n         ")
-        typer.echo(line)
+        result.items.append(Check(passed, what, detail))
 
-    typer.echo(
-        f"recipe {recipe.source}: stage {recipe.stage}, projector {recipe.model.projector}, "
-        f"template {recipe.data.template}"
-    )
     report(True, "structure: every key known and well typed")
     try:
         args = build_sft_config(recipe, num_processes=1)
@@ -41,7 +57,7 @@ def dry_run(recipe: Recipe) -> bool:
             args = build_sft_config(recipe, num_processes=1, check_device=False)
             report(True, f"training section builds an SFTConfig (output_dir {args.output_dir})")
             why = str(exc).split("not valid: ", 1)[-1]
-            typer.echo(
+            result.items.append(
                 f"  note this machine cannot run the recipe's precision settings ({why}); "
                 "checked with bf16/fp16/tf32 off"
             )
@@ -53,12 +69,12 @@ def dry_run(recipe: Recipe) -> bool:
         for n in (1, 2, 4, 8):
             try:
                 acc = gradient_accumulation(recipe, n)
-                typer.echo(
+                result.items.append(
                     f"        {n} process(es): {per_device} per device x {acc} accumulation x {n} = "
                     f"{recipe.global_batch_size} global batch"
                 )
             except LvitError:
-                typer.echo(
+                result.items.append(
                     f"        {n} process(es): global batch {recipe.global_batch_size} not reachable "
                     f"with {per_device} per device"
                 )
@@ -73,5 +89,4 @@ def dry_run(recipe: Recipe) -> bool:
             report(True, f"model.{key}: {getattr(recipe.model, key)}")
         except LvitError as exc:
             report(False, f"model.{key}", str(exc))
-    typer.echo("dry run passed: ready to train" if ok else "dry run found problems (above)")
-    return ok
+    return result

@@ -1,18 +1,26 @@
-"""The `lvit` command line: errors a user hits first, dry runs, overrides, the demo."""
+"""The `lvit` command line: errors a user hits first, dry runs, overrides, the demo, the shipped recipes.
+
+Most tests invoke the app in-process (`CliRunner`); a few run the real entry point (`python -m lvit`) in a
+subprocess for the exit status and the "no traceback" behaviour a user sees.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 from typer.testing import CliRunner
 
-from lvit.cli import app
+from lvit.catalog import RECIPES_DIR
+from lvit.cli import LvitGroup, app
 from lvit.errors import LvitError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,8 +70,9 @@ def test_missing_data_path_is_reported_before_any_model_loads(tiny_recipe, tmp_p
         data={"path": str(tmp_path / "nope.json")},
         model={"vision_tower": str(tmp_path / "no-clip")},
     )
-    with pytest.raises(LvitError, match=r"data\.path = .*nope\.json.*file not found"):
-        CliRunner().invoke(app, ["finetune", str(path)], catch_exceptions=False)
+    result = CliRunner().invoke(app, ["finetune", str(path)], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert re.search(r"error: .*data\.path = .*nope\.json.*file not found", result.stderr)
 
 
 def test_unreachable_model_id_names_the_recipe_key(tiny_recipe, tmp_path):
@@ -73,8 +82,8 @@ def test_unreachable_model_id_names_the_recipe_key(tiny_recipe, tmp_path):
         out_dir=tmp_path / "out",
         model={"language_model": "someone/not-a-real-model-xyz"},
     )
-    result = lvit("finetune", str(path))
-    assert result.returncode == 2
+    result = CliRunner().invoke(app, ["finetune", str(path)], catch_exceptions=False)
+    assert result.exit_code == 2
     assert "model.language_model = 'someone/not-a-real-model-xyz'" in result.stderr
     assert "HF_HUB_OFFLINE" in result.stderr and "local folder" in result.stderr
     assert "Traceback" not in result.stderr
@@ -84,8 +93,8 @@ def test_unreachable_model_id_names_the_recipe_key(tiny_recipe, tmp_path):
     "name", ["llava_stage1.yaml", "llava_stage2.yaml", "llava_stage2_qlora.yaml", "llava_stage2_lora.yaml"]
 )
 def test_paper_recipes_dry_run_offline(name):
-    result = lvit("finetune", str(RECIPES / name), "--dry-run")
-    assert result.returncode == 1
+    result = CliRunner().invoke(app, ["finetune", str(RECIPES / name), "--dry-run"], catch_exceptions=False)
+    assert result.exit_code == 1
     out = result.stdout
     assert "ok   structure" in out and "ok   training section builds an SFTConfig" in out
     assert "FAIL data" in out
@@ -134,6 +143,109 @@ def test_demo_never_overwrites_a_folder(tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    result = lvit("demo", "--out", str(out))
-    assert result.returncode == 2 and "--overwrite" in result.stderr and "Traceback" not in result.stderr
+    result = CliRunner().invoke(app, ["demo", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 2 and "--overwrite" in result.stderr and "Traceback" not in result.stderr
     assert (out / "mine.txt").read_text() == "keep" and sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+
+
+def test_dry_run_returns_the_checks_and_prints_nothing(capsys):
+    from lvit.recipe import load_recipe
+    from lvit.validate import Check, dry_run
+
+    result = dry_run(load_recipe(RECIPES / "llava_stage1.yaml"))
+    assert capsys.readouterr().out == ""
+    assert not result.ok and result.checks[0] == Check(True, "structure: every key known and well typed")
+    failed = [check.what for check in result.checks if not check.passed]
+    assert failed == ["data", "model.vision_tower", "model.language_model"]
+    assert any(
+        "1 process(es): 16 per device x 8 accumulation" in item for item in result.items if isinstance(item, str)
+    )
+
+
+# --- one handler for every command --------------------------------------------------------------------------------
+
+
+def test_one_handler_covers_nested_sub_apps():
+    """LvitGroup, the top-level group, turns an LvitError from a command of a sub-app of a sub-app into exit 2."""
+    top = typer.Typer(cls=LvitGroup)
+    sub, subsub = typer.Typer(), typer.Typer()
+    top.add_typer(sub, name="sub")
+    sub.add_typer(subsub, name="deeper")
+
+    @top.command()
+    def ok() -> None:
+        typer.echo("fine")
+
+    @subsub.command()
+    def boom() -> None:
+        raise LvitError("what is wrong, where, how to fix it")
+
+    result = CliRunner().invoke(top, ["sub", "deeper", "boom"], catch_exceptions=False)
+    assert result.exit_code == 2 and result.stderr == "error: what is wrong, where, how to fix it\n"
+    assert CliRunner().invoke(top, ["ok"]).stdout == "fine\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data", "check", "x.json", "-o", "a=1"], "--override changes the recipe given with --recipe"),
+        (["data", "convert", "x.json"], "pass OUT, the file to write"),
+        (["recipes", "cp", "nope", "."], "no shipped recipe named 'nope'"),
+        (["finetune", "no_such_recipe"], "recipe file not found: no_such_recipe"),
+    ],
+)
+def test_user_errors_print_a_message_and_exit_2(args, message):
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: {message}"), result.output
+    assert result.stdout == ""
+
+
+# --- the shipped recipes, the version ------------------------------------------------------------------------------
+
+
+def test_version_is_the_package_metadata():
+    result = CliRunner().invoke(app, ["--version"], catch_exceptions=False)
+    assert result.exit_code == 0 and result.stdout == f"lvit {version('lvit')}\n"
+
+
+def test_checkout_recipes_folder_is_the_shipped_one():
+    assert RECIPES.resolve() == RECIPES_DIR and RECIPES.is_symlink()
+    assert (RECIPES / "accelerate" / "fsdp_8gpu.yaml").is_file()
+
+
+def test_recipes_ls_lists_every_shipped_file():
+    result = CliRunner().invoke(app, ["recipes", "ls"], catch_exceptions=False)
+    assert result.exit_code == 0
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in result.stdout.splitlines()}
+    expected = {p.stem for p in RECIPES_DIR.glob("*.yaml")}
+    expected |= {p.relative_to(RECIPES_DIR).as_posix() for p in RECIPES_DIR.glob("accelerate/*")}
+    assert set(listed) == expected and "llava_stage2" in listed and "accelerate/fsdp_8gpu.yaml" in listed
+    assert listed["llava_stage2"] == "LLaVA stage 2: fine-tuning end to end on instruction data."
+    assert all(listed.values())  # each with a description
+
+
+def test_recipes_cp_copies_and_never_overwrites(tmp_path):
+    runner = CliRunner()
+    source = (RECIPES_DIR / "llava_stage2_qlora.yaml").read_text()
+    result = runner.invoke(app, ["recipes", "cp", "llava_stage2_qlora", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "llava_stage2_qlora.yaml").read_text() == source
+    result = runner.invoke(app, ["recipes", "cp", "llava_stage2_qlora.yaml", str(tmp_path / "mine")])
+    assert result.exit_code == 0 and (tmp_path / "mine.yaml").read_text() == source  # .yaml added
+    result = runner.invoke(app, ["recipes", "cp", "accelerate/zero3.json", str(tmp_path / "ds.json")])
+    assert result.exit_code == 0 and json.loads((tmp_path / "ds.json").read_text())["zero_optimization"]
+
+    (tmp_path / "mine.yaml").write_text("keep")
+    result = runner.invoke(app, ["recipes", "cp", "llava_stage2", str(tmp_path / "mine.yaml")])
+    assert result.exit_code == 2 and "already exists" in result.stderr and "another DEST" in result.stderr
+    assert (tmp_path / "mine.yaml").read_text() == "keep"
+    result = runner.invoke(app, ["recipes", "cp", "llava_stage2", str(tmp_path / "no" / "x.yaml")])
+    assert result.exit_code == 2 and "mkdir -p" in result.stderr and not (tmp_path / "no").exists()
+
+
+def test_finetune_accepts_a_shipped_recipe_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ here: the name is the shipped recipe
+    result = CliRunner().invoke(app, ["finetune", "llava_stage2_lora", "--dry-run"], catch_exceptions=False)
+    assert result.exit_code == 1  # data and models are not here
+    assert f"recipe {RECIPES_DIR / 'llava_stage2_lora.yaml'}: stage finetune" in result.stdout
+    assert "ok   training section builds an SFTConfig" in result.stdout

@@ -295,10 +295,14 @@ def load_data_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = 
     import yaml
 
     from lvit import recipe as rc
+    from lvit.catalog import resolve_recipe
 
-    path = Path(path)
+    path = resolve_recipe(path)
     if not path.is_file():
-        raise LvitError(f"recipe file not found: {path}. Pass the path of a YAML recipe (see recipes/).")
+        raise LvitError(
+            f"recipe file not found: {path}. Pass the path of a YAML recipe or the name of a shipped one "
+            "(`lvit recipes ls` lists them)."
+        )
     try:
         raw = getattr(rc, "_yaml", yaml.safe_load)(path.read_text())
     except yaml.YAMLError as exc:

@@ -15,11 +15,6 @@ data_app = typer.Typer(
 )
 
 
-def _fail(exc: LvitError) -> typer.Exit:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    return typer.Exit(2)
-
-
 @data_app.command("check")
 def check(
     data: str = typer.Argument(
@@ -29,8 +24,8 @@ def check(
     recipe: Path = typer.Option(
         None,
         "--recipe",
-        help="Measure samples with this recipe's tokenizer, template and vision tower (configs only, no weights) "
-        "and check them against data.max_length / data.overlong.",
+        help="A recipe file or a shipped recipe's name: measure samples with its tokenizer, template and vision "
+        "tower (configs only, no weights) and check them against data.max_length / data.overlong.",
     ),
     overrides: list[str] = typer.Option(
         None, "--override", "-o", help="Recipe override key=value (as for `lvit finetune`); repeat for several."
@@ -45,17 +40,14 @@ def check(
     """
     from lvit.data.check import check_data
 
-    try:
-        rec = None
-        if recipe is not None:
-            from lvit.data.check import load_data_recipe
+    rec = None
+    if recipe is not None:
+        from lvit.data.check import load_data_recipe
 
-            rec = load_data_recipe(recipe, overrides or [])
-        elif overrides:
-            raise LvitError("--override changes the recipe given with --recipe; there is none")
-        report = check_data(data, fmt, image_folder, recipe=rec, decode=decode)
-    except LvitError as exc:
-        raise _fail(exc) from None
+        rec = load_data_recipe(recipe, overrides or [])
+    elif overrides:
+        raise LvitError("--override changes the recipe given with --recipe; there is none")
+    report = check_data(data, fmt, image_folder, recipe=rec, decode=decode)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=1))
     else:
@@ -87,33 +79,30 @@ def convert(
     ),
 ) -> None:
     """Convert IN to OUT, or ScienceQA to LLaVA format (`lvit data convert scienceqa --problems ...`)."""
-    try:
-        if src == "scienceqa" and not Path(src).exists():
-            from lvit.data.scienceqa import convert_scienceqa
+    if src == "scienceqa" and not Path(src).exists():
+        from lvit.data.scienceqa import convert_scienceqa
 
-            target = out_option or out
-            if problems is None or splits is None or target is None:
-                raise LvitError("scienceqa needs --problems problems.json --splits pid_splits.json and --out FILE")
-            result = convert_scienceqa(problems, splits, split, target, image_root, answer_format)
-            typer.echo(f"{result['records']} ScienceQA {split} records ({result['images']} with an image) -> {target}")
-            if result["image_folder"]:
-                typer.echo(f"image folder for the recipe (data.image_folder): {result['image_folder']}")
-            if result["missing_images"]:
-                typer.secho(
-                    f"warning: {len(result['missing_images'])} image(s) not found under {result['image_folder']}, "
-                    f"e.g. {result['missing_images'][0]}",
-                    fg=typer.colors.YELLOW,
-                    err=True,
-                )
-            return
-        target = out if out is not None else out_option
-        if target is None:
-            raise LvitError("pass OUT, the file to write")
-        from lvit.data.convert import convert as do_convert
+        target = out_option or out
+        if problems is None or splits is None or target is None:
+            raise LvitError("scienceqa needs --problems problems.json --splits pid_splits.json and --out FILE")
+        result = convert_scienceqa(problems, splits, split, target, image_root, answer_format)
+        typer.echo(f"{result['records']} ScienceQA {split} records ({result['images']} with an image) -> {target}")
+        if result["image_folder"]:
+            typer.echo(f"image folder for the recipe (data.image_folder): {result['image_folder']}")
+        if result["missing_images"]:
+            typer.secho(
+                f"warning: {len(result['missing_images'])} image(s) not found under {result['image_folder']}, "
+                f"e.g. {result['missing_images'][0]}",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
+        return
+    target = out if out is not None else out_option
+    if target is None:
+        raise LvitError("pass OUT, the file to write")
+    from lvit.data.convert import convert as do_convert
 
-        result = do_convert(src, target, to, fmt, image_folder, skip_bad)
-    except LvitError as exc:
-        raise _fail(exc) from None
+    result = do_convert(src, target, to, fmt, image_folder, skip_bad)
     typer.echo(f"{result['written']} of {result['read']} records -> {result['out']} ({result['format']})")
     for line in result["skipped"]:
         typer.secho(f"  skipped {line}", fg=typer.colors.YELLOW, err=True)
