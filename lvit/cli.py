@@ -115,23 +115,17 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is when a message comes (a test runner swaps it per command)."""
+class _Terminal(logging.Handler):
+    """Progress messages on stdout, warnings on stderr (through typer, so a test runner's streams are used)."""
 
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(self.format(record), err=record.levelno >= logging.WARNING)
 
 
 def _show_progress(ctx: typer.Context) -> None:
-    """Show the library's messages (the "lvit" logger, INFO and up) on stderr while this command runs."""
+    """Show the library's messages (the "lvit" logger, INFO and up) while this command runs."""
     logger = logging.getLogger("lvit")
-    handler, level = _StderrHandler(), logger.level
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler, level = _Terminal(), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 
@@ -144,7 +138,6 @@ def _show_progress(ctx: typer.Context) -> None:
 
 @app.command()
 def chat(
-    ctx: typer.Context,
     model: Path = typer.Argument(..., help=_MODEL_HELP),
     image: Path = typer.Option(None, "--image", help="The image the conversation is about (optional)."),
     prompt: str = typer.Option(
@@ -161,7 +154,6 @@ def chat(
     from lvit.generation import GenerationSettings
     from lvit.runs import load_model
 
-    _show_progress(ctx)
     try:
         settings = GenerationSettings(max_new_tokens, temperature, top_p)
         settings.kwargs()  # check the values before the model loads

@@ -6,7 +6,6 @@ model, freezes it for its stage, prepares the data, trains through TRL and saves
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -20,7 +19,14 @@ from trl import SFTTrainer
 from lvit.errors import LvitError
 from lvit.preemption import GracefulStop
 from lvit.recipe import Recipe, gradient_accumulation
-from lvit.runs import resume_checkpoint, run_info, set_aside_incomplete, write_projector, write_run_files
+from lvit.runs import (
+    model_weight_files,
+    resume_checkpoint,
+    run_info,
+    set_aside_incomplete,
+    write_projector,
+    write_run_files,
+)
 
 log = logging.getLogger("lvit")
 
@@ -42,14 +48,6 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    single = folder / "model.safetensors"
-    return [single] if single.is_file() else []
-
-
 class LlavaTrainer(SFTTrainer):
     """`SFTTrainer` with an optional separate learning rate for the projector.
 
@@ -69,7 +67,7 @@ class LlavaTrainer(SFTTrainer):
         # their own loaders.
         model = model if model is not None else self.model
         folder = Path(resume_from_checkpoint)
-        files = _weight_files(folder)
+        files = model_weight_files(folder)
         if not files or self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(model, "peft_config"):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from safetensors.torch import load_file

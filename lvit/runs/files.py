@@ -32,7 +32,12 @@ MODEL_CARD_FILE = "README.md"
 # Written by the Trainer into every checkpoint, after everything else it saves:
 TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
+# Weights, as transformers and peft name them:
+MODEL_WEIGHTS_FILE = "model.safetensors"
+MODEL_WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+"""A sharded model's index: tensor name -> shard file (`model-0000N-of-0000M.safetensors`)."""
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+WEIGHT_FILES = (MODEL_WEIGHTS_FILE, MODEL_WEIGHTS_INDEX_FILE, ADAPTER_WEIGHTS_FILE, "pytorch_model.bin")
 """Any of these: a checkpoint holds weights (a whole model, sharded or not, or an adapter)."""
 
 
@@ -71,6 +76,16 @@ class RunFolder:
 
     def trainer_state(self) -> dict | None:
         return read_trainer_state(self.path)
+
+
+def model_weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a whole model saved in `folder` (its shards, or the one file); [] if none."""
+    folder = Path(folder)
+    index = folder / MODEL_WEIGHTS_INDEX_FILE
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / MODEL_WEIGHTS_FILE
+    return [single] if single.is_file() else []
 
 
 def read_run(path: str | Path) -> RunFolder:
