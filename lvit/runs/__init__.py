@@ -54,19 +54,10 @@ from lvit.runs.files import (
     write_projector,
     write_run_files,
 )
-from lvit.runs.load import (
-    DEFAULT_TEMPLATE,
-    LoadedModel,
-    default_device,
-    image_tokens_per_image,
-    load_merged,
-    load_model,
-    load_trained,
-)
+from lvit.runs.load import LoadedModel, load_merged, load_model, load_trained
 from lvit.runs.resume import checkpoints, incomplete_reason, resume_checkpoint, set_aside_incomplete
 
 __all__ = [
-    "DEFAULT_TEMPLATE",
     "EXPORT_INFO_FILE",
     "MODEL_CARD_FILE",
     "PROJECTOR_FILE",
@@ -78,8 +69,6 @@ __all__ = [
     "RunFolder",
     "checkpoints",
     "copy_run_files",
-    "default_device",
-    "image_tokens_per_image",
     "incomplete_reason",
     "is_finished_run",
     "is_run_folder",
