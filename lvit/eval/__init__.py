@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lvit.answers import AnswerFile
 
 METRICS = ("exact_match", "scienceqa", "pope")
 
@@ -132,7 +136,7 @@ def answer_records(
     load_4bit: bool = False,
     device: str | None = None,
     progress: bool = True,
-):
+) -> AnswerFile:
     """Write benchmark `records` (LLaVA format) to `out_dir/questions.jsonl` and answer them into
     `out_dir/answers.jsonl` (resumable; `lvit.answers.answer_questions`). Returns the `AnswerFile`."""
     import json
