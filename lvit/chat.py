@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TextIO
 
 from lvit.errors import LvitError
-from lvit.generate import GenerationSettings, LoadedModel, eval_mode, generate_batch
+from lvit.generation import GenerationSettings, eval_mode, generate_batch
+from lvit.runs.load import LoadedModel
 from lvit.templates import Conversation
 
 EXIT_WORDS = {"exit", "quit"}

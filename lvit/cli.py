@@ -201,6 +201,7 @@ def recipes_cp(
 
 @app.command()
 def export(
+    ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="An lvit run folder (training.output_dir) or one of its checkpoint-N."),
     out: Path = typer.Option(..., "--out", help="Folder to write the export to (created; must not hold files)."),
     dtype: str = typer.Option(
@@ -219,6 +220,7 @@ def export(
     """Export a run (any stage / method, or a checkpoint) as a stock, self-checked LLaVA folder."""
     from lvit.export import export as do_export
 
+    _show_progress(ctx)
     try:
         do_export(
             run_dir,
@@ -252,6 +254,27 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+class _Terminal(logging.Handler):
+    """Progress messages on stdout, warnings on stderr (through typer, so a test runner's streams are used)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(self.format(record), err=record.levelno >= logging.WARNING)
+
+
+def _show_progress(ctx: typer.Context) -> None:
+    """Show the library's messages (the "lvit" logger, INFO and up) while this command runs."""
+    logger = logging.getLogger("lvit")
+    handler, level = _Terminal(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+    ctx.call_on_close(restore)
+
+
 @app.command()
 def chat(
     model: Path = typer.Argument(..., help=_MODEL_HELP),
@@ -267,7 +290,8 @@ def chat(
 ) -> None:
     """Talk to a trained model about an image; answers stream as they are generated."""
     from lvit.chat import ChatSession, interactive
-    from lvit.generate import GenerationSettings, load_model
+    from lvit.generation import GenerationSettings
+    from lvit.runs import load_model
 
     try:
         settings = GenerationSettings(max_new_tokens, temperature, top_p)
@@ -283,6 +307,7 @@ def chat(
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help=_MODEL_HELP),
     data: Path = typer.Option(
         ..., "--data", help="Questions in any data format lvit reads; the last user turn of each record is answered."
@@ -297,42 +322,27 @@ def generate(
     device: str = typer.Option(None, "--device", help="Default: cuda if available, else cpu."),
 ) -> None:
     """Answer a question file into a JSONL file (batched, resumable)."""
-    from lvit.eval import exact_match
-    from lvit.generate import (
-        GenerationSettings,
-        check_images,
-        generate_file,
-        load_model,
-        read_answer_file,
-        read_questions,
-    )
+    from lvit.answers import answer_question_file
+    from lvit.generation import GenerationSettings
 
+    _show_progress(ctx)
     try:
-        settings = GenerationSettings(max_new_tokens, temperature, top_p)
-        settings.kwargs()
-        if batch_size < 1:
-            raise LvitError(f"--batch-size must be at least 1, got {batch_size}")
-        questions = read_questions(data)
-        check_images(questions, image_folder)
-        done = read_answer_file(out)
-        already = sum(q.id in done for q in questions)
-        if already:
-            typer.echo(f"{out}: {already} of {len(questions)} questions already answered; answering the rest")
-        rows = generate_file(
-            lambda: load_model(model, load_4bit=load_4bit, device=device),
-            questions,
+        answers = answer_question_file(
+            model,
+            data,
             out,
             image_folder,
-            settings,
+            GenerationSettings(max_new_tokens, temperature, top_p),
             batch_size,
+            load_4bit=load_4bit,
+            device=device,
         )
     except LvitError as exc:
         raise _fail(exc) from None
-    answered = [rows[q.id] for q in questions if q.id in rows]
-    typer.echo(f"{len(answered)} answers in {out}")
-    scored = [row for row in answered if row.get("reference") is not None]
-    if scored:
-        typer.echo(f"exact match against the references: {exact_match(scored)['accuracy']:.1%} of {len(scored)}")
+    typer.echo(f"{len(answers.answered)} answers in {out}")
+    scores = answers.exact_match()
+    if scores is not None:
+        typer.echo(f"exact match against the references: {scores['accuracy']:.1%} of {scores['total']}")
 
 
 eval_app = typer.Typer(
@@ -342,13 +352,9 @@ eval_app = typer.Typer(
 app.add_typer(eval_app, name="eval")
 
 
-def _eval_mode(model: Path | None, predictions: Path | None) -> None:
-    if (model is None) == (predictions is None):
-        raise LvitError("pass either MODEL (generate, then score) or --predictions FILE (score existing outputs)")
-
-
 @eval_app.command("scienceqa")
 def eval_scienceqa(
+    ctx: typer.Context,
     model: Path = typer.Argument(None, help=_MODEL_HELP + " Omit with --predictions."),
     problems: Path = typer.Option(..., "--problems", help="ScienceQA's problems.json."),
     splits: Path = typer.Option(..., "--splits", help="ScienceQA's pid_splits.json."),
@@ -373,42 +379,35 @@ def eval_scienceqa(
     device: str = typer.Option(None, "--device"),
 ) -> None:
     """ScienceQA accuracy, overall and by subject (NAT/SOC/LAN), context (TXT/IMG/NO) and grade."""
-    from lvit.eval import read_predictions, write_results
     from lvit.eval import scienceqa as sqa
-    from lvit.generate import GenerationSettings
+    from lvit.generation import GenerationSettings
 
+    _show_progress(ctx)
     try:
-        _eval_mode(model, predictions)
-        if predictions is not None:
-            probs, pids = sqa.load_split(problems, splits, split)
-            scores = sqa.score(probs, pids, read_predictions(predictions))
-            target = out or predictions.with_name(f"{predictions.stem}_results.json")
-            write_results("scienceqa", scores, target, predictions=str(predictions), split=split)
-        else:
-            folder = out or model / "eval" / f"scienceqa-{split}"
-            scores = sqa.evaluate(
-                model,
-                problems,
-                splits,
-                folder,
-                split=split,
-                image_folder=image_folder,
-                settings=GenerationSettings(max_new_tokens),
-                batch_size=batch_size,
-                load_4bit=load_4bit,
-                device=device,
-                limit=limit,
-                answer_format=answer_format,
-            )
-            target = folder / "results.json"
+        result = sqa.run_eval(
+            model,
+            problems,
+            splits,
+            predictions=predictions,
+            split=split,
+            out=out,
+            image_folder=image_folder,
+            settings=GenerationSettings(max_new_tokens),
+            batch_size=batch_size,
+            load_4bit=load_4bit,
+            device=device,
+            limit=limit,
+            answer_format=answer_format,
+        )
     except LvitError as exc:
         raise _fail(exc) from None
-    typer.echo(sqa.format_table(scores, f"ScienceQA {split} ({scores['total']} problems)"))
-    typer.echo(f"results: {target}")
+    typer.echo(sqa.format_table(result.scores, f"ScienceQA {split} ({result.scores['total']} problems)"))
+    typer.echo(f"results: {result.path}")
 
 
 @eval_app.command("pope")
 def eval_pope(
+    ctx: typer.Context,
     model: Path = typer.Argument(None, help=_MODEL_HELP + " Omit with --predictions."),
     annotations: list[Path] = typer.Option(
         ..., "--annotations", help="A POPE split file (coco_pope_<split>.json) or a folder holding them; repeatable."
@@ -430,37 +429,28 @@ def eval_pope(
     device: str = typer.Option(None, "--device"),
 ) -> None:
     """POPE: accuracy, precision, recall, F1 and yes-ratio per split (adversarial / popular / random)."""
-    from lvit.eval import pope, read_predictions, write_results
-    from lvit.generate import GenerationSettings
+    from lvit.eval import pope
+    from lvit.generation import GenerationSettings
 
+    _show_progress(ctx)
     try:
-        _eval_mode(model, predictions)
-        files = [f for a in annotations for f in (sorted(a.glob("coco_pope_*.json")) if a.is_dir() else [a])]
-        if not files:
-            raise LvitError(f"no annotation files in {', '.join(map(str, annotations))}")
-        if predictions is not None:
-            scores = pope.score(pope.read_splits(files), read_predictions(predictions))
-            target = out or predictions.with_name(f"{predictions.stem}_results.json")
-            write_results("pope", scores, target, predictions=str(predictions))
-        else:
-            folder = out or model / "eval" / "pope"
-            scores = pope.evaluate(
-                model,
-                files,
-                folder,
-                image_folder=image_folder,
-                settings=GenerationSettings(max_new_tokens),
-                batch_size=batch_size,
-                load_4bit=load_4bit,
-                device=device,
-                limit=limit,
-                prompt_suffix=_unescape(prompt_suffix),
-            )
-            target = folder / "results.json"
+        result = pope.run_eval(
+            model,
+            annotations,
+            predictions=predictions,
+            out=out,
+            image_folder=image_folder,
+            settings=GenerationSettings(max_new_tokens),
+            batch_size=batch_size,
+            load_4bit=load_4bit,
+            device=device,
+            limit=limit,
+            prompt_suffix=_unescape(prompt_suffix),
+        )
     except LvitError as exc:
         raise _fail(exc) from None
-    typer.echo(pope.format_table(scores))
-    typer.echo(f"results: {target}")
+    typer.echo(pope.format_table(result.scores))
+    typer.echo(f"results: {result.path}")
 
 
 def _unescape(text: str) -> str:

@@ -63,8 +63,11 @@ def evaluate(run_dir: Path, test_path: Path, image_folder: Path) -> dict[str, fl
 
     The answers are written to `<run_dir>/eval/heldout-answers.jsonl` (the format `lvit generate` writes).
     """
+    from lvit.answers import generate_file
     from lvit.eval import exact_match
-    from lvit.generate import GenerationSettings, generate_file, load_model, read_questions
+    from lvit.generation import GenerationSettings
+    from lvit.questions import read_questions
+    from lvit.runs import load_model
     from lvit.synthetic import question_kind
 
     # A full fine-tune loads with plain `LlavaForConditionalGeneration.from_pretrained`; adapter runs

@@ -12,9 +12,7 @@ The paper's projector is one matrix W (plus bias). The stock projector is always
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import torch
 
@@ -25,8 +23,6 @@ from lvit.templates import IMAGE_PLACEHOLDER, VICUNA_V1_CHAT_TEMPLATE
 log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<pad>"
-PROJECTOR_FILE = "projector.safetensors"
-RUN_INFO_FILE = "lvit_run.json"
 _ACT = {"linear": "linear", "mlp2x_gelu": "gelu"}
 
 
@@ -59,7 +55,7 @@ def build_processor(image_processor, tokenizer, vision_config):
         tokenizer=tokenizer,
         patch_size=vision_config.patch_size,
         vision_feature_select_strategy="default",
-        # CLIP's CLS token: the processor subtracts one for "default" (STACK-NOTES: else 1 token short)
+        # CLIP's CLS token: the processor subtracts one for "default" (docs/stack-notes.md: else 1 token short)
         num_additional_image_tokens=1,
         chat_template=VICUNA_V1_CHAT_TEMPLATE,
     )
@@ -117,7 +113,7 @@ def assemble(
         )
 
     resize_embeddings(lm, len(tokenizer))
-    # Only after resizing (STACK-NOTES: else "Padding_idx must be within num_embeddings").
+    # Only after resizing (docs/stack-notes.md: else "Padding_idx must be within num_embeddings").
     lm.config.pad_token_id = tokenizer.pad_token_id
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
 
@@ -198,35 +194,11 @@ def new_projector(config, kind: str, dtype: torch.dtype):
     return projector
 
 
-def save_projector(model, out_dir: str | Path) -> Path:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()}
-    path = Path(out_dir) / PROJECTOR_FILE
-    save_file(state, str(path))
-    return path
-
-
 def load_projector(model, run_dir: str, kind: str, source: str = "<recipe>") -> None:
-    """Load a stage-1 run's projector into `model`, checking type and shapes."""
-    from safetensors.torch import load_file
+    """Load a stage-1 run's projector (`lvit.runs.read_projector`) into `model`, checking type and shapes."""
+    from lvit.runs import read_projector
 
-    run = Path(run_dir)
-    path = run / PROJECTOR_FILE
-    if not path.is_file():
-        raise LvitError(
-            f"{source}: model.projector_from = {run_dir!r} has no {PROJECTOR_FILE}; point it at the "
-            "output folder of a finished `stage: align` run."
-        )
-    info_path = run / RUN_INFO_FILE
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        if info.get("projector") not in (None, kind):
-            raise LvitError(
-                f"{source}: model.projector is {kind!r} but the stage-1 run {run_dir!r} trained a "
-                f"{info['projector']!r} projector; make them match."
-            )
-    state = load_file(str(path))
+    state, path = read_projector(run_dir, kind, source)
     target = model.model.multi_modal_projector
     expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}

@@ -6,26 +6,29 @@ model, freezes it for its stage, prepares the data, trains through TRL and saves
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import SFTTrainer
 
-from lvit.checkpoints import GracefulStop, resume_checkpoint, set_aside_incomplete
 from lvit.errors import LvitError
+from lvit.preemption import GracefulStop
 from lvit.recipe import Recipe, gradient_accumulation
+from lvit.runs import (
+    model_weight_files,
+    resume_checkpoint,
+    run_info,
+    set_aside_incomplete,
+    write_projector,
+    write_run_files,
+)
 
 log = logging.getLogger("lvit")
-
-RECIPE_FILE = "lvit_recipe.yaml"
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
@@ -45,18 +48,10 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    single = folder / "model.safetensors"
-    return [single] if single.is_file() else []
-
-
 class LlavaTrainer(SFTTrainer):
     """`SFTTrainer` with an optional separate learning rate for the projector.
 
-    TRL has no per-module learning rates (STACK-NOTES), so the optimizer's parameter groups are
+    TRL has no per-module learning rates (docs/stack-notes.md), so the optimizer's parameter groups are
     built here: projector / rest, each split into decay / no-decay like `Trainer` does.
     """
 
@@ -72,7 +67,7 @@ class LlavaTrainer(SFTTrainer):
         # their own loaders.
         model = model if model is not None else self.model
         folder = Path(resume_from_checkpoint)
-        files = _weight_files(folder)
+        files = model_weight_files(folder)
         if not files or self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(model, "peft_config"):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from safetensors.torch import load_file
@@ -293,30 +288,6 @@ def run(recipe: Recipe, resume: bool | None = None) -> Path:
     return out
 
 
-def run_info(recipe: Recipe, metrics: dict | None = None, skipped: int = 0) -> dict:
-    """What `lvit_run.json` says about a run (also written into every checkpoint)."""
-    return {
-        "stage": recipe.stage,
-        "method": recipe.method,
-        "projector": recipe.model.projector,
-        "vision_tower": recipe.model.vision_tower,
-        "language_model": recipe.model.language_model,
-        "projector_from": recipe.model.projector_from,
-        "template": recipe.data.template,
-        "data": recipe.data.path,
-        "recipe": recipe.source,
-        "skipped_records": skipped,  # invalid (on_bad_record=skip) or too long; see skipped_records.jsonl
-        "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)},
-    }
-
-
-def write_run_files(folder: Path, recipe: Recipe, info: dict) -> None:
-    from lvit.model import RUN_INFO_FILE
-
-    (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    (folder / RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
-
-
 class RunFilesCallback(TrainerCallback):
     """Puts the recipe, run summary and processor into every checkpoint, so each one can be
     resumed, exported or chatted with on its own."""
@@ -335,8 +306,6 @@ class RunFilesCallback(TrainerCallback):
 
 def save_run(trainer, recipe: Recipe, processor, metrics: dict, skipped: int = 0) -> None:
     """Write the run folder: weights (stage 2) or projector (stage 1), processor, recipe, summary."""
-    from lvit.model import PROJECTOR_FILE
-
     out = Path(trainer.args.output_dir)
     if recipe.stage == "align":
         # Only the projector trained: save just it (what stage 2's model.projector_from consumes), not a
@@ -345,14 +314,8 @@ def save_run(trainer, recipe: Recipe, processor, metrics: dict, skipped: int = 0
             trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
         )
         if trainer.args.should_save:
-            from safetensors.torch import save_file
-
             prefix = "model.multi_modal_projector."
-            projector = {
-                k[len(prefix) :]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(prefix)
-            }
-            out.mkdir(parents=True, exist_ok=True)
-            save_file(projector, str(out / PROJECTOR_FILE))
+            write_projector(out, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
             trainer.model.config.save_pretrained(out)
     else:
         trainer.save_model(str(out))

@@ -11,10 +11,15 @@ from typer.testing import CliRunner
 
 from lvit.chat import ChatSession, interactive
 from lvit.cli import app
-from lvit.generate import GenerationSettings, generate_answers, load_model
+from lvit.generation import GenerationSettings, iter_answers
+from lvit.runs import load_model
 from lvit.templates import Conversation
 
 MAX_NEW = 12
+
+
+def _model_parts(loaded) -> tuple:
+    return loaded.model, loaded.encoder(), loaded.image_loader()
 
 
 def _train(tiny_recipe, tmp_path_factory, stage="finetune", **overrides) -> Path:
@@ -52,7 +57,7 @@ def test_session_keeps_history_and_streams(full_run, image):
     ]
     # The second answer is what the batch path gives for the same history (image in the first user turn).
     conv = Conversation(turns=session.turns[:3], has_image=True)
-    expected = generate_answers(loaded.model, loaded.encoder(), loaded.image_loader(), [conv], [image], MAX_NEW)
+    _, expected = next(iter_answers(*_model_parts(loaded), [conv], [image], GenerationSettings(MAX_NEW)))
     assert second == expected[0]
     assert not loaded.model.training
 
@@ -66,7 +71,7 @@ def test_cli_prompt_answers_like_generate(full_run, image):
     assert result.exit_code == 0, result.output
     loaded = load_model(full_run, device="cpu")
     conv = Conversation(turns=[("user", "Where is the shape?")], has_image=True)
-    expected = generate_answers(loaded.model, loaded.encoder(), loaded.image_loader(), [conv], [image], MAX_NEW)
+    _, expected = next(iter_answers(*_model_parts(loaded), [conv], [image], GenerationSettings(MAX_NEW)))
     assert result.stdout.strip() == expected[0]
 
 

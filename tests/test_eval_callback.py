@@ -9,8 +9,11 @@ import pytest
 from safetensors.torch import load_file
 
 import lvit.eval.callback
+from lvit.answers import generate_file
 from lvit.errors import LvitError
-from lvit.generate import GenerationSettings, generate_file, load_model, read_questions
+from lvit.generation import GenerationSettings
+from lvit.questions import read_questions
+from lvit.runs import load_model
 
 MAX_NEW = 4
 

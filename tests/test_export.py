@@ -8,9 +8,12 @@ that must not import lvit or peft.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,12 +23,29 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lvit.errors import LvitError
-from lvit.export import EXPORT_INFO_FILE, default_tolerance, export, safetensors_keys
-from lvit.model import PROJECTOR_FILE, RUN_INFO_FILE
-from lvit.runs import RECIPE_FILE, load_trained
+from lvit.export import export, safetensors_keys
+from lvit.runs import EXPORT_INFO_FILE, PROJECTOR_FILE, RECIPE_FILE, RUN_INFO_FILE, load_trained
+from lvit.selfcheck import default_tolerance
 
 LORA = {"r": 8, "alpha": 16}
 ADAPTER_MARKERS = ("lora_", "modules_to_save", "base_layer", "original_module")
+
+
+@contextmanager
+def _logged() -> Iterator[list[str]]:
+    """The messages of the "lvit" logger (what the CLI shows) while inside."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("lvit")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _train(tiny_recipe, tmp_path_factory, stage: str, **overrides) -> Path:
@@ -71,8 +91,8 @@ def exports(align_run, full_run, qlora_run, tmp_path_factory):
     }
     out = {}
     for name, (run_dir, dtype) in jobs.items():
-        printed: list[str] = []
-        result = export(run_dir, root / name, dtype=dtype, echo=printed.append)
+        with _logged() as printed:
+            result = export(run_dir, root / name, dtype=dtype)
         out[name] = (run_dir, result, "\n".join(printed))
     return out
 
@@ -274,7 +294,7 @@ def test_projector_only_feeds_a_stage2_recipe(align_run, tiny_recipe, tmp_path):
     from lvit.model import assemble
     from lvit.train import check_inputs
 
-    result = export(align_run, tmp_path / "proj", projector_only=True, echo=lambda _: None)
+    result = export(align_run, tmp_path / "proj", projector_only=True)
     out = result.path
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [PROJECTOR_FILE, RUN_INFO_FILE, RECIPE_FILE, "README.md", EXPORT_INFO_FILE]
@@ -293,7 +313,7 @@ def test_projector_only_feeds_a_stage2_recipe(align_run, tiny_recipe, tmp_path):
 
 
 def test_projector_only_of_a_lora_run_is_its_trained_projector(lora_run, cli_export, tmp_path):
-    result = export(lora_run, tmp_path / "proj", projector_only=True, dtype="fp32", echo=lambda _: None)
+    result = export(lora_run, tmp_path / "proj", projector_only=True, dtype="fp32")
     written = load_file(str(result.path / PROJECTOR_FILE))
     model, _, _ = load_trained(lora_run)
     wrapper = model.get_base_model().model.multi_modal_projector
@@ -328,7 +348,7 @@ def test_refuses_existing_folder_and_the_run_itself(full_run, tmp_path):
 def test_failed_self_check_leaves_nothing(full_run, tmp_path, monkeypatch):
     import lvit.export as export_mod
 
-    real = export_mod._load_merged
+    real = export_mod.load_merged
 
     def corrupted(run, dtype):  # a broken merge: one weight off
         model, processor, run = real(run, dtype)
@@ -336,9 +356,9 @@ def test_failed_self_check_leaves_nothing(full_run, tmp_path, monkeypatch):
             model.lm_head.weight[0] += 1.0
         return model, processor, run
 
-    monkeypatch.setattr(export_mod, "_load_merged", corrupted)
+    monkeypatch.setattr(export_mod, "load_merged", corrupted)
     with pytest.raises(LvitError, match="self-check failed.*nothing was written"):
-        export(full_run, tmp_path / "new" / "export", dtype="fp32", echo=lambda _: None)
+        export(full_run, tmp_path / "new" / "export", dtype="fp32")
     assert list(tmp_path.iterdir()) == []  # no output folder, no temporary folder, no parent it created
 
     out = tmp_path / "export"
@@ -347,5 +367,5 @@ def test_failed_self_check_leaves_nothing(full_run, tmp_path, monkeypatch):
     out.mkdir()
     (out / "keep.txt").write_text("previous export")
     with pytest.raises(LvitError, match="self-check failed"):
-        export(full_run, out, dtype="fp32", overwrite=True, echo=lambda _: None)
+        export(full_run, out, dtype="fp32", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["export"] and (out / "keep.txt").is_file()

@@ -1,4 +1,4 @@
-"""`lvit generate` and `lvit.generate`: question files, batched generation, resumable answer files.
+"""`lvit generate`: question files, batched generation, resumable answer files.
 
 The model is the tiny LLaVA after one step at a tiny learning rate: close to random, so its greedy
 answers run to max_new_tokens or stop early depending on the question and image (varied lengths),
@@ -14,18 +14,20 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from lvit.answers import generate_file, read_answer_file
 from lvit.cli import app
 from lvit.errors import LvitError
-from lvit.generate import (
-    GenerationSettings,
-    generate_answers,
-    generate_file,
-    load_model,
-    read_answer_file,
-    read_questions,
-)
+from lvit.generation import GenerationSettings, iter_answers
+from lvit.questions import read_questions
+from lvit.runs import load_model
 
 MAX_NEW = 16
+
+
+def _answers(model, encoder, loader, convs, images, batch_size=16, **settings) -> list[str]:
+    """Every answer `iter_answers` gives, in order."""
+    batches = iter_answers(model, encoder, loader, convs, images, GenerationSettings(**settings), batch_size)
+    return [answer for _, answers in batches for answer in answers]
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +110,9 @@ def test_batched_equals_one_at_a_time(loaded, questions_file, shapes_data):
     questions = read_questions(questions_file)
     convs, images = [q.conversation for q in questions], [q.image for q in questions]
     args = (loaded.model, loaded.encoder(), loaded.image_loader(shapes_data["images"]), convs, images)
-    single = generate_answers(*args, max_new_tokens=MAX_NEW, batch_size=1)
+    single = _answers(*args, max_new_tokens=MAX_NEW, batch_size=1)
     for batch_size in (4, len(questions)):
-        assert generate_answers(*args, max_new_tokens=MAX_NEW, batch_size=batch_size) == single
+        assert _answers(*args, max_new_tokens=MAX_NEW, batch_size=batch_size) == single
     lengths = {len(loaded.processor.tokenizer(a)["input_ids"]) for a in single}
     assert len(lengths) > 2, single  # the answers really differ in length (some stop early)
     assert not loaded.model.training
@@ -192,7 +194,7 @@ def test_stock_llava_folder_answers_like_the_run(loaded, near_random_run, questi
     assert type(stock.model).__name__ == "LlavaForConditionalGeneration" and stock.template == "vicuna_v1"
     questions = read_questions(questions_file)
     convs, images = [q.conversation for q in questions], [q.image for q in questions]
-    expected = generate_answers(
+    expected = _answers(
         loaded.model,
         loaded.encoder(),
         loaded.image_loader(shapes_data["images"]),
@@ -200,7 +202,7 @@ def test_stock_llava_folder_answers_like_the_run(loaded, near_random_run, questi
         images,
         max_new_tokens=MAX_NEW,
     )
-    got = generate_answers(
+    got = _answers(
         stock.model, stock.encoder(), stock.image_loader(shapes_data["images"]), convs, images, max_new_tokens=MAX_NEW
     )
     assert got == expected
@@ -219,7 +221,7 @@ def test_sampling_options(loaded, questions_file, shapes_data):
     questions = read_questions(questions_file)[:3]
     convs, images = [q.conversation for q in questions], [q.image for q in questions]
     loader = loaded.image_loader(shapes_data["images"])
-    answers = generate_answers(
+    answers = _answers(
         loaded.model, loaded.encoder(), loader, convs, images, max_new_tokens=8, temperature=1.0, top_p=0.9
     )
     assert len(answers) == 3

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lvit.checkpoints import incomplete_reason, resume_checkpoint, set_aside_incomplete
 from lvit.errors import LvitError
+from lvit.runs import incomplete_reason, resume_checkpoint, set_aside_incomplete
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from lvit.model import PROJECTOR_FILE, RUN_INFO_FILE, assemble
+from lvit.model import assemble
+from lvit.runs import PROJECTOR_FILE, RUN_INFO_FILE
 from lvit.train import run
 
 

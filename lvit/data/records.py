@@ -205,8 +205,11 @@ class ReadResult:
     """index -> (image, id, line) of invalid records that still name an image, to check it too."""
 
 
-def read_all(path: Path, fmt: str = "auto") -> ReadResult:
-    """Read a data source and normalise every record (no image checks)."""
+def read_all(path: Path, fmt: str = "auto", require_answer: bool = True) -> ReadResult:
+    """Read a data source and normalise every record (no image checks).
+
+    With `require_answer=False` a conversation may end with a user turn (a question to answer).
+    """
     if fmt not in FORMATS:
         raise LvitError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
     container, schema, raws, lines, problems = load_rows(Path(path), fmt)
@@ -218,7 +221,7 @@ def read_all(path: Path, fmt: str = "auto") -> ReadResult:
             continue
         line = lines[index]
         try:
-            records.append(norm(raw, index, line))
+            records.append(norm(raw, index, line, require_answer=require_answer))
         except RecordError as exc:
             problems.append(exc)
             image = _image_field(raw, schema)
@@ -234,6 +237,7 @@ def read_records(
     image_folder: str | Path | None = None,
     check_images: bool = False,
     decode: bool = False,
+    require_answer: bool = True,
 ) -> tuple[list[Record], list[RecordError], int]:
     """Read a data file (or dataset) in any supported format and validate every record.
 
@@ -242,9 +246,10 @@ def read_records(
     `fmt` is `auto` (detected), `llava`, `chat` or `hf` (a Hugging Face dataset whose rows use
     either schema). With `check_images`, each record's image must exist (relative paths are
     resolved against `image_folder`; one stat per distinct file); with `decode`, it is also fully
-    decoded, as training would (once per distinct file).
+    decoded, as training would (once per distinct file). With `require_answer=False`, a conversation
+    may end with a user turn (question files); training data must end with the answer that trains.
     """
-    read = read_all(Path(path), fmt)
+    read = read_all(Path(path), fmt, require_answer)
     records, problems = read.records, list(read.problems)
     if check_images or decode:
         records, image_problems = check_record_images(read, image_folder, decode)
@@ -354,7 +359,7 @@ def _not_an_object(raw: object, index: int, line: int | None) -> RecordError:
     )
 
 
-def normalise(raw: object, index: int, line: int | None = None) -> Record:
+def normalise(raw: object, index: int, line: int | None = None, require_answer: bool = True) -> Record:
     """Validate one raw LLaVA record and turn it into a `Record`, or raise `RecordError`.
 
     Written for speed (it runs once per record of a 600K-record file): the checks are the same
@@ -404,7 +409,8 @@ def normalise(raw: object, index: int, line: int | None = None) -> Record:
             system = value
             continue
         turns.append((role, value))
-    return _finish(_Fail(raw, index, line), _rid(raw, index), index, line, image, turns, system, placeholders, False)
+    fail = _Fail(raw, index, line)
+    return _finish(fail, _rid(raw, index), index, line, image, turns, system, placeholders, False, require_answer)
 
 
 def _check_image_field(image, fail):
@@ -421,7 +427,9 @@ def _check_image_field(image, fail):
     return image
 
 
-def _finish(fail, rid, index, line, image, turns, system, placeholders, chat: bool) -> Record:
+def _finish(
+    fail, rid, index, line, image, turns, system, placeholders, chat: bool, require_answer: bool = True
+) -> Record:
     human, gpt = ("user", "assistant") if chat else ("human", "gpt")
     if not turns:
         raise fail("no_conversation", f"the conversation has no {human}/{gpt} turns")
@@ -435,7 +443,7 @@ def _finish(fail, rid, index, line, image, turns, system, placeholders, chat: bo
                 f"turns must alternate {human}/{gpt}, but turns {t - 1} and {t} are both '{role}'",
             )
         prev = role
-    if turns[-1][0] != "assistant":
+    if require_answer and turns[-1][0] != "assistant":
         raise fail(
             "ends_with_user",
             "the conversation must end with an assistant message, which is what trains; remove the last user "
@@ -466,7 +474,7 @@ def _finish(fail, rid, index, line, image, turns, system, placeholders, chat: bo
     return Record(rid, index, image, Conversation(turns=turns, has_image=image is not None, system=system), line)
 
 
-def normalise_chat(raw: object, index: int, line: int | None = None) -> Record:
+def normalise_chat(raw: object, index: int, line: int | None = None, require_answer: bool = True) -> Record:
     """Validate one chat-format record (`messages` + `images`) into a `Record`, or raise `RecordError`."""
     if not isinstance(raw, dict):
         raise RecordError(
@@ -518,7 +526,7 @@ def normalise_chat(raw: object, index: int, line: int | None = None) -> Record:
         if count and (role != "user" or turns):
             raise fail("placeholder_mismatch", f"message {m}: an image may only appear in the first user message")
         turns.append((role, text))
-    return _finish(fail, rid, index, line, image, turns, system, placeholders, chat=True)
+    return _finish(fail, rid, index, line, image, turns, system, placeholders, True, require_answer)
 
 
 def _chat_content(content, m: int, fail) -> tuple[str, int]:

@@ -1,10 +1,18 @@
 """Measuring a trained model: benchmark scorers (ScienceQA, POPE) and evaluation during training.
 
-Every metric scores rows of an answer file (`lvit.generate`: `{"id", "answer", "reference"}`);
-`score_answers` picks the metric by name, as a recipe's `eval.metric` does.
+Every metric scores rows of an answer file (`lvit.answers`: `{"id", "answer", "reference"}`);
+`score_answers` picks the metric by name, as a recipe's `eval.metric` does. A benchmark either
+generates answers with a model and scores them, or scores existing outputs (`--predictions`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lvit.answers import AnswerFile
 
 METRICS = ("exact_match", "scienceqa", "pope")
 
@@ -41,7 +49,6 @@ def read_predictions(path) -> dict[str, str]:
       (lvit's answer files; LLaVA's `model_vqa*.py` answer files).
     """
     import json
-    from pathlib import Path
 
     from lvit.errors import LvitError
 
@@ -90,7 +97,6 @@ def _prediction_text(value, path, key) -> str:
 def write_results(benchmark: str, scores: dict, path, **extra):
     """Write a benchmark's scores (and what produced them) as JSON; returns the path."""
     import json
-    from pathlib import Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +104,29 @@ def write_results(benchmark: str, scores: dict, path, **extra):
     return path
 
 
-def answer_questions(
+@dataclass
+class BenchmarkResult:
+    """A benchmark's scores and the results file they were written to."""
+
+    scores: dict
+    path: Path
+
+
+def check_model_or_predictions(model, predictions) -> None:
+    """A benchmark runs on a model (generate, then score) or on existing outputs, not both, not neither."""
+    from lvit.errors import LvitError
+
+    if (model is None) == (predictions is None):
+        raise LvitError("pass either MODEL (generate, then score) or --predictions FILE (score existing outputs)")
+
+
+def predictions_results_path(predictions) -> Path:
+    """Where the scores of an existing predictions file go by default: `<stem>_results.json` beside it."""
+    predictions = Path(predictions)
+    return predictions.with_name(f"{predictions.stem}_results.json")
+
+
+def answer_records(
     model_path,
     records: list[dict],
     out_dir,
@@ -108,27 +136,26 @@ def answer_questions(
     load_4bit: bool = False,
     device: str | None = None,
     progress: bool = True,
-) -> tuple[list, dict[str, dict]]:
+) -> AnswerFile:
     """Write benchmark `records` (LLaVA format) to `out_dir/questions.jsonl` and answer them into
-    `out_dir/answers.jsonl` (resumable). Returns `(questions, answer rows by id)`."""
+    `out_dir/answers.jsonl` (resumable; `lvit.answers.answer_questions`). Returns the `AnswerFile`."""
     import json
-    from pathlib import Path
 
-    from lvit.generate import check_images, generate_file, load_model, read_questions
+    from lvit.answers import answer_questions
+    from lvit.questions import read_questions
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     questions_path = out_dir / "questions.jsonl"
     questions_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    questions = read_questions(questions_path)
-    check_images(questions, image_folder)  # before the model loads
-    rows = generate_file(
-        lambda: load_model(model_path, load_4bit=load_4bit, device=device),
-        questions,
+    return answer_questions(
+        model_path,
+        read_questions(questions_path),
         out_dir / "answers.jsonl",
         image_folder,
         settings,
-        batch_size=batch_size,
+        batch_size,
+        load_4bit=load_4bit,
+        device=device,
         progress=progress,
     )
-    return questions, rows

@@ -13,7 +13,7 @@ At the end of training the run folder gets `eval/results.json` and `eval/answers
 `every_n_steps`, `eval/step-N/` holds the same at step N. Evaluation never changes training:
 generation runs without gradients in eval mode, every module's train/eval mode and every random
 number generator are restored afterwards, and 4-bit layers are kept out of bitsandbytes' CPU
-repacking, whose packed weights have no backward (STACK-NOTES).
+repacking, whose packed weights have no backward (docs/stack-notes.md).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ EVAL_DIR = "eval"
 
 def check_eval_inputs(recipe) -> None:
     """The recipe's evaluation questions and images exist (checked before any model loads)."""
-    from lvit.generate import check_images, read_questions
+    from lvit.questions import check_images, read_questions
 
     section = recipe.eval
     if section.data is None:
@@ -89,7 +89,8 @@ class EvalCallback(TrainerCallback):
 
     def __init__(self, recipe, processor, encoder):
         from lvit.data.images import ImageLoader
-        from lvit.generate import GenerationSettings, read_questions
+        from lvit.generation import GenerationSettings
+        from lvit.questions import read_questions
 
         self.recipe = recipe
         self.section = recipe.eval
@@ -110,13 +111,14 @@ class EvalCallback(TrainerCallback):
         """Generate and score on the main process; other processes go on (DDP waits for it at the next step)."""
         if not state.is_world_process_zero:
             return None
+        from lvit.answers import answer_row
         from lvit.eval import score_answers
-        from lvit.generate import answer_row, iter_answers
+        from lvit.generation import iter_answers
 
         if self.recipe.method == "qlora":
             from lvit.quant import disable_cpu_repacking
 
-            disable_cpu_repacking(model)  # done at load already; generation must never repack (STACK-NOTES)
+            disable_cpu_repacking(model)  # done at load already; generation must never repack (docs/stack-notes.md)
         rng = _rng_state()
         try:
             rows = []

@@ -152,14 +152,51 @@ def format_table(scores: dict, title: str = "POPE") -> str:
 def evaluate(model_path, annotation_paths, out_dir, limit: int | None = None, prompt_suffix: str = "", **generation):
     """Answer every split's questions into `out_dir/answers.jsonl`; score into `out_dir/results.json`.
 
-    `generation`: `lvit.eval.answer_questions`'s options (image_folder, settings, batch_size, ...).
+    `generation`: `lvit.eval.answer_records`'s options (image_folder, settings, batch_size, ...).
     """
-    from lvit.eval import answer_questions, write_results
+    from lvit.eval import answer_records, write_results
 
     splits = read_splits(annotation_paths)
     if limit is not None:
         splits = {name: rows[:limit] for name, rows in splits.items()}
-    _, rows = answer_questions(model_path, question_records(splits, prompt_suffix), out_dir, **generation)
+    rows = answer_records(model_path, question_records(splits, prompt_suffix), out_dir, **generation).rows
     scores = score(splits, {key: row["answer"] for key, row in rows.items()})
     write_results("pope", scores, Path(out_dir) / "results.json", model=str(model_path))
     return scores
+
+
+def annotation_files(paths: list[str | Path]) -> list[Path]:
+    """The annotation files named: files as they are, folders as their `coco_pope_*.json`."""
+    paths = [Path(p) for p in paths]
+    files = [f for a in paths for f in (sorted(a.glob("coco_pope_*.json")) if a.is_dir() else [a])]
+    if not files:
+        raise LvitError(f"no annotation files in {', '.join(map(str, paths))}")
+    return files
+
+
+def run_eval(model, annotations: list[str | Path], predictions=None, out=None, **options):
+    """`lvit eval pope`: score `predictions` (existing outputs), or generate with `model` and score.
+
+    `annotations`: split files or folders holding them. Results go to `out` (default:
+    `<predictions stem>_results.json` beside the predictions, or `MODEL/eval/pope/` with the
+    answers). `options`: `evaluate`'s (image_folder, limit, prompt_suffix, settings, batch_size, ...),
+    used when generating. Returns a `BenchmarkResult`.
+    """
+    from lvit.eval import (
+        BenchmarkResult,
+        check_model_or_predictions,
+        predictions_results_path,
+        read_predictions,
+        write_results,
+    )
+
+    check_model_or_predictions(model, predictions)
+    files = annotation_files(annotations)
+    if predictions is not None:
+        scores = score(read_splits(files), read_predictions(predictions))
+        target = Path(out) if out is not None else predictions_results_path(predictions)
+        write_results("pope", scores, target, predictions=str(predictions))
+        return BenchmarkResult(scores, target)
+    folder = Path(out) if out is not None else Path(model) / "eval" / "pope"
+    scores = evaluate(model, files, folder, **options)
+    return BenchmarkResult(scores, folder / "results.json")

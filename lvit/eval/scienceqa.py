@@ -170,9 +170,9 @@ def evaluate(
 ) -> dict:
     """Generate answers for a split into `out_dir/answers.jsonl`, score them into `out_dir/results.json`.
 
-    `generation`: `lvit.eval.answer_questions`'s options (settings, batch_size, load_4bit, ...).
+    `generation`: `lvit.eval.answer_records`'s options (settings, batch_size, load_4bit, ...).
     """
-    from lvit.eval import answer_questions, write_results
+    from lvit.eval import answer_records, write_results
 
     problems, pids = load_split(problems_path, splits_path, split)
     if limit is not None:
@@ -180,8 +180,43 @@ def evaluate(
     if image_folder is None:
         image_folder = Path(problems_path).parent / "images" / split
     records = question_records(problems, pids, answer_format)
-    _, rows = answer_questions(model_path, records, out_dir, image_folder, **generation)
+    rows = answer_records(model_path, records, out_dir, image_folder, **generation).rows
     scores = score(problems, pids, {pid: rows[pid]["answer"] for pid in pids if pid in rows})
     extra = {"model": str(model_path), "split": split, "answer_format": answer_format}
     write_results("scienceqa", scores, Path(out_dir) / "results.json", **extra)
     return scores
+
+
+def run_eval(
+    model,
+    problems_path,
+    splits_path,
+    predictions=None,
+    split: str = "test",
+    out=None,
+    **options,
+):
+    """`lvit eval scienceqa`: score `predictions` (existing outputs), or generate with `model` and score.
+
+    Results go to `out` (default: `<predictions stem>_results.json` beside the predictions, or
+    `MODEL/eval/scienceqa-<split>/` with the answers). `options`: `evaluate`'s (image_folder, limit,
+    answer_format, settings, batch_size, ...), used when generating. Returns a `BenchmarkResult`.
+    """
+    from lvit.eval import (
+        BenchmarkResult,
+        check_model_or_predictions,
+        predictions_results_path,
+        read_predictions,
+        write_results,
+    )
+
+    check_model_or_predictions(model, predictions)
+    if predictions is not None:
+        problems, pids = load_split(problems_path, splits_path, split)
+        scores = score(problems, pids, read_predictions(predictions))
+        target = Path(out) if out is not None else predictions_results_path(predictions)
+        write_results("scienceqa", scores, target, predictions=str(predictions), split=split)
+        return BenchmarkResult(scores, target)
+    folder = Path(out) if out is not None else Path(model) / "eval" / f"scienceqa-{split}"
+    scores = evaluate(model, problems_path, splits_path, folder, split=split, **options)
+    return BenchmarkResult(scores, folder / "results.json")

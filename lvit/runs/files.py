@@ -1,0 +1,223 @@
+"""The files of a run folder, a checkpoint and an export: their names, and reading and writing them.
+
+Light imports only (no torch, transformers or safetensors at import time): `lvit.model` and the CLI
+reach this module.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lvit.errors import LvitError
+from lvit.recipe import Recipe, recipe_from_dict
+
+# In every run folder and checkpoint (written by lvit):
+RECIPE_FILE = "lvit_recipe.yaml"
+"""The recipe the run trained with, every override applied."""
+RUN_INFO_FILE = "lvit_run.json"
+"""What the run is (`run_info`); in the run folder itself it marks a finished run."""
+# In a finished stage-1 run folder, and in a `--projector-only` export:
+PROJECTOR_FILE = "projector.safetensors"
+"""The projector's weights, `linear_1.*` and `linear_2.*` (what `model.projector_from` reads)."""
+# In an export (`lvit export`):
+EXPORT_INFO_FILE = "lvit_export.json"
+"""What was exported from which run, and its self-check (the run's recipe included)."""
+MODEL_CARD_FILE = "README.md"
+# Written by the Trainer into every checkpoint, after everything else it saves:
+TRAINER_STATE_FILE = "trainer_state.json"
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# Weights, as transformers and peft name them:
+MODEL_WEIGHTS_FILE = "model.safetensors"
+MODEL_WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+"""A sharded model's index: tensor name -> shard file (`model-0000N-of-0000M.safetensors`)."""
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+WEIGHT_FILES = (MODEL_WEIGHTS_FILE, MODEL_WEIGHTS_INDEX_FILE, ADAPTER_WEIGHTS_FILE, "pytorch_model.bin")
+"""Any of these: a checkpoint holds weights (a whole model, sharded or not, or an adapter)."""
+
+
+@dataclass
+class RunFolder:
+    """A run folder or one of its checkpoints, as lvit wrote it."""
+
+    path: Path
+    recipe: Recipe
+    info: dict
+
+    @property
+    def kind(self) -> str:
+        """ "align", "full", "lora" or "qlora"."""
+        return "align" if self.recipe.stage == "align" else self.recipe.method
+
+    @property
+    def is_checkpoint(self) -> bool:
+        return CHECKPOINT_NAME.match(self.path.name) is not None
+
+    @property
+    def holds_whole_model(self) -> bool:
+        """A stock LLaVA checkpoint: a full run, or a stage-1 *checkpoint* (the Trainer saves the whole,
+        mostly frozen model there; only the finished stage-1 run folder holds just the projector)."""
+        if self.kind == "full":
+            return True
+        return (
+            self.kind == "align"
+            and not (self.path / PROJECTOR_FILE).is_file()
+            and any(self.path.glob("model*.safetensors"))
+        )
+
+    @property
+    def recipe_path(self) -> Path:
+        return self.path / RECIPE_FILE
+
+    def trainer_state(self) -> dict | None:
+        return read_trainer_state(self.path)
+
+
+def model_weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a whole model saved in `folder` (its shards, or the one file); [] if none."""
+    folder = Path(folder)
+    index = folder / MODEL_WEIGHTS_INDEX_FILE
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / MODEL_WEIGHTS_FILE
+    return [single] if single.is_file() else []
+
+
+def read_run(path: str | Path) -> RunFolder:
+    """Open a run folder or checkpoint; `LvitError` if it is not one lvit wrote."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LvitError(f"{path}: no such run folder")
+    recipe_path, info_path = path / RECIPE_FILE, path / RUN_INFO_FILE
+    if not recipe_path.is_file() or not info_path.is_file():
+        if any(path.glob("checkpoint-*")):
+            raise LvitError(
+                f"{path} has no finished run files yet; pass one of its checkpoints "
+                f"({', '.join(sorted(p.name for p in path.glob('checkpoint-*')))}) instead."
+            )
+        raise LvitError(f"{path} is not an lvit run folder (no {RECIPE_FILE} / {RUN_INFO_FILE}).")
+    recipe = recipe_from_dict(yaml.safe_load(recipe_path.read_text()), str(recipe_path))
+    return RunFolder(path, recipe, json.loads(info_path.read_text()))
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """Whether `path` is (or is becoming) an lvit run folder or checkpoint, rather than a model folder."""
+    path = Path(path)
+    return (path / RUN_INFO_FILE).is_file() or any(path.glob("checkpoint-*"))
+
+
+def is_finished_run(path: str | Path) -> bool:
+    """Whether the run folder `path` holds a finished run (`save_run` writes the run info last)."""
+    return (Path(path) / RUN_INFO_FILE).is_file()
+
+
+# --- run info and recipe ------------------------------------------------------------------------------------
+
+
+def run_info(recipe: Recipe, metrics: dict | None = None, skipped: int = 0) -> dict:
+    """What `lvit_run.json` says about a run (also written into every checkpoint)."""
+    import math
+
+    return {
+        "stage": recipe.stage,
+        "method": recipe.method,
+        "projector": recipe.model.projector,
+        "vision_tower": recipe.model.vision_tower,
+        "language_model": recipe.model.language_model,
+        "projector_from": recipe.model.projector_from,
+        "template": recipe.data.template,
+        "data": recipe.data.path,
+        "recipe": recipe.source,
+        "skipped_records": skipped,  # invalid (on_bad_record=skip) or too long; see skipped_records.jsonl
+        "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)},
+    }
+
+
+def write_run_files(folder: str | Path, recipe: Recipe, info: dict) -> None:
+    """The recipe and run info, into a run folder or checkpoint (what makes it one lvit can read back)."""
+    folder = Path(folder)
+    (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    (folder / RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
+
+
+def copy_run_files(run: RunFolder, folder: str | Path) -> None:
+    """The run's recipe and run info, copied as they are (a projector-only export carries them)."""
+    for name in (RUN_INFO_FILE, RECIPE_FILE):
+        shutil.copy2(run.path / name, Path(folder) / name)
+
+
+def read_trainer_state(folder: str | Path) -> dict | None:
+    """A checkpoint's parsed `trainer_state.json`, or None if it is missing or unreadable."""
+    path = Path(folder) / TRAINER_STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+# --- the projector ------------------------------------------------------------------------------------------
+
+
+def write_projector(folder: str | Path, state: dict, dtype=None) -> Path:
+    """Write projector weights (`linear_1.weight`, ...) as `projector.safetensors`, cast to `dtype` if given.
+
+    The one writer: a finished stage-1 run and `lvit export --projector-only` both write through it.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(folder) / PROJECTOR_FILE
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+def read_projector(folder: str | Path, kind: str, source: str = "<recipe>") -> tuple[dict, Path]:
+    """The projector weights of a stage-1 run (or projector-only export) for a `kind` projector.
+
+    Returns `(state, path)`; `LvitError` (naming `model.projector_from` in `source`) if the folder
+    holds no projector or its run info says it trained another kind.
+    """
+    from safetensors.torch import load_file
+
+    run = Path(folder)
+    path = run / PROJECTOR_FILE
+    if not path.is_file():
+        raise LvitError(
+            f"{source}: model.projector_from = {str(folder)!r} has no {PROJECTOR_FILE}; point it at the "
+            "output folder of a finished `stage: align` run."
+        )
+    info_path = run / RUN_INFO_FILE
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("projector") not in (None, kind):
+            raise LvitError(
+                f"{source}: model.projector is {kind!r} but the stage-1 run {str(folder)!r} trained a "
+                f"{info['projector']!r} projector; make them match."
+            )
+    return load_file(str(path)), path
+
+
+# --- exports ------------------------------------------------------------------------------------------------
+
+
+def write_export_info(folder: str | Path, run: RunFolder, result: dict) -> None:
+    """`lvit_export.json`: the export's result, its source run, the run's info and recipe."""
+    info = dict(result)
+    info.update(source=str(run.path.resolve()), run=run.info, recipe=run.recipe.to_dict())
+    (Path(folder) / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2))
+
+
+def read_export_info(folder: str | Path) -> dict | None:
+    """What `lvit export` wrote about an exported folder, or None for any other folder."""
+    path = Path(folder) / EXPORT_INFO_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
