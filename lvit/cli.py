@@ -65,17 +65,18 @@ class _ShortFormatter(logging.Formatter):
 
 
 def setup_logging() -> None:
-    """Once per process: lvit's INFO messages (progress) to stderr, in a short format.
+    """lvit's messages (progress at INFO, warnings) on stderr in a short format; results go to stdout.
 
-    A root logger that already has handlers (an application's, pytest's) is left as it is.
-    `lvit.train` then lowers lvit's level to WARNING on all but the main training process.
+    The handler sits on the "lvit" logger, added once per process (`CliRunner` invokes the app many
+    times in one process), so an application's or pytest's root handlers are left as they are.
+    `lvit.train` lowers lvit's level to WARNING on all but the main training process.
     """
-    root = logging.getLogger()
-    if not root.handlers:
+    logger = logging.getLogger("lvit")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         handler = _StderrHandler()
         handler.setFormatter(_ShortFormatter())
-        root.addHandler(handler)
-    logging.getLogger("lvit").setLevel(logging.INFO)
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _version(value: bool) -> None:
@@ -201,7 +202,6 @@ def recipes_cp(
 
 @app.command()
 def export(
-    ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="An lvit run folder (training.output_dir) or one of its checkpoint-N."),
     out: Path = typer.Option(..., "--out", help="Folder to write the export to (created; must not hold files)."),
     dtype: str = typer.Option(
@@ -220,21 +220,16 @@ def export(
     """Export a run (any stage / method, or a checkpoint) as a stock, self-checked LLaVA folder."""
     from lvit.export import export as do_export
 
-    _show_progress(ctx)
-    try:
-        do_export(
-            run_dir,
-            out,
-            dtype=dtype,
-            projector_only=projector_only,
-            tolerance=tolerance,
-            overwrite=overwrite,
-            max_shard_size=max_shard_size,
-            device=device,
-        )
-    except LvitError as exc:  # printed as by main(), also when the app is invoked directly (CliRunner)
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    do_export(
+        run_dir,
+        out,
+        dtype=dtype,
+        projector_only=projector_only,
+        tolerance=tolerance,
+        overwrite=overwrite,
+        max_shard_size=max_shard_size,
+        device=device,
+    )
 
 
 # --- using and measuring a trained model ----------------------------------------------------------------------------
@@ -243,36 +238,9 @@ _MODEL_HELP = "An lvit run folder or checkpoint-N (any stage / method), or an ex
 _4BIT_HELP = "Load the language model in 4-bit NF4 (full runs and exported folders; QLoRA runs are 4-bit already)."
 
 
-def _fail(exc: LvitError):
-    """Print a user error as LvitGroup does (kept for the commands that still catch LvitError themselves)."""
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    return typer.Exit(2)
-
-
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-class _Terminal(logging.Handler):
-    """Progress messages on stdout, warnings on stderr (through typer, so a test runner's streams are used)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        typer.echo(self.format(record), err=record.levelno >= logging.WARNING)
-
-
-def _show_progress(ctx: typer.Context) -> None:
-    """Show the library's messages (the "lvit" logger, INFO and up) while this command runs."""
-    logger = logging.getLogger("lvit")
-    handler, level = _Terminal(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-
-    def restore() -> None:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-    ctx.call_on_close(restore)
 
 
 @app.command()
@@ -293,21 +261,17 @@ def chat(
     from lvit.generation import GenerationSettings
     from lvit.runs import load_model
 
-    try:
-        settings = GenerationSettings(max_new_tokens, temperature, top_p)
-        settings.kwargs()  # check the values before the model loads
-        session = ChatSession(load_model(model, load_4bit=load_4bit, device=device), image, settings)
-        if prompt is not None:
-            session.ask(prompt, _write)
-        else:
-            interactive(session, sys.stdin, _write)
-    except LvitError as exc:
-        raise _fail(exc) from None
+    settings = GenerationSettings(max_new_tokens, temperature, top_p)
+    settings.kwargs()  # check the values before the model loads
+    session = ChatSession(load_model(model, load_4bit=load_4bit, device=device), image, settings)
+    if prompt is not None:
+        session.ask(prompt, _write)
+    else:
+        interactive(session, sys.stdin, _write)
 
 
 @app.command()
 def generate(
-    ctx: typer.Context,
     model: Path = typer.Argument(..., help=_MODEL_HELP),
     data: Path = typer.Option(
         ..., "--data", help="Questions in any data format lvit reads; the last user turn of each record is answered."
@@ -325,20 +289,16 @@ def generate(
     from lvit.answers import answer_question_file
     from lvit.generation import GenerationSettings
 
-    _show_progress(ctx)
-    try:
-        answers = answer_question_file(
-            model,
-            data,
-            out,
-            image_folder,
-            GenerationSettings(max_new_tokens, temperature, top_p),
-            batch_size,
-            load_4bit=load_4bit,
-            device=device,
-        )
-    except LvitError as exc:
-        raise _fail(exc) from None
+    answers = answer_question_file(
+        model,
+        data,
+        out,
+        image_folder,
+        GenerationSettings(max_new_tokens, temperature, top_p),
+        batch_size,
+        load_4bit=load_4bit,
+        device=device,
+    )
     typer.echo(f"{len(answers.answered)} answers in {out}")
     scores = answers.exact_match()
     if scores is not None:
@@ -354,7 +314,6 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command("scienceqa")
 def eval_scienceqa(
-    ctx: typer.Context,
     model: Path = typer.Argument(None, help=_MODEL_HELP + " Omit with --predictions."),
     problems: Path = typer.Option(..., "--problems", help="ScienceQA's problems.json."),
     splits: Path = typer.Option(..., "--splits", help="ScienceQA's pid_splits.json."),
@@ -382,32 +341,27 @@ def eval_scienceqa(
     from lvit.eval import scienceqa as sqa
     from lvit.generation import GenerationSettings
 
-    _show_progress(ctx)
-    try:
-        result = sqa.run_eval(
-            model,
-            problems,
-            splits,
-            predictions=predictions,
-            split=split,
-            out=out,
-            image_folder=image_folder,
-            settings=GenerationSettings(max_new_tokens),
-            batch_size=batch_size,
-            load_4bit=load_4bit,
-            device=device,
-            limit=limit,
-            answer_format=answer_format,
-        )
-    except LvitError as exc:
-        raise _fail(exc) from None
+    result = sqa.run_eval(
+        model,
+        problems,
+        splits,
+        predictions=predictions,
+        split=split,
+        out=out,
+        image_folder=image_folder,
+        settings=GenerationSettings(max_new_tokens),
+        batch_size=batch_size,
+        load_4bit=load_4bit,
+        device=device,
+        limit=limit,
+        answer_format=answer_format,
+    )
     typer.echo(sqa.format_table(result.scores, f"ScienceQA {split} ({result.scores['total']} problems)"))
     typer.echo(f"results: {result.path}")
 
 
 @eval_app.command("pope")
 def eval_pope(
-    ctx: typer.Context,
     model: Path = typer.Argument(None, help=_MODEL_HELP + " Omit with --predictions."),
     annotations: list[Path] = typer.Option(
         ..., "--annotations", help="A POPE split file (coco_pope_<split>.json) or a folder holding them; repeatable."
@@ -432,23 +386,19 @@ def eval_pope(
     from lvit.eval import pope
     from lvit.generation import GenerationSettings
 
-    _show_progress(ctx)
-    try:
-        result = pope.run_eval(
-            model,
-            annotations,
-            predictions=predictions,
-            out=out,
-            image_folder=image_folder,
-            settings=GenerationSettings(max_new_tokens),
-            batch_size=batch_size,
-            load_4bit=load_4bit,
-            device=device,
-            limit=limit,
-            prompt_suffix=_unescape(prompt_suffix),
-        )
-    except LvitError as exc:
-        raise _fail(exc) from None
+    result = pope.run_eval(
+        model,
+        annotations,
+        predictions=predictions,
+        out=out,
+        image_folder=image_folder,
+        settings=GenerationSettings(max_new_tokens),
+        batch_size=batch_size,
+        load_4bit=load_4bit,
+        device=device,
+        limit=limit,
+        prompt_suffix=_unescape(prompt_suffix),
+    )
     typer.echo(pope.format_table(result.scores))
     typer.echo(f"results: {result.path}")
 

@@ -335,6 +335,5 @@ def _eval_callbacks(recipe: Recipe, processor, encoder, args) -> list:
 
 
 def _setup_logging(main: bool) -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """Progress from the main process only; where messages go is the caller's choice (the CLI: stderr)."""
     log.setLevel(logging.INFO if main else logging.WARNING)
