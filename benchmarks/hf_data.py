@@ -26,6 +26,7 @@ import io
 import os
 import pickle
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -91,11 +92,15 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} before the runs")
 
     for flags in ([], ["--decode"]):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         cmd = [sys.executable, "-m", "lvit", "data", "check", str(data), "--json", *flags]
         rc = subprocess.run(cmd, capture_output=True, text=True).returncode
         took = time.perf_counter() - start
-        print(f"check{' ' if flags else ''}{' '.join(flags)}: {took:.1f} s wall (exit {rc}): lvit {' '.join(cmd[3:])}")
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        name = " ".join(["check", *flags])
+        print(f"{name}: {took:.1f} s wall, {cpu:.1f} s CPU (exit {rc}): lvit {' '.join(cmd[3:])}")
 
     import torch
     from torch.utils.data import DataLoader, Subset
@@ -113,18 +118,18 @@ def main() -> None:
     n_img = num_image_tokens(CLIPVisionConfig.from_pretrained(vision))
     encoder = ConversationEncoder("vicuna_v1", tok, tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER), n_img)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     prepared = prepare(DataSection(path=str(data)), encoder)
-    took = time.perf_counter() - start
-    print(f"prepare: {took:.1f} s ({len(prepared.dataset)} training rows)")
+    took, cpu = time.perf_counter() - start, time.process_time() - cpu
+    print(f"prepare: {took:.1f} s wall, {cpu:.1f} s CPU ({len(prepared.dataset)} training rows)")
 
     collator = LlavaCollator(encoder, ImageLoader(AutoImageProcessor.from_pretrained(vision)), tok.pad_token_id, 256)
     rows = Subset(prepared.dataset, range(min(args.batch_rows, len(prepared.dataset))))
     torch.set_num_threads(1)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     n = sum(b["input_ids"].shape[0] for b in DataLoader(rows, batch_size=16, collate_fn=collator))
-    took = time.perf_counter() - start
-    print(f"batches: {took:.1f} s for {n} rows ({1e3 * took / n:.2f} ms a row)")
+    took, cpu = time.perf_counter() - start, time.process_time() - cpu
+    print(f"batches: {took:.1f} s wall, {cpu:.1f} s CPU for {n} rows ({1e3 * took / n:.2f} ms a row)")
 
     sizes = {name: len(pickle.dumps(obj)) for name, obj in (("dataset", prepared.dataset), ("collator", collator))}
     print("pickle: " + ", ".join(f"{name} {size / 2**20:.2f} MiB" for name, size in sizes.items()))

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from lvit.data.records import ReadResult, Record, RecordError, read_all, where_of
 from lvit.data.report import CheckReport
-from lvit.data.sources import HFSource
 from lvit.errors import LvitError
 from lvit.templates import Lengths
 
@@ -65,8 +64,6 @@ class Inspection:
     truncated: list[Record] = field(default_factory=list)
     dropped: list[tuple[Record, str]] = field(default_factory=list)
     decoded: bool = False
-    source: HFSource | None = None
-    """The Hugging Face dataset read, for a dataset in that format."""
 
     @property
     def errors(self) -> list[RecordError]:
@@ -109,7 +106,7 @@ def _inspect(path, fmt, image_folder, decode, encoder, max_length, overlong) -> 
     parsed = read.records
     usable, image_problems = check_record_images(read, image_folder, decode)
     problems = list(read.problems) + image_problems + duplicate_ids(parsed)
-    insp = Inspection(str(path), read.format, read.total, parsed, usable, problems, decoded=decode, source=read.source)
+    insp = Inspection(str(path), read.format, read.total, parsed, usable, problems, decoded=decode)
     if encoder is not None:
         lengths = encoder.lengths([r.conversation for r in usable])
         if lengths.rejected:  # records the template rejects (e.g. plain: one caption per record)

@@ -18,6 +18,8 @@ too long, an image that fails to decode mid-run), is written with its reason to
 
 from __future__ import annotations
 
+import array
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +30,7 @@ from pathlib import Path
 from lvit.data.check import Inspection, inspect_data
 from lvit.data.records import Record
 from lvit.data.report import CheckReport
+from lvit.data.sources import is_embedded
 from lvit.errors import LvitError
 from lvit.templates import ConversationEncoder
 
@@ -110,8 +113,10 @@ def prepare(data, encoder: ConversationEncoder, source: str = "<recipe>") -> Pre
     skipped.sort(key=lambda s: -1 if s.index is None else s.index)
 
     dropped_ids = {id(r) for r, _ in insp.dropped}
-    kept = [(r, min(n, data.max_length)) for r, n in zip(insp.usable, insp.lengths.total, strict=True)]
-    kept = [(r, n) for r, n in kept if id(r) not in dropped_ids]
+    cap = data.max_length  # a truncated sample is max_length long
+    kept = [(r, n if n <= cap else cap) for r, n in zip(insp.usable, insp.lengths.total, strict=True)]
+    if dropped_ids:
+        kept = [(r, n) for r, n in kept if id(r) not in dropped_ids]
     if not kept:
         if insp.dropped:
             raise LvitError(f"{data.path}: every record was dropped as too long for data.max_length={data.max_length}.")
@@ -122,12 +127,13 @@ def prepare(data, encoder: ConversationEncoder, source: str = "<recipe>") -> Pre
 def training_dataset(insp: Inspection, kept: list[tuple[Record, int]]):
     """The `datasets.Dataset` of the `kept` records (each with its length in tokens).
 
-    From a JSON file: lvit's columns, in memory. From a Hugging Face dataset with an image column: lvit's
-    columns for every row of the source (rows left out hold blanks) beside the source's image column,
-    undecoded, then the kept rows selected; so the images are neither copied nor decoded."""
+    lvit's columns, in memory. From a Hugging Face dataset with embedded images: lvit's columns for every
+    row of the source (rows left out hold blanks) beside the source's image column, undecoded, then the
+    kept rows selected; so the images are neither copied nor decoded."""
     import datasets
 
-    images = insp.source.images() if insp.source is not None else None
+    source = next((r.image.source for r, _ in kept if is_embedded(r.image)), None)
+    images = source.images() if source is not None else None
     n_rows = len(kept) if images is None else insp.total
     columns: dict[str, list] = {
         "id": [""] * n_rows,
@@ -148,11 +154,16 @@ def training_dataset(insp: Inspection, kept: list[tuple[Record, int]]):
     dataset = datasets.Dataset.from_dict(columns, features=_features())
     if images is None:
         return dataset
-    column = insp.source.image_column
+    column = source.image_column
     if column != "image":
         images = images.rename_column(column, "image")
     dataset = datasets.concatenate_datasets([dataset, images], axis=1)
-    return dataset.select([record.index for record, _ in kept])
+    rows = [record.index for record, _ in kept]
+    if len(rows) == insp.total:
+        return dataset
+    # A fingerprint from the rows' bytes: `datasets` would hash the list item by item (seconds for 1M rows).
+    digest = hashlib.sha256(source.name.encode() + array.array("q", rows).tobytes()).hexdigest()[:32]
+    return dataset.select(rows, new_fingerprint=f"lvit-rows-{digest}")  # the row numbers, kept in memory
 
 
 def _features():

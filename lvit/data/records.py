@@ -10,7 +10,7 @@ Formats (`data.format`, detected when `auto`):
   `{"messages": [{"role": "user"|"assistant"|"system", "content": str | [{"type": "image"},
   {"type": "text", "text": ...}]}], "images": [path]}`.
 - `hf`: a Hugging Face `datasets` dataset (`save_to_disk` folder, parquet or arrow files) whose rows
-  are in either schema, with images as paths or embedded (`lvit.data.sources.HFSource`).
+  are in either schema, with images as paths or embedded (`lvit.data.sources.EmbeddedImage`).
 
 `read_records` is the one entry point (training, `lvit data check`, `lvit data convert`, question
 files): every record comes back as a `Record` or as a `RecordError` that names it (index, id, line)
@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvit.data.sources import EmbeddedImage, HFSource, load_rows
+from lvit.data.sources import EmbeddedImage, load_rows
 from lvit.errors import LvitError
 from lvit.templates import IMAGE_PLACEHOLDER, Conversation
 
@@ -129,8 +129,6 @@ class ReadResult:
     total: int
     bad_images: dict[int, tuple]
     """index -> (image, id, line) of invalid records that still name an image, to check it too."""
-    source: HFSource | None = None
-    """The Hugging Face dataset read (format `hf/...`); the training dataset is selected from it."""
 
 
 def read_all(path: str | Path, fmt: str = "auto", require_answer: bool = True) -> ReadResult:
@@ -164,7 +162,7 @@ def read_all(path: str | Path, fmt: str = "auto", require_answer: bool = True) -
             if image is not None:
                 bad_images[index] = (image, exc.id, line)
     name = f"hf/{schema}" if rows.container == "hf" else schema
-    return ReadResult(name, records, problems, len(raws), bad_images, rows.source)
+    return ReadResult(name, records, problems, len(raws), bad_images)
 
 
 def read_records(

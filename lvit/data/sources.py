@@ -43,8 +43,6 @@ class Rows(NamedTuple):
     """The line of each row (JSON Lines), else None."""
     broken: list[tuple[int, int, str]]
     """`(row, line, message)` of each JSON Lines line that is not valid JSON."""
-    source: HFSource | None = None
-    """The opened Hugging Face dataset (container `hf`)."""
 
 
 def load_rows(path: str | Path, fmt: str = "auto") -> Rows:
@@ -54,7 +52,7 @@ def load_rows(path: str | Path, fmt: str = "auto") -> Rows:
     if fmt == "hf" or is_hf_path(path):
         source = HFSource(path, None if fmt in ("auto", "hf") else fmt)
         raws = source.read_rows()
-        return Rows("hf", source.schema, raws, [None] * len(raws), [], source)
+        return Rows("hf", source.schema, raws, [None] * len(raws), [])
     raws, lines, broken = read_json_rows(path)
     schema = fmt if fmt in ("llava", "chat") else detect_format(path, raws)
     return Rows("json", schema, raws, lines, broken)
