@@ -239,7 +239,10 @@ def overlong_reason(n: int, image_end: int, first_trained: int, max_length: int,
 
 
 def encoder_from_recipe(recipe):
-    """The recipe's `ConversationEncoder` from its tokenizer and the vision tower's config only (no weights)."""
+    """The recipe's `ConversationEncoder` from its tokenizer and the vision tower's config only (no weights).
+
+    `recipe`: a `lvit.recipe.Recipe`; `lvit data check --recipe` reads it with
+    `load_recipe(path, overrides, check_training=False)`."""
     from transformers import CLIPVisionConfig
 
     from lvit.hub import resolve_source
