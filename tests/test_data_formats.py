@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -446,6 +447,12 @@ def test_embedded_images_decode_when_loaded(hf_datasets):
     assert loader.load(records[0].image).getpixel((0, 0)) == RED
     assert loader.load(records[2].image).getpixel((0, 0)) == (0, 128, 0)  # PIL's "green"
     assert probe_image(records[2].image, None) is None
+    # an embedded image is named by a string (messages, answer files) and pickles with its dataset
+    image = records[2].image
+    name = f"the image embedded in row 2 (column 'images' item 0) of {Path(hf_datasets['chat']).resolve()}"
+    assert json.loads(json.dumps(image)) == str(image) == name
+    clone = pickle.loads(pickle.dumps(image))
+    assert (clone, clone.row, clone.item, clone.read()) == (image, 2, 0, image.read())
 
 
 def test_hf_dataset_dict_with_image_paths_uses_the_train_split(hf_datasets):

@@ -195,8 +195,8 @@ def read_records(
 
 
 def _is_image(value: object) -> bool:
-    """A usable image value: a non-blank path, or an embedded image."""
-    return type(value) is EmbeddedImage or (isinstance(value, str) and bool(value.strip()))
+    """A usable image value: a non-blank path, or an embedded image (an `EmbeddedImage` is a string too)."""
+    return isinstance(value, str) and bool(value.strip())
 
 
 def _image_field(raw: object, schema: str) -> str | EmbeddedImage | None:
@@ -379,7 +379,7 @@ def normalise_chat(raw: object, index: int, line: int | None = None, require_ans
     if images is None or images == []:
         image = None
     else:
-        if isinstance(images, (str, EmbeddedImage)):
+        if isinstance(images, str):
             images = [images]
         if not isinstance(images, list) or not all(_is_image(i) for i in images):
             raise fail("bad_image_field", f"'images' must be a list of image file paths, got {images!r}")

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -114,22 +113,30 @@ def is_hf_path(path: str | Path) -> bool:
     return p.is_dir() or p.suffix in HF_SUFFIXES
 
 
-@dataclass(frozen=True, slots=True)
-class EmbeddedImage:
-    """An image embedded in a row of a Hugging Face dataset (list item `item` of a list column)."""
+class EmbeddedImage(str):
+    """An image embedded in a row of a Hugging Face dataset (list item `item` of a list column).
 
-    source: HFSource = field(repr=False)
+    It is a string, so whatever names images by strings (messages, answer files, the training rows'
+    `image_path`) names it readably: "the image embedded in row 3 (column 'images' item 0) of
+    /data/ds". `read()` gives its encoded bytes."""
+
+    __slots__ = ("source", "row", "item")
+    source: HFSource
     row: int
-    item: int | None = None
+    item: int | None
+
+    def __new__(cls, source: HFSource, row: int, item: int | None = None):
+        what = source.image_column_name if item is None else f"{source.image_column_name} item {item}"
+        self = str.__new__(cls, f"the image embedded in row {row} ({what}) of {source.name}")
+        self.source, self.row, self.item = source, row, item
+        return self
+
+    def __reduce__(self):
+        return (EmbeddedImage, (self.source, self.row, self.item))
 
     def read(self) -> bytes:
         """The image's encoded bytes (PNG, JPEG...), read from the memory-mapped dataset."""
         return self.source.image_bytes(self)
-
-    def __str__(self) -> str:
-        column = self.source.image_column
-        what = f"column {column!r}" if self.item is None else f"column {column!r} item {self.item}"
-        return f"the image embedded in row {self.row} ({what}) of {self.source.name}"
 
 
 def is_embedded(image: object) -> bool:
@@ -158,6 +165,7 @@ class HFSource:
         self.schema = schema
         order = ("image", "images") if schema == "llava" else ("images", "image")
         self.image_column: str | None = next((c for c in order if c in columns), None)
+        self.image_column_name = f"column {self.image_column!r}"  # how messages name it
         self._arrow = None
 
     def read_rows(self) -> list[dict]:
@@ -178,7 +186,7 @@ class HFSource:
                 for raw, image in zip(chunk, images, strict=True):
                     if schema == "llava" and isinstance(image, list):
                         image = image[0] if len(image) == 1 else (image or None)
-                    if schema == "chat" and isinstance(image, (str, EmbeddedImage)):
+                    if schema == "chat" and isinstance(image, str):
                         image = [image]
                     if image is not None:
                         raw[key] = image
