@@ -546,7 +546,7 @@ class Meter:
 
         from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-        from lvit.data.dataset import LlavaCollator
+        from lvit.data.collator import LlavaCollator
 
         for cls, name in ((DataCollatorForVisionLanguageModeling, "torch_call"), (LlavaCollator, "__call__")):
             setattr(cls, name, self._timed(getattr(cls, name)))
@@ -700,7 +700,8 @@ def vicuna_encoder(checkpoint: str):
 
 def heldout_batches(spec: dict, processor_dir: str, batch: int = 8):
     """The held-out records as lvit builds them: vicuna_v1 ids, labels on each answer and its EOS."""
-    from lvit.data.dataset import LlavaCollator, prepare
+    from lvit.data.collator import LlavaCollator
+    from lvit.data.dataset import prepare
     from lvit.data.images import ImageLoader
     from lvit.recipe import DataSection
 

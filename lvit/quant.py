@@ -1,7 +1,7 @@
 """4-bit loading for QLoRA, and turning 4-bit layers back into ordinary ones for export.
 
 Only the language model is quantized: it is loaded on its own, before assembly, so CLIP and the
-projector never go through bitsandbytes (no skip-list to get wrong; see STACK-NOTES).
+projector never go through bitsandbytes (no skip-list to get wrong; see docs/stack-notes.md#bnb-skip-modules).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def disable_cpu_repacking(model) -> int:
 
     On CPUs with AVX512-BF16, the first no-grad forward of a `Linear4bit` (an eval step, a
     generation) repacks the weight into a format that has no backward; every later training step
-    then gets wrong gradients with only a warning (STACK-NOTES). Returns the number of layers set.
+    then gets wrong gradients with only a warning (docs/stack-notes.md#bnb-cpu-repacking). Returns the number of layers set.
     """
     layers = linear4bit_modules(model)
     for _, module in layers:
@@ -67,7 +67,7 @@ def dequantize_4bit_layers(model, dtype: torch.dtype = torch.float32) -> int:
     """Replace every 4-bit linear layer of `model` by an `nn.Linear` holding its dequantized weight.
 
     The new weights are exactly the values the 4-bit layer computed with, so an adapter trained on
-    the 4-bit base merges into them without re-quantizing (STACK-NOTES: merging into 4-bit weights
+    the 4-bit base merges into them without re-quantizing (docs/stack-notes.md#qlora-merge-dequantized: merging into 4-bit weights
     re-quantizes and loses accuracy). Returns the number of layers replaced.
     """
     import bitsandbytes.functional as bnbf

@@ -162,10 +162,13 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_training: bool = True) -> Recipe:
     """Read a recipe file, apply `key=value` overrides and validate every key and type.
 
     Raises `LvitError` naming the file and the key at fault. Loads no model and reads no data.
+    With `check_training=False` the `training:` section is kept as written, unvalidated: validating it
+    imports TRL (seconds), which `lvit data check --recipe` does not need; every lvit section is
+    still validated.
     """
     path = resolve_recipe(path)
     if not path.is_file():
@@ -181,7 +184,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise LvitError(f"{path}: a recipe is a YAML mapping (key: value), got {type(raw).__name__}.")
     for item in overrides:
         apply_override(raw, item, str(path))
-    return recipe_from_dict(raw, str(path))
+    return recipe_from_dict(raw, str(path), check_training)
 
 
 def apply_override(raw: dict, item: str, source: str) -> None:
@@ -208,14 +211,16 @@ def apply_override(raw: dict, item: str, source: str) -> None:
     node[parts[-1]] = value
 
 
-def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
-    """Validate a raw recipe mapping into a `Recipe`; errors name `source` and the key."""
+def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool = True) -> Recipe:
+    """Validate a raw recipe mapping into a `Recipe`; errors name `source` and the key.
+
+    `check_training=False`: see `load_recipe`."""
     raw = dict(raw)
     training = raw.pop("training", None) or {}
     if not isinstance(training, dict):
         raise LvitError(f"{source}: 'training' must be a mapping of SFTConfig options.")
     recipe = _build(Recipe, {**raw, "training": {}}, source, prefix="")
-    recipe.training = _validate_training(training, source)
+    recipe.training = _validate_training(training, source) if check_training else dict(training)
     recipe.source = source
     if recipe.global_batch_size is not None and "gradient_accumulation_steps" in training:
         raise LvitError(

@@ -6,6 +6,10 @@ the ids are concatenated, so each token's label is known from the piece it came 
 recovered afterwards by re-tokenizing prefixes (the source of LLaVA's "tokenization mismatch"
 warnings), and the end-of-turn token is the tokenizer's EOS id, not a string that may split.
 
+`ConversationEncoder.lengths` counts the tokens `encode` would produce without building the ids
+(the same pieces, each distinct text tokenized once by the fast tokenizer): `lvit data check` and
+training's up-front checks measure every sample with it.
+
 lvit's own prompt building (demo accuracy, generation) uses the same pieces, so a model sees at
 inference exactly the ids it was trained on. `VICUNA_V1_CHAT_TEMPLATE` renders the same text for
 users of plain `transformers`.
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
+_CHUNK = 8192  # conversations per batched tokenizer call in `ConversationEncoder.lengths`
 
 # Source: LLaVA `llava/conversation.py`, `conv_vicuna_v1` (system prompt, roles USER/ASSISTANT,
 # separators " " and "</s>"); the same text is quoted in the LLaVA paper's Table 2 set-up.
@@ -57,6 +62,24 @@ class Encoded:
     def first_trained(self) -> int:
         """Index of the first token that carries loss, or len(input_ids) when none does."""
         return next((i for i, label in enumerate(self.labels) if label != IGNORE_INDEX), len(self.labels))
+
+
+@dataclass
+class Lengths:
+    """Per conversation, as `ConversationEncoder.encode` would build it: the number of tokens (image
+    tokens included, `len(input_ids)`), the index just past the image (`image_end`) and the index of
+    the first trained token (`first_trained`)."""
+
+    total: list[int] = field(default_factory=list)
+    image_end: list[int] = field(default_factory=list)
+    first_trained: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    """Position -> why the template refuses that conversation (its numbers are 0)."""
+
+    def select(self, keep: list[int]) -> Lengths:
+        """The lengths of the conversations at positions `keep`."""
+        columns = (self.total, self.image_end, self.first_trained)
+        return Lengths(*([column[i] for i in keep] for column in columns))
 
 
 class Template:
@@ -171,6 +194,79 @@ class ConversationEncoder:
                     image_end = len(input_ids)
             out.append(Encoded(input_ids, labels, image_end, pieces))
         return out
+
+    def lengths(self, convs: list[Conversation]) -> Lengths:
+        """What `encode` would give for each conversation, in numbers: its length in tokens, where its image
+        ends and where training starts, without building the ids. A conversation the template refuses is
+        listed in `rejected` with the reason, instead of raising.
+
+        Fast enough for every record of a large dataset: each distinct text piece is tokenized once, with
+        the fast tokenizer (`token_counts`), a chunk at a time, and the pieces of one chunk are built while
+        the previous chunk is being tokenized (the Rust tokenizer runs without the GIL).
+        """
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        tokenizer = self.tokenizer
+        bos = 0 if tokenizer.bos_token_id is None else 1
+        n_image = self.num_image_tokens
+        template = self.template
+        out = Lengths()
+
+        def finish(all_pieces, count) -> None:
+            for pieces in all_pieces:
+                pos, image_end, first = 0, 0, None
+                for p in pieces:
+                    kind = p.kind
+                    n = count[p.text] if kind == "text" else n_image if kind == "image" else bos if kind == "bos" else 1
+                    if first is None and p.trained and n:
+                        first = pos
+                    pos += n
+                    if kind == "image":
+                        image_end = pos
+                out.total.append(pos)
+                out.image_end.append(image_end)
+                out.first_trained.append(pos if first is None else first)
+
+        pending: deque = deque()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for start in range(0, len(convs), _CHUNK):
+                all_pieces = []
+                for i, conv in enumerate(convs[start : start + _CHUNK], start):
+                    try:
+                        all_pieces.append(template.pieces(conv))
+                    except ValueError as exc:
+                        out.rejected[i] = str(exc)
+                        all_pieces.append([])
+                unique = list(dict.fromkeys(p.text for pieces in all_pieces for p in pieces if p.kind == "text"))
+                pending.append((all_pieces, unique, pool.submit(token_counts, tokenizer, unique)))
+                if len(pending) > 1:
+                    pieces, texts, future = pending.popleft()
+                    finish(pieces, dict(zip(texts, future.result(), strict=True)))
+            while pending:
+                pieces, texts, future = pending.popleft()
+                finish(pieces, dict(zip(texts, future.result(), strict=True)))
+        return out
+
+
+def token_counts(tokenizer, texts: list[str]) -> list[int]:
+    """Token count of each text (no special tokens), as `tokenizer(texts)` would give, batched.
+
+    Uses the Rust tokenizer's `encode_batch_fast` (no offsets, no Python id lists) when the
+    tokenizer is a fast one in its plain state; otherwise the tokenizer itself.
+    """
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (
+        backend is not None
+        and hasattr(backend, "encode_batch_fast")
+        and backend.truncation is None
+        and backend.padding is None
+        and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))
+    ):
+        return [len(e) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 # A Jinja chat template that renders the vicuna_v1 text, for `processor.apply_chat_template` in

@@ -51,7 +51,7 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
 class LlavaTrainer(SFTTrainer):
     """`SFTTrainer` with an optional separate learning rate for the projector.
 
-    TRL has no per-module learning rates (docs/stack-notes.md), so the optimizer's parameter groups are
+    TRL has no per-module learning rates (docs/stack-notes.md#trl-no-module-lr), so the optimizer's parameter groups are
     built here: projector / rest, each split into decay / no-decay like `Trainer` does.
     """
 
@@ -180,9 +180,11 @@ def run(recipe: Recipe, resume: bool | None = None) -> Path:
     """
     import transformers
 
-    from lvit.data.dataset import SKIPPED_FILE, LlavaCollator, prepare, tidy_skipped, write_skipped
+    from lvit.data.collator import LlavaCollator
+    from lvit.data.dataset import prepare, tidy_skipped, write_skipped
     from lvit.data.images import ImageLoader
     from lvit.model import assemble, num_image_tokens
+    from lvit.runs import SKIPPED_FILE
     from lvit.stages import apply_stage, format_report, report_modules
     from lvit.templates import ConversationEncoder
 

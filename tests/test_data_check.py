@@ -12,13 +12,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lvit.cli import app
-from lvit.data.check import check_data, measure, token_counts
-from lvit.data.dataset import SKIPPED_FILE, LlavaCollator, Skipped, prepare, tidy_skipped
+from lvit.data.check import check_data
+from lvit.data.collator import LlavaCollator
+from lvit.data.dataset import Skipped, prepare, tidy_skipped
 from lvit.data.images import ImageLoader
 from lvit.data.records import normalise
 from lvit.errors import LvitError
 from lvit.recipe import DataSection
-from lvit.templates import IMAGE_PLACEHOLDER, VICUNA_V1_SYSTEM, Conversation, ConversationEncoder
+from lvit.runs import SKIPPED_FILE
+from lvit.templates import IMAGE_PLACEHOLDER, VICUNA_V1_SYSTEM, Conversation, ConversationEncoder, token_counts
 
 
 def qa(rid, *turns, image=None, system=None) -> dict:
@@ -221,9 +223,10 @@ CONVS = [
 
 @pytest.mark.parametrize("parts_fixture", ["tiny_parts", "tiny_parts_bytelevel"])
 @pytest.mark.parametrize("template", ["vicuna_v1", "plain"])
-def test_measure_matches_the_encoder_exactly(request, parts_fixture, template):
+def test_encoder_lengths_match_the_encoder_exactly(request, parts_fixture, template):
     encoder = make_encoder(request.getfixturevalue(parts_fixture), template)
-    lengths, rejected = measure(CONVS, encoder)
+    lengths = encoder.lengths(CONVS)  # what the checker measures every record with
+    rejected = lengths.rejected
     for i, conv in enumerate(CONVS):
         if template == "plain" and len([r for r, _ in conv.turns if r == "assistant"]) != 1:
             assert "exactly one caption" in rejected[i]

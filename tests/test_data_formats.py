@@ -5,14 +5,15 @@ from __future__ import annotations
 import io
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from lvit.data.hf import is_embedded
 from lvit.data.images import ImageLoader, load_rgb, mean_fill, probe_image
-from lvit.data.records import RecordError, detect_format, normalise, normalise_chat, read_records
+from lvit.data.records import RecordError, normalise, normalise_chat, read_records
+from lvit.data.sources import detect_format, is_embedded
 from lvit.errors import LvitError
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -446,6 +447,12 @@ def test_embedded_images_decode_when_loaded(hf_datasets):
     assert loader.load(records[0].image).getpixel((0, 0)) == RED
     assert loader.load(records[2].image).getpixel((0, 0)) == (0, 128, 0)  # PIL's "green"
     assert probe_image(records[2].image, None) is None
+    # an embedded image is named by a string (messages, answer files) and pickles with its dataset
+    image = records[2].image
+    name = f"the image embedded in row 2 (column 'images' item 0) of {Path(hf_datasets['chat']).resolve()}"
+    assert json.loads(json.dumps(image)) == str(image) == name
+    clone = pickle.loads(pickle.dumps(image))
+    assert (clone, clone.row, clone.item, clone.read()) == (image, 2, 0, image.read())
 
 
 def test_hf_dataset_dict_with_image_paths_uses_the_train_split(hf_datasets):
@@ -483,19 +490,26 @@ def encoder(tiny_parts):
 def _collator(encoder, tiny_parts, image_folder=None):
     from transformers import AutoImageProcessor
 
-    from lvit.data.dataset import LlavaCollator
+    from lvit.data.collator import LlavaCollator
 
     loader = ImageLoader(AutoImageProcessor.from_pretrained(tiny_parts[0]), image_folder)
     return LlavaCollator(encoder, loader, encoder.tokenizer.pad_token_id, 256)
 
 
-def test_training_rows_keep_embedded_images_as_references(hf_datasets, encoder, tiny_parts):
-    from lvit.data.dataset import prepare_dataset
+def test_training_rows_keep_embedded_images_undecoded(hf_datasets, encoder, tiny_parts):
+    from lvit.data.dataset import prepare
     from lvit.recipe import DataSection
 
-    dataset, dropped = prepare_dataset(DataSection(path=str(hf_datasets["chat"])), encoder)
-    assert dropped == [] and dataset["id"] == ["r0", "r1", "r2"]
-    assert all(p is None or is_embedded(p) for p in dataset["image_path"])  # strings, not pixels
+    prepared = prepare(DataSection(path=str(hf_datasets["chat"])), encoder)
+    dataset = prepared.dataset
+    assert prepared.dropped == [] and prepared.skipped == [] and dataset["id"] == ["r0", "r1", "r2"]
+    records, _, _ = read_records(hf_datasets["chat"])
+    assert dataset["image_path"] == [str(records[0].image), None, str(records[2].image)]  # names, not pixels
+    assert "row 2" in dataset["image_path"][2] and str(hf_datasets["chat"]) in dataset["image_path"][2]
+    # the source's image column, undecoded: the encoded bytes, selected from the dataset, not copied into lvit's rows
+    images = dataset["image"]
+    assert [len(i) for i in images] == [1, 0, 1]
+    assert all(i[0]["bytes"].startswith(b"\x89PNG") for i in (images[0], images[2]))
     batch = _collator(encoder, tiny_parts)(list(dataset))
     loader = _collator(encoder, tiny_parts).image_loader
     expected = loader.pixel_values([_pil("red"), _pil("green")])
@@ -503,14 +517,50 @@ def test_training_rows_keep_embedded_images_as_references(hf_datasets, encoder, 
     assert np.allclose(batch["pixel_values"].numpy(), expected.numpy())
 
 
+def test_training_rows_of_a_dataset_with_skipped_records_keep_their_own_images(tmp_path, encoder, tiny_parts):
+    """Rows left out (data.on_bad_record: skip) are not selected; every kept row still holds its own image."""
+    import datasets
+
+    from lvit.data.dataset import prepare
+    from lvit.recipe import DataSection
+
+    colours = ["red", "blue", "green", "white"]
+    rows = [
+        {
+            "id": f"p{i}",
+            "image": _pil(colour),
+            "conversations": [{"from": "human", "value": "<image>\nColour?" if i != 1 else "Colour?"},
+                              {"from": "gpt", "value": colour}],
+        }
+        for i, colour in enumerate(colours)
+    ]  # fmt: skip
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
+        }
+    )
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(tmp_path / "ds")
+    prepared = prepare(DataSection(path=str(tmp_path / "ds"), on_bad_record="skip"), encoder)
+    assert [(s.id, s.kind) for s in prepared.skipped] == [("p1", "placeholder_mismatch")]
+    dataset = prepared.dataset
+    assert dataset["id"] == ["p0", "p2", "p3"] and dataset["index"] == [0, 2, 3]
+    assert [r["texts"] for r in dataset] == [["Colour?", c] for c in ("red", "green", "white")]
+    loader = _collator(encoder, tiny_parts).image_loader
+    batch = _collator(encoder, tiny_parts)(list(dataset))
+    expected = loader.pixel_values([_pil(c) for c in ("red", "green", "white")])
+    assert np.allclose(batch["pixel_values"].numpy(), expected.numpy())
+
+
 def test_collator_pickles_and_runs_in_two_workers(hf_datasets, encoder, tiny_parts):
     import torch
     from torch.utils.data import DataLoader
 
-    from lvit.data.dataset import prepare_dataset
+    from lvit.data.dataset import prepare
     from lvit.recipe import DataSection
 
-    dataset, _ = prepare_dataset(DataSection(path=str(hf_datasets["chat"])), encoder)
+    dataset = prepare(DataSection(path=str(hf_datasets["chat"])), encoder).dataset
     collator = _collator(encoder, tiny_parts)
     clone = pickle.loads(pickle.dumps(collator))
     rows = list(dataset)

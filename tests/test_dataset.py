@@ -8,7 +8,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from lvit.data.dataset import LlavaCollator, prepare_dataset, write_dropped
+from lvit.data.collator import LlavaCollator
+from lvit.data.dataset import prepare, write_skipped
 from lvit.data.images import ImageLoader
 from lvit.data.records import conversation_from_row, normalise
 from lvit.errors import LvitError
@@ -95,7 +96,7 @@ def test_invalid_records_are_all_listed_by_id(tmp_path, shapes_data, encoder):
     ]
     path = write_records(tmp_path, records)
     with pytest.raises(LvitError) as info:
-        prepare_dataset(data_section(path, shapes_data), encoder, source="my_recipe.yaml")
+        prepare(data_section(path, shapes_data), encoder, source="my_recipe.yaml")
     msg = str(info.value)
     assert f"{path}: 4 of 6 records cannot be trained on (data.path in my_recipe.yaml)" in msg
     for index, rid in [(1, "bad-no-conv"), (2, "bad-placeholder"), (3, "bad-missing-image"), (5, "bad-ends-human")]:
@@ -106,7 +107,7 @@ def test_invalid_records_are_all_listed_by_id(tmp_path, shapes_data, encoder):
 def test_missing_image_names_the_file(tmp_path, shapes_data, encoder):
     path = write_records(tmp_path, [qa_record("r", "What colour is the shape?", "red", image="sub/nope.png")])
     with pytest.raises(LvitError) as info:
-        prepare_dataset(data_section(path, shapes_data), encoder)
+        prepare(data_section(path, shapes_data), encoder)
     expected = shapes_data["images"] / "sub" / "nope.png"
     assert f"record #0 (id 'r'): image not found: {expected}" in str(info.value)
 
@@ -114,7 +115,8 @@ def test_missing_image_names_the_file(tmp_path, shapes_data, encoder):
 def test_absolute_image_path_ignores_image_folder(tmp_path, shapes_data, encoder):
     image = shapes_data["images"] / "00002.png"
     path = write_records(tmp_path, [qa_record("abs", "What colour is the shape?", "red", image=str(image))])
-    dataset, dropped = prepare_dataset(DataSection(path=str(path), image_folder=str(tmp_path)), encoder)
+    prepared = prepare(DataSection(path=str(path), image_folder=str(tmp_path)), encoder)
+    dataset, dropped = prepared.dataset, prepared.dropped
     assert dataset["image_path"] == [str(image)] and dropped == []
 
 
@@ -129,13 +131,13 @@ def test_plain_template_rejects_two_captions(tmp_path, shapes_data, plain_encode
     with pytest.raises(
         LvitError, match=r"1 of 2 records.*\n  record #1 \(id 'cap-two'\): the 'plain' template takes exactly one"
     ):
-        prepare_dataset(data_section(path, shapes_data, template="plain"), plain_encoder)
+        prepare(data_section(path, shapes_data, template="plain"), plain_encoder)
 
 
 def test_empty_data_file(tmp_path, shapes_data, encoder):
     path = write_records(tmp_path, [])
     with pytest.raises(LvitError, match="no records"):
-        prepare_dataset(data_section(path, shapes_data), encoder)
+        prepare(data_section(path, shapes_data), encoder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +175,8 @@ def overlong_case(tmp_path, shapes_data, encoder):
 
 def test_truncate_keeps_what_can_be_cut_after_the_image(overlong_case, shapes_data, encoder, collator_for, n_img):
     path, enc, max_length = overlong_case
-    dataset, dropped = prepare_dataset(data_section(path, shapes_data, max_length=max_length), encoder)
+    prepared = prepare(data_section(path, shapes_data, max_length=max_length), encoder)
+    dataset, dropped = prepared.dataset, prepared.dropped
     assert dataset["id"] == ["fits", "long", "text"]
     assert dataset["length"] == [len(enc["fits"].input_ids), max_length, len(enc["text"].input_ids)]
     assert [(d.id, d.index) for d in dropped] == [("long-question", 2), ("late-image", 4)]
@@ -195,7 +198,8 @@ def test_truncate_keeps_what_can_be_cut_after_the_image(overlong_case, shapes_da
 
 def test_drop_drops_every_overlong_record(overlong_case, shapes_data, encoder):
     path, enc, max_length = overlong_case
-    dataset, dropped = prepare_dataset(data_section(path, shapes_data, max_length=max_length, overlong="drop"), encoder)
+    prepared = prepare(data_section(path, shapes_data, max_length=max_length, overlong="drop"), encoder)
+    dataset, dropped = prepared.dataset, prepared.dropped
     assert dataset["id"] == ["fits", "text"]
     assert [(d.id, d.index) for d in dropped] == [("long", 1), ("long-question", 2), ("late-image", 4)]
     for d in dropped:
@@ -205,7 +209,7 @@ def test_drop_drops_every_overlong_record(overlong_case, shapes_data, encoder):
 def test_error_policy_names_every_overlong_record(overlong_case, shapes_data, encoder):
     path, _, max_length = overlong_case
     with pytest.raises(LvitError) as info:
-        prepare_dataset(data_section(path, shapes_data, max_length=max_length, overlong="error"), encoder, "r.yaml")
+        prepare(data_section(path, shapes_data, max_length=max_length, overlong="error"), encoder, "r.yaml")
     msg = str(info.value)
     assert f"3 records exceed data.max_length={max_length} and data.overlong is 'error' (in r.yaml)" in msg
     for index, rid in [(1, "long"), (2, "long-question"), (4, "late-image")]:
@@ -222,9 +226,10 @@ def test_sample_of_exactly_max_length_is_not_overlong(tmp_path, shapes_data, enc
     data = data_section(path, shapes_data, max_length=n, overlong=policy)
     if policy == "error":
         with pytest.raises(LvitError, match=r"1 records exceed .*\n  record #1 \(id 'one-more'\)"):
-            prepare_dataset(data, encoder)
+            prepare(data, encoder)
         return
-    dataset, dropped = prepare_dataset(data, encoder)
+    prepared = prepare(data, encoder)
+    dataset, dropped = prepared.dataset, prepared.dropped
     assert dataset["id"][0] == "exact" and dataset["length"][0] == n
     assert [d.id for d in dropped] == ([] if policy == "truncate" else ["one-more"])
 
@@ -233,18 +238,18 @@ def test_every_record_dropped_is_an_error(overlong_case, shapes_data, encoder):
     path, enc, _ = overlong_case
     too_small = min(len(e.input_ids) for e in enc.values()) - 1
     with pytest.raises(LvitError, match=f"every record was dropped as too long for data.max_length={too_small}"):
-        prepare_dataset(data_section(path, shapes_data, max_length=too_small, overlong="drop"), encoder)
+        prepare(data_section(path, shapes_data, max_length=too_small, overlong="drop"), encoder)
 
 
-def test_write_dropped_writes_one_json_line_per_record(overlong_case, shapes_data, encoder, tmp_path):
+def test_write_skipped_writes_one_json_line_per_record(overlong_case, shapes_data, encoder, tmp_path):
     path, _, max_length = overlong_case
-    _, dropped = prepare_dataset(data_section(path, shapes_data, max_length=max_length, overlong="drop"), encoder)
-    out = tmp_path / "run" / "dropped_records.jsonl"  # the folder does not exist yet
-    write_dropped(dropped, out)
+    dropped = prepare(data_section(path, shapes_data, max_length=max_length, overlong="drop"), encoder).skipped
+    out = tmp_path / "run" / "skipped_records.jsonl"  # the folder does not exist yet
+    write_skipped(dropped, out)
     lines = out.read_text(encoding="utf-8").splitlines()
     assert len(lines) == len(dropped) == 3
     assert [json.loads(line) for line in lines] == [asdict(d) for d in dropped]
-    assert set(json.loads(lines[0])) == {"id", "index", "reason"}
+    assert set(json.loads(lines[0])) == {"id", "index", "kind", "reason"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,9 +258,9 @@ def test_write_dropped_writes_one_json_line_per_record(overlong_case, shapes_dat
 
 @pytest.fixture(scope="module")
 def instruct(shapes_data, encoder):
-    dataset, dropped = prepare_dataset(data_section(shapes_data["instruct"], shapes_data, max_length=256), encoder)
-    assert dropped == []
-    return dataset
+    prepared = prepare(data_section(shapes_data["instruct"], shapes_data, max_length=256), encoder)
+    assert prepared.dropped == []
+    return prepared.dataset
 
 
 def _check_padded(batch, rows, encoder, pad_id):
@@ -298,6 +303,6 @@ def test_unreadable_image_names_the_record(tmp_path, encoder, tok, image_loader)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     path = write_records(tmp_path, [qa_record("broken-img", Q_COLOUR, "red", image=str(broken))])
-    dataset, _ = prepare_dataset(DataSection(path=str(path)), encoder)  # only existence is checked up front
+    dataset = prepare(DataSection(path=str(path)), encoder).dataset  # only existence is checked up front
     with pytest.raises(LvitError, match=rf"record 'broken-img': cannot read image '{broken}'"):
         LlavaCollator(encoder, image_loader, tok.pad_token_id, 256)(list(dataset))

@@ -4,7 +4,7 @@ Each config goes through accelerate's own launcher code: the `accelerate launch`
 validation (`_validate_launch_command`) and the environment it hands to the training processes
 (`prepare_multi_gpu_env` / `prepare_deepspeed_cmd_env`). The plugin is then built from that environment, as
 `Accelerator` / `TrainingArguments` build it in each process. Nothing is launched and no training runs (FSDP
-and DeepSpeed cannot train on CPU here; see STACK-NOTES).
+and DeepSpeed cannot train on CPU here; see docs/stack-notes.md#fsdp-deepspeed-on-cpu).
 """
 
 from __future__ import annotations

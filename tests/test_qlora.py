@@ -1,7 +1,7 @@
 """Stage 2 with `method: qlora` and `method: lora` on the tiny model, through `lvit.train.run`.
 
 What is 4-bit, what carries LoRA, what trains, what stays bitwise frozen, LoRA gradients against a
-dequantized reference (and the CPU repacking trap of STACK-NOTES), checkpoint contents and resume.
+dequantized reference (and the CPU repacking trap, docs/stack-notes.md#bnb-cpu-repacking), checkpoint contents and resume.
 
 Each configuration trains once (module-scoped fixtures): a 4-step run saving at steps 2 and 4
 (run A), and a run B that starts from a copy of A's checkpoint-2 only and resumes to step 4.
@@ -178,7 +178,7 @@ def test_qlora_only_lm_linears_are_4bit_nf4_double_quant(qlora_run):
         assert qs.nested and qs.state2 is not None, f"{name}: no double quantization"
         assert qs.absmax.dtype == torch.uint8, f"{name}: absmax not quantized (double quant)"
         assert m.compute_dtype == torch.bfloat16, name
-        # lvit disables the CPU repacking at load (STACK-NOTES trap); see the gradient tests below
+        # lvit disables the CPU repacking at load (docs/stack-notes.md trap); see the gradient tests below
         assert m.support_avx512bf16_for_cpu is False, name
 
     llava = model.get_base_model()
@@ -245,7 +245,8 @@ def qlora_loaded(qlora_run):
     (Not a deep copy of the live trained model: TRL replaces its `forward` by a closure over the
     original model, so a deep copy would still compute with the original's parameters.)
     """
-    from lvit.data.dataset import LlavaCollator, prepare_dataset
+    from lvit.data.collator import LlavaCollator
+    from lvit.data.dataset import prepare
     from lvit.data.images import ImageLoader
     from lvit.model import num_image_tokens
     from lvit.runs import load_trained
@@ -264,7 +265,7 @@ def qlora_loaded(qlora_run):
     encoder = ConversationEncoder(
         recipe.data.template, tokenizer, model.config.image_token_id, num_image_tokens(model.config.vision_config)
     )
-    dataset, _ = prepare_dataset(recipe.data, encoder)
+    dataset = prepare(recipe.data, encoder).dataset
     collator = LlavaCollator(
         encoder,
         ImageLoader(processor.image_processor, recipe.data.image_folder, recipe.data.image_aspect_ratio),
@@ -307,7 +308,7 @@ def _packed(model) -> int:
 # The 4-bit layers compute in bf16 (8 significant bits: relative spacing 2^-7 = 7.8e-3), the
 # reference in fp32 on the same dequantized weights. Measured: 3.2e-3 over all LoRA gradients
 # (5.1e-3 for the worst single tensor).
-# 2e-2 is ~2.5 bf16 ulps; the repacking trap gives errors above 0.5 (STACK-NOTES: 0.6-0.86).
+# 2e-2 is ~2.5 bf16 ulps; the repacking trap gives errors above 0.5 (docs/stack-notes.md: 0.6-0.86).
 BF16_TOL = 2e-2
 
 
@@ -335,7 +336,7 @@ def test_qlora_lora_gradients_match_dequantized_reference(qlora_loaded, referenc
 
 
 def test_qlora_gradients_stay_right_after_an_eval_step_and_generation(qlora_loaded, reference_grads):
-    """The STACK-NOTES trap: a no-grad forward (eval step, generation) must not break later gradients."""
+    """The CPU repacking trap (docs/stack-notes.md#bnb-cpu-repacking): a no-grad forward (eval step, generation) must not break later gradients."""
     model, batch = qlora_loaded
     clean = _lora_grads(copy.deepcopy(model), batch)
 
@@ -362,7 +363,7 @@ def test_cpu_repacking_breaks_gradients_when_not_disabled(qlora_loaded, referenc
     """Why `disable_cpu_repacking` exists: re-enabling it on a fresh copy makes gradients wrong.
 
     On a CPU with AVX512-BF16 bitsandbytes enables this by itself (forward right, backward wrong:
-    STACK-NOTES measured 0.6-0.86). On a CPU without it (`has_avx512bf16()` false) the flag is forced
+    docs/stack-notes.md#bnb-cpu-repacking measured 0.6-0.86). On a CPU without it (`has_avx512bf16()` false) the flag is forced
     here; bitsandbytes then has no fused kernel for the repacked layout, so the forward is wrong too.
     Either way the only signal is a UserWarning about a missing autograd kernel.
     """

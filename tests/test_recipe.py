@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -398,3 +399,36 @@ def test_tiny_recipe_fixture(tiny_recipe, tiny_parts, shapes_data, tmp_path):
 
     written = tiny_recipe.write(tmp_path / "r.yaml", "align", out_dir=tmp_path / "s1")
     assert dataclasses.replace(load_recipe(written), source=align.source) == align
+
+
+def test_without_training_check_every_lvit_section_is_still_validated(tmp_path, monkeypatch):
+    """`check_training=False` (`lvit data check --recipe`) leaves `training:` as written and never asks TRL."""
+    import lvit.recipe
+
+    def no_trl():
+        raise AssertionError("training: was validated (TRL imported)")
+
+    raw = with_("training", "not_an_sft_option", "anything")
+    path = write(tmp_path, raw)
+    monkeypatch.setattr(lvit.recipe, "_sft_fields", no_trl)
+    recipe = load_recipe(path, ["data.max_length=512"], check_training=False)
+    assert recipe.training == raw["training"] and recipe.data.max_length == 512
+    assert recipe.source == str(path) and recipe.stage == "finetune"
+    for section, key, value, expected in [
+        ("data", "max_length", "long", "'data.max_length' should be int"),
+        ("data", "max_lenght", 512, "unknown key 'data.max_lenght'. Did you mean 'data.max_length'?"),
+        ("model", "projector", "mlp", "'model.projector' should be one of 'linear', 'mlp2x_gelu'"),
+        ("lora", "r", "eight", "'lora.r' should be int"),
+        ("eval", "metric", "bleu", "'eval.metric' should be one of"),
+        (None, "stage", "align", None),
+    ]:
+        raw = with_(section, key, value)
+        if expected is None:  # the checks across sections too
+            raw["method"], expected = "lora", "method 'lora' needs stage 'finetune'"
+        with pytest.raises(LvitError, match=re.escape(expected)):
+            load_recipe(write(tmp_path, raw, "other.yaml"), check_training=False)
+    with pytest.raises(LvitError, match="missing required key 'stage'"):
+        load_recipe(write(tmp_path, without(None, "stage"), "other.yaml"), check_training=False)
+    monkeypatch.undo()
+    with pytest.raises(LvitError, match="unknown key 'training.not_an_sft_option'"):
+        load_recipe(path)  # the default validates it

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from lvit.data.records import RecordError, normalise, read_raw_records
+from lvit.data.records import RecordError, normalise, read_records
+from lvit.data.sources import read_json_rows
 from lvit.errors import LvitError
 from lvit.templates import IMAGE_PLACEHOLDER
 
@@ -156,7 +157,7 @@ def test_placeholder_in_system_turn_is_rejected():
 
 
 # ---------------------------------------------------------------------------------------------
-# read_raw_records
+# reading files: read_json_rows (the raw rows), read_records
 
 RECORDS = [rec("<image>\nQ?", "A.", rid="one"), rec("Q?", "A.", image=None, rid="two")]
 
@@ -164,48 +165,49 @@ RECORDS = [rec("<image>\nQ?", "A.", rid="one"), rec("Q?", "A.", image=None, rid=
 def test_reads_a_json_list(tmp_path):
     path = tmp_path / "data.json"
     path.write_text("\n  " + json.dumps(RECORDS, indent=2))  # leading whitespace is fine
-    assert read_raw_records(path) == RECORDS
+    assert read_json_rows(path)[0] == RECORDS
 
 
 def test_reads_json_lines_skipping_blank_lines(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(RECORDS[0]) + "\n\n" + json.dumps(RECORDS[1]) + "\n")
-    assert read_raw_records(path) == RECORDS
+    raws, lines, broken = read_json_rows(path)
+    assert raws == RECORDS and lines == [1, 3] and broken == []
 
 
 def test_invalid_json_lines_line_reports_its_line_number(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(RECORDS[0]) + "\n\n" + '{"id": "broken", "conversations": [\n' + json.dumps(RECORDS[1]))
-    with pytest.raises(LvitError, match=rf"{path}:3: not valid JSON"):
-        read_raw_records(path)
+    records, problems, total = read_records(path)  # a broken line is a problem, the rest still reads
+    assert [r.id for r in records] == ["one", "two"] and total == 3
+    assert [(p.index, p.line, p.kind) for p in problems] == [(1, 3, "invalid_json")]
+    assert str(problems[0]).startswith("record #1 (line 3): not valid JSON")
 
 
 def test_invalid_json_list_reports_line_and_column(tmp_path):
     path = tmp_path / "data.json"
     path.write_text('[\n {"id": "a",\n  "conversations": [}\n]')
     with pytest.raises(LvitError, match=rf"{path}: not valid JSON \(line 3, column \d+\)"):
-        read_raw_records(path)
+        read_records(path)
 
 
 def test_missing_data_file(tmp_path):
     with pytest.raises(LvitError, match="data file not found: .*nope.json"):
-        read_raw_records(tmp_path / "nope.json")
+        read_records(tmp_path / "nope.json")
 
 
 def test_shapes_data_reads_and_normalises(shapes_data):
     """The synthetic captions put the placeholder at the END of the human turn; instruct at the start."""
-    captions = [normalise(r, i) for i, r in enumerate(read_raw_records(shapes_data["captions"]))]
+    captions = [normalise(r, i) for i, r in enumerate(read_json_rows(shapes_data["captions"])[0])]
     assert len(captions) == 48
     assert all(c.conversation.turns[0] == ("user", "Give a brief description of the image.") for c in captions)
-    instruct = [normalise(r, i) for i, r in enumerate(read_raw_records(shapes_data["instruct"]))]
+    instruct = [normalise(r, i) for i, r in enumerate(read_json_rows(shapes_data["instruct"])[0])]
     text_only = [r for r in instruct if r.image is None]
     assert [r.id for r in text_only] == [f"txt-{i}" for i in range(48) if i % 10 == 0]  # synthetic: every 10th
     assert all(len(r.conversation.turns) == 4 and r.conversation.has_image for r in instruct if r.image)
 
 
 def test_read_records_keeps_valid_records_and_reports_the_rest(tmp_path):
-    from lvit.data.records import read_records
-
     raws = [RECORDS[0], rec("<image>\nQ?", "A.", image=None, rid="bad"), RECORDS[1]]
     path = tmp_path / "data.json"
     path.write_text(json.dumps(raws))
@@ -214,3 +216,32 @@ def test_read_records_keeps_valid_records_and_reports_the_rest(tmp_path):
     assert [(r.id, r.index) for r in records] == [("one", 0), ("two", 2)]
     assert [p.where for p in problems] == ["record #1 (id 'bad')"]
     assert "the record has no 'image'" in problems[0].reason
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_question_files_may_end_with_a_user_turn(tmp_path, suffix):
+    """`require_answer=False` reads questions (a last user turn) as they are; every other check still holds."""
+    chat = {"id": "c", "messages": [{"role": "user", "content": "Q?"}]}
+    raws = [
+        rec("<image>\nQ?", rid="q"),  # a question: no answer
+        rec("<image>\nQ?", "A.", "Q2?", rid="follow-up"),  # a follow-up question after an answer
+        rec("<image>\nQ?", "A.", rid="answered"),
+        rec("<image>\nQ?", image=None, rid="bad"),  # still invalid: a placeholder without an image
+    ]
+    path = tmp_path / f"questions{suffix}"
+    path.write_text(json.dumps(raws) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in raws))
+    records, problems, total = read_records(path, require_answer=False)
+    assert total == 4
+    assert [(r.id, r.conversation.turns[-1]) for r in records] == [
+        ("q", ("user", "Q?")),
+        ("follow-up", ("user", "Q2?")),
+        ("answered", ("assistant", "A.")),
+    ]
+    assert [(p.id, p.kind) for p in problems] == [("bad", "placeholder_mismatch")]
+    _, problems, _ = read_records(path)  # training data must end with an answer (checked before the placeholders)
+    assert [(p.id, p.kind) for p in problems] == [(rid, "ends_with_user") for rid in ("q", "follow-up", "bad")]
+    chat_path = tmp_path / "chat.json"
+    chat_path.write_text(json.dumps([chat]))
+    records, problems, _ = read_records(chat_path, require_answer=False)
+    assert problems == [] and records[0].conversation.turns == [("user", "Q?")]
+    assert [p.kind for p in read_records(chat_path)[1]] == ["ends_with_user"]

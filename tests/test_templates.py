@@ -209,6 +209,30 @@ def test_encode_many_equals_encode(vicuna, plain):
     assert vicuna.encode_many([]) == []
 
 
+def test_lengths_equal_the_encoded_lengths(vicuna, plain):
+    """`lengths` (what `lvit data check` and training's checks measure) is `encode` in numbers, ids not built."""
+    convs = [
+        image_conv(Q1, A1),
+        Conversation(turns=[("user", Q2), ("assistant", A2)]),
+        image_conv(Q1, A1, Q2, A2, Q3, A3),
+        image_conv(Q2, A2, system="Be brief."),
+        image_conv(Q1, A1, Q1, A1),  # repeated pieces are tokenized once, counted twice
+    ]
+    for encoder in (vicuna, plain):
+        lengths = encoder.lengths(convs)
+        for i, conv in enumerate(convs):
+            if i in lengths.rejected:  # plain: one caption per record
+                assert encoder is plain and len(conv.turns) > 2 and "exactly one caption" in lengths.rejected[i]
+                with pytest.raises(ValueError, match="exactly one caption"):
+                    encoder.encode(conv)
+                continue
+            enc = encoder.encode(conv)
+            got = (lengths.total[i], lengths.image_end[i], lengths.first_trained[i])
+            assert got == (len(enc.input_ids), enc.image_end, enc.first_trained), (encoder.template.name, i)
+    assert set(plain.lengths(convs).rejected) == {2, 4} and vicuna.lengths(convs).rejected == {}
+    assert vicuna.lengths([]).total == []
+
+
 def test_generation_prompt_ends_with_assistant_and_trains_nothing(tok, vicuna):
     enc = vicuna.encode(image_conv(Q1, A1))
     prompt = vicuna.encode(Conversation(turns=[("user", Q1)], has_image=True), for_generation=True)

@@ -1,9 +1,17 @@
-"""Data: reading records in every format, checking them, loading images, the training dataset and batches.
+"""Data: from the files a user has to the batches the model trains on, one step a module.
 
-- `records`: LLaVA JSON/JSONL, the chat format and Hugging Face datasets -> `Record`s (`read_records`).
-- `hf`: Hugging Face datasets on disk, images embedded in them read lazily.
-- `images`: any image mode to RGB, EXIF orientation, `pad`; checking an image (`probe_image`).
-- `check`: `lvit data check` (also run before training): problems, summary, lengths in tokens.
-- `dataset`: the training dataset, `data.on_bad_record`, `skipped_records.jsonl`, the collator.
-- `convert`, `scienceqa`: `lvit data convert`; `cli`: the `lvit data` commands.
+1. `sources`: JSON / JSON Lines files and Hugging Face datasets -> raw rows, each with its line
+   number (`load_rows`); a Hugging Face dataset stays a memory-mapped `datasets.Dataset`
+   (`HFSource`), its embedded images undecoded (`EmbeddedImage`).
+2. `records`: raw rows -> normalised `Record`s, or `RecordError`s that name the record and say how to
+   fix it (`read_records`, the one entry point; LLaVA and chat schemas).
+3. `check`: every problem of a dataset (`inspect_data`): images, duplicate ids, lengths in tokens
+   (measured by `lvit.templates.ConversationEncoder.lengths`) against `data.max_length`;
+   `check_data` is `lvit data check`. `report` renders what it found (`CheckReport`: text, JSON,
+   length percentiles and histogram).
+4. `dataset`: the training dataset (`prepare`), `data.on_bad_record`, `skipped_records.jsonl`.
+5. `collator`: training rows -> padded batches (`LlavaCollator`), images decoded in the workers.
+
+Beside the pipeline: `images` (any image mode to RGB, EXIF orientation, `pad`; checking one image),
+`convert` and `scienceqa` (`lvit data convert`), `cli` (the `lvit data` commands).
 """

@@ -42,9 +42,9 @@ def check(
 
     rec = None
     if recipe is not None:
-        from lvit.data.check import load_data_recipe
+        from lvit.recipe import load_recipe
 
-        rec = load_data_recipe(recipe, overrides or [])
+        rec = load_recipe(recipe, overrides or [], check_training=False)
     elif overrides:
         raise LvitError("--override changes the recipe given with --recipe; there is none")
     report = check_data(data, fmt, image_folder, recipe=rec, decode=decode)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lvit.data.hf import is_embedded, read_embedded
 from lvit.data.records import Record, read_all
+from lvit.data.sources import is_embedded
 from lvit.errors import LvitError
 
 TARGETS = ("llava", "llava-jsonl", "chat")
@@ -85,7 +85,7 @@ def convert(
             if record.image is None:
                 continue
             if is_embedded(record.image):
-                record.image = _write_image(read_embedded(record.image), images_dir, record.index)
+                record.image = _write_image(record.image.read(), images_dir, record.index)
             elif not Path(record.image).is_absolute():  # one image folder must serve both kinds
                 base = Path(image_folder) if image_folder is not None else Path.cwd()
                 record.image = str((base / record.image).resolve())

@@ -1,9 +1,14 @@
-"""The training dataset: checked records as a `datasets.Dataset`, and the batch collator.
+"""The training dataset, the last step of `lvit.data` before batches: checked records as a `datasets.Dataset`.
 
-Records are read, checked and measured (token count, image tokens included) once, up front, by
-the same `lvit.data.check.inspect_data` that `lvit data check` runs; the token ids themselves are
-rebuilt in the collator, in the data-loader workers, together with the image decoding. So a large
-dataset is neither held tokenized nor held as images in memory.
+`prepare` reads, checks and measures the records (token count, image tokens included) once, up
+front, with the same `lvit.data.check.inspect_data` that `lvit data check` runs, and keeps the
+records that can be trained on as rows (`id`, `image_path`, `roles`, `texts`, `system`, `length`,
+`index`). The token ids are rebuilt by the collator (`lvit.data.collator`), in the data-loader
+workers, together with the image decoding, so a large dataset is neither held tokenized nor held as
+images in memory. For a Hugging Face dataset the rows also carry the source's image column,
+undecoded (`image`: the encoded bytes): the training dataset is the source dataset's kept rows
+selected (memory-mapped, not copied) beside lvit's columns, and the collator reads each image's bytes
+from its row.
 
 Records that cannot be trained on stop the run (`data.on_bad_record: error`, the default) with
 the checker's report, or are left out (`skip`); every record left out, for any reason (invalid,
@@ -13,6 +18,8 @@ too long, an image that fails to decode mid-run), is written with its reason to
 
 from __future__ import annotations
 
+import array
+import hashlib
 import json
 import logging
 import os
@@ -20,28 +27,17 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
-from lvit.data.check import CheckReport, inspect_data
-from lvit.data.check import overlong_reason as _overlong_reason
-from lvit.data.images import ImageLoader
-from lvit.data.records import conversation_from_row
+from lvit.data.check import Inspection, inspect_data
+from lvit.data.records import Record
+from lvit.data.report import CheckReport
+from lvit.data.sources import is_embedded
 from lvit.errors import LvitError
-from lvit.templates import IGNORE_INDEX, ConversationEncoder
+from lvit.runs.files import SKIPPED_FILE
+from lvit.templates import ConversationEncoder
 
 log = logging.getLogger("lvit")
 
-SKIPPED_FILE = "skipped_records.jsonl"
 _SHOWN = 20  # problems listed in an error message
-
-
-@dataclass
-class Dropped:
-    """A record left out as too long for data.max_length."""
-
-    id: str
-    index: int
-    reason: str
 
 
 @dataclass
@@ -58,8 +54,8 @@ class Skipped:
 class Prepared:
     dataset: object
     """The `datasets.Dataset` to train on."""
-    dropped: list[Dropped]
-    """Left out as too long (data.overlong)."""
+    dropped: list[Skipped]
+    """Left out as too long (data.overlong; kind `too_long`)."""
     skipped: list[Skipped]
     """Every record left out: invalid ones (data.on_bad_record: skip) and the `dropped` ones."""
     total: int
@@ -72,8 +68,6 @@ def prepare(data, encoder: ConversationEncoder, source: str = "<recipe>") -> Pre
     Raises `LvitError` with the checker's report when a record cannot be trained on and
     `data.on_bad_record` is `error`, or a sample is too long and `data.overlong` is `error`.
     """
-    import datasets
-
     on_bad = getattr(data, "on_bad_record", "error")
     insp = inspect_data(
         data.path,
@@ -114,25 +108,68 @@ def prepare(data, encoder: ConversationEncoder, source: str = "<recipe>") -> Pre
         by_record.setdefault(p.index, []).append(p)
     for index, problems in by_record.items():
         skipped.append(Skipped(problems[0].id, index, problems[0].kind, "; ".join(p.reason for p in problems)))
-    dropped_ids = {id(r) for r, _ in insp.dropped}
-    dropped = [Dropped(r.id, r.index, reason) for r, reason in insp.dropped]
-    skipped += [Skipped(d.id, d.index, "too_long", d.reason) for d in dropped]
+    dropped = [Skipped(r.id, r.index, "too_long", reason) for r, reason in insp.dropped]
+    skipped += dropped
     skipped.sort(key=lambda s: -1 if s.index is None else s.index)
 
-    columns: dict[str, list] = {k: [] for k in ("id", "image_path", "roles", "texts", "system", "length", "index")}
-    for record, n in zip(insp.usable, insp.lengths.total, strict=True):
-        if id(record) in dropped_ids:
-            continue
-        row = record.to_row()
-        row["length"] = min(n, data.max_length)
-        row["index"] = record.index
-        for key, value in row.items():
-            columns[key].append(value)
-    if not columns["id"]:
+    dropped_ids = {id(r) for r, _ in insp.dropped}
+    cap = data.max_length  # a truncated sample is max_length long
+    kept = [(r, n if n <= cap else cap) for r, n in zip(insp.usable, insp.lengths.total, strict=True)]
+    if dropped_ids:
+        kept = [(r, n) for r, n in kept if id(r) not in dropped_ids]
+    if not kept:
         if insp.dropped:
             raise LvitError(f"{data.path}: every record was dropped as too long for data.max_length={data.max_length}.")
         raise LvitError(f"{data.path}: no record can be trained on (data.path in {source}); see the problems above.")
-    features = datasets.Features(
+    return Prepared(training_dataset(insp, kept), dropped, skipped, insp.total, report)
+
+
+def training_dataset(insp: Inspection, kept: list[tuple[Record, int]]):
+    """The `datasets.Dataset` of the `kept` records (each with its length in tokens).
+
+    lvit's columns, in memory. From a Hugging Face dataset with embedded images: lvit's columns for every
+    row of the source (rows left out hold blanks) beside the source's image column, undecoded, then the
+    kept rows selected; so the images are neither copied nor decoded."""
+    import datasets
+
+    source = next((r.image.source for r, _ in kept if is_embedded(r.image)), None)
+    images = source.images() if source is not None else None
+    n_rows = len(kept) if images is None else insp.total
+    columns: dict[str, list] = {
+        "id": [""] * n_rows,
+        "image_path": [None] * n_rows,
+        "roles": [[]] * n_rows,
+        "texts": [[]] * n_rows,
+        "system": [None] * n_rows,
+        "length": [0] * n_rows,
+        "index": [-1] * n_rows,
+    }
+    for i, (record, length) in enumerate(kept):
+        row = record.to_row()
+        row["length"] = length
+        row["index"] = record.index
+        at = i if images is None else record.index  # the row of a Hugging Face dataset is the record's index
+        for key, value in row.items():
+            columns[key][at] = value
+    dataset = datasets.Dataset.from_dict(columns, features=_features())
+    if images is None:
+        return dataset
+    column = source.image_column
+    if column != "image":
+        images = images.rename_column(column, "image")
+    dataset = datasets.concatenate_datasets([dataset, images], axis=1)
+    rows = [record.index for record, _ in kept]
+    if len(rows) == insp.total:
+        return dataset
+    # A fingerprint from the rows' bytes: `datasets` would hash the list item by item (seconds for 1M rows).
+    digest = hashlib.sha256(source.name.encode() + array.array("q", rows).tobytes()).hexdigest()[:32]
+    return dataset.select(rows, new_fingerprint=f"lvit-rows-{digest}")  # the row numbers, kept in memory
+
+
+def _features():
+    import datasets
+
+    return datasets.Features(
         {
             "id": datasets.Value("string"),
             "image_path": datasets.Value("string"),
@@ -143,8 +180,6 @@ def prepare(data, encoder: ConversationEncoder, source: str = "<recipe>") -> Pre
             "index": datasets.Value("int64"),
         }
     )
-    dataset = datasets.Dataset.from_dict(columns, features=features)
-    return Prepared(dataset, dropped, skipped, insp.total, report)
 
 
 def bad_records_message(path, report: CheckReport, bad: list, n_records: int, source: str) -> str:
@@ -158,32 +193,6 @@ def bad_records_message(path, report: CheckReport, bad: list, n_records: int, so
         f"{source}` lists them all), or set data.on_bad_record: skip to train on the rest (each skipped record is "
         f"listed with its reason in {SKIPPED_FILE} in the run folder)."
     )
-
-
-def prepare_dataset(data, encoder: ConversationEncoder, source: str = "<recipe>"):
-    """Read, validate and measure the data named by a recipe's `data` section.
-
-    Returns `(dataset, dropped)`: a `datasets.Dataset` with one row per trainable record (columns
-    `id`, `image_path`, `roles`, `texts`, `system`, `length`, `index`) and the records left out
-    because they are too long for `data.max_length` under the `data.overlong` policy (with
-    `data.on_bad_record: skip`, the skipped invalid records too). Raises `LvitError` listing every
-    invalid record (with its id) if there is any and `data.on_bad_record` is `error`.
-    """
-    prepared = prepare(data, encoder, source)
-    extra = [Dropped(s.id, s.index, f"{s.kind}: {s.reason}") for s in prepared.skipped if s.kind != "too_long"]
-    return prepared.dataset, sorted(prepared.dropped + extra, key=lambda d: d.index)
-
-
-def overlong_reason(enc, max_length: int, policy: str) -> str | None:
-    """Why an encoded sample cannot be used as is under `policy`, or None if it can (possibly truncated)."""
-    return _overlong_reason(len(enc.input_ids), enc.image_end, enc.first_trained, max_length, policy)
-
-
-def write_dropped(dropped: list[Dropped], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for d in dropped:
-            f.write(json.dumps(asdict(d)) + "\n")
 
 
 def write_skipped(skipped: list[Skipped], path: Path, append: bool = False) -> None:
@@ -216,59 +225,3 @@ def tidy_skipped(path: Path) -> int:
     lines = list(dict.fromkeys(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()))
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return len(lines)
-
-
-class LlavaCollator:
-    """Turns dataset rows into a padded batch: input_ids, attention_mask, labels, pixel_values.
-
-    Images are read and decoded here, in the data-loader workers. An image that fails to decode
-    stops training with the record named, unless `skipped_file` is given (data.on_bad_record:
-    skip): then the record is left out of its batch and appended to that file. The collator holds
-    no open files or datasets, so it pickles into worker processes.
-    """
-
-    def __init__(
-        self,
-        encoder: ConversationEncoder,
-        image_loader: ImageLoader,
-        pad_token_id: int,
-        max_length: int,
-        skipped_file: str | Path | None = None,
-    ):
-        self.encoder = encoder
-        self.image_loader = image_loader
-        self.pad_token_id = pad_token_id
-        self.max_length = max_length
-        self.skipped_file = None if skipped_file is None else str(skipped_file)
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        images, kept = [], []
-        for row in rows:
-            if row["image_path"] is not None:
-                try:
-                    images.append(self.image_loader.load(row["image_path"]))
-                except Exception as exc:  # a corrupt file found mid-run: say which record
-                    message = f"cannot read image {row['image_path']!r}: {exc}"
-                    if self.skipped_file is None:
-                        raise LvitError(f"record {row['id']!r}: {message}") from exc
-                    log.warning("record %r left out: %s (listed in %s)", row["id"], message, self.skipped_file)
-                    append_skipped(Skipped(row["id"], row.get("index"), "image_unreadable", message), self.skipped_file)
-                    continue
-            kept.append(row)
-        if not kept:
-            raise LvitError(
-                f"every image in a batch failed to decode ({', '.join(repr(r['id']) for r in rows)}); "
-                "run `lvit data check --decode` on the data"
-            )
-        encoded = self.encoder.encode_many([conversation_from_row(r) for r in kept])
-        ids = [e.input_ids[: self.max_length] for e in encoded]
-        labels = [e.labels[: self.max_length] for e in encoded]
-        width = max(len(x) for x in ids)
-        batch = {
-            "input_ids": torch.tensor([x + [self.pad_token_id] * (width - len(x)) for x in ids]),
-            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-            "labels": torch.tensor([x + [IGNORE_INDEX] * (width - len(x)) for x in labels]),
-        }
-        if images:
-            batch["pixel_values"] = self.image_loader.pixel_values(images)
-        return batch

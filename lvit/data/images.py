@@ -1,8 +1,9 @@
 """Loading images for the vision tower: any common mode to RGB, EXIF orientation applied.
 
-An image is named by a string: a file path (absolute, or relative to the image folder), or a
-reference to an image embedded in a Hugging Face dataset (`lvit.data.hf`, made by
-`read_records`), which is only read and decoded when a batch needs it.
+An image is a file path (absolute, or relative to the image folder), an image embedded in a
+Hugging Face dataset (`lvit.data.sources.EmbeddedImage`, made by `read_records`), or the encoded
+bytes a training row carries (as a file object); it is only read and decoded when a batch or a
+check needs it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from lvit.data.hf import describe_embedded, is_embedded, read_embedded
+from lvit.data.sources import EmbeddedImage
 
 # Modes with an alpha channel (or a transparent palette entry): composited over white.
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -29,16 +30,19 @@ def resolve_image_path(path: str, image_folder: str | Path | None) -> Path:
     return p
 
 
-def describe_image(image: str, image_folder: str | Path | None) -> str:
-    """How an image is named in messages: its resolved path, or the embedded reference."""
-    return describe_embedded(image) if is_embedded(image) else str(resolve_image_path(image, image_folder))
+def describe_image(image: str | EmbeddedImage, image_folder: str | Path | None) -> str:
+    """How an image is named in messages: its resolved path, or which dataset row holds it."""
+    return str(image) if isinstance(image, EmbeddedImage) else str(resolve_image_path(image, image_folder))
 
 
-def open_image_source(image: str, image_folder: str | Path | None):
-    """What `PIL.Image.open` takes for an image name: a path, or the embedded bytes as a file object."""
-    if is_embedded(image):
-        return io.BytesIO(read_embedded(image))
-    return resolve_image_path(image, image_folder)
+def open_image_source(image, image_folder: str | Path | None):
+    """What `PIL.Image.open` takes for an image: a path (resolved), an embedded image's bytes as a file
+    object, or a file object as is."""
+    if isinstance(image, EmbeddedImage):
+        return io.BytesIO(image.read())
+    if isinstance(image, (str, Path)):
+        return resolve_image_path(image, image_folder)
+    return image
 
 
 def load_rgb(path) -> Image.Image:
@@ -109,8 +113,9 @@ class ImageLoader:
         self.aspect_ratio = aspect_ratio
         self.fill = mean_fill(image_processor)
 
-    def load(self, path: str) -> Image.Image:
-        img = load_rgb(open_image_source(path, self.image_folder))
+    def load(self, image) -> Image.Image:
+        """An image (a path, an `EmbeddedImage` or a file object) in RGB, padded for `pad`."""
+        img = load_rgb(open_image_source(image, self.image_folder))
         if self.aspect_ratio == "pad":
             img = pad_to_square(img, self.fill)
         return img
@@ -123,14 +128,14 @@ class ImageLoader:
 # checking images (lvit data check, training's up-front checks)
 
 
-def image_exists(image: str, image_folder: str | Path | None) -> bool:
+def image_exists(image: str | EmbeddedImage, image_folder: str | Path | None) -> bool:
     """Whether an image can be found: a regular file (one stat), or an embedded image (always)."""
-    if is_embedded(image):
+    if isinstance(image, EmbeddedImage):
         return True
     return os.path.isfile(resolve_image_path(image, image_folder))
 
 
-def probe_image(image: str, image_folder: str | Path | None) -> tuple[str, str, str] | None:
+def probe_image(image: str | EmbeddedImage, image_folder: str | Path | None) -> tuple[str, str, str] | None:
     """Decode an image fully, as training would; returns None if it is fine, else
     `(kind, severity, message)`. Never raises for a bad file (a decompression bomb included)."""
     where = describe_image(image, image_folder)

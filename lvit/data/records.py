@@ -1,4 +1,4 @@
-"""Reading training / question data in every format lvit takes, normalising each record.
+"""Records, the second step of `lvit.data`: raw rows (`lvit.data.sources`) normalised into `Record`s.
 
 Formats (`data.format`, detected when `auto`):
 
@@ -10,19 +10,20 @@ Formats (`data.format`, detected when `auto`):
   `{"messages": [{"role": "user"|"assistant"|"system", "content": str | [{"type": "image"},
   {"type": "text", "text": ...}]}], "images": [path]}`.
 - `hf`: a Hugging Face `datasets` dataset (`save_to_disk` folder, parquet or arrow files) whose rows
-  are in either schema, with images as paths or embedded (`lvit.data.hf`).
+  are in either schema, with images as paths or embedded (`lvit.data.sources.EmbeddedImage`).
 
 `read_records` is the one entry point (training, `lvit data check`, `lvit data convert`, question
 files): every record comes back as a `Record` or as a `RecordError` that names it (index, id, line)
-and says how to fix it.
+and says how to fix it. Training data must end each conversation with an answer; question files
+need not (`require_answer=False`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lvit.data.sources import EmbeddedImage, load_rows
 from lvit.errors import LvitError
 from lvit.templates import IMAGE_PLACEHOLDER, Conversation
 
@@ -68,9 +69,6 @@ class RecordError(ValueError):
         }
 
 
-Problem = RecordError
-
-
 def where_of(index: int | None, rid: str | None = None, line: int | None = None) -> str:
     """How messages name a record: `record #3 (id 'x')`, plus the line for JSON Lines files."""
     head = f"record #{index}" if index is not None else "a record"
@@ -84,7 +82,9 @@ def where_of(index: int | None, rid: str | None = None, line: int | None = None)
 class Record:
     id: str
     index: int
-    image: str | None
+    image: str | EmbeddedImage | None
+    """A file path (absolute, or relative to the image folder), an image embedded in a Hugging Face dataset,
+    or None (text-only)."""
     conversation: Conversation
     line: int | None = None
 
@@ -93,11 +93,12 @@ class Record:
         return where_of(self.index, self.id, self.line)
 
     def to_row(self) -> dict:
-        """The columns lvit keeps in its `datasets.Dataset` (images stay paths until batching)."""
+        """The columns of the training dataset (`lvit.data.dataset`); `image_path` names the image (a
+        path, or which image of a Hugging Face dataset it is), which is only read when batching."""
         conv = self.conversation
         return {
             "id": self.id,
-            "image_path": self.image,
+            "image_path": None if self.image is None else str(self.image),
             "roles": [role for role, _ in conv.turns],
             "texts": [text for _, text in conv.turns],
             "system": conv.system,
@@ -113,82 +114,7 @@ def conversation_from_row(row: dict) -> Conversation:
 
 
 # ---------------------------------------------------------------------------------------------
-# reading files
-
-
-def read_raw_records(path: str | Path) -> list[dict]:
-    """Read a JSON list or a JSON Lines file; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise LvitError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return _json_list(path, text)
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise LvitError(
-                f"{path}:{lineno}: not valid JSON ({exc.msg}); each line of a .jsonl file is one record"
-            ) from None
-    return records
-
-
-def _json_list(path: Path, text: str) -> list:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LvitError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
-    if not isinstance(data, list):
-        raise LvitError(f"{path}: expected a JSON list of records")
-    return data
-
-
-def _read_json_rows(path: Path) -> tuple[list, list[int | None], list[RecordError]]:
-    """Like `read_raw_records`, but a broken JSON Lines line is a problem (with its line), not the end."""
-    if not path.is_file():
-        raise LvitError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        data = _json_list(path, text)
-        return data, [None] * len(data), []
-    raws: list = []
-    lines: list[int | None] = []
-    problems: list[RecordError] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            raws.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raws.append(None)
-            index = len(raws) - 1
-            problems.append(
-                RecordError(
-                    where_of(index, None, lineno),
-                    f"not valid JSON ({exc.msg}); each line of a .jsonl file is one complete record",
-                    "invalid_json",
-                    index=index,
-                    line=lineno,
-                )
-            )
-        lines.append(lineno)
-    return raws, lines, problems
-
-
-def detect_format(path: str | Path, raws: list | None = None) -> str:
-    """`hf` for dataset folders and parquet/arrow files; else `chat` or `llava` from the first record."""
-    from lvit.data.hf import is_hf_path
-
-    if is_hf_path(path):
-        return "hf"
-    for raw in raws or ():
-        if isinstance(raw, dict):
-            return "chat" if "messages" in raw and "conversations" not in raw else "llava"
-    return "llava"
+# reading a source
 
 
 @dataclass
@@ -205,14 +131,22 @@ class ReadResult:
     """index -> (image, id, line) of invalid records that still name an image, to check it too."""
 
 
-def read_all(path: Path, fmt: str = "auto", require_answer: bool = True) -> ReadResult:
-    """Read a data source and normalise every record (no image checks).
-
-    With `require_answer=False` a conversation may end with a user turn (a question to answer).
-    """
+def read_all(path: str | Path, fmt: str = "auto", require_answer: bool = True) -> ReadResult:
+    """Read a data source and normalise every record (no image checks)."""
     if fmt not in FORMATS:
         raise LvitError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
-    container, schema, raws, lines, problems = load_rows(Path(path), fmt)
+    rows = load_rows(Path(path), fmt)
+    schema, raws, lines = rows.schema, rows.raws, rows.lines
+    problems = [
+        RecordError(
+            where_of(index, None, line),
+            f"not valid JSON ({message}); each line of a .jsonl file is one complete record",
+            "invalid_json",
+            index=index,
+            line=line,
+        )
+        for index, line, message in rows.broken
+    ]
     norm = normalise_chat if schema == "chat" else normalise
     records: list[Record] = []
     bad_images: dict[int, tuple] = {}
@@ -221,13 +155,13 @@ def read_all(path: Path, fmt: str = "auto", require_answer: bool = True) -> Read
             continue
         line = lines[index]
         try:
-            records.append(norm(raw, index, line, require_answer=require_answer))
+            records.append(norm(raw, index, line, require_answer))
         except RecordError as exc:
             problems.append(exc)
             image = _image_field(raw, schema)
             if image is not None:
                 bad_images[index] = (image, exc.id, line)
-    name = f"hf/{schema}" if container == "hf" else schema
+    name = f"hf/{schema}" if rows.container == "hf" else schema
     return ReadResult(name, records, problems, len(raws), bad_images)
 
 
@@ -246,84 +180,33 @@ def read_records(
     `fmt` is `auto` (detected), `llava`, `chat` or `hf` (a Hugging Face dataset whose rows use
     either schema). With `check_images`, each record's image must exist (relative paths are
     resolved against `image_folder`; one stat per distinct file); with `decode`, it is also fully
-    decoded, as training would (once per distinct file). With `require_answer=False`, a conversation
-    may end with a user turn (question files); training data must end with the answer that trains.
+    decoded, as training would (once per distinct file). With `require_answer=False` a
+    conversation may end with a user turn (a question file), which training data may not.
     """
     read = read_all(Path(path), fmt, require_answer)
     records, problems = read.records, list(read.problems)
     if check_images or decode:
+        from lvit.data.check import check_record_images
+
         records, image_problems = check_record_images(read, image_folder, decode)
         problems.extend(image_problems)
     problems.sort(key=lambda p: -1 if p.index is None else p.index)
     return records, problems, read.total
 
 
-def load_rows(path: Path, fmt: str = "auto") -> tuple[str, str, list, list[int | None], list[RecordError]]:
-    """`(container, schema, raw rows, their line numbers or None, problems)` for any supported source;
-    container is `json` or `hf`, schema `llava` or `chat`."""
-    from lvit.data.hf import is_hf_path, read_rows
-
-    if fmt == "hf" or is_hf_path(path):
-        schema, raws = read_rows(path, None if fmt in ("auto", "hf") else fmt)
-        return "hf", schema, raws, [None] * len(raws), []
-    raws, lines, problems = _read_json_rows(path)
-    schema = fmt if fmt in ("llava", "chat") else detect_format(path, raws)
-    return "json", schema, raws, lines, problems
+def _is_image(value: object) -> bool:
+    """A usable image value: a non-blank path, or an embedded image (an `EmbeddedImage` is a string too)."""
+    return isinstance(value, str) and bool(value.strip())
 
 
-def _image_field(raw: object, schema: str) -> str | None:
-    """The one image path of a raw record, if it names one clearly (for checks on invalid records)."""
+def _image_field(raw: object, schema: str) -> str | EmbeddedImage | None:
+    """The one image of a raw record, if it names one clearly (for checks on invalid records)."""
     if not isinstance(raw, dict):
         return None
     image = raw.get("image") if schema == "llava" else raw.get("images", raw.get("image"))
     if isinstance(image, list) and len(image) == 1:
         image = image[0]
-    return image if isinstance(image, str) and image.strip() else None
-
-
-def check_record_images(
-    read: ReadResult, image_folder: str | Path | None, decode: bool = False
-) -> tuple[list[Record], list[RecordError]]:
-    """Check the image of every record (and of invalid records that name one): `(records whose image is
-    fine, problems)`. One stat (or decode) per distinct image."""
-    from lvit.data.images import describe_image, image_exists, probe_image
-
-    records, bad_image_of = read.records, read.bad_images
-
-    cache: dict[str, tuple | None] = {}
-
-    def problem_of(image: str):
-        if image in cache:
-            return cache[image]
-        if not image_exists(image, image_folder):
-            found = ("image_missing", "error", f"image not found: {describe_image(image, image_folder)} "
-                     "(check data.image_folder / --image-folder or the record's image path)")  # fmt: skip
-        elif decode:
-            found = probe_image(image, image_folder)
-        else:
-            found = None
-        cache[image] = found
-        return found
-
-    kept, problems = [], []
-    for record in records:
-        found = problem_of(record.image) if record.image is not None else None
-        if found is None or found[1] == "warning":
-            kept.append(record)
-        if found is not None:
-            kind, severity, message = found
-            problems.append(
-                RecordError(
-                    record.where, message, kind, index=record.index, id=record.id, line=record.line, severity=severity
-                )
-            )
-    for index, (image, rid, line) in bad_image_of.items():
-        found = problem_of(image)
-        if found is not None:
-            kind, severity, message = found
-            where = where_of(index, rid, line)
-            problems.append(RecordError(where, message, kind, index=index, id=rid, line=line, severity=severity))
-    return kept, problems
+    return image if _is_image(image) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +259,7 @@ def normalise(raw: object, index: int, line: int | None = None, require_answer: 
         )
     image = raw.get("image")
     if image is not None and (type(image) is not str or not image or image.isspace()):
-        image = _check_image_field(image, _Fail(raw, index, line))
+        image = _check_image_field(image, _Fail(raw, index, line))  # a list, blank, or an embedded image
 
     turns: list[tuple[str, str]] = []
     system = None
@@ -416,20 +299,18 @@ def normalise(raw: object, index: int, line: int | None = None, require_answer: 
 def _check_image_field(image, fail):
     if image is None:
         return None
-    if isinstance(image, list) and len(image) > 1 and all(isinstance(i, str) for i in image):
+    if isinstance(image, list) and len(image) > 1 and all(_is_image(i) for i in image):
         raise fail(
             "multiple_images",
             f"the record has {len(image)} images; lvit trains on one image per record (LLaVA's format): "
             "split it into one record per image",
         )
-    if not isinstance(image, str) or not image.strip():
+    if not _is_image(image):
         raise fail("bad_image_field", f"'image' must be a file path, got {image!r}")
     return image
 
 
-def _finish(
-    fail, rid, index, line, image, turns, system, placeholders, chat: bool, require_answer: bool = True
-) -> Record:
+def _finish(fail, rid, index, line, image, turns, system, placeholders, chat: bool, require_answer: bool) -> Record:
     human, gpt = ("user", "assistant") if chat else ("human", "gpt")
     if not turns:
         raise fail("no_conversation", f"the conversation has no {human}/{gpt} turns")
@@ -500,7 +381,7 @@ def normalise_chat(raw: object, index: int, line: int | None = None, require_ans
     else:
         if isinstance(images, str):
             images = [images]
-        if not isinstance(images, list) or not all(isinstance(i, str) and i.strip() for i in images):
+        if not isinstance(images, list) or not all(_is_image(i) for i in images):
             raise fail("bad_image_field", f"'images' must be a list of image file paths, got {images!r}")
         image = _check_image_field(images if len(images) > 1 else images[0], fail)
 

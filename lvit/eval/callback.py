@@ -13,7 +13,7 @@ At the end of training the run folder gets `eval/results.json` and `eval/answers
 `every_n_steps`, `eval/step-N/` holds the same at step N. Evaluation never changes training:
 generation runs without gradients in eval mode, every module's train/eval mode and every random
 number generator are restored afterwards, and 4-bit layers are kept out of bitsandbytes' CPU
-repacking, whose packed weights have no backward (docs/stack-notes.md).
+repacking, whose packed weights have no backward (docs/stack-notes.md#bnb-cpu-repacking).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ runs/stage2/                     training.output_dir
     full                         model.safetensors (or shards + index): a stock LLaVA checkpoint
     lora / qlora                 adapter_model.safetensors + adapter_config.json: the LoRA weights and
                                  the fully trained projector (peft's modules_to_save)
-  skipped_records.jsonl          records left out of training (lvit.data.dataset)
+  skipped_records.jsonl          records left out of training (written by lvit.data.dataset)
   eval/                          evaluation during training (lvit.eval.callback)
   checkpoint-N/                  the Trainer's checkpoint (weights, optimizer, scheduler, RNG states,
                                  trainer_state.json (TRAINER_STATE_FILE), written after the rest) plus
@@ -38,6 +38,7 @@ from lvit.runs.files import (
     PROJECTOR_FILE,
     RECIPE_FILE,
     RUN_INFO_FILE,
+    SKIPPED_FILE,
     TRAINER_STATE_FILE,
     WEIGHT_FILES,
     RunFolder,
@@ -63,6 +64,7 @@ __all__ = [
     "PROJECTOR_FILE",
     "RECIPE_FILE",
     "RUN_INFO_FILE",
+    "SKIPPED_FILE",
     "TRAINER_STATE_FILE",
     "WEIGHT_FILES",
     "LoadedModel",

@@ -29,6 +29,10 @@ PROJECTOR_FILE = "projector.safetensors"
 EXPORT_INFO_FILE = "lvit_export.json"
 """What was exported from which run, and its self-check (the run's recipe included)."""
 MODEL_CARD_FILE = "README.md"
+# In a run folder whose data had records left out (invalid under data.on_bad_record: skip, too long, or an
+# image that failed to decode mid-run), written by lvit.data.dataset:
+SKIPPED_FILE = "skipped_records.jsonl"
+"""One JSON line per record left out of training: `{"id", "index", "kind", "reason"}`."""
 # Written by the Trainer into every checkpoint, after everything else it saves:
 TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")

@@ -1,0 +1,91 @@
+"""Batches: `LlavaCollator` turns training-dataset rows (`lvit.data.dataset`) into padded tensors.
+
+It runs in the data-loader workers: it decodes each row's image (from the file its `image_path`
+names, or from the encoded bytes a Hugging Face dataset's row carries in its `image` column) and
+encodes each conversation with the recipe's template (`lvit.templates.ConversationEncoder`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import torch
+
+from lvit.data.dataset import Skipped, append_skipped
+from lvit.data.images import ImageLoader
+from lvit.data.records import conversation_from_row
+from lvit.errors import LvitError
+from lvit.templates import IGNORE_INDEX, ConversationEncoder
+
+log = logging.getLogger("lvit")
+
+
+class LlavaCollator:
+    """Turns dataset rows into a padded batch: input_ids, attention_mask, labels, pixel_values.
+
+    Images are read and decoded here, in the data-loader workers. An image that fails to decode
+    stops training with the record named, unless `skipped_file` is given (data.on_bad_record:
+    skip): then the record is left out of its batch and appended to that file. The collator holds
+    no open files or datasets (the rows bring their images), so it pickles into worker processes.
+    """
+
+    def __init__(
+        self,
+        encoder: ConversationEncoder,
+        image_loader: ImageLoader,
+        pad_token_id: int,
+        max_length: int,
+        skipped_file: str | Path | None = None,
+    ):
+        self.encoder = encoder
+        self.image_loader = image_loader
+        self.pad_token_id = pad_token_id
+        self.max_length = max_length
+        self.skipped_file = None if skipped_file is None else str(skipped_file)
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        images, kept = [], []
+        for row in rows:
+            if row["image_path"] is not None:
+                try:
+                    images.append(self.image_loader.load(image_of(row)))
+                except Exception as exc:  # a corrupt file found mid-run: say which record
+                    message = f"cannot read image {row['image_path']!r}: {exc}"
+                    if self.skipped_file is None:
+                        raise LvitError(f"record {row['id']!r}: {message}") from exc
+                    log.warning("record %r left out: %s (listed in %s)", row["id"], message, self.skipped_file)
+                    append_skipped(Skipped(row["id"], row.get("index"), "image_unreadable", message), self.skipped_file)
+                    continue
+            kept.append(row)
+        if not kept:
+            raise LvitError(
+                f"every image in a batch failed to decode ({', '.join(repr(r['id']) for r in rows)}); "
+                "run `lvit data check --decode` on the data"
+            )
+        encoded = self.encoder.encode_many([conversation_from_row(r) for r in kept])
+        ids = [e.input_ids[: self.max_length] for e in encoded]
+        labels = [e.labels[: self.max_length] for e in encoded]
+        width = max(len(x) for x in ids)
+        batch = {
+            "input_ids": torch.tensor([x + [self.pad_token_id] * (width - len(x)) for x in ids]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+            "labels": torch.tensor([x + [IGNORE_INDEX] * (width - len(x)) for x in labels]),
+        }
+        if images:
+            batch["pixel_values"] = self.image_loader.pixel_values(images)
+        return batch
+
+
+def image_of(row: dict):
+    """What `ImageLoader.load` opens for a training row: its embedded bytes (a Hugging Face dataset's row
+    carries them in its `image` column, as a list for a list column), else the path `image_path` names."""
+    value = row.get("image")
+    if isinstance(value, list):  # a training record has one image
+        value = value[0] if value else None
+    if isinstance(value, dict):
+        value = value.get("bytes")  # None: a datasets.Image that holds a path only
+    if not value or isinstance(value, str):
+        return row["image_path"]
+    return io.BytesIO(value)

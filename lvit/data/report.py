@@ -1,0 +1,148 @@
+"""The `lvit data check` report: what `lvit.data.check.inspect_data` found, as text or JSON.
+
+The summary counts records, images and problems by kind; with a recipe, it gives the sequence
+lengths in tokens (percentiles and a histogram) and what the recipe's `data.max_length` /
+`data.overlong` do to them. Training's "cannot train on these records" error lists problems the
+same way (`format_problems`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lvit.data.check import Inspection
+    from lvit.data.records import RecordError
+
+
+def percentiles(values: list[int]) -> dict:
+    import numpy as np
+
+    arr = np.asarray(values)
+    p50, p90, p99 = (int(x) for x in np.percentile(arr, [50, 90, 99], method="nearest"))
+    return {"min": int(arr.min()), "p50": p50, "p90": p90, "p99": p99, "max": int(arr.max())}
+
+
+def histogram(values: list[int], bins: int = 10) -> list[dict]:
+    """Equal-width bins from the minimum to the maximum, each `{"from", "to", "count"}` (`from` <= n < `to`)."""
+    import numpy as np
+
+    arr = np.asarray(values)
+    low, top = int(arr.min()), int(arr.max()) + 1
+    width = max(1, -(-(top - low) // bins))
+    edges = list(range(low, low + width * bins + 1, width))
+    counts, _ = np.histogram(arr, bins=edges)
+    return [{"from": edges[i], "to": edges[i + 1], "count": int(c)} for i, c in enumerate(counts) if edges[i] < top]
+
+
+@dataclass
+class CheckReport:
+    inspection: Inspection
+    recipe: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.inspection.errors
+
+    def summary(self) -> dict:
+        insp = self.inspection
+        with_image = [r for r in insp.parsed if r.image is not None]
+        by_kind = Counter(p.kind for p in insp.problems)
+        out = {
+            "path": insp.path,
+            "format": insp.format,
+            "recipe": self.recipe,
+            "ok": self.ok,
+            "records": insp.total,
+            "trainable": len(insp.usable) - (len(insp.dropped) if insp.overlong else 0),
+            "images": len(with_image),
+            "unique_images": len({r.image for r in with_image}),
+            "text_only": len(insp.parsed) - len(with_image),
+            "decoded": insp.decoded,
+            "errors": len(insp.errors),
+            "warnings": len(insp.warnings),
+            "problems_by_kind": dict(sorted(by_kind.items())),
+            "lengths": None,
+            "overlong": None,
+        }
+        if insp.lengths is not None and insp.lengths.total:
+            out["lengths"] = {**percentiles(insp.lengths.total), "histogram": histogram(insp.lengths.total)}
+        if insp.overlong is not None:
+            out["overlong"] = {
+                "policy": insp.overlong,
+                "max_length": insp.max_length,
+                "truncated": len(insp.truncated),
+                "dropped": len(insp.dropped),
+            }
+        return out
+
+    def to_json(self) -> dict:
+        return {**self.summary(), "problems": [p.to_dict() for p in self.inspection.problems]}
+
+    def format_problems(self, problems: list[RecordError] | None = None, limit: int | None = None) -> list[str]:
+        problems = self.inspection.problems if problems is None else problems
+        shown = problems if limit is None else problems[:limit]
+        lines = [format_problem(p) for p in shown]
+        if limit is not None and len(problems) > limit:
+            lines.append(f"... and {len(problems) - limit} more")
+        return lines
+
+    def format_summary(self) -> list[str]:
+        s = self.summary()
+        lines = [f"summary of {s['path']} (format {s['format']}):"]
+        rows = [
+            ("records", s["records"]),
+            ("trainable", s["trainable"]),
+            ("with an image", f"{s['images']} ({s['unique_images']} distinct)"),
+            ("text-only", s["text_only"]),
+            ("errors", s["errors"]),
+            ("warnings", s["warnings"]),
+        ]
+        lines += [f"  {name:<14} {value}" for name, value in rows]
+        if s["problems_by_kind"]:
+            lines.append("  problems by kind:")
+            lines += [f"    {kind:<22} {n}" for kind, n in s["problems_by_kind"].items()]
+        if not s["decoded"]:
+            lines.append("  images were checked for existence only; --decode decodes each one as training would")
+        if s["lengths"] is not None:
+            ln = s["lengths"]
+            n = len(self.inspection.lengths.total)
+            lines.append(f"  sequence length in tokens (text + image tokens), {n} samples:")
+            lines.append(f"    min {ln['min']}  p50 {ln['p50']}  p90 {ln['p90']}  p99 {ln['p99']}  max {ln['max']}")
+            peak = max(b["count"] for b in ln["histogram"]) or 1
+            for b in ln["histogram"]:
+                bar = "#" * round(30 * b["count"] / peak)
+                lines.append(f"    {b['from']:>7} - {b['to'] - 1:<7} {bar:<30} {b['count']}")
+        elif self.recipe is None:
+            lines.append("  sequence lengths: pass --recipe to measure samples in tokens (and check data.max_length)")
+        if s["overlong"] is not None:
+            o = s["overlong"]
+            verb = "stop training (data.overlong: error)" if o["policy"] == "error" else "be dropped"
+            lines.append(
+                f"  over data.max_length {o['max_length']} (data.overlong: {o['policy']}): {o['truncated']} would be "
+                f"truncated after the image, {o['dropped']} would {verb}"
+            )
+        return lines
+
+    def format_text(self) -> str:
+        problems = self.inspection.problems
+        lines = []
+        if problems:
+            lines.append(f"{len(problems)} problem(s):")
+            lines += ["  " + line for line in self.format_problems()]
+            lines.append("")
+        lines += self.format_summary()
+        errors = len(self.inspection.errors)
+        lines.append(
+            f"{errors} error(s): fix or remove these records (or train with data.on_bad_record: skip)"
+            if errors
+            else "no errors"
+        )
+        return "\n".join(lines)
+
+
+def format_problem(p: RecordError) -> str:
+    tag = p.kind if p.severity == "error" else f"{p.kind}, warning"
+    return f"{p.where}: {p.reason} [{tag}]"
