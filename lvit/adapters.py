@@ -1,7 +1,8 @@
 """LoRA adapters for stage 2 (methods `lora` and `qlora`), on the language model only.
 
 `target_modules="all-linear"` or a list of names like `q_proj` would also adapt CLIP's layers
-(docs/stack-notes.md#peft-targets-hit-clip), so the targets are found by walking the language model and anchored to its path.
+(docs/stack-notes.md#peft-targets-hit-clip), so the targets are found by walking the language model
+and anchored to its path.
 The projector trains fully: it is a peft `modules_to_save`, so it is saved with the adapter and
 restored on resume.
 """

@@ -55,7 +55,7 @@ def build_processor(image_processor, tokenizer, vision_config):
         tokenizer=tokenizer,
         patch_size=vision_config.patch_size,
         vision_feature_select_strategy="default",
-        # CLIP's CLS token: the processor subtracts one for "default" (docs/stack-notes.md: else 1 token short)
+        # CLIP's CLS token: the processor subtracts one for "default" (docs/stack-notes.md#processor-image-tokens)
         num_additional_image_tokens=1,
         chat_template=VICUNA_V1_CHAT_TEMPLATE,
     )
@@ -113,7 +113,7 @@ def assemble(
         )
 
     resize_embeddings(lm, len(tokenizer))
-    # Only after resizing (docs/stack-notes.md: else "Padding_idx must be within num_embeddings").
+    # Only after resizing (docs/stack-notes.md#pad-token-after-resize).
     lm.config.pad_token_id = tokenizer.pad_token_id
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
 

@@ -54,7 +54,8 @@ def disable_cpu_repacking(model) -> int:
 
     On CPUs with AVX512-BF16, the first no-grad forward of a `Linear4bit` (an eval step, a
     generation) repacks the weight into a format that has no backward; every later training step
-    then gets wrong gradients with only a warning (docs/stack-notes.md#bnb-cpu-repacking). Returns the number of layers set.
+    then gets wrong gradients with only a warning (docs/stack-notes.md#bnb-cpu-repacking). Returns the
+    number of layers set.
     """
     layers = linear4bit_modules(model)
     for _, module in layers:
@@ -67,8 +68,8 @@ def dequantize_4bit_layers(model, dtype: torch.dtype = torch.float32) -> int:
     """Replace every 4-bit linear layer of `model` by an `nn.Linear` holding its dequantized weight.
 
     The new weights are exactly the values the 4-bit layer computed with, so an adapter trained on
-    the 4-bit base merges into them without re-quantizing (docs/stack-notes.md#qlora-merge-dequantized: merging into 4-bit weights
-    re-quantizes and loses accuracy). Returns the number of layers replaced.
+    the 4-bit base merges into them without re-quantizing (merging into 4-bit weights re-quantizes and
+    loses accuracy: docs/stack-notes.md#qlora-merge-dequantized). Returns the number of layers replaced.
     """
     import bitsandbytes.functional as bnbf
 

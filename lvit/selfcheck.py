@@ -23,8 +23,8 @@ from lvit.errors import LvitError
 #   fp32             0       0       2.4e-7   2.5e-3 .. 3.0e-3
 #   bf16             2.3e-3  2.5e-3  2.3e-3   2.4e-3 .. 4.7e-3
 #   fp16             2.4e-4  2.9e-4  2.8e-4   2.4e-3 .. 2.9e-3
-#   broken export: adapters left out 0.93 (lora) / 1.1 (qlora); docs/stack-notes.md: qlora merged into
-#   re-quantized weights 0.13.
+#   broken export: adapters left out 0.93 (lora) / 1.1 (qlora); qlora merged into re-quantized weights 0.13
+#   (docs/stack-notes.md#qlora-merge-dequantized).
 #
 # Everything in fp32 (fp32 run, fp32 export; qlora with fp32 compute): the export holds the very weights
 # the run computes with, or the adapters merged in fp32 (W + s*B@A once instead of per forward); only

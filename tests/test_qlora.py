@@ -1,7 +1,8 @@
 """Stage 2 with `method: qlora` and `method: lora` on the tiny model, through `lvit.train.run`.
 
 What is 4-bit, what carries LoRA, what trains, what stays bitwise frozen, LoRA gradients against a
-dequantized reference (and the CPU repacking trap, docs/stack-notes.md#bnb-cpu-repacking), checkpoint contents and resume.
+dequantized reference (and the CPU repacking trap, docs/stack-notes.md#bnb-cpu-repacking), checkpoint contents
+and resume.
 
 Each configuration trains once (module-scoped fixtures): a 4-step run saving at steps 2 and 4
 (run A), and a run B that starts from a copy of A's checkpoint-2 only and resumes to step 4.
@@ -178,7 +179,7 @@ def test_qlora_only_lm_linears_are_4bit_nf4_double_quant(qlora_run):
         assert qs.nested and qs.state2 is not None, f"{name}: no double quantization"
         assert qs.absmax.dtype == torch.uint8, f"{name}: absmax not quantized (double quant)"
         assert m.compute_dtype == torch.bfloat16, name
-        # lvit disables the CPU repacking at load (docs/stack-notes.md trap); see the gradient tests below
+        # lvit disables the CPU repacking at load (docs/stack-notes.md#bnb-cpu-repacking); see the gradient tests below
         assert m.support_avx512bf16_for_cpu is False, name
 
     llava = model.get_base_model()
@@ -308,7 +309,7 @@ def _packed(model) -> int:
 # The 4-bit layers compute in bf16 (8 significant bits: relative spacing 2^-7 = 7.8e-3), the
 # reference in fp32 on the same dequantized weights. Measured: 3.2e-3 over all LoRA gradients
 # (5.1e-3 for the worst single tensor).
-# 2e-2 is ~2.5 bf16 ulps; the repacking trap gives errors above 0.5 (docs/stack-notes.md: 0.6-0.86).
+# 2e-2 is ~2.5 bf16 ulps; the repacking trap gives errors above 0.5 (docs/stack-notes.md#bnb-cpu-repacking: 0.6-0.86).
 BF16_TOL = 2e-2
 
 
@@ -336,7 +337,10 @@ def test_qlora_lora_gradients_match_dequantized_reference(qlora_loaded, referenc
 
 
 def test_qlora_gradients_stay_right_after_an_eval_step_and_generation(qlora_loaded, reference_grads):
-    """The CPU repacking trap (docs/stack-notes.md#bnb-cpu-repacking): a no-grad forward (eval step, generation) must not break later gradients."""
+    """The CPU repacking trap: a no-grad forward (eval step, generation) must not break later gradients.
+
+    docs/stack-notes.md#bnb-cpu-repacking.
+    """
     model, batch = qlora_loaded
     clean = _lora_grads(copy.deepcopy(model), batch)
 
@@ -363,7 +367,8 @@ def test_cpu_repacking_breaks_gradients_when_not_disabled(qlora_loaded, referenc
     """Why `disable_cpu_repacking` exists: re-enabling it on a fresh copy makes gradients wrong.
 
     On a CPU with AVX512-BF16 bitsandbytes enables this by itself (forward right, backward wrong:
-    docs/stack-notes.md#bnb-cpu-repacking measured 0.6-0.86). On a CPU without it (`has_avx512bf16()` false) the flag is forced
+    0.6-0.86 measured, docs/stack-notes.md#bnb-cpu-repacking). On a CPU without it (`has_avx512bf16()` false)
+    the flag is forced
     here; bitsandbytes then has no fused kernel for the repacked layout, so the forward is wrong too.
     Either way the only signal is a UserWarning about a missing autograd kernel.
     """

@@ -118,7 +118,8 @@ class EvalCallback(TrainerCallback):
         if self.recipe.method == "qlora":
             from lvit.quant import disable_cpu_repacking
 
-            disable_cpu_repacking(model)  # done at load already; generation must never repack (docs/stack-notes.md)
+            # done at load already; generation must never repack (docs/stack-notes.md#bnb-cpu-repacking)
+            disable_cpu_repacking(model)
         rng = _rng_state()
         try:
             rows = []

@@ -221,7 +221,7 @@ def _bnb_config_for_llava():
     import transformers
 
     # The language model in 4-bit NF4 (QLoRA's data type); CLIP, the projector and the LM head stay in 16/32 bit.
-    # llm_int8_skip_modules matches full paths (docs/stack-notes.md: bare names are silently ignored).
+    # llm_int8_skip_modules matches full paths (docs/stack-notes.md#bnb-skip-modules).
     return transformers.BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
