@@ -1,7 +1,8 @@
 """One training run: recipe -> model, data and `SFTTrainer` -> a saved run folder.
 
-Read top to bottom: `run()` checks the recipe's inputs, builds the `SFTConfig`, assembles the
-model, freezes it for its stage, prepares the data, trains through TRL and saves the run.
+Read top to bottom: `TrainingRun.setup()` checks the recipe's inputs, builds the `SFTConfig`, assembles
+the model, freezes it for its stage, prepares the data and builds the trainer; `train()` trains through
+TRL; `save()` writes the run folder. `run(recipe)` does all three.
 """
 
 from __future__ import annotations
@@ -171,123 +172,166 @@ def check_inputs(recipe: Recipe) -> None:
         check_eval_inputs(recipe)
 
 
+class TrainingRun:
+    """One run, in the order it happens; each step is a method, so a test (or a tool) can look between them.
+
+    - `setup()`: checks the recipe's inputs, decides about the output folder (start, or resume from its
+      newest complete checkpoint), assembles the model and freezes it for its stage, prepares the data
+      (the checks of `lvit data check`) and builds the trainer;
+    - `train()`: the optimizer steps, through TRL (stops cleanly on SIGTERM / Ctrl-C);
+    - `save()`: writes the run folder (`lvit.runs`) and returns it.
+
+    `run(recipe)` does all three.
+    """
+
+    def __init__(self, recipe: Recipe, resume: bool | None = None):
+        self.recipe = recipe
+        self.resume = resume
+        self.trainer: LlavaTrainer | None = None
+        self.out: Path | None = None
+        self.resume_from: Path | None = None
+
+    def setup(self) -> TrainingRun:
+        import transformers
+
+        from lvit.data.collator import LlavaCollator
+        from lvit.data.dataset import prepare, write_skipped
+        from lvit.data.images import ImageLoader
+        from lvit.model import assemble, num_image_tokens
+        from lvit.runs import SKIPPED_FILE
+        from lvit.stages import apply_stage, format_report, report_modules
+        from lvit.templates import ConversationEncoder
+
+        recipe = self.recipe
+        check_inputs(recipe)
+        args = build_sft_config(recipe)
+        self.main = main = args.process_index == 0
+        _setup_logging(main)
+        self.out = out = Path(args.output_dir)
+        if main:
+            set_aside_incomplete(out)
+        args.distributed_state.wait_for_everyone()
+        self.resume_from = resume_checkpoint(out, self.resume, recipe.source)
+        args.distributed_state.wait_for_everyone()  # every rank decided before rank 0 writes anything
+        if self.resume_from is not None:
+            log.info("resuming from %s", self.resume_from)
+
+        transformers.set_seed(args.seed)  # the projector's (and adapters') initialisation is part of the run
+        model, processor = assemble(
+            recipe.model,
+            recipe.source,
+            quantize_lm=recipe.method == "qlora",
+            compute_dtype=recipe.lora.compute_dtype,
+            on_cpu=args.use_cpu,
+        )
+        apply_stage(model, recipe.stage, recipe.model.projector, train_lm=recipe.method == "full")
+        if recipe.method != "full":
+            from lvit.adapters import add_lora
+
+            model = add_lora(model, recipe.lora, recipe.model.projector)
+        if main:
+            llava = model.get_base_model() if recipe.method != "full" else model
+            log.info(
+                "stage %s, method %s: what trains and what is frozen\n%s",
+                recipe.stage,
+                recipe.method,
+                format_report(report_modules(llava)),
+            )
+
+        tokenizer = processor.tokenizer
+        encoder = ConversationEncoder(
+            recipe.data.template, tokenizer, model.config.image_token_id, num_image_tokens(model.config.vision_config)
+        )
+        self.prepared = prepared = prepare(recipe.data, encoder, recipe.source)  # the checks of `lvit data check`
+        dataset, self.skipped_file = prepared.dataset, out / SKIPPED_FILE
+        if prepared.skipped:
+            if main:
+                write_skipped(prepared.skipped, self.skipped_file, append=self.resume_from is not None)
+            log.warning(
+                "%d of %d record(s) left out of training (%d invalid, skipped under data.on_bad_record=skip; %d too "
+                "long for data.max_length=%d); each is listed with its reason in %s",
+                len(prepared.skipped),
+                prepared.total,
+                len(prepared.skipped) - len(prepared.dropped),
+                len(prepared.dropped),
+                recipe.data.max_length,
+                self.skipped_file,
+            )
+        log.info(
+            "training on %d records (%d with images); global batch %d = %d per device x %d accumulation x %d "
+            "process(es)",
+            len(dataset),
+            sum(p is not None for p in dataset["image_path"]),
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            args.per_device_train_batch_size,
+            args.gradient_accumulation_steps,
+            args.world_size,
+        )
+
+        collator = LlavaCollator(
+            encoder,
+            ImageLoader(processor.image_processor, recipe.data.image_folder, recipe.data.image_aspect_ratio),
+            tokenizer.pad_token_id,
+            recipe.data.max_length,
+            skipped_file=self.skipped_file if recipe.data.on_bad_record == "skip" else None,
+        )
+        self.processor = processor
+        self.stop = GracefulStop()
+        self.trainer = trainer = LlavaTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collator,
+            processing_class=processor,
+            projector_lr=recipe.projector_lr,
+            callbacks=[
+                RunFilesCallback(recipe, processor),
+                self.stop,
+                *_eval_callbacks(recipe, processor, encoder, args),
+            ],
+        )
+        if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
+            trainer.accelerator.state.fsdp_plugin.state_dict_type
+        ):
+            raise LvitError(
+                "FSDP with a sharded state dict: the Trainer would save no model weights. Set fsdp_state_dict_type: "
+                "FULL_STATE_DICT in the accelerate config (see recipes/accelerate/fsdp_8gpu.yaml)."
+            )
+        return self
+
+    def train(self) -> TrainingRun:
+        resume_from = str(self.resume_from) if self.resume_from else None
+        self.metrics = self.trainer.train(resume_from_checkpoint=resume_from).metrics
+        stop = self.stop
+        if stop.stopped_at is not None:
+            raise LvitError(
+                f"training stopped by {stop.signal_name} at step {stop.stopped_at}; checkpoint saved in "
+                f"{self.out / f'checkpoint-{stop.stopped_at}'}. Run the same command again to resume from it."
+            )
+        return self
+
+    def save(self) -> Path:
+        from lvit.data.dataset import tidy_skipped
+
+        prepared = self.prepared
+        save_run(self.trainer, self.recipe, self.processor, self.metrics, skipped=len(prepared.skipped))
+        # with images that failed to decode mid-run (skip)
+        left_out = tidy_skipped(self.skipped_file) if self.main else 0
+        if left_out:
+            log.warning(
+                "%d of %d record(s) were left out of training (see %s)", left_out, prepared.total, self.skipped_file
+            )
+        return self.out
+
+
 def run(recipe: Recipe, resume: bool | None = None) -> Path:
-    """Train one recipe and save the run; returns the run folder.
+    """Train one recipe and save the run; returns the run folder (see `TrainingRun`).
 
     An output folder holding checkpoints of an unfinished run is resumed from its newest complete
     checkpoint (`resume=None`, the default; `True` requires one, `False` refuses). A folder holding
     anything else is never written into.
     """
-    import transformers
-
-    from lvit.data.collator import LlavaCollator
-    from lvit.data.dataset import prepare, tidy_skipped, write_skipped
-    from lvit.data.images import ImageLoader
-    from lvit.model import assemble, num_image_tokens
-    from lvit.runs import SKIPPED_FILE
-    from lvit.stages import apply_stage, format_report, report_modules
-    from lvit.templates import ConversationEncoder
-
-    check_inputs(recipe)
-    args = build_sft_config(recipe)
-    main = args.process_index == 0
-    _setup_logging(main)
-    out = Path(args.output_dir)
-    if main:
-        set_aside_incomplete(out)
-    args.distributed_state.wait_for_everyone()
-    resume_from = resume_checkpoint(out, resume, recipe.source)
-    args.distributed_state.wait_for_everyone()  # every rank decided before rank 0 writes anything
-    if resume_from is not None:
-        log.info("resuming from %s", resume_from)
-
-    transformers.set_seed(args.seed)  # the projector's (and adapters') initialisation is part of the run
-    model, processor = assemble(
-        recipe.model,
-        recipe.source,
-        quantize_lm=recipe.method == "qlora",
-        compute_dtype=recipe.lora.compute_dtype,
-        on_cpu=args.use_cpu,
-    )
-    apply_stage(model, recipe.stage, recipe.model.projector, train_lm=recipe.method == "full")
-    if recipe.method != "full":
-        from lvit.adapters import add_lora
-
-        model = add_lora(model, recipe.lora, recipe.model.projector)
-    if main:
-        llava = model.get_base_model() if recipe.method != "full" else model
-        log.info(
-            "stage %s, method %s: what trains and what is frozen\n%s",
-            recipe.stage,
-            recipe.method,
-            format_report(report_modules(llava)),
-        )
-
-    tokenizer = processor.tokenizer
-    encoder = ConversationEncoder(
-        recipe.data.template, tokenizer, model.config.image_token_id, num_image_tokens(model.config.vision_config)
-    )
-    prepared = prepare(recipe.data, encoder, recipe.source)  # the checks of `lvit data check`
-    dataset, skipped_file = prepared.dataset, out / SKIPPED_FILE
-    if prepared.skipped:
-        if main:
-            write_skipped(prepared.skipped, skipped_file, append=resume_from is not None)
-        log.warning(
-            "%d of %d record(s) left out of training (%d invalid, skipped under data.on_bad_record=skip; %d too "
-            "long for data.max_length=%d); each is listed with its reason in %s",
-            len(prepared.skipped),
-            prepared.total,
-            len(prepared.skipped) - len(prepared.dropped),
-            len(prepared.dropped),
-            recipe.data.max_length,
-            skipped_file,
-        )
-    log.info(
-        "training on %d records (%d with images); global batch %d = %d per device x %d accumulation x %d process(es)",
-        len(dataset),
-        sum(p is not None for p in dataset["image_path"]),
-        args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-        args.per_device_train_batch_size,
-        args.gradient_accumulation_steps,
-        args.world_size,
-    )
-
-    collator = LlavaCollator(
-        encoder,
-        ImageLoader(processor.image_processor, recipe.data.image_folder, recipe.data.image_aspect_ratio),
-        tokenizer.pad_token_id,
-        recipe.data.max_length,
-        skipped_file=skipped_file if recipe.data.on_bad_record == "skip" else None,
-    )
-    trainer = LlavaTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=collator,
-        processing_class=processor,
-        projector_lr=recipe.projector_lr,
-        callbacks=[
-            RunFilesCallback(recipe, processor),
-            stop := GracefulStop(),
-            *_eval_callbacks(recipe, processor, encoder, args),
-        ],
-    )
-    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
-        raise LvitError(
-            "FSDP with a sharded state dict: the Trainer would save no model weights. Set "
-            "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (see recipes/accelerate/fsdp_8gpu.yaml)."
-        )
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if stop.stopped_at is not None:
-        raise LvitError(
-            f"training stopped by {stop.signal_name} at step {stop.stopped_at}; checkpoint saved in "
-            f"{out / f'checkpoint-{stop.stopped_at}'}. Run the same command again to resume from it."
-        )
-    save_run(trainer, recipe, processor, result.metrics, skipped=len(prepared.skipped))
-    left_out = tidy_skipped(skipped_file) if main else 0  # with images that failed to decode mid-run (skip)
-    if left_out:
-        log.warning("%d of %d record(s) were left out of training (see %s)", left_out, prepared.total, skipped_file)
-    return out
+    return TrainingRun(recipe, resume).setup().train().save()
 
 
 class RunFilesCallback(TrainerCallback):

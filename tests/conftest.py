@@ -13,12 +13,16 @@ Fixtures
 - `tiny_recipe`           -> a `TinyRecipes` factory: `tiny_recipe(stage="finetune", out_dir=None, **overrides)`
                              returns a validated `lvit.recipe.Recipe` pointing at the fixtures above
                              (see `TinyRecipes` for the override rules, `.raw()` and `.write()`).
+- `tiny_runs`             -> a `TinyRuns`: `tiny_runs["align" | "full" | "lora" | "qlora"]` is a finished 4-step run
+                             (checkpoints at steps 2 and 4) with its live model and its weights before and after,
+                             trained once per session on first use and shared by every test that reads runs.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -177,3 +181,92 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- trained tiny runs, shared by the whole session --------------------------------------------------------------
+
+
+def quant_snapshot(model) -> dict[str, dict]:
+    """Of every 4-bit layer: its packed uint8 data and every quant-state tensor (absmax is itself 8-bit with double
+    quantization). Empty for a model without 4-bit layers."""
+    import torch
+
+    from lvit.quant import linear4bit_modules
+
+    snap = {}
+    for name, m in linear4bit_modules(model):
+        qs = m.weight.quant_state
+        snap[name] = {
+            "data": m.weight.data.clone(),
+            "absmax": qs.absmax.clone(),
+            "nested_absmax": qs.state2.absmax.clone(),
+            "offset": torch.as_tensor(qs.offset).clone(),
+            "code": qs.code.clone(),
+        }
+    return snap
+
+
+@dataclass
+class TrainedRun:
+    """A finished tiny run and its live model, with the model's state before the first and after the last step."""
+
+    out: Path
+    recipe: object
+    model: object  # the live model after the last optimizer step (a PeftModel for lora / qlora)
+    processor: object
+    before: dict  # state dict once the trainer was set up (adapters added), before step 1
+    after: dict
+    quant_before: dict  # `quant_snapshot`s (qlora)
+    quant_after: dict
+
+
+class TinyRuns:
+    """One finished run of each kind, trained on first use and shared by every test of the session.
+
+    `tiny_runs["align" | "full" | "lora" | "qlora"] -> TrainedRun`. Each trains 4 optimizer steps and saves
+    checkpoints at steps 2 and 4 (`SAVE_STEPS`); lora / qlora use r 8, alpha 16 on the LM's linears and the
+    default dropout (so a resume must restore the RNG too). Tests read the run folders; a test that needs
+    to change one copies it first. `recipe(kind, out_dir)` is the same recipe pointed at another folder
+    (to resume a copy of a checkpoint, say).
+    """
+
+    MAX_STEPS, SAVE_STEPS = 4, 2
+    LORA = {"r": 8, "alpha": 16}
+
+    def __init__(self, tiny_recipe: TinyRecipes, tmp_path_factory):
+        self._recipes, self._tmp, self._runs = tiny_recipe, tmp_path_factory, {}
+
+    def recipe(self, kind: str, out_dir: Path):
+        stage = "align" if kind == "align" else "finetune"
+        training = {"optim": "adamw_torch", "max_steps": self.MAX_STEPS, "save_strategy": "steps"}
+        training["save_steps"] = self.SAVE_STEPS
+        extra = {"method": kind, "lora": self.LORA} if kind in ("lora", "qlora") else {}
+        return self._recipes(stage, out_dir=out_dir, training=training, **extra)
+
+    def __getitem__(self, kind: str) -> TrainedRun:
+        if kind not in self._runs:
+            self._runs[kind] = self._train(kind)
+        return self._runs[kind]
+
+    def _train(self, kind: str) -> TrainedRun:
+        from lvit.train import TrainingRun
+
+        out_dir = self._tmp.mktemp(f"run-{kind}") / "run"
+        recipe = self.recipe(kind, out_dir)
+        training = TrainingRun(recipe).setup()
+        model = training.trainer.model
+        before, quant_before = _state(model), quant_snapshot(model)
+        training.train()
+        after, quant_after = _state(model), quant_snapshot(model)
+        out = training.save()
+        return TrainedRun(out, recipe, model, training.processor, before, after, quant_before, quant_after)
+
+
+def _state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_recipe, tmp_path_factory) -> TinyRuns:
+    """Finished align / full / lora / qlora runs, each trained once per session; see `TinyRuns`."""
+    return TinyRuns(tiny_recipe, tmp_path_factory)

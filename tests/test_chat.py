@@ -22,17 +22,9 @@ def _model_parts(loaded) -> tuple:
     return loaded.model, loaded.encoder(), loaded.image_loader()
 
 
-def _train(tiny_recipe, tmp_path_factory, stage="finetune", **overrides) -> Path:
-    from lvit.train import run
-
-    out = tmp_path_factory.mktemp(f"chat-{stage}-{overrides.get('method', 'full')}") / "run"
-    training = {"max_steps": 1, "learning_rate": 1e-5, **overrides.pop("training", {})}
-    return run(tiny_recipe(stage, out_dir=out, training=training, **overrides))
-
-
 @pytest.fixture(scope="module")
-def full_run(tiny_recipe, tmp_path_factory) -> Path:
-    return _train(tiny_recipe, tmp_path_factory)
+def full_run(tiny_runs) -> Path:
+    return tiny_runs["full"].out
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +89,13 @@ def test_cli_errors(full_run, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["align", "lora", "qlora", "full-4bit"])
-def test_every_kind_of_run_chats(kind, tiny_recipe, tmp_path_factory, full_run, image):
+def test_every_kind_of_run_chats(kind, tiny_runs, image):
     """Stage 1, LoRA and QLoRA adapters (rebuilt on their base), and a full run loaded in 4-bit."""
     args = []
-    if kind == "align":
-        run_dir = _train(tiny_recipe, tmp_path_factory, stage="align")
-    elif kind in ("lora", "qlora"):
-        run_dir = _train(
-            tiny_recipe, tmp_path_factory, method=kind, lora={"r": 8, "alpha": 16}, training={"optim": "adamw_torch"}
-        )
+    if kind == "full-4bit":
+        run_dir, args = tiny_runs["full"].out, ["--load-4bit"]
     else:
-        run_dir, args = full_run, ["--load-4bit"]
+        run_dir = tiny_runs[kind].out
     result = CliRunner().invoke(
         app,
         [

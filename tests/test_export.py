@@ -1,8 +1,8 @@
 """`lvit export`: every kind of run (and checkpoint) -> a stock, self-checked LLaVA folder.
 
-Each run is trained once per module and exported once per module (module-scoped fixtures); the
-tests then inspect the written folders. Loading with plain transformers happens in one subprocess
-that must not import lvit or peft.
+The runs are the session's shared runs (`tiny_runs`, each trained once), exported once per module
+(module-scoped fixtures); the tests then inspect the written folders. Loading with plain transformers
+happens in one subprocess that must not import lvit or peft.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from lvit.export import export, safetensors_keys
 from lvit.runs import EXPORT_INFO_FILE, PROJECTOR_FILE, RECIPE_FILE, RUN_INFO_FILE, load_trained
 from lvit.selfcheck import default_tolerance
 
-LORA = {"r": 8, "alpha": 16}
 ADAPTER_MARKERS = ("lora_", "modules_to_save", "base_layer", "original_module")
 
 
@@ -48,34 +47,25 @@ def _logged() -> Iterator[list[str]]:
         logger.setLevel(level)
 
 
-def _train(tiny_recipe, tmp_path_factory, stage: str, **overrides) -> Path:
-    from lvit.train import run
-
-    return run(tiny_recipe(stage, tmp_path_factory.mktemp(f"export-{stage}") / "run", **overrides))
+@pytest.fixture(scope="module")
+def align_run(tiny_runs) -> Path:
+    # with checkpoints: a stage-1 checkpoint-N holds the whole model, not the projector
+    return tiny_runs["align"].out
 
 
 @pytest.fixture(scope="module")
-def align_run(tiny_recipe, tmp_path_factory) -> Path:
-    # checkpoints too: a stage-1 checkpoint-N holds the whole model, not the projector
-    training = {"save_strategy": "steps", "save_steps": 2, "max_steps": 4}
-    return _train(tiny_recipe, tmp_path_factory, "align", training=training)
+def full_run(tiny_runs) -> Path:
+    return tiny_runs["full"].out
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_recipe, tmp_path_factory) -> Path:
-    return _train(tiny_recipe, tmp_path_factory, "finetune", training={"optim": "adamw_torch", "max_steps": 3})
+def lora_run(tiny_runs) -> Path:
+    return tiny_runs["lora"].out
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_recipe, tmp_path_factory) -> Path:
-    training = {"optim": "adamw_torch", "max_steps": 3}
-    return _train(tiny_recipe, tmp_path_factory, "finetune", method="lora", lora=LORA, training=training)
-
-
-@pytest.fixture(scope="module")
-def qlora_run(tiny_recipe, tmp_path_factory) -> Path:
-    training = {"optim": "adamw_torch", "save_strategy": "steps", "save_steps": 2, "max_steps": 4}
-    return _train(tiny_recipe, tmp_path_factory, "finetune", method="qlora", lora=LORA, training=training)
+def qlora_run(tiny_runs) -> Path:
+    return tiny_runs["qlora"].out
 
 
 @pytest.fixture(scope="module")

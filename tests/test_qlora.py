@@ -4,8 +4,8 @@ What is 4-bit, what carries LoRA, what trains, what stays bitwise frozen, LoRA g
 dequantized reference (and the CPU repacking trap, docs/stack-notes.md#bnb-cpu-repacking), checkpoint contents
 and resume.
 
-Each configuration trains once (module-scoped fixtures): a 4-step run saving at steps 2 and 4
-(run A), and a run B that starts from a copy of A's checkpoint-2 only and resumes to step 4.
+Each configuration trains once: run A is the session's shared run (`tiny_runs`, tests/conftest.py: 4 steps,
+saving at steps 2 and 4), and run B starts from a copy of A's checkpoint-2 only and resumes to step 4.
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ import json
 import re
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import TinyRuns, TrainedRun
 from safetensors.torch import load_file
 
-import lvit.adapters
 import lvit.train
 from lvit.quant import dequantize_4bit_layers, linear4bit_modules
 
@@ -34,7 +33,7 @@ PROJ_PREFIX = "base_model.model.model.multi_modal_projector"
 TRAINED_PROJ = f"{PROJ_PREFIX}.modules_to_save.default"
 LM_PROJS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 N_LAYERS = 2  # lvit.tiny.TINY_TEXT["num_hidden_layers"]
-MAX_STEPS, SAVE_STEPS = 4, 2
+MAX_STEPS, SAVE_STEPS = TinyRuns.MAX_STEPS, TinyRuns.SAVE_STEPS
 RUN_FILES = {
     "adapter_model.safetensors",
     "adapter_config.json",
@@ -68,100 +67,33 @@ def adapter_file_keys() -> set[str]:
     return lora | proj
 
 
-def recipe_for(tiny_recipe, out_dir: Path, method: str):
-    return tiny_recipe(
-        "finetune",
-        out_dir=out_dir,
-        method=method,
-        lora={"r": 8, "alpha": 16},  # dropout stays at its default 0.05: resume must restore the RNG too
-        training={
-            "optim": "adamw_torch",
-            "max_steps": MAX_STEPS,
-            "save_strategy": "steps",
-            "save_steps": SAVE_STEPS,
-        },
-    )
-
-
-def _quant_snapshot(model) -> dict[str, dict[str, torch.Tensor]]:
-    """Packed uint8 data and every quant-state tensor (absmax is itself 8-bit with double quant)."""
-    snap = {}
-    for name, m in linear4bit_modules(model):
-        qs = m.weight.quant_state
-        snap[name] = {
-            "data": m.weight.data.clone(),
-            "absmax": qs.absmax.clone(),
-            "nested_absmax": qs.state2.absmax.clone(),
-            "offset": torch.as_tensor(qs.offset).clone(),
-            "code": qs.code.clone(),
-        }
-    return snap
-
-
-@dataclass
-class Trained:
-    out: Path
-    recipe: object
-    model: object  # the live PeftModel after the last optimizer step
-    processor: object
-    before: dict[str, torch.Tensor]  # state dict right after the adapters were added (before step 1)
-    after: dict[str, torch.Tensor]
-    quant_before: dict
-    quant_after: dict
-
-
-def _train(tiny_recipe, out_dir: Path, method: str, resume: bool = False) -> Trained:
-    captured = {}
-    real_add_lora, real_save = lvit.adapters.add_lora, lvit.train.save_run
-
-    def add_lora_spy(*args, **kwargs):
-        model = real_add_lora(*args, **kwargs)
-        captured["before"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        captured["quant_before"] = _quant_snapshot(model)
-        return model
-
-    def save_spy(trainer, recipe, processor, *args, **kwargs):
-        captured["model"], captured["processor"] = trainer.model, processor
-        captured["after"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-        captured["quant_after"] = _quant_snapshot(trainer.model)
-        return real_save(trainer, recipe, processor, *args, **kwargs)
-
-    recipe = recipe_for(tiny_recipe, out_dir, method)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lvit.adapters, "add_lora", add_lora_spy)  # train.run imports it at call time
-        mp.setattr(lvit.train, "save_run", save_spy)
-        out = lvit.train.run(recipe, resume=resume)
-    assert out == out_dir
-    return Trained(out, recipe, **captured)
-
-
-def _resumed(tiny_recipe, tmp_path_factory, run_a: Trained, method: str) -> Path:
+def _resumed(tiny_runs: TinyRuns, tmp_path_factory, method: str) -> Path:
     """Run B: a new folder holding ONLY a copy of A's checkpoint-2 (as if killed after step 2), resumed."""
     out = tmp_path_factory.mktemp(f"{method}-B") / "out"
     out.mkdir()
-    shutil.copytree(run_a.out / f"checkpoint-{SAVE_STEPS}", out / f"checkpoint-{SAVE_STEPS}")
-    lvit.train.run(recipe_for(tiny_recipe, out, method), resume=True)
+    shutil.copytree(tiny_runs[method].out / f"checkpoint-{SAVE_STEPS}", out / f"checkpoint-{SAVE_STEPS}")
+    lvit.train.run(tiny_runs.recipe(method, out), resume=True)
     return out
 
 
 @pytest.fixture(scope="module")
-def qlora_run(tiny_recipe, tmp_path_factory) -> Trained:
-    return _train(tiny_recipe, tmp_path_factory.mktemp("qlora-A") / "out", "qlora")
+def qlora_run(tiny_runs) -> TrainedRun:
+    return tiny_runs["qlora"]
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_recipe, tmp_path_factory) -> Trained:
-    return _train(tiny_recipe, tmp_path_factory.mktemp("lora-A") / "out", "lora")
+def lora_run(tiny_runs) -> TrainedRun:
+    return tiny_runs["lora"]
 
 
 @pytest.fixture(scope="module")
-def qlora_resumed(tiny_recipe, tmp_path_factory, qlora_run) -> Path:
-    return _resumed(tiny_recipe, tmp_path_factory, qlora_run, "qlora")
+def qlora_resumed(tiny_runs, tmp_path_factory) -> Path:
+    return _resumed(tiny_runs, tmp_path_factory, "qlora")
 
 
 @pytest.fixture(scope="module")
-def lora_resumed(tiny_recipe, tmp_path_factory, lora_run) -> Path:
-    return _resumed(tiny_recipe, tmp_path_factory, lora_run, "lora")
+def lora_resumed(tiny_runs, tmp_path_factory) -> Path:
+    return _resumed(tiny_runs, tmp_path_factory, "lora")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +345,7 @@ def test_lora_base_is_not_quantized_and_stays_frozen(lora_run):
 
 @pytest.mark.parametrize("method", ["qlora", "lora"])
 def test_checkpoints_hold_everything_to_resume_and_load(method, request):
-    run: Trained = request.getfixturevalue(f"{method}_run")
+    run: TrainedRun = request.getfixturevalue(f"{method}_run")
     out = run.out
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
     assert {p.name for p in out.iterdir()} >= RUN_FILES
@@ -461,7 +393,7 @@ RESUME_ATOL, RESUME_RTOL = 1e-6, 1e-5
 
 @pytest.mark.parametrize("method", ["qlora", "lora"])
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(method, request):
-    run_a: Trained = request.getfixturevalue(f"{method}_run")
+    run_a: TrainedRun = request.getfixturevalue(f"{method}_run")
     out_b: Path = request.getfixturevalue(f"{method}_resumed")
     assert {p.name for p in out_b.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
     state_b = json.loads((out_b / "checkpoint-4" / "trainer_state.json").read_text())

@@ -11,7 +11,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from lvit.model import assemble
 from lvit.runs import PROJECTOR_FILE, RUN_INFO_FILE
-from lvit.train import run
+from lvit.train import TrainingRun, run
 
 
 def _initial_state(recipe):
@@ -40,22 +40,13 @@ def test_stage1_trains_only_the_projector(tiny_recipe, tmp_path):
     assert info["stage"] == "align" and info["projector"] == "linear"
 
 
-def test_stage1_frozen_parts_are_bitwise_unchanged(tiny_recipe, tmp_path, monkeypatch):
+def test_stage1_frozen_parts_are_bitwise_unchanged(tiny_recipe, tmp_path):
     """Inspect the live model after the optimizer steps: every non-projector tensor is bitwise equal."""
-    import lvit.train as train_mod
-
-    captured = {}
-    real_save = train_mod.save_run
-
-    def spy(trainer, *args, **kwargs):
-        captured["state"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-        return real_save(trainer, *args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "save_run", spy)
     recipe = tiny_recipe("align", out_dir=tmp_path / "s1", training={"max_steps": 3})
     before = _initial_state(recipe)
-    run(recipe)
-    after = captured["state"]
+    training = TrainingRun(recipe).setup().train()
+    after = {k: v.detach().clone() for k, v in training.trainer.model.state_dict().items()}
+    training.save()
     assert after.keys() == before.keys()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed == {"model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.bias"}
@@ -86,27 +77,19 @@ def test_stage2_trains_projector_and_lm_not_clip(tiny_recipe, tmp_path):
         assert not torch.equal(after[key], before[key]), f"{key} should have trained"
 
 
-def test_projector_learning_rate_group(tiny_recipe, tmp_path, monkeypatch):
-    import lvit.train as train_mod
-
-    seen = {}
-    real_save = train_mod.save_run
-
-    def spy(trainer, *args, **kwargs):
-        seen["groups"] = [
+def test_projector_learning_rate_group(tiny_recipe, tmp_path):
+    recipe = tiny_recipe(
+        "finetune", out_dir=tmp_path / "s2", projector_lr=1.0e-4, training={"max_steps": 1, "learning_rate": 1.0e-3}
+    )
+    trainer = TrainingRun(recipe).setup().train().trainer
+    seen = {
+        "groups": [
             (g["lr"] if "initial_lr" not in g else g["initial_lr"], len(g["params"]))
             for g in trainer.optimizer.param_groups
-        ]
-        seen["projector_ids"] = {id(p) for p in trainer.model.model.multi_modal_projector.parameters()}
-        seen["group_params"] = [[id(p) for p in g["params"]] for g in trainer.optimizer.param_groups]
-        return real_save(trainer, *args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "save_run", spy)
-    run(
-        tiny_recipe(
-            "finetune", out_dir=tmp_path / "s2", projector_lr=1.0e-4, training={"max_steps": 1, "learning_rate": 1.0e-3}
-        )
-    )
+        ],
+        "projector_ids": {id(p) for p in trainer.model.model.multi_modal_projector.parameters()},
+        "group_params": [[id(p) for p in g["params"]] for g in trainer.optimizer.param_groups],
+    }
     for (lr, _), ids in zip(seen["groups"], seen["group_params"], strict=True):
         is_projector = all(i in seen["projector_ids"] for i in ids)
         assert is_projector == (lr == pytest.approx(1.0e-4))
