@@ -295,12 +295,15 @@ def test_qlora_gradients_stay_right_after_an_eval_step_and_generation(qlora_load
     assert _rel_error(after_eval, reference_grads) < BF16_TOL
 
 
+@pytest.mark.canary
 def test_cpu_repacking_breaks_gradients_when_not_disabled(qlora_loaded, reference_grads):
     """Why `disable_cpu_repacking` exists: re-enabling it on a fresh copy makes gradients wrong.
 
+    A canary: it checks bitsandbytes, not lvit. If it starts failing, bitsandbytes changed; re-check
+    `disable_cpu_repacking` and docs/stack-notes.md#bnb-cpu-repacking.
+
     On a CPU with AVX512-BF16 bitsandbytes enables this by itself (forward right, backward wrong:
-    0.6-0.86 measured, docs/stack-notes.md#bnb-cpu-repacking). On a CPU without it (`has_avx512bf16()` false)
-    the flag is forced
+    0.6-0.86 measured). On a CPU without it (`has_avx512bf16()` false) the flag is forced
     here; bitsandbytes then has no fused kernel for the repacked layout, so the forward is wrong too.
     Either way the only signal is a UserWarning about a missing autograd kernel.
     """

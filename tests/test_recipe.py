@@ -360,15 +360,10 @@ def test_global_batch_and_accumulation_together_are_rejected(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# the shipped recipes and the test fixture
+# the shipped recipes
 
 
 RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))  # training recipes; subfolders hold launcher configs
-
-
-def test_recipes_folder_has_the_tiny_recipes():
-    names = {p.name for p in RECIPE_FILES}
-    assert {"tiny_stage1.yaml", "tiny_stage2.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.name)
@@ -379,26 +374,6 @@ def test_every_shipped_recipe_loads(path):
     if recipe.global_batch_size is not None:
         acc = gradient_accumulation(recipe, 1)
         assert acc * recipe.training.get("per_device_train_batch_size", 8) == recipe.global_batch_size
-
-
-def test_tiny_recipe_fixture(tiny_recipe, tiny_parts, shapes_data, tmp_path):
-    align = tiny_recipe("align", out_dir=tmp_path / "s1")
-    assert align.stage == "align" and align.data.template == "plain"
-    assert align.data.path == str(shapes_data["captions"])
-    assert align.model.vision_tower == str(tiny_parts[0]) and align.model.language_model == str(tiny_parts[1])
-    assert align.training["output_dir"] == str(tmp_path / "s1")
-    assert align.training["use_cpu"] is True and align.training["bf16"] is False
-    assert [gradient_accumulation(align, n) for n in (1, 2)] == [2, 1]
-
-    fine = tiny_recipe(model={"projector_from": str(tmp_path / "s1")}, data__max_length=64, training={"max_steps": ...})
-    assert fine.stage == "finetune" and fine.data.template == "vicuna_v1"
-    assert fine.data.path == str(shapes_data["instruct"])
-    assert fine.model.projector_from == str(tmp_path / "s1") and fine.model.projector == "linear"
-    assert fine.data.max_length == 64 and "max_steps" not in fine.training
-    assert Path(fine.training["output_dir"]) != Path(tiny_recipe().training["output_dir"])  # fresh folders
-
-    written = tiny_recipe.write(tmp_path / "r.yaml", "align", out_dir=tmp_path / "s1")
-    assert dataclasses.replace(load_recipe(written), source=align.source) == align
 
 
 def test_without_training_check_every_lvit_section_is_still_validated(tmp_path, monkeypatch):
