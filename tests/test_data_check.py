@@ -16,7 +16,7 @@ from lvit.data.check import check_data
 from lvit.data.collator import LlavaCollator
 from lvit.data.dataset import Skipped, prepare, tidy_skipped
 from lvit.data.images import ImageLoader
-from lvit.data.records import normalise
+from lvit.data.records import KINDS, normalise
 from lvit.errors import LvitError
 from lvit.recipe import DataSection
 from lvit.runs import SKIPPED_FILE
@@ -126,6 +126,9 @@ def test_every_problem_is_reported_with_the_record(bad_data):
     assert (s["records"], s["images"], s["unique_images"], s["text_only"]) == (21, 8, 8, 1)
     assert (s["errors"], s["warnings"], s["trainable"], s["ok"]) == (14, 1, 8, False)
     assert s["problems_by_kind"]["image_missing"] == 2 and s["problems_by_kind"]["empty_turn"] == 2
+    # every kind found is a documented one, and the text report explains it
+    assert set(s["problems_by_kind"]) <= set(KINDS)
+    assert f"image_missing                2  {KINDS['image_missing']}" in report.format_text()
     assert s["lengths"] is None and s["overlong"] is None and s["decoded"] is False
     by_id = {p.id: p for p in report.inspection.problems}
     assert str(by_id["missing-img"]) == (

@@ -21,31 +21,6 @@ from lvit.data.report import CheckReport
 from lvit.errors import LvitError
 from lvit.templates import Lengths
 
-# Every kind of problem, with what it means. Errors keep a record out of training; warnings do not.
-KINDS = {
-    "invalid_json": "a JSON Lines line that is not valid JSON",
-    "not_an_object": "a record that is not a JSON object",
-    "no_conversation": "no conversation, or an empty one",
-    "bad_turn": "a turn that is not an object, or a content part of an unknown type",
-    "unknown_role": "a turn whose role is not human/gpt (user/assistant) or system",
-    "empty_turn": "a turn with empty or non-string text",
-    "system_not_first": "a system turn that is not the first turn",
-    "starts_with_assistant": "a conversation that starts with the assistant",
-    "not_alternating": "two user (or two assistant) turns in a row",
-    "ends_with_user": "a conversation whose last turn is not an answer",
-    "placeholder_mismatch": "image placeholders that do not match the record's images (count or place)",
-    "multiple_images": "more than one image in a record",
-    "bad_image_field": "an image field that is not a path",
-    "image_missing": "an image file that does not exist",
-    "image_unreadable": "an image file that is not an image (or cannot be opened)",
-    "image_truncated": "an image file that ends early",
-    "image_corrupt": "an image file that fails to decode",
-    "image_too_large": "an image too large to decode safely (decompression bomb limit)",
-    "duplicate_id": "an id used by an earlier record (warning)",
-    "template": "a record the recipe's template cannot take",
-    "too_long": "a sample longer than data.max_length (truncated, dropped or an error, per data.overlong)",
-}
-
 
 @dataclass
 class Inspection:

@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lvit.data.records import KINDS
+
 if TYPE_CHECKING:
     from lvit.data.check import Inspection
     from lvit.data.records import RecordError
@@ -103,7 +105,7 @@ class CheckReport:
         lines += [f"  {name:<14} {value}" for name, value in rows]
         if s["problems_by_kind"]:
             lines.append("  problems by kind:")
-            lines += [f"    {kind:<22} {n}" for kind, n in s["problems_by_kind"].items()]
+            lines += [f"    {kind:<22} {n:>7}  {KINDS.get(kind, '')}" for kind, n in s["problems_by_kind"].items()]
         if not s["decoded"]:
             lines.append("  images were checked for existence only; --decode decodes each one as training would")
         if s["lengths"] is not None:
