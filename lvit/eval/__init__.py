@@ -120,10 +120,12 @@ def check_model_or_predictions(model, predictions) -> None:
         raise LvitError("pass either MODEL (generate, then score) or --predictions FILE (score existing outputs)")
 
 
-def predictions_results_path(predictions) -> Path:
-    """Where the scores of an existing predictions file go by default: `<stem>_results.json` beside it."""
+def scored_predictions(benchmark: str, scores: dict, predictions, out=None, **extra) -> BenchmarkResult:
+    """Write the scores of an existing predictions file to `out` (default: `<stem>_results.json` beside it)."""
     predictions = Path(predictions)
-    return predictions.with_name(f"{predictions.stem}_results.json")
+    target = Path(out) if out is not None else predictions.with_name(f"{predictions.stem}_results.json")
+    write_results(benchmark, scores, target, predictions=str(predictions), **extra)
+    return BenchmarkResult(scores, target)
 
 
 def answer_records(

@@ -185,18 +185,14 @@ def run_eval(model, annotations: list[str | Path], predictions=None, out=None, *
     from lvit.eval import (
         BenchmarkResult,
         check_model_or_predictions,
-        predictions_results_path,
         read_predictions,
-        write_results,
+        scored_predictions,
     )
 
     check_model_or_predictions(model, predictions)
     files = annotation_files(annotations)
     if predictions is not None:
-        scores = score(read_splits(files), read_predictions(predictions))
-        target = Path(out) if out is not None else predictions_results_path(predictions)
-        write_results("pope", scores, target, predictions=str(predictions))
-        return BenchmarkResult(scores, target)
+        return scored_predictions("pope", score(read_splits(files), read_predictions(predictions)), predictions, out)
     folder = Path(out) if out is not None else Path(model) / "eval" / "pope"
     scores = evaluate(model, files, folder, **options)
     return BenchmarkResult(scores, folder / "results.json")

@@ -205,18 +205,15 @@ def run_eval(
     from lvit.eval import (
         BenchmarkResult,
         check_model_or_predictions,
-        predictions_results_path,
         read_predictions,
-        write_results,
+        scored_predictions,
     )
 
     check_model_or_predictions(model, predictions)
     if predictions is not None:
         problems, pids = load_split(problems_path, splits_path, split)
         scores = score(problems, pids, read_predictions(predictions))
-        target = Path(out) if out is not None else predictions_results_path(predictions)
-        write_results("scienceqa", scores, target, predictions=str(predictions), split=split)
-        return BenchmarkResult(scores, target)
+        return scored_predictions("scienceqa", scores, predictions, out, split=split)
     folder = Path(out) if out is not None else Path(model) / "eval" / f"scienceqa-{split}"
     scores = evaluate(model, problems_path, splits_path, folder, split=split, **options)
     return BenchmarkResult(scores, folder / "results.json")
