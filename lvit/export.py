@@ -86,6 +86,8 @@ class ExportResult:
     tolerance: float
     sample: str
     """What the self-check ran on."""
+    image_processor: str | None = None
+    """The image processor class written with a whole-model export (and used by its self-check)."""
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -202,7 +204,8 @@ def _export_model(run: RunFolder, tmp: Path, dtype, tolerance, max_shard_size, d
         )
     verdict = "ok" if diff <= tolerance else "FAIL"
     log.info("self-check: max |logit difference| = %.3g (tolerance %.3g) %s", diff, tolerance, verdict)
-    return ExportResult(tmp, run.kind, _SHORT[dtype], False, diff, tolerance, sample.description)
+    image_processor = type(processor.image_processor).__name__
+    return ExportResult(tmp, run.kind, _SHORT[dtype], False, diff, tolerance, sample.description, image_processor)
 
 
 def _assert_no_adapters(model, what: str) -> None:

@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 PAD_TOKEN = "<pad>"
 _ACT = {"linear": "linear", "mlp2x_gelu": "gelu"}
 
+IMAGE_PROCESSOR_BACKEND = "pil"
+"""The CLIP image processor backend lvit trains, infers and exports with: PIL, as LLaVA (whose
+`CLIPImageProcessor` in transformers 4.x was the PIL one). transformers 5 picks its torchvision
+backend whenever torchvision is installed, whatever a saved config says; the two differ by up to
+about 0.2 in normalised pixel units in a side-by-side check
+(docs/stack-notes.md#image-processor-backend)."""
+
 
 def num_image_tokens(vision_config) -> int:
     """Patch tokens per image with the CLS token dropped: (H/p)*(W/p), 256 for ViT-L/14 at 224 px."""
@@ -45,6 +52,33 @@ def load_tokenizer(language_model: str):
         tokenizer.add_special_tokens({"additional_special_tokens": additions})
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def load_image_processor(source):
+    """The PIL backend of the image processor saved at `source` (a hub id, or a model / run / export folder)."""
+    from transformers import AutoImageProcessor
+    from transformers.image_processing_backends import PilBackend
+
+    image_processor = AutoImageProcessor.from_pretrained(source, backend=IMAGE_PROCESSOR_BACKEND)
+    if not isinstance(image_processor, PilBackend):  # transformers falls back to another backend if it has no PIL one
+        raise LvitError(
+            f"{source}: its image processor ({type(image_processor).__name__}) has no PIL backend; "
+            "lvit trains and runs LLaVA with the PIL CLIP image processor."
+        )
+    return image_processor
+
+
+def load_processor(path):
+    """A saved LLaVA processor with its image processor pinned to the PIL backend (`load_image_processor`).
+
+    Not `AutoProcessor.from_pretrained(path, backend="pil")`: transformers 5.24 hands that keyword to
+    the tokenizer too, which then reports `backend == "pil"` and saves it (docs/stack-notes.md#image-processor-backend).
+    """
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    processor.image_processor = load_image_processor(path)
+    return processor
 
 
 def build_processor(image_processor, tokenizer, vision_config):
@@ -76,7 +110,6 @@ def assemble(
     projector) are loaded in 4-bit NF4 with double quantization (QLoRA).
     """
     from transformers import (
-        AutoImageProcessor,
         AutoModelForCausalLM,
         CLIPVisionModel,
         LlavaConfig,
@@ -98,7 +131,7 @@ def assemble(
         vision = CLIPVisionModel.from_pretrained(vision_src, dtype=dtype, **extra)
     finally:
         hf_logging.set_verbosity(verbosity)
-    image_processor = AutoImageProcessor.from_pretrained(vision_src)
+    image_processor = load_image_processor(vision_src)
     tokenizer = load_tokenizer(lm_src)
     if quantize_lm:
         from lvit.quant import load_lm_4bit

@@ -9,14 +9,23 @@ _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 _LOAD_SNIPPET = """
 import torch
-from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from PIL import Image, ImageOps
+from transformers import AutoImageProcessor, AutoProcessor, LlavaForConditionalGeneration
 
 path = "{path}"
 model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.{dtype}, device_map="auto")
 processor = AutoProcessor.from_pretrained(path)
+# the PIL image processor it was trained with (transformers takes torchvision's whenever it is installed)
+processor.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+
+# as in training: EXIF orientation applied, transparency composited over white
+rgba = ImageOps.exif_transpose(Image.open("image.jpg")).convert("RGBA")
+image = Image.new("RGB", rgba.size, "white")
+image.paste(rgba, mask=rgba.getchannel("A"))
+
 {prompt}
-inputs = processor(images=Image.open("image.jpg"), text=prompt, return_tensors="pt")
+# the prompt starts with the BOS token already: the tokenizer must not add another
+inputs = processor(images=image, text=prompt, add_special_tokens=False, return_tensors="pt")
 inputs = inputs.to(model.device, model.dtype)
 out = model.generate(**inputs, max_new_tokens=128, do_sample=False)
 print(processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
@@ -77,6 +86,13 @@ def model_card(run, result, out: Path) -> str:
         + (f" ({checkpoint}, an intermediate checkpoint)" if checkpoint else "")
         + " |",
         f"| weights | {result.dtype}" + ("" if result.projector_only else ", safetensors") + " |",
+    ]
+    if result.image_processor:
+        lines += [
+            f"| image processor | `{result.image_processor}` (the PIL backend, as in training and in LLaVA) |",
+            "| images | EXIF orientation applied, transparency composited over white (LLaVA does neither) |",
+        ]
+    lines += [
         "",
         "## Training metrics",
         "",
@@ -128,7 +144,9 @@ def model_card(run, result, out: Path) -> str:
     else:
         prompt = _PLAIN_PROMPT if recipe.data.template == "plain" else _CHAT_PROMPT
         lines += [
-            "Plain transformers (no lvit, no peft, no `trust_remote_code`):",
+            "Plain transformers (no lvit, no peft, no `trust_remote_code`). Load the image processor with "
+            '`backend="pil"`: a plain `AutoProcessor.from_pretrained` takes the torchvision one whenever '
+            "torchvision is installed, and its pixels differ from the PIL ones the model was trained on.",
             "",
             "```python",
             _LOAD_SNIPPET.format(path=str(out), dtype=_TORCH_DTYPE[result.dtype], prompt=prompt).strip(),

@@ -124,6 +124,16 @@ class LlavaTrainer(SFTTrainer):
         return self.optimizer
 
 
+# How the loss is averaged (a difference from LLaVA, kept): transformers 5 divides the summed token loss
+# of each micro-batch by the number of trained (label != -100) tokens in the whole global batch, i.e. all
+# gradient_accumulation_steps micro-batches on all processes, so every trained token of an optimizer step
+# weighs the same. LLaVA (transformers 4.31's Trainer) averaged the loss over each micro-batch's own tokens
+# and then averaged those means, so a token in a short micro-batch weighed more. Read in transformers 5.24
+# source, trainer.py: `Trainer._get_num_items_in_batch` (counts `labels[..., 1:] != -100` over the
+# accumulated micro-batches and, with `average_tokens_across_devices`, default True in training_args.py,
+# sums that count over processes) and `Trainer.compute_loss`; and in trl 1.16's `SFTTrainer.compute_loss`
+# (trl/trainer/sft_trainer.py), which lvit's trainer uses: summed per-token loss / `num_items_in_batch`,
+# times the process count (DDP then averages the gradients over processes).
 def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_device: bool = True):
     """The `SFTConfig` for a recipe: its `training:` section plus what lvit sets itself."""
     from trl import SFTConfig

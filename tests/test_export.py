@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -195,7 +197,11 @@ for name, (folder, plain) in folders.items():
         generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     new = generated[0, inputs["input_ids"].shape[1]:]
     saved[name] = {"inputs": dict(inputs), "logits": logits}
-    results[name] = {"new_tokens": int(new.numel()), "text": processor.decode(new, skip_special_tokens=True)}
+    results[name] = {
+        "new_tokens": int(new.numel()),
+        "text": processor.decode(new, skip_special_tokens=True),
+        "image_processor": type(processor.image_processor).__name__,
+    }
 torch.save(saved, saved_path)
 imported = sorted({m.split(".")[0] for m in sys.modules} & {"lvit", "peft", "bitsandbytes"})
 print(json.dumps({"results": results, "imported": imported}))
@@ -228,6 +234,9 @@ def test_exports_load_and_generate_with_plain_transformers(plain_load, exports, 
     assert set(report["results"]) == set(_all_exports(exports, cli_export))
     for name, result in report["results"].items():
         assert result["new_tokens"] == 3, name
+        # without torchvision (as here) a plain reload takes the PIL image processor lvit trained with;
+        # with torchvision it would not (test_plain_reload_takes_torchvision_when_installed)
+        assert result["image_processor"] == "CLIPImageProcessorPil", name
 
 
 def test_plain_transformers_logits_match_the_run(plain_load, exports, cli_export, lora_run):
@@ -248,6 +257,144 @@ def test_plain_transformers_logits_match_the_run(plain_load, exports, cli_export
         else:
             bound = 1e-4
         assert diff <= bound, (name, diff, bound)
+
+
+# --- the image processor and the model card's snippet --------------------------------------------------------
+
+
+def test_image_processor_is_pil_in_training_inference_and_export(exports, full_run, tiny_recipe, tmp_path):
+    from lvit.model import assemble
+    from lvit.runs import load_model
+
+    recipe = tiny_recipe("finetune", tmp_path / "run")
+    _, processor = assemble(recipe.model, recipe.source)  # what training uses
+    assert type(processor.image_processor).__name__ == "CLIPImageProcessorPil"
+    _, processor, _ = load_trained(full_run)  # the run's model as trained (export self-check, eval)
+    assert type(processor.image_processor).__name__ == "CLIPImageProcessorPil"
+    for name in ("full", "qlora"):
+        _, result, _ = exports[name]
+        # generation and chat load runs and exports through load_model
+        loaded = load_model(result.path, device="cpu")
+        assert type(loaded.processor.image_processor).__name__ == "CLIPImageProcessorPil"
+        assert result.image_processor == "CLIPImageProcessorPil"
+        assert json.loads((result.path / EXPORT_INFO_FILE).read_text())["image_processor"] == "CLIPImageProcessorPil"
+        assert "| image processor | `CLIPImageProcessorPil` (the PIL backend" in (result.path / "README.md").read_text()
+        # transformers 5.24 saves either backend under the one name "CLIPImageProcessor" (the PIL class drops
+        # its "Pil" suffix when saving): the saved config names the processor family, not the backend
+        saved = json.loads((result.path / "processor_config.json").read_text())["image_processor"]
+        assert saved["image_processor_type"] == "CLIPImageProcessor"
+
+
+def test_plain_reload_takes_torchvision_when_installed(exports, monkeypatch):
+    """Why lvit and the model card pin the backend: with torchvision installed, transformers 5.24 asks for its
+    torchvision image processor whatever the saved config says. torchvision is not installed here (it would
+    replace CPU torch), so it is reported installed and the backend transformers resolves is recorded."""
+    import transformers.models.auto.image_processing_auto as auto
+    from transformers import AutoImageProcessor
+
+    from lvit.model import load_image_processor
+
+    resolved: list[str] = []
+    real = auto._resolve_backend
+
+    def recording(*args):
+        resolved.append(real(*args))
+        return resolved[-1]
+
+    monkeypatch.setattr(auto, "is_torchvision_available", lambda: True)
+    monkeypatch.setattr(auto, "_resolve_backend", recording)
+    folder = exports["full"][1].path
+    AutoImageProcessor.from_pretrained(folder)  # what a plain AutoProcessor.from_pretrained does for its images
+    assert load_image_processor(folder).__class__.__name__ == "CLIPImageProcessorPil"  # lvit; the card's snippet
+    AutoImageProcessor.from_pretrained(folder, backend="pil")  # the model card's snippet, as written
+    assert resolved == ["torchvision", "pil", "pil"]
+
+
+_SNIPPET_PROBE = """
+import json as _json, sys as _sys
+import torch as _torch
+_torch.save(inputs["pixel_values"].float().cpu(), _sys.argv[1])
+print("PROBE " + _json.dumps({
+    "input_ids": inputs["input_ids"][0].tolist(),
+    "bos": processor.tokenizer.bos_token_id,
+    "tokenizer_alone": processor.tokenizer("a").input_ids,
+    "image_processor": type(processor.image_processor).__name__,
+    "imported": sorted({m.split(".")[0] for m in _sys.modules} & {"lvit", "peft", "bitsandbytes"}),
+}))
+"""
+
+
+def _bos_adding_copy(folder: Path, dest: Path) -> Path:
+    """A copy of an export whose tokenizer adds a BOS token by itself, like Vicuna's (the tiny one does not)."""
+    from tokenizers import Tokenizer, processors
+
+    shutil.copytree(folder, dest)
+    tokenizer = Tokenizer.from_file(str(dest / "tokenizer.json"))
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    tokenizer.save(str(dest / "tokenizer.json"))
+    return dest
+
+
+def _rotated_transparent_image(shapes_data, path: Path) -> Path:
+    """A shapes image, not square, half transparent, stored sideways with an EXIF orientation (6: rotate 90°)."""
+    from PIL import Image
+
+    image = Image.open(sorted(shapes_data["images"].iterdir())[0]).convert("RGBA")
+    image = image.resize((image.width, image.height * 2 // 3))
+    alpha = Image.new("L", image.size, 255)
+    alpha.paste(60, (0, 0, image.width // 2, image.height))
+    image.putalpha(alpha)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("name", ["align", "full", "qlora"])
+def test_model_card_snippet_runs_as_written(exports, shapes_data, tmp_path, name):
+    """The card's Python block, run with plain transformers: one BOS, and the pixels lvit trains on."""
+    from lvit.data.images import ImageLoader
+    from lvit.model import load_image_processor
+
+    _, result, _ = exports[name]
+    blocks = re.findall(r"```python\n(.*?)```", (result.path / "README.md").read_text(), flags=re.S)
+    assert len(blocks) == 1
+    snippet = blocks[0]
+    folder = _bos_adding_copy(result.path, tmp_path / "export")
+    image = _rotated_transparent_image(shapes_data, tmp_path / "image.png")
+    for old, new in ((f'path = "{result.path}"', f'path = "{folder}"'), ('"image.jpg"', f'"{image}"')):
+        assert snippet.count(old) == 1, old
+        snippet = snippet.replace(old, new)
+    pixels = tmp_path / "pixels.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", snippet + _SNIPPET_PROBE, str(pixels)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("PROBE "))[6:])
+    assert probe["imported"] == []
+    assert probe["image_processor"] == "CLIPImageProcessorPil"
+    bos, ids = probe["bos"], probe["input_ids"]
+    assert probe["tokenizer_alone"][0] == bos  # this tokenizer adds a BOS of its own...
+    assert ids[0] == bos and ids.count(bos) == 1  # ...and the snippet's prompt still has exactly one
+    # the snippet's image handling == lvit's (EXIF rotation, transparency over white, PIL processor)
+    from PIL import Image
+
+    loader = ImageLoader(load_image_processor(result.path))
+    expected = loader.pixel_values([loader.load(str(image))])
+    as_llava = loader.pixel_values([Image.open(image).convert("RGB")])  # LLaVA: no rotation, alpha dropped
+    got = torch.load(pixels)
+    if result.dtype == "bf16":
+        expected, as_llava = expected.to(torch.bfloat16).float(), as_llava.to(torch.bfloat16).float()
+    assert torch.equal(got, expected) and not torch.equal(got, as_llava)
 
 
 # --- the CLI -------------------------------------------------------------------------------------------------

@@ -53,10 +53,12 @@ def load_trained(run: RunFolder | str | Path, device: str | None = None):
     `PeftModel` around one. Stage 1 and adapters rebuild the frozen base from the recipe's `model`
     section (the same deterministic assembly the run used), so its parts must still be reachable.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
+
+    from lvit.model import load_processor
 
     run = _open(run)
-    processor = AutoProcessor.from_pretrained(run.path)
+    processor = load_processor(run.path)
     if run.holds_whole_model:
         model = LlavaForConditionalGeneration.from_pretrained(run.path)
     else:
@@ -92,11 +94,11 @@ def load_merged(run: RunFolder | str | Path, dtype=None):
         return model.to(dtype), processor, run
 
     from peft import PeftModel
-    from transformers import AutoProcessor
 
+    from lvit.model import load_processor
     from lvit.quant import dequantize_4bit_layers
 
-    processor = AutoProcessor.from_pretrained(run.path)
+    processor = load_processor(run.path)
     model = _assemble_base(run)
     if run.kind == "qlora":
         dequantize_4bit_layers(model, torch.float32)
@@ -188,7 +190,9 @@ def _load_run(path: Path, load_4bit: bool, device: str) -> LoadedModel:
 
 
 def _load_llava_folder(path: Path, load_4bit: bool, device: str) -> LoadedModel:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
+
+    from lvit.model import load_processor
 
     if not (path / "config.json").is_file():
         raise LvitError(
@@ -199,7 +203,7 @@ def _load_llava_folder(path: Path, load_4bit: bool, device: str) -> LoadedModel:
     if load_4bit:
         kwargs.update(quantization_config=_bnb_config_for_llava(), device_map={"": 0 if device == "cuda" else device})
     try:
-        processor = AutoProcessor.from_pretrained(path)
+        processor = load_processor(path)
         model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise LvitError(f"{path}: cannot be loaded as a LLaVA model with its processor: {exc}") from None
