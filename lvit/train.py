@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import TrainerCallback
@@ -17,6 +17,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from trl import SFTTrainer
 
 from lvit.errors import LvitError
+from lvit.precision import training_precision, upcast_trainable
 from lvit.preemption import GracefulStop
 from lvit.recipe import Recipe, gradient_accumulation
 from lvit.runs import (
@@ -132,6 +133,8 @@ def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_dev
     kwargs: dict[str, Any] = dict(recipe.training)
     kwargs.setdefault("output_dir", f"runs/{Path(recipe.source).stem}")
     kwargs["gradient_accumulation_steps"] = gradient_accumulation(recipe, num_processes)
+    # Autocast matching 16-bit weights; the trainable ones become fp32 masters (lvit.precision).
+    kwargs.update(training_precision(recipe))
     # Batches of similar length waste little on padding (LLaVA-1.5 groups by length too); lvit's
     # dataset has the `length` column (text + image tokens) the sampler reads. A recipe may say "random".
     kwargs.setdefault("train_sampling_strategy", "group_by_length")
@@ -178,15 +181,7 @@ def run(recipe: Recipe, resume: bool | None = None) -> Path:
     checkpoint (`resume=None`, the default; `True` requires one, `False` refuses). A folder holding
     anything else is never written into.
     """
-    import transformers
-
-    from lvit.data.collator import LlavaCollator
-    from lvit.data.dataset import prepare, tidy_skipped, write_skipped
-    from lvit.data.images import ImageLoader
-    from lvit.model import assemble, num_image_tokens
-    from lvit.runs import SKIPPED_FILE
-    from lvit.stages import apply_stage, format_report, report_modules
-    from lvit.templates import ConversationEncoder
+    from lvit.data.dataset import tidy_skipped
 
     check_inputs(recipe)
     args = build_sft_config(recipe)
@@ -201,7 +196,39 @@ def run(recipe: Recipe, resume: bool | None = None) -> Path:
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
 
-    transformers.set_seed(args.seed)  # the projector's (and adapters') initialisation is part of the run
+    built = build_trainer(recipe, args, resuming=resume_from is not None)
+    trainer, stop, skipped_file = built.trainer, built.stop, built.skipped_file
+    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+        raise LvitError(
+            "FSDP with a sharded state dict: the Trainer would save no model weights. Set "
+            "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (see recipes/accelerate/fsdp_8gpu.yaml)."
+        )
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stop.stopped_at is not None:
+        raise LvitError(
+            f"training stopped by {stop.signal_name} at step {stop.stopped_at}; checkpoint saved in "
+            f"{out / f'checkpoint-{stop.stopped_at}'}. Run the same command again to resume from it."
+        )
+    save_run(trainer, recipe, built.processor, result.metrics, skipped=len(built.prepared.skipped))
+    left_out = tidy_skipped(skipped_file) if main else 0  # with images that failed to decode mid-run (skip)
+    if left_out:
+        total = built.prepared.total
+        log.warning("%d of %d record(s) were left out of training (see %s)", left_out, total, skipped_file)
+    return out
+
+
+def build_model(recipe: Recipe, args):
+    """The recipe's LLaVA model, frozen for its stage, with adapters for lora/qlora and fp32 masters.
+
+    Returns `(model, processor)`; the model is a `PeftModel` for lora/qlora. Seeds first: the
+    projector's (and adapters') initialisation is part of the run.
+    """
+    import transformers
+
+    from lvit.model import assemble
+    from lvit.stages import apply_stage
+
+    transformers.set_seed(args.seed)
     model, processor = assemble(
         recipe.model,
         recipe.source,
@@ -214,6 +241,37 @@ def run(recipe: Recipe, resume: bool | None = None) -> Path:
         from lvit.adapters import add_lora
 
         model = add_lora(model, recipe.lora, recipe.model.projector)
+    # fp32 masters for what trains, the rest stays in model.torch_dtype (lvit.precision)
+    upcast_trainable(model)
+    return model, processor
+
+
+class BuiltTrainer(NamedTuple):
+    trainer: LlavaTrainer
+    processor: Any
+    prepared: Any  # lvit.data.dataset's prepared dataset (records, skipped, total)
+    stop: GracefulStop
+    skipped_file: Path
+
+
+def build_trainer(recipe: Recipe, args=None, resuming: bool = False) -> BuiltTrainer:
+    """Model, data, collator and `LlavaTrainer` for a recipe, ready for `trainer.train()`.
+
+    `run` adds the output-folder and resume decisions around it; tests call it to train a step directly.
+    """
+    from lvit.data.collator import LlavaCollator
+    from lvit.data.dataset import prepare, write_skipped
+    from lvit.data.images import ImageLoader
+    from lvit.model import num_image_tokens
+    from lvit.runs import SKIPPED_FILE
+    from lvit.stages import format_report, report_modules
+    from lvit.templates import ConversationEncoder
+
+    if args is None:
+        args = build_sft_config(recipe)
+    main = args.process_index == 0
+    out = Path(args.output_dir)
+    model, processor = build_model(recipe, args)
     if main:
         llava = model.get_base_model() if recipe.method != "full" else model
         log.info(
@@ -231,7 +289,7 @@ def run(recipe: Recipe, resume: bool | None = None) -> Path:
     dataset, skipped_file = prepared.dataset, out / SKIPPED_FILE
     if prepared.skipped:
         if main:
-            write_skipped(prepared.skipped, skipped_file, append=resume_from is not None)
+            write_skipped(prepared.skipped, skipped_file, append=resuming)
         log.warning(
             "%d of %d record(s) left out of training (%d invalid, skipped under data.on_bad_record=skip; %d too "
             "long for data.max_length=%d); each is listed with its reason in %s",
@@ -272,22 +330,7 @@ def run(recipe: Recipe, resume: bool | None = None) -> Path:
             *_eval_callbacks(recipe, processor, encoder, args),
         ],
     )
-    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
-        raise LvitError(
-            "FSDP with a sharded state dict: the Trainer would save no model weights. Set "
-            "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (see recipes/accelerate/fsdp_8gpu.yaml)."
-        )
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if stop.stopped_at is not None:
-        raise LvitError(
-            f"training stopped by {stop.signal_name} at step {stop.stopped_at}; checkpoint saved in "
-            f"{out / f'checkpoint-{stop.stopped_at}'}. Run the same command again to resume from it."
-        )
-    save_run(trainer, recipe, processor, result.metrics, skipped=len(prepared.skipped))
-    left_out = tidy_skipped(skipped_file) if main else 0  # with images that failed to decode mid-run (skip)
-    if left_out:
-        log.warning("%d of %d record(s) were left out of training (see %s)", left_out, prepared.total, skipped_file)
-    return out
+    return BuiltTrainer(trainer, processor, prepared, stop, skipped_file)
 
 
 class RunFilesCallback(TrainerCallback):
