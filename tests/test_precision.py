@@ -15,7 +15,9 @@ fraction of its entries one step changed with and without fp32 masters and the d
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,9 +60,10 @@ class Step:
         return (self.after != self.before).float().mean().item()
 
 
-def _recipe(tiny_recipe, method: str, dtype: str):
+def _recipe(tiny_recipe, method: str, dtype: str, **overrides):
     bf16 = dtype == "bfloat16"
     extra = {} if method == "align" else {"method": method}
+    extra.update(overrides)
     if method in ("lora", "qlora"):
         # no dropout: the bf16 and fp32 runs then see the same network; compute dtype follows the weights
         extra["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0, "compute_dtype": dtype}
@@ -206,3 +209,12 @@ def test_float16_weights_without_a_flag_get_fp16_autocast(tiny_recipe):
     assert training_precision(recipe) == {"fp16": True, "bf16": False}
     recipe = _recipe(tiny_recipe, "full", "float32")  # fp32 weights: the recipe's own flags stand
     assert training_precision(recipe) == {}
+
+
+def test_evaluation_during_a_bf16_run_generates_under_autocast(tiny_recipe, shapes_data):
+    """In-training evaluation generates with the live model: fp32 projector and LM, bf16 CLIP."""
+    recipe = _recipe(tiny_recipe, "full", "bfloat16", eval={"data": str(shapes_data["test"]), "max_new_tokens": 2})
+    built = lvit.train.build_trainer(recipe)
+    built.trainer.train()
+    results = json.loads((Path(built.trainer.args.output_dir) / "eval" / "results.json").read_text())
+    assert results["total"] == len(json.loads(shapes_data["test"].read_text())) and results["step"] == 1
