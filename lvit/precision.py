@@ -14,8 +14,12 @@ lvit does the same in every stage, method and launcher:
 - frozen weights (CLIP, the LM under LoRA/QLoRA, 4-bit layers) stay in the recipe's dtype, so memory
   grows only by the trainable part;
 - compute runs under the Trainer's mixed-precision autocast (`training.bf16` / `training.fp16`),
-  which `training_precision` makes match the weights' dtype. Under FSDP2 and ZeRO-3 the launcher's
-  mixed precision keeps fp32 masters as well (tests/test_launch_configs.py).
+  which `training_precision` makes match the weights' dtype.
+
+Under FSDP2, accelerate up-casts the trainable parameters as well, except for a model holding 4-bit
+weights (QLoRA), which lvit's own up-cast covers; the mixed-precision policy then computes in bf16.
+Under DeepSpeed, lvit leaves the dtypes to DeepSpeed, whose ZeRO optimizer keeps fp32 partitions
+(`lvit.train.build_model`). tests/test_launch_configs.py checks what the shipped launch configs say.
 """
 
 from __future__ import annotations

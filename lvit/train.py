@@ -241,8 +241,12 @@ def build_model(recipe: Recipe, args):
         from lvit.adapters import add_lora
 
         model = add_lora(model, recipe.lora, recipe.model.projector)
-    # fp32 masters for what trains, the rest stays in model.torch_dtype (lvit.precision)
-    upcast_trainable(model)
+    if args.deepspeed_plugin is None:
+        # fp32 masters for what trains, the rest stays in model.torch_dtype (lvit.precision). DeepSpeed keeps
+        # its own: its engine casts the module to bf16 (and checks that a ZeRO-Init model's parameters are
+        # bf16) and its ZeRO optimizer holds fp32 partitions of the weights and Adam state (DeepSpeed
+        # source: deepspeed/runtime/engine.py, `_configure_distributed_model`; docs/code-docs/source/zero3.rst).
+        upcast_trainable(model)
     return model, processor
 
 

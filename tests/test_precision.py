@@ -155,6 +155,15 @@ def test_trainable_fp32_frozen_bf16_adam_state_fp32(steps):
     assert bf16.state_dtypes == {torch.float32}  # Adam's exp_avg / exp_avg_sq follow the fp32 masters
 
 
+def test_under_deepspeed_lvit_leaves_the_dtypes_to_deepspeed(tiny_recipe):
+    """DeepSpeed casts the module to bf16 and keeps fp32 partitions (docs/stack-notes.md#bf16-no-master-weights)."""
+    recipe = _recipe(tiny_recipe, "align", "bfloat16")
+    args = lvit.train.build_sft_config(recipe)
+    args.deepspeed_plugin = object()  # what TrainingArguments holds under `accelerate launch` with DeepSpeed
+    model, _ = lvit.train.build_model(recipe, args)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+
+
 def test_report_lists_dtypes_per_module(tiny_recipe):
     from lvit.stages import format_report, report_modules
 
