@@ -135,9 +135,14 @@ def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_dev
     kwargs["gradient_accumulation_steps"] = gradient_accumulation(recipe, num_processes)
     # Autocast matching 16-bit weights; the trainable ones become fp32 masters (lvit.precision).
     kwargs.update(training_precision(recipe))
-    # Batches of similar length waste little on padding (LLaVA-1.5 groups by length too); lvit's
-    # dataset has the `length` column (text + image tokens) the sampler reads. A recipe may say "random".
-    kwargs.setdefault("train_sampling_strategy", "group_by_length")
+    # Random batches, as LLaVA samples them: the paper's code shuffles (Trainer's default), and LLaVA-1.5
+    # groups by modality only (`--group_by_modality_length`: image and text-only megabatches, each of one
+    # step's size and drawn at random; github.com/haotian-liu/LLaVA, llava/train/llava_trainer.py,
+    # `get_modality_length_grouped_indices`). It never forms batches of similar length. Resume keeps the order:
+    # accelerate's seedable sampler draws from (seed, epoch). A recipe may set "group_by_length" (less padding,
+    # seeded per epoch by EpochSeededLengthGroupedSampler), which on lvit's tiny task lowered held-out accuracy
+    # from 99% to 44%: a record's length follows its answer there, so such batches hold similar answers.
+    kwargs.setdefault("train_sampling_strategy", "random")
     kwargs.update(
         remove_unused_columns=False,  # the collator needs the raw record columns
         dataset_kwargs={"skip_prepare_dataset": True},  # lvit tokenizes (exact masks) in its collator
