@@ -22,8 +22,9 @@ The code path is lvit's, as far as a benchmark can follow it
     2. `lvit.model.assemble(ModelSection(...), quantize_lm=True, compute_dtype=...)`: the real loading,
        i.e. `lvit.quant.load_lm_4bit` (NF4, double quantization, LM head kept 16-bit, bnb quantizing
        while `from_pretrained` streams the shards), tokenizer growth (+<image>, +<pad>), projector.
-    3. `lvit.stages.apply_stage(model, "finetune", projector, train_lm=False)` and
-       `lvit.adapters.add_lora(model, recipe.lora, projector)` with the recipe's r / alpha / dropout.
+    3. `lvit.stages.apply_stage(model, "finetune", projector, train_lm=False)`,
+       `lvit.adapters.add_lora(model, recipe.lora, projector)` with the recipe's r / alpha / dropout, and
+       `lvit.precision.upcast_trainable(model)` (fp32 masters: the projector's trainable copy in fp32).
     4. What `lvit.train.LlavaTrainer` (TRL `SFTTrainer` on transformers `Trainer`) then does, mirrored
        by hand: move the model to the device (the assembled LLaVA model is not flagged as quantized, so
        Trainer calls `.to(device)`; CLIP and the projector were loaded on the CPU), activation
@@ -286,14 +287,18 @@ def estimate(shape: str, seq_len: int, r: int, lora_bytes: int = 4, full_logits:
     lora = n * r * (4 * (h + h) + 2 * (h + i) + (i + h))  # A (r x in) + B (out x r) on each
     projector_trained = vh * h + h  # linear_1; linear_2 is the frozen identity (h x h)
     projector_all = projector_trained + h * h + h
-    bf16 = 2
+    bf16, fp32 = 2, 4
     adam8 = 2 + 2 * 4 / 256  # 8-bit m and v, one fp32 absmax per 256-value block each
     static = {
         # NF4: 4 bits/weight; double quant: one 8-bit absmax per 64 weights, one fp32 per 256 of those.
         "4-bit linear weights (NF4 + double quant)": linear * (0.5 + 1 / 64 + 4 / (64 * 256)),
         "embeddings + LM head (bf16, 32002 rows)": 2 * vocab * h * bf16,
         "CLIP vision tower (bf16)": clip_params(shape) * bf16,
-        "projector (bf16, original + peft's trainable copy)": 2 * projector_all * bf16,
+        # lvit keeps fp32 masters of what trains (lvit.precision): peft's trainable copy of linear_1 is fp32,
+        # the original projector and the copy's frozen identity linear_2 stay bf16.
+        "projector (bf16; peft's copy of linear_1 in fp32)": projector_all * bf16
+        + projector_trained * fp32
+        + (projector_all - projector_trained) * bf16,
         f"LoRA r={r} weights ({'fp32' if lora_bytes == 4 else 'bf16'})": lora * lora_bytes,
         "8-bit Adam states (LoRA + projector)": (lora + projector_trained) * adam8,
     }
@@ -301,6 +306,7 @@ def estimate(shape: str, seq_len: int, r: int, lora_bytes: int = 4, full_logits:
     forward = {
         "activation checkpoints (layer inputs, bf16)": checkpoints,
         "autocast's bf16 copies of fp32 LoRA weights": lora * bf16 if lora_bytes == 4 else 0,
+        "autocast's bf16 copy of the fp32 projector": projector_trained * bf16,
         "full logits (bf16 + fp32 loss)": t * vocab * (bf16 + 4) if full_logits else 0,
     }
     # One layer in backward: saved bf16 inputs and outputs of the projections and attention (~10 t x h),
@@ -308,7 +314,7 @@ def estimate(shape: str, seq_len: int, r: int, lora_bytes: int = 4, full_logits:
     # and bf16 input copies (3 B x t x (6h + i)), the bf16 dequantized weight of the largest layer.
     layer = t * (10 * h * bf16 + 4 * i * bf16 + 2 * h * 4 + 3 * (6 * h + i)) + h * i * bf16
     backward = {
-        "LoRA + projector gradients": lora * lora_bytes + projector_trained * bf16,
+        "LoRA + projector gradients": lora * lora_bytes + projector_trained * fp32,
         "activation checkpoints (upper bound: all)": checkpoints,
         "one decoder layer recomputed + its gradients": layer,
         "full logits gradient (fp32)": t * vocab * 4 if full_logits else 0,
@@ -377,6 +383,7 @@ def run(args) -> dict:
 
     from lvit.adapters import add_lora
     from lvit.model import assemble, num_image_tokens
+    from lvit.precision import upcast_trainable
     from lvit.recipe import ModelSection, load_recipe
     from lvit.stages import apply_stage
 
@@ -441,6 +448,7 @@ def run(args) -> dict:
     # 3. lvit's stage freezing and adapters.
     apply_stage(model, "finetune", recipe.model.projector, train_lm=False)
     model = add_lora(model, recipe.lora, recipe.model.projector)
+    upcast_trainable(model)  # as lvit.train.build_model: fp32 masters for what trains
 
     # 4. What LlavaTrainer / SFTTrainer / Trainer do before the first step.
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):

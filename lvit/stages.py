@@ -11,6 +11,7 @@ With `projector: linear`, the projector's `linear_2` is the frozen identity in b
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,28 @@ def apply_stage(model, stage: str, projector: str, train_lm: bool = True) -> Non
     model.model.vision_tower.eval()
 
 
-def report_modules(model) -> list[tuple[str, int, int]]:
-    """(module, trainable, frozen) parameter counts for the parts of a LLaVA model."""
+class ModuleRow(NamedTuple):
+    """One line of the per-module report: parameter counts and dtypes, trainable and frozen."""
+
+    name: str
+    trainable: int
+    frozen: int
+    trainable_dtypes: tuple[str, ...] = ()
+    frozen_dtypes: tuple[str, ...] = ()
+
+
+_SHORT_DTYPE = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
+
+def _dtype_name(param) -> str:
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None:  # a bitsandbytes 4-bit weight, stored packed in uint8
+        return str(getattr(quant_state, "quant_type", "4bit"))
+    return _SHORT_DTYPE.get(str(param.dtype), str(param.dtype).removeprefix("torch."))
+
+
+def report_modules(model) -> list[ModuleRow]:
+    """Parameter counts and dtypes (trainable, frozen) for the parts of a LLaVA model."""
     parts = [
         ("model.vision_tower", model.model.vision_tower),
         *[
@@ -50,6 +71,7 @@ def report_modules(model) -> list[tuple[str, int, int]]:
     rows, seen = [], set()
     for name, module in parts:
         trainable = frozen = 0
+        dtypes: dict[bool, set[str]] = {True: set(), False: set()}
         for p in module.parameters():
             if id(p) in seen:  # tied weights are counted once
                 continue
@@ -61,17 +83,28 @@ def report_modules(model) -> list[tuple[str, int, int]]:
                 trainable += n
             else:
                 frozen += n
-        rows.append((name, trainable, frozen))
+            dtypes[p.requires_grad].add(_dtype_name(p))
+        rows.append(ModuleRow(name, trainable, frozen, tuple(sorted(dtypes[True])), tuple(sorted(dtypes[False]))))
     return rows
 
 
-def format_report(rows: list[tuple[str, int, int]]) -> str:
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'module':<{width}}  {'trainable':>14}  {'frozen':>14}  state"]
-    for name, trainable, frozen in rows:
-        state = "trains" if trainable and not frozen else "frozen" if not trainable else "partly trains"
-        lines.append(f"{name:<{width}}  {trainable:>14,}  {frozen:>14,}  {state}")
-    total_t = sum(r[1] for r in rows)
-    total_f = sum(r[2] for r in rows)
+def format_report(rows: list[ModuleRow]) -> str:
+    """The report as a table; `dtype` lists the trainable parameters' dtypes, then the frozen ones'."""
+    width = max(len(r.name) for r in rows)
+
+    def dtype_cell(row: ModuleRow) -> str:
+        cells = []
+        if row.trainable_dtypes:
+            cells.append(f"trains {','.join(row.trainable_dtypes)}")
+        if row.frozen_dtypes:
+            cells.append(f"frozen {','.join(row.frozen_dtypes)}")
+        return "; ".join(cells)
+
+    lines = [f"{'module':<{width}}  {'trainable':>14}  {'frozen':>14}  {'state':<13}  dtype"]
+    for row in rows:
+        state = "trains" if row.trainable and not row.frozen else "frozen" if not row.trainable else "partly trains"
+        lines.append(f"{row.name:<{width}}  {row.trainable:>14,}  {row.frozen:>14,}  {state:<13}  {dtype_cell(row)}")
+    total_t = sum(r.trainable for r in rows)
+    total_f = sum(r.frozen for r in rows)
     lines.append(f"{'total':<{width}}  {total_t:>14,}  {total_f:>14,}")
     return "\n".join(lines)

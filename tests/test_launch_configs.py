@@ -88,6 +88,12 @@ def test_fsdp_config_builds_the_fsdp2_plugin(monkeypatch):
     plugin.set_mixed_precision(env["ACCELERATE_MIXED_PRECISION"])
     assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16
     assert plugin.mixed_precision_policy.reduce_dtype == torch.bfloat16
+    # fp32 masters, bf16 compute: the sharded parameters keep their own dtype (fp32 for what trains: lvit up-casts
+    # it, and accelerate 1.15's `fsdp2_prepare_model` does too when mixed precision is not "no", except for 4-bit
+    # models; read in accelerate/utils/fsdp_utils.py) and the policy casts only the gathered copy used for
+    # compute (torch's MixedPrecisionPolicy: param_dtype is the compute dtype of the all-gathered parameters).
+    assert defaults.mixed_precision != "no"  # accelerate's up-cast condition
+    assert plugin.mixed_precision_policy.param_dtype != torch.float32  # compute in bf16, not fp32
 
     # The wrap classes exist in a LLaVA model (accelerate raises if a name matches no module) and each CLIP
     # encoder layer and Llama decoder layer becomes its own unit.
@@ -138,6 +144,12 @@ def test_deepspeed_config_builds_the_zero3_plugin(monkeypatch):
     plugin.set_mixed_precision("bf16")
     assert plugin.deepspeed_config["bf16"]["enabled"] is True
     assert plugin.deepspeed_config["fp16"]["enabled"] is False
+    # fp32 masters: with bf16 enabled, DeepSpeed's ZeRO optimizer keeps fp32 partitions of the weights and Adam
+    # state (docs/stack-notes.md#bf16-no-master-weights: DeepSpeed's ZeRO docs and runtime/engine.py; read, not run).
+    # lvit leaves the dtypes to DeepSpeed (tests/test_precision.py). The bf16 section is DeepSpeed's default
+    # scheme, nothing else, and the optimizer is the Trainer's AdamW, which ZeRO wraps with its fp32 state.
+    assert set(plugin.deepspeed_config["bf16"]) == {"enabled"}
+    assert "optimizer" not in plugin.deepspeed_config
 
 
 def test_deepspeed_yaml_must_not_set_mixed_precision(monkeypatch, tmp_path):

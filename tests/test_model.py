@@ -67,12 +67,12 @@ def test_mlp2x_gelu_projector_trains_both_layers(tiny_parts):
 def test_stage_freezing_per_module(tiny_parts):
     model, _ = _assemble(tiny_parts)
     apply_stage(model, "align", "linear")
-    rows = {name: (t, f) for name, t, f in report_modules(model)}
+    rows = {r.name: (r.trainable, r.frozen) for r in report_modules(model)}
     assert rows["model.vision_tower"][0] == 0
     assert rows["model.language_model.layers"][0] == 0 and rows["lm_head"][0] == 0
     assert rows["model.multi_modal_projector.linear_1"][1] == 0
     apply_stage(model, "finetune", "linear")
-    rows = {name: (t, f) for name, t, f in report_modules(model)}
+    rows = {r.name: (r.trainable, r.frozen) for r in report_modules(model)}
     assert rows["model.vision_tower"][0] == 0
     assert rows["model.language_model.layers"][1] == 0 and rows["lm_head"][1] == 0
     assert rows["model.multi_modal_projector.linear_2"][0] == 0

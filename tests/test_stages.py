@@ -107,3 +107,26 @@ def test_existing_output_folder_is_never_overwritten(tiny_recipe, tmp_path):
     with pytest.raises(LvitError, match="exists and is not empty"):
         run(tiny_recipe("align", out_dir=out))
     assert (out / "precious.txt").read_text() == "mine"
+
+
+def test_batches_are_random_by_default_and_length_grouping_stays_seeded(tiny_recipe):
+    """LLaVA samples at random (the paper's shuffle; LLaVA-1.5 groups by modality, never by length)."""
+    from lvit.train import EpochSeededLengthGroupedSampler, build_sft_config
+
+    recipe = tiny_recipe("finetune")
+    assert "train_sampling_strategy" not in recipe.training
+    assert build_sft_config(recipe).train_sampling_strategy == "random"
+    trainer = TrainingRun(recipe).setup().trainer
+    sampler = trainer._get_train_sampler()
+    assert type(sampler) is torch.utils.data.RandomSampler
+    # the Trainer's dataloader makes it accelerate's seedable sampler: the order depends on (seed, epoch) only,
+    # so a resumed run sees the same batches (tests/test_resume.py, tests/test_qlora.py)
+    assert type(trainer.get_train_dataloader().batch_sampler.sampler).__name__ == "SeedableRandomSampler"
+
+    grouped = TrainingRun(tiny_recipe("finetune", training={"train_sampling_strategy": "group_by_length"})).setup()
+    sampler = grouped.trainer._get_train_sampler()
+    assert isinstance(sampler, EpochSeededLengthGroupedSampler)
+    first = list(sampler)
+    assert list(sampler) == first and sorted(first) == list(range(len(first)))  # the same order each time
+    sampler.set_epoch(1)
+    assert list(sampler) != first

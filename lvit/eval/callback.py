@@ -133,10 +133,14 @@ class EvalCallback(TrainerCallback):
                 self.settings,
                 self.section.batch_size,
             )
-            for start, answers in batches:
-                rows += [
-                    answer_row(q, a) for q, a in zip(questions[start : start + len(answers)], answers, strict=True)
-                ]
+            # The model trains with fp32 masters next to 16-bit frozen weights (lvit.precision): generate
+            # under the same autocast as the training steps.
+            precision = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+            with torch.autocast(args.device.type, dtype=precision, enabled=precision is not None):
+                for start, answers in batches:
+                    rows += [
+                        answer_row(q, a) for q, a in zip(questions[start : start + len(answers)], answers, strict=True)
+                    ]
         finally:
             _restore_rng_state(rng)
         scores = score_answers(self.section.metric, rows)
