@@ -215,8 +215,12 @@ class ConversationEncoder:
         self._eos = tokenizer.eos_token
 
     def render(self, conv: Conversation, for_generation: bool = False) -> Rendered:
-        """The conversation's text (what the chat template renders) with its trained spans and image."""
-        return render(self.template.pieces(conv, for_generation), self._bos, self._eos)
+        """The conversation's text (what the chat template renders) with its trained spans (none in a
+        generation prompt, whose earlier answers are history) and image."""
+        rendered = render(self.template.pieces(conv, for_generation), self._bos, self._eos)
+        if for_generation:
+            rendered.trained = []
+        return rendered
 
     def encode(self, conv: Conversation, for_generation: bool = False) -> Encoded:
         return self.encode_many([conv], for_generation)[0]
