@@ -44,6 +44,7 @@ from lvit.runs import (
 )
 from lvit.selfcheck import (
     build_sample,
+    check_chat_template_ids,
     default_tolerance,
     logits,
     max_abs_diff,
@@ -158,7 +159,7 @@ def export(
 
 
 def _export_model(run: RunFolder, tmp: Path, dtype, tolerance, max_shard_size, device: str) -> ExportResult:
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     merge = " (adapters merged)" if run.kind in ("lora", "qlora") else ""
     log.info("[1/3] %s run %s: writing a stock LLaVA model%s (%s)", run.kind, run.path, merge, _SHORT[dtype])
@@ -172,6 +173,8 @@ def _export_model(run: RunFolder, tmp: Path, dtype, tolerance, max_shard_size, d
     gc.collect()
     _assert_no_adapter_keys(tmp)
     sample = build_sample(run, processor, config)
+    n = check_chat_template_ids(run, AutoProcessor.from_pretrained(tmp), config)
+    log.info("self-check: the written chat template gives the training ids on %d conversation(s)", n)
 
     trained_as = "4-bit base + adapter" if run.kind == "qlora" else run.kind
     log.info("[2/3] self-check: the run's model as trained (%s)", trained_as)

@@ -51,6 +51,12 @@ def load_tokenizer(language_model: str):
     if additions:
         tokenizer.add_special_tokens({"additional_special_tokens": additions})
     tokenizer.padding_side = "right"
+    if hasattr(tokenizer, "legacy"):
+        # transformers 5.24 saves a Llama tokenizer without its `legacy` flag (not kept in `init_kwargs`),
+        # so a legacy one reloads from the run or the export as non-legacy and tokenizes differently
+        # (docs/stack-notes.md#llama-legacy-dropped-on-save); kept, it is written to tokenizer_config.json.
+        tokenizer.init_kwargs["legacy"] = tokenizer.legacy
+    check_round_trip(tokenizer, language_model)
     return tokenizer
 
 
@@ -79,6 +85,32 @@ def load_processor(path):
     processor = AutoProcessor.from_pretrained(path)
     processor.image_processor = load_image_processor(path)
     return processor
+
+
+def check_round_trip(tokenizer, source: str = "") -> None:
+    """Refuse a tokenizer that tokenizes differently once saved and loaded back (as the run and the export
+    save it): the model would be given other ids at inference than in training."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    probe = (
+        f"{tokenizer.bos_token or ''}A chat. USER: {IMAGE_PLACEHOLDER}\nWhat is it? ASSISTANT: a red  square"
+        f"{tokenizer.eos_token or ''}USER: \n  Why?\tok ASSISTANT:"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoTokenizer.from_pretrained(tmp)
+    before = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    after = reloaded(probe, add_special_tokens=False)["input_ids"]
+    if before != after:
+        raise LvitError(
+            f"the tokenizer of {source or 'the language model'} ({type(tokenizer).__name__}) tokenizes differently "
+            f"after save_pretrained and from_pretrained ({tokenizer.convert_ids_to_tokens(before)[:12]} ... becomes "
+            f"{reloaded.convert_ids_to_tokens(after)[:12]} ...): a model trained with it would be given other ids "
+            "by the saved run and the export. Save the tokenizer once (`AutoTokenizer.from_pretrained(...)."
+            "save_pretrained(folder)`) and point model.language_model's tokenizer files at that folder."
+        )
 
 
 def build_processor(image_processor, tokenizer, vision_config):

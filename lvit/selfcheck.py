@@ -176,3 +176,68 @@ def projector_outputs(llava, trained_projector, written_projector, sample: Sampl
 
 def max_abs_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
     return (got - ref).abs().max().item()
+
+
+# --- the ids: training vs the exported chat template --------------------------------------------------------
+
+_ID_CHECK_RECORDS = 8
+
+
+def check_chat_template_ids(run, processor, config) -> int:
+    """Compare, on the first records of the run's data (else a synthetic one), the ids training builds
+    (the run's template with the recipe's tokenizer, as `lvit.model.load_tokenizer` loads it) with the ids
+    `processor.apply_chat_template(..., tokenize=True)` builds (`processor`: the export as written, reloaded),
+    for the whole conversation and for the generation prompt of its first question. Returns how many
+    conversations were compared; raises `LvitError` at the first difference."""
+    from lvit.hub import resolve_source
+    from lvit.model import load_tokenizer, num_image_tokens
+    from lvit.templates import CHAT_TEMPLATES, Conversation, ConversationEncoder, chat_messages
+
+    data = run.recipe.data
+    tokenizer = load_tokenizer(resolve_source(run.recipe.model.language_model, "model.language_model", run.path))
+    encoder = ConversationEncoder(
+        data.template, tokenizer, config.image_token_id, num_image_tokens(config.vision_config)
+    )
+    image = synthetic_image(config.vision_config.image_size)  # only its size matters: the image token count
+    chat_template = None if data.template == "vicuna_v1" else CHAT_TEMPLATES[data.template]
+    synthetic = Conversation(turns=[("user", SYNTHETIC_QUESTION), ("assistant", SYNTHETIC_ANSWER)], has_image=True)
+    convs = [(f"record {r.id!r}", r.conversation) for r in _records(data)] or [("a synthetic sample", synthetic)]
+    compared = 0
+    for where, conv in convs:
+        try:
+            trained = encoder.encode(conv)
+        except ValueError:  # a record the template refuses: training leaves it out too
+            continue
+        compared += 1
+        prompt = Conversation(conv.turns[:1], conv.has_image, conv.system)
+        for what, ids, c, generation in (
+            ("the training sample", trained.input_ids, conv, False),
+            ("the generation prompt", encoder.encode(prompt, for_generation=True).input_ids, prompt, True),
+        ):
+            messages = chat_messages(c, image if c.has_image else None)
+            got = processor.apply_chat_template(
+                messages, chat_template=chat_template, add_generation_prompt=generation, tokenize=True
+            )
+            got = list(got[0])
+            if got != ids:
+                i = next((k for k, (a, b) in enumerate(zip(ids, got, strict=False)) if a != b), min(len(ids), len(got)))
+                show = tokenizer.convert_ids_to_tokens
+                raise LvitError(
+                    f"lvit export: self-check failed for {run.path}: for {where} of {data.path}, the exported "
+                    f"processor's chat template (`apply_chat_template(..., tokenize=True)`) gives other ids than "
+                    f"training ({what}): from token {i}, training has {show(ids[i : i + 6])}, the chat template "
+                    f"{show(got[i : i + 6])}; nothing was written. A model served from this export would be "
+                    "given other ids than it was trained on: the tokenizer saved with the run must tokenize as the "
+                    "recipe's model.language_model tokenizer does (see `lvit data preview`)."
+                )
+    return compared
+
+
+def _records(data) -> list:
+    from lvit.data.records import read_records
+
+    try:
+        records, _, _ = read_records(data.path, fmt=data.format, image_folder=data.image_folder)
+    except (LvitError, OSError, UnicodeDecodeError, ValueError):
+        return []
+    return records[:_ID_CHECK_RECORDS]

@@ -1,18 +1,26 @@
 """Conversation templates: how a conversation becomes token ids and loss labels.
 
-Masks are exact by construction. A template turns a conversation into a list of pieces (text,
-the image, BOS, EOS), each either trained or not; every text piece is tokenized on its own and
-the ids are concatenated, so each token's label is known from the piece it came from. Nothing is
-recovered afterwards by re-tokenizing prefixes (the source of LLaVA's "tokenization mismatch"
-warnings), and the end-of-turn token is the tokenizer's EOS id, not a string that may split.
+The ids a model is trained on are the ids it is given at inference, by lvit or by plain
+`transformers` (`processor.apply_chat_template(..., tokenize=True)`, and so vLLM), for every
+tokenizer lvit accepts. So a conversation is never tokenized piece by piece: a template says which
+pieces it is made of (text, the image, BOS, EOS; each trained or not), the pieces are joined into
+the one string the exported chat template renders (`VICUNA_V1_CHAT_TEMPLATE`, `PLAIN_CHAT_TEMPLATE`),
+and that string is tokenized once, as the processor tokenizes it: no special tokens added (it starts
+with BOS, so the processor adds none), BOS, EOS and `<image>` read as the added tokens they are, the
+one `<image>` then expanded to the image's tokens (the processor expands the text to `<image>` x N
+first; `<image>` being an added token, the ids are the same). Per piece tokenization differs from
+this where a tokenizer's output depends on what precedes a piece: a non-legacy Llama tokenizer adds
+no "▁" after an added token (after BOS, after the image, after `</s>`), and a SentencePiece model
+loaded through the generic fast backend turns a piece's leading space into a stray "▁".
 
-`ConversationEncoder.lengths` counts the tokens `encode` would produce without building the ids
-(the same pieces, each distinct text tokenized once by the fast tokenizer): `lvit data check` and
-training's up-front checks measure every sample with it.
+Labels come from character spans: each answer and its EOS is a span of the text, and a token is
+trained when it starts inside one, read from the fast tokenizer's offsets. A token across a span's
+edge (the answer's first token merged with the text before it) cannot be labelled; the conversation
+is refused (`ValueError`, as for any conversation a template refuses; `lvit data check` lists it).
 
-lvit's own prompt building (demo accuracy, generation) uses the same pieces, so a model sees at
-inference exactly the ids it was trained on. `VICUNA_V1_CHAT_TEMPLATE` renders the same text for
-users of plain `transformers`.
+`ConversationEncoder.lengths` gives the numbers `encode` would give (length, end of the image,
+first trained token) without building the Python id lists: `lvit data check` and training's
+up-front checks measure every sample with it.
 """
 
 from __future__ import annotations
@@ -56,7 +64,8 @@ class Encoded:
     labels: list[int]
     image_end: int = 0
     """Index just past the last image token (0 when there is no image)."""
-    pieces: list[Piece] = field(default_factory=list, repr=False)
+    text: str = field(default="", repr=False)
+    """The rendered text that was tokenized (one `<image>` for the image)."""
 
     @property
     def first_trained(self) -> int:
@@ -80,6 +89,36 @@ class Lengths:
         """The lengths of the conversations at positions `keep`."""
         columns = (self.total, self.image_end, self.first_trained)
         return Lengths(*([column[i] for i in keep] for column in columns))
+
+
+@dataclass
+class Rendered:
+    """A conversation as one string: the text the chat template renders (one `<image>`), the character
+    spans that are trained (each answer with its EOS) and where the image placeholder starts."""
+
+    text: str
+    trained: list[tuple[int, int]]
+    image: int | None = None
+
+
+def render(pieces: list[Piece], bos: str, eos: str) -> Rendered:
+    """Join a template's pieces into one string; adjacent trained pieces make one span."""
+    parts: list[str] = []
+    trained: list[tuple[int, int]] = []
+    image = None
+    pos = 0
+    for piece in pieces:
+        text = {"bos": bos, "eos": eos, "image": IMAGE_PLACEHOLDER}.get(piece.kind, piece.text)
+        if piece.kind == "image":
+            image = pos
+        if piece.trained and text:
+            if trained and trained[-1][1] == pos:
+                trained[-1] = (trained[-1][0], pos + len(text))
+            else:
+                trained.append((pos, pos + len(text)))
+        parts.append(text)
+        pos += len(text)
+    return Rendered("".join(parts), trained, image)
 
 
 class Template:
@@ -155,6 +194,13 @@ class ConversationEncoder:
 
     `num_image_tokens` image-token ids stand for the image (what the vision tower yields after the
     CLS token is dropped), so the model's features and the ids always match.
+
+    A conversation is rendered to one string (the template's pieces, with the tokenizer's BOS and EOS
+    strings and one `<image>`), tokenized once as `processor.apply_chat_template(..., tokenize=True)`
+    tokenizes it (no special tokens added: the text starts with BOS), and the one `<image>` token is
+    expanded to `num_image_tokens` (what the processor's `<image>` x N gives, `<image>` being an added
+    token). A token is trained when its characters lie in a trained span; a token that straddles a
+    span's edge is refused (`ValueError`, like any conversation the template refuses).
     """
 
     def __init__(self, template: Template | str, tokenizer, image_token_id: int, num_image_tokens: int):
@@ -164,35 +210,49 @@ class ConversationEncoder:
         self.num_image_tokens = num_image_tokens
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; lvit's templates end each answer with it")
+        check_tokenizer(tokenizer, image_token_id)
+        self._bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else ""
+        self._eos = tokenizer.eos_token
+
+    def render(self, conv: Conversation, for_generation: bool = False) -> Rendered:
+        """The conversation's text (what the chat template renders) with its trained spans (none in a
+        generation prompt, whose earlier answers are history) and image."""
+        rendered = render(self.template.pieces(conv, for_generation), self._bos, self._eos)
+        if for_generation:
+            rendered.trained = []
+        return rendered
 
     def encode(self, conv: Conversation, for_generation: bool = False) -> Encoded:
         return self.encode_many([conv], for_generation)[0]
 
     def encode_many(self, convs: list[Conversation], for_generation: bool = False) -> list[Encoded]:
         """Encode several conversations with one batched tokenizer call."""
-        all_pieces = [self.template.pieces(c, for_generation) for c in convs]
-        texts = [p.text for pieces in all_pieces for p in pieces if p.kind == "text"]
-        ids_iter = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        rendered = [self.render(c, for_generation) for c in convs]
+        if not rendered:
+            return []
+        batch = self.tokenizer(
+            [r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True, verbose=False
+        )
         out = []
-        for pieces in all_pieces:
+        for r, token_ids, offsets in zip(rendered, batch["input_ids"], batch["offset_mapping"], strict=True):
             input_ids: list[int] = []
             labels: list[int] = []
             image_end = 0
-            for piece in pieces:
-                if piece.kind == "text":
-                    ids = list(next(ids_iter))
-                elif piece.kind == "image":
-                    ids = [self.image_token_id] * self.num_image_tokens
-                elif piece.kind == "bos":
-                    bos = self.tokenizer.bos_token_id
-                    ids = [] if bos is None else [bos]
-                else:
-                    ids = [self.tokenizer.eos_token_id]
-                input_ids += ids
-                labels += ids if piece.trained else [IGNORE_INDEX] * len(ids)
-                if piece.kind == "image":
+            spans = iter(r.trained)
+            span = next(spans, None)
+            for token, (a, b) in zip(token_ids, offsets, strict=True):
+                while span is not None and a >= span[1]:
+                    span = next(spans, None)
+                if span is not None and (a < span[0] < b or a < span[1] < b):
+                    raise ValueError(_straddle(self.tokenizer, token, r.text, a, b))
+                if r.image is not None and a == r.image and token == self.image_token_id and not image_end:
+                    input_ids += [token] * self.num_image_tokens
+                    labels += [IGNORE_INDEX] * self.num_image_tokens
                     image_end = len(input_ids)
-            out.append(Encoded(input_ids, labels, image_end, pieces))
+                    continue
+                input_ids.append(token)
+                labels.append(token if span is not None and span[0] <= a < span[1] else IGNORE_INDEX)
+            out.append(Encoded(input_ids, labels, image_end, r.text))
         return out
 
     def lengths(self, convs: list[Conversation]) -> Lengths:
@@ -200,73 +260,143 @@ class ConversationEncoder:
         ends and where training starts, without building the ids. A conversation the template refuses is
         listed in `rejected` with the reason, instead of raising.
 
-        Fast enough for every record of a large dataset: each distinct text piece is tokenized once, with
-        the fast tokenizer (`token_counts`), a chunk at a time, and the pieces of one chunk are built while
-        the previous chunk is being tokenized (the Rust tokenizer runs without the GIL).
+        Fast enough for every record of a large dataset: the texts are tokenized by the Rust tokenizer
+        (`encode_batch`, no Python id lists), a chunk at a time, and each chunk's texts are rendered while
+        the previous chunk is being tokenized (the Rust tokenizer runs without the GIL); the boundaries are
+        found with the encodings' `char_to_token`.
         """
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
-        tokenizer = self.tokenizer
-        bos = 0 if tokenizer.bos_token_id is None else 1
-        n_image = self.num_image_tokens
-        template = self.template
+        backend = _plain_backend(self.tokenizer)
+        if backend is None:  # a tokenizer in a non-plain state: measure with `encode`, the same numbers
+            return self._lengths_by_encoding(convs)
+        extra = self.num_image_tokens - 1
         out = Lengths()
 
-        def finish(all_pieces, count) -> None:
-            for pieces in all_pieces:
-                pos, image_end, first = 0, 0, None
-                for p in pieces:
-                    kind = p.kind
-                    n = count[p.text] if kind == "text" else n_image if kind == "image" else bos if kind == "bos" else 1
-                    if first is None and p.trained and n:
-                        first = pos
-                    pos += n
-                    if kind == "image":
-                        image_end = pos
-                out.total.append(pos)
+        def finish(rendered: list[Rendered | None], encodings, first: int) -> None:
+            for i, (r, e) in enumerate(zip(rendered, encodings, strict=True), first):
+                if r is None:
+                    total = image_end = first_trained = 0
+                else:
+                    try:
+                        total, image_end, first_trained = self._measure(r, e, extra)
+                    except ValueError as exc:
+                        out.rejected[i] = str(exc)
+                        total = image_end = first_trained = 0
+                out.total.append(total)
                 out.image_end.append(image_end)
-                out.first_trained.append(pos if first is None else first)
+                out.first_trained.append(first_trained)
 
         pending: deque = deque()
         with ThreadPoolExecutor(max_workers=1) as pool:
             for start in range(0, len(convs), _CHUNK):
-                all_pieces = []
+                rendered: list[Rendered | None] = []
                 for i, conv in enumerate(convs[start : start + _CHUNK], start):
                     try:
-                        all_pieces.append(template.pieces(conv))
+                        rendered.append(self.render(conv))
                     except ValueError as exc:
                         out.rejected[i] = str(exc)
-                        all_pieces.append([])
-                unique = list(dict.fromkeys(p.text for pieces in all_pieces for p in pieces if p.kind == "text"))
-                pending.append((all_pieces, unique, pool.submit(token_counts, tokenizer, unique)))
+                        rendered.append(None)
+                texts = ["" if r is None else r.text for r in rendered]
+                pending.append((rendered, start, pool.submit(backend.encode_batch, texts, add_special_tokens=False)))
                 if len(pending) > 1:
-                    pieces, texts, future = pending.popleft()
-                    finish(pieces, dict(zip(texts, future.result(), strict=True)))
+                    rendered, first, future = pending.popleft()
+                    finish(rendered, future.result(), first)
             while pending:
-                pieces, texts, future = pending.popleft()
-                finish(pieces, dict(zip(texts, future.result(), strict=True)))
+                rendered, first, future = pending.popleft()
+                finish(rendered, future.result(), first)
+        return out
+
+    def _measure(self, r: Rendered, e, extra: int) -> tuple[int, int, int]:
+        """(total, image_end, first_trained) of one rendered conversation from its Rust encoding `e`, as
+        `encode` counts them (the image expanded by `extra` tokens); ValueError where `encode` refuses."""
+        n = len(e)
+        image = -1
+        if r.image is not None:
+            image = e.char_to_token(r.image)
+            if image is None:  # `check_tokenizer` makes sure `<image>` is one token
+                raise ValueError("lvit bug: no token at the image placeholder")
+            n += extra
+        first_trained = n
+        for start, end in r.trained:
+            index = _first_token_in(e, start, end)
+            if index is None:
+                continue
+            a, b = e.token_to_chars(index)
+            if a < start:
+                raise ValueError(_straddle(self.tokenizer, e.ids[index], r.text, a, b))
+            if first_trained == n:
+                first_trained = index + (extra if image is not None and 0 <= image < index else 0)
+        return n, (image + 1 + extra if image >= 0 else 0), first_trained
+
+    def _lengths_by_encoding(self, convs: list[Conversation]) -> Lengths:
+        out = Lengths()
+        for i, conv in enumerate(convs):
+            try:
+                enc = self.encode(conv)
+            except ValueError as exc:
+                out.rejected[i] = str(exc)
+                out.total.append(0), out.image_end.append(0), out.first_trained.append(0)
+                continue
+            out.total.append(len(enc.input_ids))
+            out.image_end.append(enc.image_end)
+            out.first_trained.append(enc.first_trained)
         return out
 
 
-def token_counts(tokenizer, texts: list[str]) -> list[int]:
-    """Token count of each text (no special tokens), as `tokenizer(texts)` would give, batched.
+def check_tokenizer(tokenizer, image_token_id: int) -> None:
+    """Refuse a tokenizer with which training ids cannot be derived from the rendered text: a slow one (no
+    character offsets), or one that does not read `<image>` as a token of its own."""
+    from lvit.errors import LvitError
 
-    Uses the Rust tokenizer's `encode_batch_fast` (no offsets, no Python id lists) when the
-    tokenizer is a fast one in its plain state; otherwise the tokenizer itself.
-    """
-    if not texts:
-        return []
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if not getattr(tokenizer, "is_fast", False):
+        raise LvitError(
+            f"tokenizer {name!r} is a slow (Python) tokenizer; lvit needs a fast one (a `tokenizer.json`, "
+            "`AutoTokenizer.from_pretrained(..., use_fast=True)`): it labels tokens by their character offsets. "
+            "Save the tokenizer as a fast one (`save_pretrained` after loading it with use_fast=True)."
+        )
+    got = tokenizer(IMAGE_PLACEHOLDER * 2, add_special_tokens=False)["input_ids"]
+    if got != [image_token_id] * 2:
+        raise LvitError(
+            f"tokenizer {name!r} reads {IMAGE_PLACEHOLDER * 2!r} as ids {got}, not twice the image token id "
+            f"{image_token_id}: {IMAGE_PLACEHOLDER} must be an added special token (lvit.model.load_tokenizer "
+            "adds it)."
+        )
+
+
+def _plain_backend(tokenizer):
+    """The Rust tokenizer when calling it directly gives what `tokenizer(...)` gives (no truncation or
+    padding left set, special tokens split as the wrapper splits them), else None."""
     backend = getattr(tokenizer, "_tokenizer", None)
     if (
         backend is not None
-        and hasattr(backend, "encode_batch_fast")
+        and hasattr(backend, "encode_batch")
         and backend.truncation is None
         and backend.padding is None
         and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))
     ):
-        return [len(e) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return backend
+    return None
+
+
+def _first_token_in(e, start: int, end: int) -> int | None:
+    """Index of the first token of Rust encoding `e` that starts in [start, end) or covers `start`."""
+    index = e.char_to_token(start)
+    if index is None:  # `start` is in no token (e.g. whitespace a normalizer removed)
+        return next((k for k, (a, _) in enumerate(e.offsets) if start <= a < end), None)
+    while index > 0 and e.token_to_chars(index - 1)[0] >= start:  # a zero-width token just before
+        index -= 1
+    return index
+
+
+def _straddle(tokenizer, token: int, text: str, a: int, b: int) -> str:
+    return (
+        f"the tokenizer makes one token {tokenizer.convert_ids_to_tokens(token)!r} of {text[a:b]!r}, across the "
+        "edge of an answer (the trained text), so its label would be wrong in training; an answer must start "
+        "and end at a token boundary in the whole conversation's text"
+    )
 
 
 # A Jinja chat template that renders the vicuna_v1 text, for `processor.apply_chat_template` in
@@ -293,3 +423,39 @@ VICUNA_V1_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
 )
+
+# The `plain` template (stage 1) as a Jinja chat template: BOS, the image of the user message (its text
+# is dropped, as `Plain` drops the instruction), the assistant's caption and EOS. lvit's own definition
+# (LLaVA has no chat template for it). The processor lvit saves carries the vicuna_v1 template; pass
+# this one as `chat_template=` to get a stage-1 model's inputs from plain transformers.
+PLAIN_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages if message['role'] != 'system' -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if message['content'] is not string -%}"
+    "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>' -}}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- elif message['content'] is string -%}{{- message['content'] + eos_token -}}"
+    "{%- else -%}{{- message['content'][0]['text'] + eos_token -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+CHAT_TEMPLATES = {"vicuna_v1": VICUNA_V1_CHAT_TEMPLATE, "plain": PLAIN_CHAT_TEMPLATE}
+"""The Jinja chat template that renders each lvit template's text."""
+
+
+def chat_messages(conv: Conversation, image=None) -> list[dict]:
+    """The conversation as chat messages for `processor.apply_chat_template`: the system prompt (when the
+    conversation overrides it) as a system message, the image first in the first user message (`image`,
+    e.g. a PIL image, goes into that item, for `tokenize=True`)."""
+    messages = []
+    if conv.system is not None:
+        messages.append({"role": "system", "content": conv.system})
+    for i, (role, text) in enumerate(conv.turns):
+        if i == 0 and conv.has_image:
+            item = {"type": "image"} if image is None else {"type": "image", "image": image}
+            messages.append({"role": role, "content": [item, {"type": "text", "text": text}]})
+        else:
+            messages.append({"role": role, "content": text})
+    return messages

@@ -506,3 +506,26 @@ def test_failed_self_check_leaves_nothing(full_run, tmp_path, monkeypatch):
     with pytest.raises(LvitError, match="self-check failed"):
         export(full_run, out, dtype="fp32", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["export"] and (out / "keep.txt").is_file()
+
+
+def test_chat_template_ids_differing_from_training_fail_the_export(full_run, tmp_path, monkeypatch):
+    """The self-check also builds the training ids and the written processor's `apply_chat_template` ids on
+    the run's first records; a chat template that tokenizes otherwise fails the export, nothing written."""
+    import lvit.export as export_mod
+    from lvit.selfcheck import check_chat_template_ids
+
+    real = export_mod.load_merged
+    run = export_mod.read_run(full_run)
+    model, processor, _ = real(run, torch.float32)
+    assert check_chat_template_ids(run, processor, model.config) == 8  # the first 8 records agree
+
+    def drifted(run, dtype):  # a chat template with one space more after "USER:"
+        model, processor, run = real(run, dtype)
+        processor.chat_template = processor.chat_template.replace("'USER: '", "'USER:  '")
+        return model, processor, run
+
+    monkeypatch.setattr(export_mod, "load_merged", drifted)
+    out = tmp_path / "export"
+    with pytest.raises(LvitError, match=r"record 'ins-0'.*chat template.*other ids than training.*nothing was written"):
+        export(full_run, out, dtype="fp32")
+    assert list(tmp_path.iterdir()) == []

@@ -73,6 +73,15 @@ def ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def after_token(tok, text: str) -> list[int]:
+    """The ids of `text` where it follows an added token (BOS, the image, EOS) in a whole conversation's text.
+
+    A tokenizer whose Metaspace pre-tokenizer prepends "▁" only at the start of the input (`prepend_scheme`
+    "first": the tiny metaspace one, non-legacy Llama) gives no "▁" there, so these differ from `ids(text)`.
+    """
+    return ids(tok, tok.eos_token + text)[1:]
+
+
 def trained(enc) -> list[int]:
     return [label for label in enc.labels if label != IGNORE_INDEX]
 
@@ -133,7 +142,7 @@ def test_multi_turn_trains_each_answer_and_its_eos_in_order(tok, vicuna, n_turns
 def test_image_tokens_follow_system_and_user_role(tok, vicuna, n_img):
     image_id = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     enc = vicuna.encode(image_conv(Q1, A1, Q2, A2))
-    prefix = ids(tok, f"{LLAVA_VICUNA_V1_SYSTEM} USER: ")
+    prefix = after_token(tok, f"{LLAVA_VICUNA_V1_SYSTEM} USER: ")
     assert enc.input_ids[0] == tok.bos_token_id
     assert enc.input_ids[1 : 1 + len(prefix)] == prefix
     start = 1 + len(prefix)
@@ -147,10 +156,10 @@ def test_image_tokens_follow_system_and_user_role(tok, vicuna, n_img):
         [tok.bos_token_id]
         + prefix
         + [image_id] * n_img
-        + ids(tok, f"\n{Q1} ASSISTANT:")
+        + after_token(tok, f"\n{Q1} ASSISTANT:")
         + ids(tok, f" {A1}")
         + [eos]
-        + ids(tok, f"USER: {Q2} ASSISTANT:")
+        + after_token(tok, f"USER: {Q2} ASSISTANT:")
         + ids(tok, f" {A2}")
         + [eos]
     )
@@ -178,10 +187,10 @@ def test_text_only_conversation_has_no_image_tokens(tok, vicuna):
     eos = tok.eos_token_id
     assert enc.input_ids == (
         [tok.bos_token_id]
-        + ids(tok, f"{LLAVA_VICUNA_V1_SYSTEM} USER: {Q1} ASSISTANT:")
+        + after_token(tok, f"{LLAVA_VICUNA_V1_SYSTEM} USER: {Q1} ASSISTANT:")
         + ids(tok, f" {A1}")
         + [eos]
-        + ids(tok, f"USER: {Q2} ASSISTANT:")
+        + after_token(tok, f"USER: {Q2} ASSISTANT:")
         + ids(tok, f" {A2}")
         + [eos]
     )
@@ -190,7 +199,7 @@ def test_text_only_conversation_has_no_image_tokens(tok, vicuna):
 
 def test_record_system_prompt_replaces_the_default(tok, vicuna, n_img):
     enc = vicuna.encode(image_conv(Q1, A1, system="Answer in one word."))
-    prefix = ids(tok, "Answer in one word. USER: ")
+    prefix = after_token(tok, "Answer in one word. USER: ")
     assert enc.input_ids[1 : 1 + len(prefix)] == prefix
     assert enc.image_end == 1 + len(prefix) + n_img
     assert trained(enc) == ids(tok, f" {A1}") + [tok.eos_token_id]
@@ -261,7 +270,7 @@ def test_generation_prompt_after_history_matches_training_prefix(tok, vicuna):
 def test_plain_trains_caption_and_eos_and_drops_the_instruction(tok, plain, n_img):
     image_id = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     enc = plain.encode(image_conv(INSTRUCTION, CAPTION))
-    caption = ids(tok, CAPTION) + [tok.eos_token_id]
+    caption = after_token(tok, CAPTION) + [tok.eos_token_id]
     assert enc.input_ids == [tok.bos_token_id] + [image_id] * n_img + caption
     assert enc.labels == [IGNORE_INDEX] * (1 + n_img) + caption
     assert enc.image_end == 1 + n_img

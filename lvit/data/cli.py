@@ -55,6 +55,36 @@ def check(
     raise typer.Exit(0 if report.ok else 1)
 
 
+@data_app.command("preview")
+def preview(
+    recipe: Path = typer.Argument(..., help="A recipe file or a shipped recipe's name."),
+    n: int = typer.Option(3, "-n", help="How many records, from the first."),
+    overrides: list[str] = typer.Option(
+        None, "--override", "-o", help="Recipe override key=value (as for `lvit finetune`); repeat for several."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print each sample's id, input_ids and labels as JSON."),
+) -> None:
+    """Print the first N samples of the recipe's data as the model sees them: ids, tokens and labels.
+
+    The text shows the trained spans (the answers and their end-of-turn token) in [brackets] and the image
+    as <image>×N; the table has one row per token (the image tokens in one row) and marks the trained ones.
+    """
+    from lvit.data.preview import format_sample
+    from lvit.data.preview import preview as build_preview
+    from lvit.recipe import load_recipe
+
+    if n < 1:
+        raise LvitError(f"-n must be at least 1, got {n}")
+    rec = load_recipe(recipe, overrides or [], check_training=False)
+    samples = build_preview(rec, n)
+    if as_json:
+        typer.echo(json.dumps([s.to_json() for s in samples]))
+        return
+    typer.echo(f"{len(samples)} sample(s) of {rec.data.path} (template {rec.data.template}):")
+    for sample in samples:
+        typer.echo(format_sample(sample, rec.data.max_length))
+
+
 @data_app.command("convert")
 def convert(
     src: str = typer.Argument(
