@@ -314,7 +314,7 @@ def test_error_mode_stops_with_the_checkers_report(bad_data, tiny_parts):
         prepare(DataSection(path=str(path), image_folder=str(images)), make_encoder(tiny_parts), "my.yaml")
     msg = str(info.value)
     assert msg.startswith(f"{path}: 13 of 21 records cannot be trained on (data.path in my.yaml):\n")
-    assert "\n  record #12 (id 'not-alt'): turns must alternate human/gpt, but turns 0 and 1 are both 'user'" in msg
+    assert "\n  record #12 (id 'not-alt'): turns must alternate human/gpt, but turns 1 and 2 are both 'user'" in msg
     assert "Problems by kind: empty_turn 2, ends_with_user 1, image_missing 2," in msg
     assert "duplicate_id" not in msg  # a warning does not stop training
     assert "data.on_bad_record: skip" in msg and f"lvit data check {path} --recipe my.yaml" in msg
