@@ -204,8 +204,8 @@ def read_records(
     Returns `(records, problems, total)`: the valid records, one or more `RecordError` per invalid
     record (with its index, id and reason, in record order), and the number of records read.
     `fmt` is `auto` (detected), `llava`, `chat` or `hf` (a Hugging Face dataset whose rows use
-    either schema). With `check_images`, each record's image must exist (relative paths are
-    resolved against `image_folder`; one stat per distinct file); with `decode`, it is also fully
+    either schema). With `check_images`, each record's image must exist and its header must read as an
+    image (relative paths are resolved against `image_folder`; once per distinct file); with `decode`, it is fully
     decoded, as training would (once per distinct file). With `require_answer=False` a
     conversation may end with a user turn (a question file), which training data may not.
     """
