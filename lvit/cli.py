@@ -122,7 +122,7 @@ def finetune(
     if dry_run:
         from lvit.validate import dry_run as do_dry_run
 
-        result = do_dry_run(rec)
+        result = do_dry_run(rec, resume=resume)
         _print_dry_run(result)
         raise typer.Exit(0 if result.ok else 1)
     from lvit.train import run

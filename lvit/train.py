@@ -19,7 +19,7 @@ from trl import SFTTrainer
 
 from lvit.errors import LvitError
 from lvit.preemption import GracefulStop
-from lvit.recipe import Recipe, gradient_accumulation
+from lvit.recipe import Recipe, check_report_to, gradient_accumulation
 from lvit.runs import (
     model_weight_files,
     resume_checkpoint,
@@ -152,7 +152,13 @@ def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_dev
 
 
 def check_inputs(recipe: Recipe) -> None:
-    """Everything that can be checked before a model loads: data files and folders."""
+    """Everything that can be checked before a model loads: data files and folders, `training.report_to`."""
+    check_data_inputs(recipe)
+    check_report_to(recipe)
+
+
+def check_data_inputs(recipe: Recipe) -> None:
+    """The data files and folders a recipe names (and the eval data)."""
     data = recipe.data
     if not Path(data.path).exists():  # a file, or a Hugging Face dataset folder
         raise LvitError(
