@@ -320,10 +320,10 @@ class TrainingRun:
         from lvit.data.dataset import tidy_skipped
 
         prepared = self.prepared
-        save_run(self.trainer, self.recipe, self.processor, self.metrics, skipped=len(prepared.skipped))
-        # with images that failed to decode mid-run (skip)
-        left_out = tidy_skipped(self.skipped_file) if self.main else 0
-        if left_out:
+        # the final count, with images that failed to decode mid-run (skip): what skipped_records.jsonl lists
+        left_out = tidy_skipped(self.skipped_file) if self.main else len(prepared.skipped)
+        save_run(self.trainer, self.recipe, self.processor, self.metrics, skipped=left_out)
+        if left_out and self.main:
             log.warning(
                 "%d of %d record(s) were left out of training (see %s)", left_out, prepared.total, self.skipped_file
             )

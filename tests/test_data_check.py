@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -395,7 +396,7 @@ def test_skip_mode_lists_every_skipped_record(bad_data, tiny_parts, tmp_path):
     assert prepared.total == 21
 
 
-def test_collator_skips_an_undecodable_image_and_records_it(tmp_path, tiny_parts):
+def test_collator_skips_an_undecodable_image_and_records_it(tmp_path, tiny_parts, caplog):
     from transformers import AutoImageProcessor
 
     write_images(tmp_path / "images")
@@ -413,9 +414,14 @@ def test_collator_skips_an_undecodable_image_and_records_it(tmp_path, tiny_parts
     skipped = tmp_path / "run" / SKIPPED_FILE
     skipped.parent.mkdir()
     lenient = LlavaCollator(encoder, loader, encoder.tokenizer.pad_token_id, 256, skipped_file=skipped)
-    batch = lenient(rows)
-    assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] == 1
-    lenient(rows)  # met again (next epoch): one line in the end
+    with caplog.at_level(logging.WARNING, logger="lvit"):
+        batch = lenient(rows)
+        assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] == 1
+        lenient(rows)  # met again (next epoch)
+        pickle.loads(pickle.dumps(lenient))(rows)  # and again, by the copy in a fresh worker process
+    warned = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("record 'broken' left out: cannot read image 'trunc.png'")
+    assert len(skipped.read_text().splitlines()) == 1  # listed once
     assert tidy_skipped(skipped) == 1
     line = json.loads(skipped.read_text())
     assert (line["id"], line["index"], line["kind"]) == ("broken", 1, "image_unreadable")
@@ -460,4 +466,5 @@ def test_training_run_in_skip_mode_with_two_workers(tmp_path, tiny_recipe, shape
     messages = [r.getMessage() for r in caplog.records if r.name == "lvit"]
     assert any("3 of 11 record(s) left out of training (2 invalid" in m for m in messages)
     assert any("4 of 11 record(s) were left out of training" in m for m in messages)
-    assert (out / "lvit_run.json").is_file()
+    # the run's summary counts what the file lists, the record found mid-run included
+    assert json.loads((out / "lvit_run.json").read_text())["skipped_records"] == 4
