@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvit.errors import LvitError
+from lvit.errors import Interrupted, LvitError
 from lvit.generation import GenerationSettings
 from lvit.questions import Question, check_images, read_questions
 from lvit.runs.load import LoadedModel
@@ -178,18 +178,32 @@ def generate_file(
             f.write(b"\n")
     encoder = loaded.encoder()
     bar = tqdm(total=len(todo), desc="generating", unit="q", disable=not progress, file=sys.stderr)
-    with out.open("a", encoding="utf-8") as f:
-        batches = iter_answers(
-            loaded.model, encoder, loader, [q.conversation for q in todo], [q.image for q in todo], settings, batch_size
-        )
-        for start, answers in batches:
-            for q, answer in zip(todo[start : start + len(answers)], answers, strict=True):
-                row = answer_row(q, answer)
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                done[q.id] = row
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(answers))
+    try:
+        with out.open("a", encoding="utf-8") as f:
+            batches = iter_answers(
+                loaded.model,
+                encoder,
+                loader,
+                [q.conversation for q in todo],
+                [q.image for q in todo],
+                settings,
+                batch_size,
+            )
+            for start, answers in batches:
+                for q, answer in zip(todo[start : start + len(answers)], answers, strict=True):
+                    row = answer_row(q, answer)
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    done[q.id] = row
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(len(answers))
+    except KeyboardInterrupt:  # every finished batch is in the file already
+        bar.close()
+        kept = sum(q.id in done for q in questions)
+        raise Interrupted(
+            f"{out} keeps {kept} of {len(questions)} answers ({kept - len(questions) + len(todo)} from this run); "
+            "run the same command again to answer the rest (answered questions are skipped)."
+        ) from None
     bar.close()
     return done
 

@@ -30,6 +30,17 @@ def _streamer(tokenizer, write: Callable[[str], None]):
     return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+def check_image(image: str | Path) -> None:
+    """`--image`: the file exists and decodes as an image; `lvit chat` checks it before the model loads."""
+    from lvit.data.images import probe_image
+
+    if not Path(image).is_file():
+        raise LvitError(f"--image {image}: file not found")
+    found = probe_image(str(image), None)
+    if found is not None and found[1] == "error":
+        raise LvitError(f"--image {image}: {found[2]}")
+
+
 class ChatSession:
     """One conversation about (at most) one image."""
 

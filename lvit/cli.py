@@ -24,9 +24,9 @@ class LvitGroup(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except LvitError as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
+        except LvitError as exc:  # an `Interrupted` says so, and exits 130 as a shell does on Ctrl-C
+            typer.secho(f"{getattr(exc, 'label', 'error')}: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(getattr(exc, "exit_code", 2)) from None
 
 
 app = typer.Typer(
@@ -122,7 +122,7 @@ def finetune(
     if dry_run:
         from lvit.validate import dry_run as do_dry_run
 
-        result = do_dry_run(rec)
+        result = do_dry_run(rec, resume=resume)
         _print_dry_run(result)
         raise typer.Exit(0 if result.ok else 1)
     from lvit.train import run
@@ -257,12 +257,14 @@ def chat(
     device: str = typer.Option(None, "--device", help="Default: cuda if available, else cpu."),
 ) -> None:
     """Talk to a trained model about an image; answers stream as they are generated."""
-    from lvit.chat import ChatSession, interactive
+    from lvit.chat import ChatSession, check_image, interactive
     from lvit.generation import GenerationSettings
     from lvit.runs import load_model
 
     settings = GenerationSettings(max_new_tokens, temperature, top_p)
     settings.kwargs()  # check the values before the model loads
+    if image is not None:
+        check_image(image)  # and the image
     session = ChatSession(load_model(model, load_4bit=load_4bit, device=device), image, settings)
     if prompt is not None:
         session.ask(prompt, _write)

@@ -20,7 +20,7 @@ from trl import SFTTrainer
 from lvit.errors import LvitError
 from lvit.precision import training_precision, upcast_trainable
 from lvit.preemption import GracefulStop
-from lvit.recipe import Recipe, gradient_accumulation
+from lvit.recipe import Recipe, check_report_to, gradient_accumulation
 from lvit.runs import (
     model_weight_files,
     resume_checkpoint,
@@ -170,7 +170,13 @@ def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_dev
 
 
 def check_inputs(recipe: Recipe) -> None:
-    """Everything that can be checked before a model loads: data files and folders."""
+    """Everything that can be checked before a model loads: data files and folders, `training.report_to`."""
+    check_data_inputs(recipe)
+    check_report_to(recipe)
+
+
+def check_data_inputs(recipe: Recipe) -> None:
+    """The data files and folders a recipe names (and the eval data)."""
     data = recipe.data
     if not Path(data.path).exists():  # a file, or a Hugging Face dataset folder
         raise LvitError(
@@ -318,10 +324,10 @@ class TrainingRun:
         from lvit.data.dataset import tidy_skipped
 
         prepared = self.prepared
-        save_run(self.trainer, self.recipe, self.processor, self.metrics, skipped=len(prepared.skipped))
-        # with images that failed to decode mid-run (skip)
-        left_out = tidy_skipped(self.skipped_file) if self.main else 0
-        if left_out:
+        # the final count, with images that failed to decode mid-run (skip): what skipped_records.jsonl lists
+        left_out = tidy_skipped(self.skipped_file) if self.main else len(prepared.skipped)
+        save_run(self.trainer, self.recipe, self.processor, self.metrics, skipped=left_out)
+        if left_out and self.main:
             log.warning(
                 "%d of %d record(s) were left out of training (see %s)", left_out, prepared.total, self.skipped_file
             )

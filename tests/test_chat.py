@@ -122,3 +122,22 @@ def test_every_kind_of_run_chats(kind, tiny_runs, image):
         loaded = load_model(run_dir, load_4bit=True, device="cpu")
         names = [name for name, _ in linear4bit_modules(loaded.model)]
         assert names and all(name.startswith("model.language_model.") for name in names)
+
+
+def test_cli_checks_the_image_before_the_model_loads(full_run, tmp_path, monkeypatch):
+    import lvit.runs
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model loaded before --image was checked")
+
+    monkeypatch.setattr(lvit.runs, "load_model", no_loading)
+    photo = tmp_path / "photo.jpg"
+    photo.write_text("not a photo, a text file")
+    for image, message in (
+        (photo, f"--image {photo}: image {photo} is not an image file PIL can read"),
+        (tmp_path / "nope.png", f"--image {tmp_path / 'nope.png'}: file not found"),
+    ):
+        result = CliRunner().invoke(app, ["chat", str(full_run), "--image", str(image), "--prompt", "Colour?"])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith(f"error: {message}")
+        assert "Traceback" not in result.stderr

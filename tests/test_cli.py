@@ -249,3 +249,66 @@ def test_finetune_accepts_a_shipped_recipe_name(tmp_path, monkeypatch):
     assert result.exit_code == 1  # data and models are not here
     assert f"recipe {RECIPES_DIR / 'llava_stage2_lora.yaml'}: stage finetune" in result.stdout
     assert "ok   training section builds an SFTConfig" in result.stdout
+
+
+def _dry_run(recipe_path, *overrides):
+    return CliRunner().invoke(app, ["finetune", str(recipe_path), "--dry-run", *overrides], catch_exceptions=False)
+
+
+def _fail_lines(output: str) -> list[str]:
+    return [line.strip() for line in output.splitlines() if line.strip().startswith("FAIL")]
+
+
+def test_dry_run_fails_on_records_training_would_refuse(tiny_recipe, shapes_data, tmp_path):
+    """data.on_bad_record: error (the default) stops a run at its record check: the dry run runs the same check."""
+    records = json.loads(shapes_data["instruct"].read_text())[:3]
+    (tmp_path / "page.png").write_text("<html>503 Service Unavailable</html>")
+    records[1]["image"] = str(tmp_path / "page.png")
+    records.append({"id": "gpt-first", "conversations": [{"from": "gpt", "value": "Hi."}]})
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    recipe = tiny_recipe.write(tmp_path / "r.yaml", data={"path": str(data)}, out_dir=tmp_path / "out")
+    result = _dry_run(recipe)
+    assert result.exit_code == 1, result.output
+    assert _fail_lines(result.stdout) == ["FAIL records"]
+    assert f"{data}: 2 of 4 records cannot be trained on" in result.stdout
+    assert f"record #1 (id '{records[1]['id']}'): image {tmp_path / 'page.png'} is not an image file" in result.stdout
+    assert "record #3 (id 'gpt-first'): the conversation must start with a human turn" in result.stdout
+    assert "set data.on_bad_record: skip" in result.stdout and "dry run found problems" in result.stdout
+
+    skip = _dry_run(recipe, "data.on_bad_record=skip")
+    assert skip.exit_code == 0, skip.output
+    assert "ok   records: 2 of 4 trainable (2 left out, listed in the run's skipped_records.jsonl)" in skip.stdout
+
+
+def test_dry_run_fails_on_an_output_folder_holding_a_finished_run(tiny_recipe, tiny_runs, tmp_path):
+    finished = tiny_runs["align"].out
+    before = sorted(p.name for p in finished.iterdir())
+    recipe = tiny_recipe.write(tmp_path / "r.yaml", out_dir=finished)
+    result = _dry_run(recipe)
+    assert result.exit_code == 1, result.output
+    assert _fail_lines(result.stdout) == ["FAIL output folder"]
+    assert f"{finished} holds a finished run" in result.stdout and "training.output_dir=..." in result.stdout
+    assert sorted(p.name for p in finished.iterdir()) == before  # nothing renamed or written
+
+    ok = _dry_run(recipe, f"training.output_dir={tmp_path / 'new'}")
+    assert ok.exit_code == 0 and f"ok   output folder {tmp_path / 'new'}: a new run" in ok.stdout
+    assert not (tmp_path / "new").exists()
+
+
+def test_dry_run_fails_on_a_reporting_integration_that_is_not_installed(tiny_recipe, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    recipe = tiny_recipe.write(tmp_path / "r.yaml", out_dir=tmp_path / "out", training={"report_to": "wandb"})
+    result = _dry_run(recipe)
+    assert result.exit_code == 1, result.output
+    assert _fail_lines(result.stdout) == ["FAIL training.report_to"]
+    assert "training.report_to names 'wandb', but its package (wandb) is not installed: `pip install wandb`" in (
+        result.stdout
+    )
+    for value, ok in (("none", True), ("all", True), ('["tensorboard"]', True), ("nonsense", False)):
+        result = _dry_run(recipe, f"training.report_to={value}")
+        assert (result.exit_code == 0) is ok, result.output
+    assert "'nonsense', which transformers does not report to" in result.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -79,8 +80,11 @@ RECORDS = [
     qa("ends-human", "Q?", "A.", "Q2?"),
 ]  # fmt: skip
 
-EXPECTED = [  # (index, id, kind, severity) without --decode
+EXPECTED = [  # (index, id, kind, severity) without --decode: each image's header is read
     (2, "missing-img", "image_missing", "error"),
+    (5, "not-image", "image_unreadable", "error"),
+    (6, "bomb", "image_too_large", "error"),
+    (7, "large", "image_too_large", "warning"),
     (8, "no-placeholder", "placeholder_mismatch", "error"),
     (9, "stray-placeholder", "placeholder_mismatch", "error"),
     (10, "empty-conv", "no_conversation", "error"),
@@ -96,12 +100,9 @@ EXPECTED = [  # (index, id, kind, severity) without --decode
     (19, "system-later", "system_not_first", "error"),
     (20, "ends-human", "ends_with_user", "error"),
 ]
-DECODED = [  # what --decode adds
+DECODED = [  # what --decode adds: files cut off after an intact header
     (3, "trunc-png", "image_truncated", "error"),
     (4, "trunc-jpg", "image_truncated", "error"),
-    (5, "not-image", "image_unreadable", "error"),
-    (6, "bomb", "image_too_large", "error"),
-    (7, "large", "image_too_large", "warning"),
 ]
 
 
@@ -124,8 +125,9 @@ def test_every_problem_is_reported_with_the_record(bad_data):
     assert found(report) == EXPECTED
     s = report.summary()
     assert (s["records"], s["images"], s["unique_images"], s["text_only"]) == (21, 8, 8, 1)
-    assert (s["errors"], s["warnings"], s["trainable"], s["ok"]) == (14, 1, 8, False)
+    assert (s["errors"], s["warnings"], s["trainable"], s["ok"]) == (16, 2, 6, False)
     assert s["problems_by_kind"]["image_missing"] == 2 and s["problems_by_kind"]["empty_turn"] == 2
+    assert s["problems_by_kind"]["image_unreadable"] == 1 and s["problems_by_kind"]["image_too_large"] == 2
     # every kind found is a documented one, and the text report explains it
     assert set(s["problems_by_kind"]) <= set(KINDS)
     assert f"image_missing                2  {KINDS['image_missing']}" in report.format_text()
@@ -136,6 +138,10 @@ def test_every_problem_is_reported_with_the_record(bad_data):
         "(check data.image_folder / --image-folder or the record's image path)"
     )
     assert "put exactly one at the start or end of the first human turn" in by_id["no-placeholder"].reason
+    assert by_id["not-image"].reason == (
+        f"image {images / 'notes.png'} is not an image file PIL can read (wrong file, or an unsupported format): "
+        "replace it with a PNG or JPEG"
+    )
 
 
 def test_decode_finds_truncated_unreadable_and_too_large_images(bad_data):
@@ -144,6 +150,57 @@ def test_decode_finds_truncated_unreadable_and_too_large_images(bad_data):
     assert found(report) == sorted(EXPECTED + DECODED, key=lambda p: p[0])
     s = report.summary()
     assert (s["errors"], s["warnings"], s["trainable"], s["decoded"]) == (18, 2, 4, True)
+
+
+def test_the_default_check_reads_each_header(tmp_path):
+    """Without --decode: a file that is not an image is found whatever its name; a PNG cut off after its
+    header only by the full decode."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.RandomState(1)
+    (images / "random.png").write_bytes(rng.bytes(4096))
+    (images / "page.jpg").write_text("<html><body>404 Not Found</body></html>\n")
+    buf = io.BytesIO()
+    Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")).save(buf, "PNG")
+    (images / "cut.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    Image.new("RGB", (8, 8)).save(images / "fine.jpg")
+    records = [qa(name, Q, "red", image=name) for name in ("random.png", "page.jpg", "cut.png", "fine.jpg")]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+
+    cheap = check_data(path, image_folder=images)
+    assert found(cheap) == [
+        (0, "random.png", "image_unreadable", "error"),
+        (1, "page.jpg", "image_unreadable", "error"),
+    ]
+    assert "images were checked by their header only" in cheap.format_text()
+    full = check_data(path, image_folder=images, decode=True)
+    assert found(full) == [*found(cheap), (2, "cut.png", "image_truncated", "error")]
+
+
+def test_the_default_check_reads_embedded_images(tmp_path):
+    """An image embedded in a Hugging Face dataset is checked by its bytes, as a file is."""
+    import datasets
+
+    good = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(good, "PNG")
+    rows = [
+        {"id": rid, "image": {"bytes": data, "path": None},
+         "conversations": [{"from": "human", "value": Q}, {"from": "gpt", "value": "red"}]}
+        for rid, data in (("good", good.getvalue()), ("garbage", b"\x00\x01 not an image at all"))
+    ]  # fmt: skip
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
+        }
+    )
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(tmp_path / "ds")
+    report = check_data(tmp_path / "ds")
+    assert found(report) == [(1, "garbage", "image_unreadable", "error")]
+    (problem,) = report.inspection.problems
+    assert "the image embedded in row 1 (column 'image') of" in problem.reason
 
 
 def test_jsonl_problems_name_the_line(tmp_path):
@@ -172,7 +229,7 @@ def test_cli_exit_codes_text_and_json(bad_data, shapes_data):
     out = result.output
     assert "record #12 (id 'not-alt'): turns must alternate human/gpt" in out and "[not_alternating]" in out
     assert "[duplicate_id, warning]" in out
-    assert "records        21" in out and "14 error(s)" in out
+    assert "records        21" in out and "16 error(s)" in out
 
     result = run_cli(path, "--image-folder", images, "--json")
     assert result.exit_code == 1
@@ -318,9 +375,13 @@ def test_error_mode_stops_with_the_checkers_report(bad_data, tiny_parts):
     with pytest.raises(LvitError) as info:
         prepare(DataSection(path=str(path), image_folder=str(images)), make_encoder(tiny_parts), "my.yaml")
     msg = str(info.value)
-    assert msg.startswith(f"{path}: 13 of 21 records cannot be trained on (data.path in my.yaml):\n")
-    assert "\n  record #12 (id 'not-alt'): turns must alternate human/gpt, but turns 0 and 1 are both 'user'" in msg
-    assert "Problems by kind: empty_turn 2, ends_with_user 1, image_missing 2," in msg
+    assert msg.startswith(f"{path}: 15 of 21 records cannot be trained on (data.path in my.yaml):\n")
+    assert "\n  record #12 (id 'not-alt'): turns must alternate human/gpt, but turns 1 and 2 are both 'user'" in msg
+    assert (
+        "Problems by kind: empty_turn 2, ends_with_user 1, image_missing 2, image_too_large 1, image_unreadable 1,"
+        in msg
+    )
+    assert f"\n  record #5 (id 'not-image'): image {images / 'notes.png'} is not an image file PIL can read" in msg
     assert "duplicate_id" not in msg  # a warning does not stop training
     assert "data.on_bad_record: skip" in msg and f"lvit data check {path} --recipe my.yaml" in msg
 
@@ -336,12 +397,11 @@ def test_skip_mode_lists_every_skipped_record(bad_data, tiny_parts, tmp_path):
     assert [(s.index, s.id, s.kind) for s in prepared.skipped] == list(expected.values())
     two = next(s for s in prepared.skipped if s.id == "two-problems")
     assert two.kind == "not_alternating" and "image not found" in two.reason  # both reasons kept
-    assert prepared.dataset["id"] == ["ok-1", "ok-text", "trunc-png", "trunc-jpg", "not-image", "bomb", "large",
-                                      "ok-1"]  # fmt: skip
+    assert prepared.dataset["id"] == ["ok-1", "ok-text", "trunc-png", "trunc-jpg", "large", "ok-1"]
     assert prepared.total == 21
 
 
-def test_collator_skips_an_undecodable_image_and_records_it(tmp_path, tiny_parts):
+def test_collator_skips_an_undecodable_image_and_records_it(tmp_path, tiny_parts, caplog):
     from transformers import AutoImageProcessor
 
     write_images(tmp_path / "images")
@@ -359,9 +419,14 @@ def test_collator_skips_an_undecodable_image_and_records_it(tmp_path, tiny_parts
     skipped = tmp_path / "run" / SKIPPED_FILE
     skipped.parent.mkdir()
     lenient = LlavaCollator(encoder, loader, encoder.tokenizer.pad_token_id, 256, skipped_file=skipped)
-    batch = lenient(rows)
-    assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] == 1
-    lenient(rows)  # met again (next epoch): one line in the end
+    with caplog.at_level(logging.WARNING, logger="lvit"):
+        batch = lenient(rows)
+        assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] == 1
+        lenient(rows)  # met again (next epoch)
+        pickle.loads(pickle.dumps(lenient))(rows)  # and again, by the copy in a fresh worker process
+    warned = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("record 'broken' left out: cannot read image 'trunc.png'")
+    assert len(skipped.read_text().splitlines()) == 1  # listed once
     assert tidy_skipped(skipped) == 1
     line = json.loads(skipped.read_text())
     assert (line["id"], line["index"], line["kind"]) == ("broken", 1, "image_unreadable")
@@ -406,4 +471,5 @@ def test_training_run_in_skip_mode_with_two_workers(tmp_path, tiny_recipe, shape
     messages = [r.getMessage() for r in caplog.records if r.name == "lvit"]
     assert any("3 of 11 record(s) left out of training (2 invalid" in m for m in messages)
     assert any("4 of 11 record(s) were left out of training" in m for m in messages)
-    assert (out / "lvit_run.json").is_file()
+    # the run's summary counts what the file lists, the record found mid-run included
+    assert json.loads((out / "lvit_run.json").read_text())["skipped_records"] == 4

@@ -266,7 +266,7 @@ CHAT_BAD = {
         {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."},
                       {"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "B."}],
          "images": ["a.png"]},
-        "placeholder_mismatch", "message 2: an image may only appear in the first user message",
+        "placeholder_mismatch", "message 3: an image may only appear in the first user message",
     ),
     "two images": (
         {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]},
@@ -275,20 +275,25 @@ CHAT_BAD = {
     ),
     "unknown role": (
         {"messages": [{"role": "user", "content": "Q?"}, {"role": "bot", "content": "A."}]},
-        "unknown_role", "message 1 has unknown role 'bot'",
+        "unknown_role", "message 2 has unknown role 'bot'",
     ),
     "unknown part": (
         {"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "A."}]},
-        "bad_turn", "message 0 part 0 is {'type': 'video'}",
+        "bad_turn", "message 1 part 1 is {'type': 'video'}",
     ),
     "empty text": (
         {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "  "}]},
-        "empty_turn", "message 1 has empty content",
+        "empty_turn", "message 2 has empty content",
     ),
     "starts with the assistant": (
         {"messages": [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Q?"},
                       {"role": "assistant", "content": "A."}]},
-        "starts_with_assistant", "must start with a user turn",
+        "starts_with_assistant", "must start with a user message, but message 1 is the 'assistant' one",
+    ),
+    "starts with the assistant holding the image": (
+        {"messages": [{"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "Hi."}]},
+                      {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}], "images": ["a.png"]},
+        "starts_with_assistant", "must start with a user message, but message 1 is the 'assistant' one",
     ),
     "ends with the user": (
         {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."},

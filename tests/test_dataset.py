@@ -300,9 +300,21 @@ def test_text_only_batch_has_no_pixel_values(instruct, encoder, collator_for, to
 
 
 def test_unreadable_image_names_the_record(tmp_path, encoder, tok, image_loader):
+    import io
+
+    from PIL import Image
+
+    not_png = tmp_path / "not.png"
+    not_png.write_bytes(b"not a png")
+    path = write_records(tmp_path, [qa_record("not-img", Q_COLOUR, "red", image=str(not_png))])
+    with pytest.raises(LvitError, match=rf"record #0 \(id 'not-img'\): image {not_png} is not an image file"):
+        prepare(DataSection(path=str(path)), encoder)  # its header is read up front
+
     broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not a png")
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 64).convert("RGB").save(buf, "PNG")
+    broken.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     path = write_records(tmp_path, [qa_record("broken-img", Q_COLOUR, "red", image=str(broken))])
-    dataset = prepare(DataSection(path=str(path)), encoder).dataset  # only existence is checked up front
+    dataset = prepare(DataSection(path=str(path)), encoder).dataset  # cut off after its header: found by decoding
     with pytest.raises(LvitError, match=rf"record 'broken-img': cannot read image '{broken}'"):
         LlavaCollator(encoder, image_loader, tok.pad_token_id, 256)(list(dataset))

@@ -242,3 +242,37 @@ def test_checkpoint_folder_loads(tiny_recipe, tmp_path):
     shutil.rmtree(out / "checkpoint-2", ignore_errors=True)
     model = load_model(checkpoint, device="cpu")
     assert model.template == "vicuna_v1" and not model.model.training
+
+
+def test_ctrl_c_says_what_was_kept_and_a_rerun_resumes(
+    near_random_run, questions_file, shapes_data, tmp_path, monkeypatch
+):
+    import lvit.generation
+
+    generate_batch = lvit.generation.generate_batch
+    calls = []
+
+    def interrupted_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate_batch(*args, **kwargs)
+
+    monkeypatch.setattr(lvit.generation, "generate_batch", interrupted_second_batch)
+    out = tmp_path / "answers.jsonl"
+    cmd = ["generate", str(near_random_run), "--data", str(questions_file), "--out", str(out), "--image-folder",
+           str(shapes_data["images"]), "--batch-size", "4", "--max-new-tokens", "4"]  # fmt: skip
+    result = CliRunner().invoke(app, cmd, catch_exceptions=False)
+    n = len(read_questions(questions_file))
+    assert result.exit_code == 130, result.output
+    assert (
+        f"interrupted: {out} keeps 4 of {n} answers (4 from this run); run the same command again to answer the rest"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert len(read_answer_file(out)) == 4  # the first batch, flushed
+
+    monkeypatch.setattr(lvit.generation, "generate_batch", generate_batch)
+    result = CliRunner().invoke(app, cmd, catch_exceptions=False)
+    assert result.exit_code == 0 and f"{n} answers in {out}" in result.output
+    assert len(read_answer_file(out)) == n

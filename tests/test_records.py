@@ -83,24 +83,33 @@ BAD = {
     "missing conversations": ({"id": "bad", "image": "a.png"}, "'conversations' is missing or empty"),
     "empty conversations": ({"id": "bad", "conversations": []}, "'conversations' is missing or empty"),
     "conversations not a list": ({"id": "bad", "conversations": "hi"}, "'conversations' is missing or empty"),
-    "unknown role": (rec(("human", "<image>\nQ?"), ("bot", "A."), rid="bad"), "turn 1 has unknown role 'bot'"),
+    "unknown role": (rec(("human", "<image>\nQ?"), ("bot", "A."), rid="bad"), "turn 2 has unknown role 'bot'"),
     "missing role": (
         {"id": "bad", "image": "a.png", "conversations": [{"value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]},
-        "turn 0 has unknown role None",
+        "turn 1 has unknown role None",
     ),
-    "empty value": (rec("<image>\nQ?", "   ", rid="bad"), "turn 1 ('gpt') has an empty or non-string 'value'"),
-    "non-string value": (rec("<image>\nQ?", 42, rid="bad"), "turn 1 ('gpt') has an empty or non-string 'value'"),
+    "empty value": (rec("<image>\nQ?", "   ", rid="bad"), "turn 2 ('gpt') has an empty or non-string 'value'"),
+    "non-string value": (rec("<image>\nQ?", 42, rid="bad"), "turn 2 ('gpt') has an empty or non-string 'value'"),
     "turn not an object": (
         {"id": "bad", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQ?"}, "A."]},
-        "turn 1 is not an object",
+        "turn 2 is not an object",
     ),
     "starts with gpt": (
         rec(("gpt", "Hello."), ("human", "Q?"), ("gpt", "A."), image=None, rid="bad"),
-        "start with a human turn",
+        "must start with a human turn, but turn 1 is 'gpt' (the assistant)",
+    ),
+    # the image placeholder in a first gpt turn: the reason is the order, not the placeholder
+    "starts with gpt holding the image": (
+        rec(("gpt", "<image>\nHello."), ("human", "Q?"), ("gpt", "A."), rid="bad"),
+        "must start with a human turn, but turn 1 is 'gpt' (the assistant)",
+    ),
+    "starts with gpt after a system turn": (
+        rec(("system", "Be brief."), ("gpt", "Hello."), ("human", "<image>\nQ?"), ("gpt", "A."), rid="bad"),
+        "must start with a human turn, but turn 2 is 'gpt' (the assistant)",
     ),
     "not alternating": (
         rec(("human", "<image>\nQ?"), ("human", "More?"), ("gpt", "A."), rid="bad"),
-        "turns 0 and 1 are both 'user'",
+        "turns 1 and 2 are both 'user'",
     ),
     "ends with human": (rec("<image>\nQ?", "A.", "Q2?", rid="bad"), "must end with a gpt (assistant) turn"),
     "placeholder without image": (rec("<image>\nQ?", "A.", image=None, rid="bad"), "the record has no 'image'"),
@@ -108,15 +117,15 @@ BAD = {
     "two placeholders": (rec("<image>\n<image>\nQ?", "A.", rid="bad"), "has an image but 2 '<image>' placeholders"),
     "placeholder in a later human turn": (
         rec("<image>\nQ?", "A.", "<image>\nQ2?", "B.", rid="bad"),
-        "turn 2: '<image>' may only appear in the first human turn",
+        "turn 3: '<image>' may only appear in the first human turn",
     ),
     "placeholder in a gpt turn": (
         rec("<image>\nQ?", "A <image>", rid="bad"),
-        "turn 1: '<image>' may only appear in the first human turn",
+        "turn 2: '<image>' may only appear in the first human turn",
     ),
     "system turn later": (
         rec(("human", "<image>\nQ?"), ("system", "Be brief."), ("gpt", "A."), rid="bad"),
-        "turn 1: a system turn may only come first",
+        "turn 2: a system turn may only come first",
     ),
     "image not a string": ({**rec("<image>\nQ?", "A.", rid="bad"), "image": ["a.png"]}, "'image' must be a file path"),
     "image empty": ({**rec("<image>\nQ?", "A.", rid="bad"), "image": " "}, "'image' must be a file path"),
@@ -144,7 +153,7 @@ def test_record_that_is_not_an_object():
 # a traceback instead of a RecordError naming the record.
 def test_unhashable_role_is_a_record_error():
     raw = {"id": "bad", "image": "a.png", "conversations": [{"from": ["human"], "value": "<image>\nQ?"}]}
-    with pytest.raises(RecordError, match=r"record #0 \(id 'bad'\): turn 0 has unknown role \['human'\]"):
+    with pytest.raises(RecordError, match=r"record #0 \(id 'bad'\): turn 1 has unknown role \['human'\]"):
         normalise(raw, 0)
 
 

@@ -1,7 +1,9 @@
 """Checking, the third step of `lvit.data`: every problem of a dataset, before training.
 
 `inspect_data` reads the whole dataset once (`lvit.data.records`), checks each record's image
-(existence with one stat per distinct file; a full decode with `decode`), finds duplicate ids and,
+once per distinct image (by default its header: it exists, is an image PIL can read and is not a
+decompression bomb, `lvit.data.images.read_header`; with `decode`, a full decode, which also finds a
+file cut off after its header), finds duplicate ids and,
 given a recipe's encoder, measures every sample in tokens, image tokens included
 (`ConversationEncoder.lengths`), and applies `data.max_length` / `data.overlong` to it. `check_data`
 is `lvit data check`; `lvit.data.report.CheckReport` renders what it found. Training
@@ -104,7 +106,7 @@ def check_record_images(
     read: ReadResult, image_folder: str | Path | None, decode: bool = False
 ) -> tuple[list[Record], list[RecordError]]:
     """Check the image of every record (and of invalid records that name one): `(records whose image is
-    fine, problems)`. One stat (or decode) per distinct image."""
+    fine, problems)`. One header read (or, with `decode`, one full decode) per distinct image."""
     from lvit.data.images import describe_image, image_exists, probe_image
 
     cache: dict[object, tuple | None] = {}
@@ -115,10 +117,8 @@ def check_record_images(
         if not image_exists(image, image_folder):
             found = ("image_missing", "error", f"image not found: {describe_image(image, image_folder)} "
                      "(check data.image_folder / --image-folder or the record's image path)")  # fmt: skip
-        elif decode:
-            found = probe_image(image, image_folder)
         else:
-            found = None
+            found = probe_image(image, image_folder, decode)
         cache[image] = found
         return found
 

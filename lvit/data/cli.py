@@ -31,7 +31,12 @@ def check(
         None, "--override", "-o", help="Recipe override key=value (as for `lvit finetune`); repeat for several."
     ),
     fmt: str = typer.Option(None, "--format", help="auto (default), llava, chat or hf."),
-    decode: bool = typer.Option(False, "--decode", help="Decode every image as training would (slower)."),
+    decode: bool = typer.Option(
+        False,
+        "--decode",
+        help="Decode every image as training would (slower); without it each image's header is read, which "
+        "misses a file cut off after its header.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON report."),
 ) -> None:
     """Check every record of DATA; list each problem with the record's id, then a summary.

@@ -8,6 +8,7 @@ encodes each conversation with the recipe's template (`lvit.templates.Conversati
 from __future__ import annotations
 
 import io
+import json
 import logging
 from pathlib import Path
 
@@ -55,8 +56,7 @@ class LlavaCollator:
                     message = f"cannot read image {row['image_path']!r}: {exc}"
                     if self.skipped_file is None:
                         raise LvitError(f"record {row['id']!r}: {message}") from exc
-                    log.warning("record %r left out: %s (listed in %s)", row["id"], message, self.skipped_file)
-                    append_skipped(Skipped(row["id"], row.get("index"), "image_unreadable", message), self.skipped_file)
+                    self._leave_out(row, message)
                     continue
             kept.append(row)
         if not kept:
@@ -76,6 +76,41 @@ class LlavaCollator:
         if images:
             batch["pixel_values"] = self.image_loader.pixel_values(images)
         return batch
+
+    def _leave_out(self, row: dict, message: str) -> None:
+        """List a record whose image fails in the skipped file and warn, once per record: the record comes up again
+        every epoch, in a fresh worker process, so the file itself says whether it was met before."""
+        key = (self.skipped_file, row["id"], row.get("index"))
+        if key in _listed or _in_skipped_file(self.skipped_file, row["id"], row.get("index")):
+            _listed.add(key)
+            return
+        log.warning(
+            "record %r left out: %s (listed in %s; the run's end gives the count)",
+            row["id"],
+            message,
+            self.skipped_file,
+        )
+        append_skipped(Skipped(row["id"], row.get("index"), "image_unreadable", message), self.skipped_file)
+        _listed.add(key)
+
+
+_listed: set[tuple] = set()  # (skipped file, id, index) of records this process has listed already
+
+
+def _in_skipped_file(path: str, rid, index) -> bool:
+    """Whether `skipped_records.jsonl` lists this record for a failed image already (read only when an image fails)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return False
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line being written by another worker
+            continue
+        if entry.get("kind") == "image_unreadable" and (entry.get("id"), entry.get("index")) == (rid, index):
+            return True
+    return False
 
 
 def image_of(row: dict):

@@ -68,6 +68,28 @@ def prepare(data, encoder: ConversationEncoder, source: str = "<recipe>") -> Pre
     Raises `LvitError` with the checker's report when a record cannot be trained on and
     `data.on_bad_record` is `error`, or a sample is too long and `data.overlong` is `error`.
     """
+    insp, report, bad = inspect_for_training(data, encoder, source)
+    skipped = []
+    by_record: dict[int | None, list] = {}
+    for p in bad:
+        by_record.setdefault(p.index, []).append(p)
+    for index, problems in by_record.items():
+        skipped.append(Skipped(problems[0].id, index, problems[0].kind, "; ".join(p.reason for p in problems)))
+    dropped = [Skipped(r.id, r.index, "too_long", reason) for r, reason in insp.dropped]
+    skipped += dropped
+    skipped.sort(key=lambda s: -1 if s.index is None else s.index)
+
+    dropped_ids = {id(r) for r, _ in insp.dropped}
+    cap = data.max_length  # a truncated sample is max_length long
+    kept = [(r, n if n <= cap else cap) for r, n in zip(insp.usable, insp.lengths.total, strict=True)]
+    if dropped_ids:
+        kept = [(r, n) for r, n in kept if id(r) not in dropped_ids]
+    return Prepared(training_dataset(insp, kept), dropped, skipped, insp.total, report)
+
+
+def inspect_for_training(data, encoder: ConversationEncoder, source: str = "<recipe>"):
+    """`prepare`'s checks, without building the dataset (`lvit finetune --dry-run` runs them too):
+    `(inspection, report, errors that are not too_long)`; raises `LvitError` as `prepare` does."""
     on_bad = getattr(data, "on_bad_record", "error")
     insp = inspect_data(
         data.path,
@@ -91,6 +113,10 @@ def prepare(data, encoder: ConversationEncoder, source: str = "<recipe>") -> Pre
         )
     if insp.total == 0:
         raise LvitError(f"{data.path}: no records (data.path in {source}).")
+    if len(insp.usable) == len(insp.dropped):  # the dropped are usable records too long to keep
+        if insp.dropped:
+            raise LvitError(f"{data.path}: every record was dropped as too long for data.max_length={data.max_length}.")
+        raise LvitError(f"{data.path}: no record can be trained on (data.path in {source}); see the problems above.")
     if insp.warnings:
         kinds = Counter(p.kind for p in insp.warnings)
         log.info(
@@ -101,27 +127,7 @@ def prepare(data, encoder: ConversationEncoder, source: str = "<recipe>") -> Pre
             data.path,
             source,
         )
-
-    skipped = []
-    by_record: dict[int | None, list] = {}
-    for p in bad:
-        by_record.setdefault(p.index, []).append(p)
-    for index, problems in by_record.items():
-        skipped.append(Skipped(problems[0].id, index, problems[0].kind, "; ".join(p.reason for p in problems)))
-    dropped = [Skipped(r.id, r.index, "too_long", reason) for r, reason in insp.dropped]
-    skipped += dropped
-    skipped.sort(key=lambda s: -1 if s.index is None else s.index)
-
-    dropped_ids = {id(r) for r, _ in insp.dropped}
-    cap = data.max_length  # a truncated sample is max_length long
-    kept = [(r, n if n <= cap else cap) for r, n in zip(insp.usable, insp.lengths.total, strict=True)]
-    if dropped_ids:
-        kept = [(r, n) for r, n in kept if id(r) not in dropped_ids]
-    if not kept:
-        if insp.dropped:
-            raise LvitError(f"{data.path}: every record was dropped as too long for data.max_length={data.max_length}.")
-        raise LvitError(f"{data.path}: no record can be trained on (data.path in {source}); see the problems above.")
-    return Prepared(training_dataset(insp, kept), dropped, skipped, insp.total, report)
+    return insp, report, bad
 
 
 def training_dataset(insp: Inspection, kept: list[tuple[Record, int]]):

@@ -135,14 +135,29 @@ def image_exists(image: str | EmbeddedImage, image_folder: str | Path | None) ->
     return os.path.isfile(resolve_image_path(image, image_folder))
 
 
-def probe_image(image: str | EmbeddedImage, image_folder: str | Path | None) -> tuple[str, str, str] | None:
-    """Decode an image fully, as training would; returns None if it is fine, else
-    `(kind, severity, message)`. Never raises for a bad file (a decompression bomb included)."""
+def read_header(source) -> tuple[str | None, tuple[int, int]]:
+    """An image's format and size from its header alone (`PIL.Image.open` reads no pixel data): the cheap
+    check. It finds a file that is not an image PIL can read (random bytes, text, an HTML error page) and a
+    decompression bomb; a file cut off after its header (a truncated download) needs the full decode."""
+    with Image.open(source) as img:
+        return img.format, img.size
+
+
+def probe_image(
+    image: str | EmbeddedImage, image_folder: str | Path | None, decode: bool = True
+) -> tuple[str, str, str] | None:
+    """Decode an image fully, as training would (or, with `decode=False`, read its header only:
+    `read_header`); returns None if it is fine, else `(kind, severity, message)`. Never raises for a bad
+    file (a decompression bomb included)."""
     where = describe_image(image, image_folder)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            load_rgb(open_image_source(image, image_folder))
+            source = open_image_source(image, image_folder)
+            if decode:
+                load_rgb(source)
+            else:
+                read_header(source)
             return None
         except Image.DecompressionBombWarning as exc:
             return (

@@ -204,8 +204,8 @@ def read_records(
     Returns `(records, problems, total)`: the valid records, one or more `RecordError` per invalid
     record (with its index, id and reason, in record order), and the number of records read.
     `fmt` is `auto` (detected), `llava`, `chat` or `hf` (a Hugging Face dataset whose rows use
-    either schema). With `check_images`, each record's image must exist (relative paths are
-    resolved against `image_folder`; one stat per distinct file); with `decode`, it is also fully
+    either schema). With `check_images`, each record's image must exist and its header must read as an
+    image (relative paths are resolved against `image_folder`; once per distinct file); with `decode`, it is fully
     decoded, as training would (once per distinct file). With `require_answer=False` a
     conversation may end with a user turn (a question file), which training data may not.
     """
@@ -293,33 +293,48 @@ def normalise(raw: object, index: int, line: int | None = None, require_answer: 
     roles = ROLES
     for t, turn in enumerate(convs):
         if type(turn) is not dict:
-            raise _Fail(raw, index, line)("bad_turn", f"turn {t} is not an object with 'from' and 'value'")
+            raise _Fail(raw, index, line)("bad_turn", f"turn {t + 1} is not an object with 'from' and 'value'")
         src = turn.get("from")
         role = roles.get(src) if type(src) is str else None
         if role is None:
-            raise _Fail(raw, index, line)("unknown_role", f"turn {t} has unknown role {src!r}; use 'human' or 'gpt'")
+            raise _Fail(raw, index, line)(
+                "unknown_role", f"turn {t + 1} has unknown role {src!r}; use 'human' or 'gpt'"
+            )
         value = turn.get("value")
         if not isinstance(value, str) or not value or value.isspace():
             raise _Fail(raw, index, line)(
-                "empty_turn", f"turn {t} ('{src}') has an empty or non-string 'value'; give it text"
+                "empty_turn", f"turn {t + 1} ('{src}') has an empty or non-string 'value'; give it text"
             )
         if IMAGE_PLACEHOLDER in value:
             if role == "system" or role != "user" or turns:
                 if role == "system" and t != 0:
-                    raise _Fail(raw, index, line)("system_not_first", f"turn {t}: a system turn may only come first")
+                    raise _Fail(raw, index, line)(
+                        "system_not_first", f"turn {t + 1}: a system turn may only come first"
+                    )
+                if role == "assistant" and not turns:  # the true reason comes first
+                    raise _Fail(raw, index, line)("starts_with_assistant", _starts_with_assistant(t, src, False))
                 raise _Fail(raw, index, line)(
-                    "placeholder_mismatch", f"turn {t}: '<image>' may only appear in the first human turn"
+                    "placeholder_mismatch", f"turn {t + 1}: '<image>' may only appear in the first human turn"
                 )
             placeholders += value.count(IMAGE_PLACEHOLDER)
             value = _strip_placeholder(value)
         elif role == "system":
             if t != 0:
-                raise _Fail(raw, index, line)("system_not_first", f"turn {t}: a system turn may only come first")
+                raise _Fail(raw, index, line)("system_not_first", f"turn {t + 1}: a system turn may only come first")
             system = value
             continue
+        if not turns and role != "user":  # before any later turn's placeholder is blamed
+            raise _Fail(raw, index, line)("starts_with_assistant", _starts_with_assistant(t, src, False))
         turns.append((role, value))
     fail = _Fail(raw, index, line)
     return _finish(fail, _rid(raw, index), index, line, image, turns, system, placeholders, False, require_answer)
+
+
+def _starts_with_assistant(t: int, src: str, chat: bool) -> str:
+    """The message for a conversation whose first (non-system) turn, number `t` from 0, is the assistant's."""
+    if chat:
+        return f"the conversation must start with a user message, but message {t + 1} is the {src!r} one"
+    return f"the conversation must start with a human turn, but turn {t + 1} is '{src}' (the assistant)"
 
 
 def _check_image_field(image, fail):
@@ -340,14 +355,16 @@ def _finish(fail, rid, index, line, image, turns, system, placeholders, chat: bo
     human, gpt = ("user", "assistant") if chat else ("human", "gpt")
     if not turns:
         raise fail("no_conversation", f"the conversation has no {human}/{gpt} turns")
+    first = 1 if system is None else 2  # the number of the first non-system turn (a system turn comes first)
     if turns[0][0] != "user":
-        raise fail("starts_with_assistant", f"the conversation must start with a {human} turn")
+        raise fail("starts_with_assistant", _starts_with_assistant(first - 1, gpt, chat))
     prev = None
     for t, (role, _) in enumerate(turns):
         if role == prev:
+            what = "messages" if chat else "turns"
             raise fail(
                 "not_alternating",
-                f"turns must alternate {human}/{gpt}, but turns {t - 1} and {t} are both '{role}'",
+                f"turns must alternate {human}/{gpt}, but {what} {first + t - 1} and {first + t} are both '{role}'",
             )
         prev = role
     if require_answer and turns[-1][0] != "assistant":
@@ -416,28 +433,32 @@ def normalise_chat(raw: object, index: int, line: int | None = None, require_ans
     placeholders = 0
     for m, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise fail("bad_turn", f"message {m} is not an object with 'role' and 'content'")
+            raise fail("bad_turn", f"message {m + 1} is not an object with 'role' and 'content'")
         src = message.get("role")
         role = ROLES.get(src) if isinstance(src, str) else None
         if role is None:
-            raise fail("unknown_role", f"message {m} has unknown role {src!r}; use 'user', 'assistant' or 'system'")
-        text, count = _chat_content(message.get("content"), m, fail)
+            raise fail("unknown_role", f"message {m + 1} has unknown role {src!r}; use 'user', 'assistant' or 'system'")
+        text, count = _chat_content(message.get("content"), m + 1, fail)
         if role == "system":
             if m != 0:
-                raise fail("system_not_first", f"message {m}: a system message may only come first")
+                raise fail("system_not_first", f"message {m + 1}: a system message may only come first")
             if count:
-                raise fail("placeholder_mismatch", f"message {m}: an image may only appear in the first user message")
+                raise fail(
+                    "placeholder_mismatch", f"message {m + 1}: an image may only appear in the first user message"
+                )
             system = text
             continue
         placeholders += count
+        if not turns and role != "user":  # the true reason, before any placeholder is blamed
+            raise fail("starts_with_assistant", _starts_with_assistant(m, src, True))
         if count and (role != "user" or turns):
-            raise fail("placeholder_mismatch", f"message {m}: an image may only appear in the first user message")
+            raise fail("placeholder_mismatch", f"message {m + 1}: an image may only appear in the first user message")
         turns.append((role, text))
     return _finish(fail, rid, index, line, image, turns, system, placeholders, True, require_answer)
 
 
 def _chat_content(content, m: int, fail) -> tuple[str, int]:
-    """(text, number of images) of one chat message's content."""
+    """(text, number of images) of one chat message's content; `m` is its number, from 1."""
     if isinstance(content, str):
         count = content.count(IMAGE_PLACEHOLDER)
         text = _strip_placeholder(content) if count else content
@@ -454,13 +475,14 @@ def _chat_content(content, m: int, fail) -> tuple[str, int]:
         elif kind == "text":
             text = part.get("text")
             if not isinstance(text, str):
-                raise fail("empty_turn", f"message {m} part {p}: a text part needs a string 'text'")
+                raise fail("empty_turn", f"message {m} part {p + 1}: a text part needs a string 'text'")
             count += text.count(IMAGE_PLACEHOLDER)
             texts.append(_strip_placeholder(text) if IMAGE_PLACEHOLDER in text else text)
         else:
             raise fail(
                 "bad_turn",
-                f"message {m} part {p} is {part!r}; parts are {{'type': 'text', 'text': ...}} or {{'type': 'image'}}",
+                f"message {m} part {p + 1} is {part!r}; "
+                "parts are {'type': 'text', 'text': ...} or {'type': 'image'}",
             )
     text = "\n".join(t for t in texts if t.strip())
     if not text.strip() and not count:

@@ -107,7 +107,10 @@ class CheckReport:
             lines.append("  problems by kind:")
             lines += [f"    {kind:<22} {n:>7}  {KINDS.get(kind, '')}" for kind, n in s["problems_by_kind"].items()]
         if not s["decoded"]:
-            lines.append("  images were checked for existence only; --decode decodes each one as training would")
+            lines.append(
+                "  images were checked by their header only (a file cut off after it is not found); "
+                "--decode decodes each one as training would"
+            )
         if s["lengths"] is not None:
             ln = s["lengths"]
             n = len(self.inspection.lengths.total)

@@ -137,7 +137,7 @@ def run_info(recipe: Recipe, metrics: dict | None = None, skipped: int = 0) -> d
         "template": recipe.data.template,
         "data": recipe.data.path,
         "recipe": recipe.source,
-        "skipped_records": skipped,  # invalid (on_bad_record=skip) or too long; see skipped_records.jsonl
+        "skipped_records": skipped,  # invalid (on_bad_record=skip), too long or undecodable: skipped_records.jsonl
         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)},
     }
 
