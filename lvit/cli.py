@@ -3,6 +3,8 @@
 User mistakes are raised as `LvitError` anywhere below a command; `LvitGroup.invoke` turns them into
 `error: <message>` on stderr and exit status 2, for every command and sub-command, whether the app
 runs from `main()` (the `lvit` script, `python -m lvit`) or is invoked directly (`typer.testing.CliRunner`).
+A training run stopped by SIGTERM / Ctrl-C after saving a checkpoint (`lvit.preemption.Preempted`) becomes
+`stopped by SIGTERM at step N; ...` and its own exit status (143 for SIGTERM, 130 for Ctrl-C).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import typer
 from typer.core import TyperGroup
 
 from lvit.data.cli import data_app
-from lvit.errors import LvitError
+from lvit.errors import LvitError, Preempted
 
 
 class LvitGroup(TyperGroup):
-    """The top-level group: an `LvitError` from any command below it becomes a message and exit status 2."""
+    """The top-level group: an `LvitError` from any command below it becomes a message and exit status 2; a
+    preempted run (`Preempted`) its message and its own status (143 SIGTERM, 130 Ctrl-C)."""
 
     def invoke(self, ctx):
         try:
@@ -27,6 +30,9 @@ class LvitGroup(TyperGroup):
         except LvitError as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
+        except Preempted as exc:
+            typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(exc.exit_status) from None
 
 
 app = typer.Typer(
@@ -115,8 +121,19 @@ def finetune(
         help="Continue from the newest complete checkpoint in the output folder (default: when there is one).",
     ),
 ) -> None:
-    """Train one stage as described by RECIPE."""
+    """Train one stage as described by RECIPE.
+
+    The run folder (training.output_dir) gets the weights, the recipe (model and data paths made absolute),
+    lvit_log.jsonl (one line per logging step) and lvit_loss.png (the loss curve).
+
+    Exit status: 0 trained; 1 --dry-run found problems; 2 an error (the message says what to fix); 143 stopped
+    by SIGTERM (130: Ctrl-C) after saving a checkpoint at the end of the current step: run the same command to
+    resume from it (a scheduler may requeue on 143).
+    """
+    from lvit.console import quiet_libraries
     from lvit.recipe import load_recipe
+
+    quiet_libraries()  # before the libraries load: their notices a user cannot act on stay off the console
 
     rec = load_recipe(recipe, overrides or [])
     if dry_run:

@@ -20,7 +20,14 @@ from lvit.data.records import KINDS, normalise
 from lvit.errors import LvitError
 from lvit.recipe import DataSection
 from lvit.runs import SKIPPED_FILE
-from lvit.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, VICUNA_V1_SYSTEM, Conversation, ConversationEncoder, token_counts
+from lvit.templates import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    VICUNA_V1_SYSTEM,
+    Conversation,
+    ConversationEncoder,
+    token_counts,
+)
 
 
 def qa(rid, *turns, image=None, system=None) -> dict:
