@@ -217,6 +217,13 @@ def recipes_cp(
     typer.echo(f"copied {name} to {target}")
 
 
+_BASE_HELP = (
+    "KEY=PATH, KEY vision_tower or language_model: where a run's base part is now, if it moved since training "
+    "(stage-1, LoRA and QLoRA runs are rebuilt from it). The run's lvit_recipe.yaml holds the absolute paths it "
+    "trained from. Repeatable."
+)
+
+
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="An lvit run folder (training.output_dir) or one of its checkpoint-N."),
@@ -233,9 +240,11 @@ def export(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors file, e.g. 5GB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is not empty (after the check)."),
     device: str = typer.Option(None, "--device", help="Where the self-check runs (default: cuda if available)."),
+    base_model: list[str] = typer.Option(None, "--base-model", help=_BASE_HELP),
 ) -> None:
     """Export a run (any stage / method, or a checkpoint) as a stock, self-checked LLaVA folder."""
     from lvit.export import export as do_export
+    from lvit.runs.files import parse_base_model
 
     do_export(
         run_dir,
@@ -246,6 +255,7 @@ def export(
         overwrite=overwrite,
         max_shard_size=max_shard_size,
         device=device,
+        base_model=parse_base_model(base_model),
     )
 
 
@@ -272,15 +282,18 @@ def chat(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0)."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
     device: str = typer.Option(None, "--device", help="Default: cuda if available, else cpu."),
+    base_model: list[str] = typer.Option(None, "--base-model", help=_BASE_HELP),
 ) -> None:
     """Talk to a trained model about an image; answers stream as they are generated."""
     from lvit.chat import ChatSession, interactive
     from lvit.generation import GenerationSettings
     from lvit.runs import load_model
+    from lvit.runs.files import parse_base_model
 
     settings = GenerationSettings(max_new_tokens, temperature, top_p)
     settings.kwargs()  # check the values before the model loads
-    session = ChatSession(load_model(model, load_4bit=load_4bit, device=device), image, settings)
+    loaded = load_model(model, load_4bit=load_4bit, device=device, base_model=parse_base_model(base_model))
+    session = ChatSession(loaded, image, settings)
     if prompt is not None:
         session.ask(prompt, _write)
     else:
@@ -301,10 +314,12 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p"),
     load_4bit: bool = typer.Option(False, "--load-4bit", help=_4BIT_HELP),
     device: str = typer.Option(None, "--device", help="Default: cuda if available, else cpu."),
+    base_model: list[str] = typer.Option(None, "--base-model", help=_BASE_HELP),
 ) -> None:
     """Answer a question file into a JSONL file (batched, resumable)."""
     from lvit.answers import answer_question_file
     from lvit.generation import GenerationSettings
+    from lvit.runs.files import parse_base_model
 
     answers = answer_question_file(
         model,
@@ -315,6 +330,7 @@ def generate(
         batch_size,
         load_4bit=load_4bit,
         device=device,
+        base_model=parse_base_model(base_model),
     )
     typer.echo(f"{len(answers.answered)} answers in {out}")
     scores = answers.exact_match()

@@ -15,6 +15,7 @@ import warnings
 
 UNACTIONABLE = (
     # transformers: no torchvision (lvit's CPU setup; the PIL image processor is used instead, on purpose)
+    ("transformers", "requires torchvision (not installed); falling back to"),
     ("transformers", "backend is not available. Falling back to"),
     # transformers: SFTConfig turns `gradient_checkpointing` on by default; the recipe's key is activation_checkpointing
     ("transformers", "use_cache=True` is incompatible with gradient checkpointing"),
@@ -49,6 +50,7 @@ def quiet_libraries(tty: bool | None = None) -> None:
     """Drop the notices in `UNACTIONABLE` (idempotent) and, off a terminal, the libraries' progress bars."""
     tty = stderr_is_tty() if tty is None else tty
     names = {name for name, _ in UNACTIONABLE} | {
+        "transformers.utils.import_utils",
         "transformers.models.auto.image_processing_auto",
         "transformers.modeling_utils",
         "transformers.modeling_layers",

@@ -99,8 +99,29 @@ def model_weight_files(folder: str | Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
-def read_run(path: str | Path) -> RunFolder:
-    """Open a run folder or checkpoint; `LvitError` if it is not one lvit wrote."""
+BASE_MODEL_KEYS = ("vision_tower", "language_model")
+BASE_MODEL_OPTION = "--base-model"
+
+
+def parse_base_model(values: list[str] | None) -> dict[str, str]:
+    """`--base-model KEY=PATH` values (KEY: vision_tower or language_model) as `{KEY: PATH}`."""
+    parsed = {}
+    for value in values or []:
+        key, sep, path = value.partition("=")
+        if not sep or key.strip() not in BASE_MODEL_KEYS or not path.strip():
+            raise LvitError(
+                f"{BASE_MODEL_OPTION} {value!r}: expected KEY=PATH with KEY one of {', '.join(BASE_MODEL_KEYS)}, "
+                f"e.g. {BASE_MODEL_OPTION} language_model=/models/vicuna-13b."
+            )
+        parsed[key.strip()] = path.strip()
+    return parsed
+
+
+def read_run(path: str | Path, base_model: dict[str, str] | None = None) -> RunFolder:
+    """Open a run folder or checkpoint; `LvitError` if it is not one lvit wrote.
+
+    `base_model` (`{"language_model": PATH}`, from `--base-model`) replaces where the run's frozen base parts are
+    read from, for a base model moved since training."""
     path = Path(path)
     if not path.is_dir():
         raise LvitError(f"{path}: no such run folder")
@@ -113,6 +134,10 @@ def read_run(path: str | Path) -> RunFolder:
             )
         raise LvitError(f"{path} is not an lvit run folder (no {RECIPE_FILE} / {RUN_INFO_FILE}).")
     recipe = recipe_from_dict(yaml.safe_load(recipe_path.read_text()), str(recipe_path))
+    if base_model:
+        import dataclasses
+
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, **base_model))
     return RunFolder(path, recipe, json.loads(info_path.read_text()))
 
 
