@@ -27,6 +27,7 @@ UNACTIONABLE = (
 UNACTIONABLE_WARNINGS = (
     # raised inside TRL's SFTConfig, whose default sets the old name; lvit's recipes use activation_checkpointing
     r"`gradient_checkpointing` is deprecated",
+    r"`is_gradient_checkpointing` is deprecated",  # asked by peft / the Trainer, not by the user
 )
 
 

@@ -72,7 +72,7 @@ def summarize(training, wall_s: float, skipped: int) -> RunSummary:
         out=Path(training.out).resolve(),
         stage=recipe.stage,
         steps=state.global_step,
-        samples=min(state.global_step * batch, _samples_seen_cap(state, len(dataset))),
+        samples=_samples(state.global_step, batch, len(dataset)),
         tokens=int(tokens) if tokens else None,
         wall_s=wall_s,
         resumed_from_step=training.resumed_step,
@@ -83,10 +83,12 @@ def summarize(training, wall_s: float, skipped: int) -> RunSummary:
     )
 
 
-def _samples_seen_cap(state, n_records: int) -> int:
-    # the last batch of an epoch may be short: never claim more samples than the epochs held
-    epochs = state.epoch or 0
-    return max(int(round(epochs * n_records)), 0) or 1 << 62
+def _samples(steps: int, batch: int, n_records: int) -> int:
+    """Samples the steps drew: whole epochs of `n_records` (the last batch of an epoch may be short), then full
+    batches."""
+    per_epoch = -(-n_records // batch)
+    epochs, rest = divmod(steps, per_epoch)
+    return epochs * n_records + rest * batch
 
 
 def _duration(seconds: float) -> str:
