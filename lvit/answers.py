@@ -54,6 +54,7 @@ def answer_question_file(
     load_4bit: bool = False,
     device: str | None = None,
     progress: bool = True,
+    base_model: dict[str, str] | None = None,
 ) -> AnswerFile:
     """`lvit generate`: answer the question file `data` with the model folder `model` into `out`.
 
@@ -66,7 +67,16 @@ def answer_question_file(
         raise LvitError(f"--batch-size must be at least 1, got {batch_size}")
     questions = read_questions(data)
     return answer_questions(
-        model, questions, out, image_folder, settings, batch_size, load_4bit=load_4bit, device=device, progress=progress
+        model,
+        questions,
+        out,
+        image_folder,
+        settings,
+        batch_size,
+        load_4bit=load_4bit,
+        device=device,
+        progress=progress,
+        base_model=base_model,
     )
 
 
@@ -80,6 +90,7 @@ def answer_questions(
     load_4bit: bool = False,
     device: str | None = None,
     progress: bool = True,
+    base_model: dict[str, str] | None = None,
 ) -> AnswerFile:
     """Answer `questions` with the model folder `model` (any folder `lvit.runs.load_model` loads) into
     the answer file `out`, resuming it; every image is checked before the model loads."""
@@ -87,7 +98,7 @@ def answer_questions(
 
     check_images(questions, image_folder)
     rows = generate_file(
-        lambda: load_model(model, load_4bit=load_4bit, device=device),
+        lambda: load_model(model, load_4bit=load_4bit, device=device, base_model=base_model),
         questions,
         out,
         image_folder,

@@ -3,6 +3,8 @@
 User mistakes are raised as `LvitError` anywhere below a command; `LvitGroup.invoke` turns them into
 `error: <message>` on stderr and exit status 2, for every command and sub-command, whether the app
 runs from `main()` (the `lvit` script, `python -m lvit`) or is invoked directly (`typer.testing.CliRunner`).
+A training run stopped by SIGTERM / Ctrl-C after saving a checkpoint (`lvit.preemption.Preempted`) becomes
+`stopped by SIGTERM at step N; ...` and its own exit status (143 for SIGTERM, 130 for Ctrl-C).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import typer
 from typer.core import TyperGroup
 
 from lvit.data.cli import data_app
-from lvit.errors import LvitError
+from lvit.errors import LvitError, Preempted
 
 
 class LvitGroup(TyperGroup):
-    """The top-level group: an `LvitError` from any command below it becomes a message and exit status 2."""
+    """The top-level group: an `LvitError` from any command below it becomes a message and exit status 2; a
+    preempted run (`Preempted`) its message and its own status (143 SIGTERM, 130 Ctrl-C)."""
 
     def invoke(self, ctx):
         try:
@@ -27,6 +30,9 @@ class LvitGroup(TyperGroup):
         except LvitError as exc:  # an `Interrupted` says so, and exits 130 as a shell does on Ctrl-C
             typer.secho(f"{getattr(exc, 'label', 'error')}: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(getattr(exc, "exit_code", 2)) from None
+        except Preempted as exc:
+            typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(exc.exit_status) from None
 
 
 app = typer.Typer(
@@ -115,8 +121,19 @@ def finetune(
         help="Continue from the newest complete checkpoint in the output folder (default: when there is one).",
     ),
 ) -> None:
-    """Train one stage as described by RECIPE."""
+    """Train one stage as described by RECIPE.
+
+    The run folder (training.output_dir) gets the weights, the recipe (model and data paths made absolute),
+    lvit_log.jsonl (one line per logging step) and lvit_loss.png (the loss curve).
+
+    Exit status: 0 trained; 1 --dry-run found problems; 2 an error (the message says what to fix); 143 stopped
+    by SIGTERM (130: Ctrl-C) after saving a checkpoint at the end of the current step: run the same command to
+    resume from it (a scheduler may requeue on 143).
+    """
+    from lvit.console import quiet_libraries
     from lvit.recipe import load_recipe
+
+    quiet_libraries()  # before the libraries load: their notices a user cannot act on stay off the console
 
     rec = load_recipe(recipe, overrides or [])
     if dry_run:
@@ -200,6 +217,13 @@ def recipes_cp(
     typer.echo(f"copied {name} to {target}")
 
 
+_BASE_HELP = (
+    "KEY=PATH, KEY vision_tower or language_model: where a run's base part is now, if it moved since training "
+    "(stage-1, LoRA and QLoRA runs are rebuilt from it). The run's lvit_recipe.yaml holds the absolute paths it "
+    "trained from. Repeatable."
+)
+
+
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="An lvit run folder (training.output_dir) or one of its checkpoint-N."),
@@ -216,9 +240,11 @@ def export(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors file, e.g. 5GB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is not empty (after the check)."),
     device: str = typer.Option(None, "--device", help="Where the self-check runs (default: cuda if available)."),
+    base_model: list[str] = typer.Option(None, "--base-model", help=_BASE_HELP),
 ) -> None:
     """Export a run (any stage / method, or a checkpoint) as a stock, self-checked LLaVA folder."""
     from lvit.export import export as do_export
+    from lvit.runs.files import parse_base_model
 
     do_export(
         run_dir,
@@ -229,6 +255,7 @@ def export(
         overwrite=overwrite,
         max_shard_size=max_shard_size,
         device=device,
+        base_model=parse_base_model(base_model),
     )
 
 
@@ -255,17 +282,20 @@ def chat(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0)."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
     device: str = typer.Option(None, "--device", help="Default: cuda if available, else cpu."),
+    base_model: list[str] = typer.Option(None, "--base-model", help=_BASE_HELP),
 ) -> None:
     """Talk to a trained model about an image; answers stream as they are generated."""
     from lvit.chat import ChatSession, check_image, interactive
     from lvit.generation import GenerationSettings
     from lvit.runs import load_model
+    from lvit.runs.files import parse_base_model
 
     settings = GenerationSettings(max_new_tokens, temperature, top_p)
     settings.kwargs()  # check the values before the model loads
     if image is not None:
         check_image(image)  # and the image
-    session = ChatSession(load_model(model, load_4bit=load_4bit, device=device), image, settings)
+    loaded = load_model(model, load_4bit=load_4bit, device=device, base_model=parse_base_model(base_model))
+    session = ChatSession(loaded, image, settings)
     if prompt is not None:
         session.ask(prompt, _write)
     else:
@@ -286,10 +316,12 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p"),
     load_4bit: bool = typer.Option(False, "--load-4bit", help=_4BIT_HELP),
     device: str = typer.Option(None, "--device", help="Default: cuda if available, else cpu."),
+    base_model: list[str] = typer.Option(None, "--base-model", help=_BASE_HELP),
 ) -> None:
     """Answer a question file into a JSONL file (batched, resumable)."""
     from lvit.answers import answer_question_file
     from lvit.generation import GenerationSettings
+    from lvit.runs.files import parse_base_model
 
     answers = answer_question_file(
         model,
@@ -300,6 +332,7 @@ def generate(
         batch_size,
         load_4bit=load_4bit,
         device=device,
+        base_model=parse_base_model(base_model),
     )
     typer.echo(f"{len(answers.answered)} answers in {out}")
     scores = answers.exact_match()

@@ -108,6 +108,7 @@ def export(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     device: str | None = None,
+    base_model: dict[str, str] | None = None,
 ) -> ExportResult:
     """Export the run or checkpoint `run_dir` to `out`; returns what was written and the self-check.
 
@@ -116,7 +117,7 @@ def export(
     """
     run_dir, out = Path(run_dir), Path(out)
     try:
-        run = read_run(run_dir)
+        run = read_run(run_dir, base_model)
     except LvitError as exc:
         raise LvitError(
             f"lvit export: {exc}\nRUN_DIR must be the output folder of an `lvit finetune` run "

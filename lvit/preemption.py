@@ -1,7 +1,12 @@
 """Stopping cleanly on preemption: SIGTERM (a preempted cloud machine) and Ctrl-C.
 
 The run saves a checkpoint at the end of the current step and stops; running the same command
-again resumes from it (`lvit.runs.resume_checkpoint`).
+again resumes from it (`lvit.runs.resume_checkpoint`). The run then raises `Preempted` (not an
+`LvitError`: nothing is wrong), which `lvit finetune` turns into its own exit status, `exit_status`:
+128 + the signal's number, what a shell reports for a process the signal ended (143 for SIGTERM, 130
+for Ctrl-C), so a scheduler's or wrapper's rule for "killed by SIGTERM, requeue it" (SLURM's
+`--requeue` scripts, Kubernetes' restart on 143) keeps working, and it differs from 1 (a dry run
+found problems) and 2 (an error).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import logging
 import signal
 
 from transformers import TrainerCallback
+
+from lvit.errors import Preempted, exit_status  # noqa: F401 (lvit.preemption.Preempted is where one looks)
 
 log = logging.getLogger("lvit")
 
@@ -24,6 +31,7 @@ class GracefulStop(TrainerCallback):
 
     def __init__(self):
         self.signal_name: str | None = None
+        self.from_other_process = False
         self.stopped_at: int | None = None
         self._previous = {}
 
@@ -65,6 +73,6 @@ class GracefulStop(TrainerCallback):
             )
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = bool(t.item())
-            if flag and self.signal_name is None:
-                self.signal_name = "a signal on another process"
+            if flag and self.signal_name is None:  # another rank got it (a scheduler signals every process)
+                self.signal_name, self.from_other_process = "SIGTERM", True
         return flag

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,14 @@ from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import SFTTrainer
 
+from lvit import history
+from lvit.console import quiet_libraries, show_progress_bar
 from lvit.errors import LvitError
 from lvit.precision import training_precision, upcast_trainable
-from lvit.preemption import GracefulStop
+from lvit.preemption import GracefulStop, Preempted
 from lvit.recipe import Recipe, check_report_to, gradient_accumulation
 from lvit.runs import (
+    LOG_FILE,
     model_weight_files,
     resume_checkpoint,
     run_info,
@@ -225,6 +229,7 @@ class TrainingRun:
         from lvit.templates import ConversationEncoder
 
         recipe = self.recipe
+        quiet_libraries()
         check_inputs(recipe)
         args = build_sft_config(recipe)
         self.main = main = args.process_index == 0
@@ -307,18 +312,27 @@ class TrainingRun:
                 "FSDP with a sharded state dict: the Trainer would save no model weights. Set fsdp_state_dict_type: "
                 "FULL_STATE_DICT in the accelerate config (see recipes/accelerate/fsdp_8gpu.yaml)."
             )
+        self.history = history.install(trainer, out / LOG_FILE, show_progress_bar(recipe, args))
         return self
 
     def train(self) -> TrainingRun:
         resume_from = str(self.resume_from) if self.resume_from else None
+        started = time.monotonic()
         self.metrics = self.trainer.train(resume_from_checkpoint=resume_from).metrics
+        self.wall_s = time.monotonic() - started
         stop = self.stop
         if stop.stopped_at is not None:
-            raise LvitError(
-                f"training stopped by {stop.signal_name} at step {stop.stopped_at}; checkpoint saved in "
-                f"{self.out / f'checkpoint-{stop.stopped_at}'}. Run the same command again to resume from it."
-            )
+            raise Preempted(stop.signal_name, stop.stopped_at, self.out / f"checkpoint-{stop.stopped_at}")
         return self
+
+    @property
+    def resumed_step(self) -> int:
+        """The step this run resumed at (0: it started afresh)."""
+        return int(self.resume_from.name.split("-")[-1]) if self.resume_from else 0
+
+    def history_entries(self) -> list[dict]:
+        """The run's `lvit_log.jsonl`: one entry per logging step, the whole run (resumed parts included)."""
+        return history.read_log(self.out / LOG_FILE)
 
     def save(self) -> Path:
         from lvit.data.dataset import tidy_skipped
@@ -331,6 +345,11 @@ class TrainingRun:
             log.warning(
                 "%d of %d record(s) were left out of training (see %s)", left_out, prepared.total, self.skipped_file
             )
+        if self.main:
+            from lvit.summary import summarize
+
+            history.plot_history(self.history_entries(), self.out, title=str(self.out))
+            log.info("%s", summarize(self, getattr(self, "wall_s", 0.0), left_out or len(prepared.skipped)).format())
         return self.out
 
 

@@ -21,7 +21,13 @@ from lvit.data.records import KINDS, normalise
 from lvit.errors import LvitError
 from lvit.recipe import DataSection
 from lvit.runs import SKIPPED_FILE
-from lvit.templates import IMAGE_PLACEHOLDER, VICUNA_V1_SYSTEM, Conversation, ConversationEncoder
+from lvit.templates import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    VICUNA_V1_SYSTEM,
+    Conversation,
+    ConversationEncoder,
+)
 
 
 def qa(rid, *turns, image=None, system=None) -> dict:
@@ -421,7 +427,11 @@ def test_collator_skips_an_undecodable_image_and_records_it(tmp_path, tiny_parts
     lenient = LlavaCollator(encoder, loader, encoder.tokenizer.pad_token_id, 256, skipped_file=skipped)
     with caplog.at_level(logging.WARNING, logger="lvit"):
         batch = lenient(rows)
-        assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] == 1
+        # the broken record stays as a stand-in that trains nothing: same batch size, labels all ignored
+        assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == 2
+        assert (batch["labels"][1] == IGNORE_INDEX).all() and (batch["labels"][0] != IGNORE_INDEX).any()
+        alone = lenient(rows[1:])  # a batch of one whose image fails: still a batch, with nothing to train
+        assert alone["input_ids"].shape[0] == 1 and (alone["labels"] == IGNORE_INDEX).all()
         lenient(rows)  # met again (next epoch)
         pickle.loads(pickle.dumps(lenient))(rows)  # and again, by the copy in a fresh worker process
     warned = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from lvit.errors import LvitError
-from lvit.runs import incomplete_reason, resume_checkpoint, set_aside_incomplete
+from lvit.history import read_log
+from lvit.runs import LOG_FILE, PLOT_FILE, incomplete_reason, resume_checkpoint, set_aside_incomplete
 
 pytestmark = pytest.mark.slow
 
@@ -106,23 +107,34 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_recipe, tmp_path
         _command(recipe), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     lines = []
-    for line in proc.stdout:  # the Trainer logs every step (logging_steps 1): stop after the first
+    for line in proc.stdout:  # lvit logs every step (logging_steps 1): stop after the first
         lines.append(line)
-        if "'loss'" in line:
+        if "step 1/40  loss " in line:
             proc.send_signal(signal.SIGTERM)
             break
     rest, _ = proc.communicate(timeout=300)
     output = "".join(lines) + rest
-    assert proc.returncode == 2, output[-3000:]
-    assert "SIGTERM received" in output and "Run the same command again to resume" in output
+    assert proc.returncode == 143, output[-3000:]  # 128 + SIGTERM: its own status, not an error's 2
+    assert "error:" not in output
     saved = list(out.glob("checkpoint-*"))
     assert len(saved) == 1 and incomplete_reason(saved[0]) is None
     step = int(saved[0].name.split("-")[1])
     assert 1 <= step < 40
+    assert "SIGTERM received" in output
+    assert (
+        f"stopped by SIGTERM at step {step}; checkpoint saved in {saved[0]}; run the same command to resume" in output
+    )
     assert not (out / "model.safetensors").exists()
+    assert [e["step"] for e in read_log(out / LOG_FILE)] == list(range(1, step + 1))
 
-    _run(recipe)
+    again = _run(recipe)
     _assert_same_weights(reference, out, "model.safetensors")
+    # the log of the resumed run covers the whole run, once per step, and the plot is drawn from it
+    entries = read_log(out / LOG_FILE)
+    assert [e["step"] for e in entries] == list(range(1, 41))
+    assert [e["loss"] for e in entries] == pytest.approx([e["loss"] for e in read_log(reference / LOG_FILE)], rel=1e-5)
+    assert (out / PLOT_FILE).is_file()
+    assert f"(this part; resumed at step {step})" in again.stderr
 
 
 def test_output_folder_rules(tmp_path):

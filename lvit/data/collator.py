@@ -28,8 +28,14 @@ class LlavaCollator:
 
     Images are read and decoded here, in the data-loader workers. An image that fails to decode
     stops training with the record named, unless `skipped_file` is given (data.on_bad_record:
-    skip): then the record is left out of its batch and appended to that file. The collator holds
-    no open files or datasets (the rows bring their images), so it pickles into worker processes.
+    skip): then the record is appended to that file and stays in its batch as a stand-in that
+    trains nothing (`stand_in`): a blank image and labels all -100. The batch keeps its size and
+    the model runs the same forward and backward, so a batch whose every image failed (a batch of
+    one) is still a step, and under several processes every rank takes the same steps; its loss
+    and gradients are zero (TRL's SFTTrainer divides the summed token loss by the trained tokens
+    clamped to at least 1, so a step with no trained token is a finite zero, not 0/0). The
+    collator holds no open files or datasets (the rows bring their images), so it pickles into
+    worker processes.
     """
 
     def __init__(
@@ -47,8 +53,8 @@ class LlavaCollator:
         self.skipped_file = None if skipped_file is None else str(skipped_file)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        images, kept = [], []
-        for row in rows:
+        images, stand_ins = [], set()
+        for i, row in enumerate(rows):
             if row["image_path"] is not None:
                 try:
                     images.append(self.image_loader.load(image_of(row)))
@@ -57,16 +63,14 @@ class LlavaCollator:
                     if self.skipped_file is None:
                         raise LvitError(f"record {row['id']!r}: {message}") from exc
                     self._leave_out(row, message)
-                    continue
-            kept.append(row)
-        if not kept:
-            raise LvitError(
-                f"every image in a batch failed to decode ({', '.join(repr(r['id']) for r in rows)}); "
-                "run `lvit data check --decode` on the data"
-            )
-        encoded = self.encoder.encode_many([conversation_from_row(r) for r in kept])
+                    images.append(stand_in_image())
+                    stand_ins.add(i)
+        encoded = self.encoder.encode_many([conversation_from_row(r) for r in rows])
         ids = [e.input_ids[: self.max_length] for e in encoded]
-        labels = [e.labels[: self.max_length] for e in encoded]
+        labels = [
+            [IGNORE_INDEX] * len(x) if i in stand_ins else e.labels[: self.max_length]
+            for i, (e, x) in enumerate(zip(encoded, ids, strict=True))
+        ]
         width = max(len(x) for x in ids)
         batch = {
             "input_ids": torch.tensor([x + [self.pad_token_id] * (width - len(x)) for x in ids]),
@@ -111,6 +115,13 @@ def _in_skipped_file(path: str, rid, index) -> bool:
         if entry.get("kind") == "image_unreadable" and (entry.get("id"), entry.get("index")) == (rid, index):
             return True
     return False
+
+
+def stand_in_image():
+    """The image of a record left out mid-run: blank, so the step's forward and backward are those of any batch."""
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32))
 
 
 def image_of(row: dict):

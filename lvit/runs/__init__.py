@@ -34,7 +34,9 @@ deterministic assembly the run used), so the base parts must still be reachable.
 
 from lvit.runs.files import (
     EXPORT_INFO_FILE,
+    LOG_FILE,
     MODEL_CARD_FILE,
+    PLOT_FILE,
     PROJECTOR_FILE,
     RECIPE_FILE,
     RUN_INFO_FILE,
@@ -60,7 +62,9 @@ from lvit.runs.resume import checkpoints, incomplete_reason, resume_checkpoint, 
 
 __all__ = [
     "EXPORT_INFO_FILE",
+    "LOG_FILE",
     "MODEL_CARD_FILE",
+    "PLOT_FILE",
     "PROJECTOR_FILE",
     "RECIPE_FILE",
     "RUN_INFO_FILE",

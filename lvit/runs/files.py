@@ -33,6 +33,13 @@ MODEL_CARD_FILE = "README.md"
 # image that failed to decode mid-run), written by lvit.data.dataset:
 SKIPPED_FILE = "skipped_records.jsonl"
 """One JSON line per record left out of training: `{"id", "index", "kind", "reason"}`."""
+# In every run folder, by lvit.history: the loss history, written as training goes, and its plot, at the end.
+LOG_FILE = "lvit_log.jsonl"
+"""One JSON line per logging step: `{"step", "epoch", "loss", "learning_rate", "grad_norm", ...eval metrics}`."""
+PLOT_FILE = "lvit_loss.png"
+"""The training loss (and eval loss, learning rate) per step, drawn when training ends."""
+OWN_LOG_FILES = (LOG_FILE, SKIPPED_FILE)
+"""What lvit writes into an output folder before its first checkpoint (a run killed then starts afresh)."""
 # Written by the Trainer into every checkpoint, after everything else it saves:
 TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -92,8 +99,29 @@ def model_weight_files(folder: str | Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
-def read_run(path: str | Path) -> RunFolder:
-    """Open a run folder or checkpoint; `LvitError` if it is not one lvit wrote."""
+BASE_MODEL_KEYS = ("vision_tower", "language_model")
+BASE_MODEL_OPTION = "--base-model"
+
+
+def parse_base_model(values: list[str] | None) -> dict[str, str]:
+    """`--base-model KEY=PATH` values (KEY: vision_tower or language_model) as `{KEY: PATH}`."""
+    parsed = {}
+    for value in values or []:
+        key, sep, path = value.partition("=")
+        if not sep or key.strip() not in BASE_MODEL_KEYS or not path.strip():
+            raise LvitError(
+                f"{BASE_MODEL_OPTION} {value!r}: expected KEY=PATH with KEY one of {', '.join(BASE_MODEL_KEYS)}, "
+                f"e.g. {BASE_MODEL_OPTION} language_model=/models/vicuna-13b."
+            )
+        parsed[key.strip()] = path.strip()
+    return parsed
+
+
+def read_run(path: str | Path, base_model: dict[str, str] | None = None) -> RunFolder:
+    """Open a run folder or checkpoint; `LvitError` if it is not one lvit wrote.
+
+    `base_model` (`{"language_model": PATH}`, from `--base-model`) replaces where the run's frozen base parts are
+    read from, for a base model moved since training."""
     path = Path(path)
     if not path.is_dir():
         raise LvitError(f"{path}: no such run folder")
@@ -106,6 +134,10 @@ def read_run(path: str | Path) -> RunFolder:
             )
         raise LvitError(f"{path} is not an lvit run folder (no {RECIPE_FILE} / {RUN_INFO_FILE}).")
     recipe = recipe_from_dict(yaml.safe_load(recipe_path.read_text()), str(recipe_path))
+    if base_model:
+        import dataclasses
+
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, **base_model))
     return RunFolder(path, recipe, json.loads(info_path.read_text()))
 
 
@@ -123,19 +155,55 @@ def is_finished_run(path: str | Path) -> bool:
 # --- run info and recipe ------------------------------------------------------------------------------------
 
 
+PATH_KEYS = (
+    ("model", "vision_tower"),
+    ("model", "language_model"),
+    ("model", "projector_from"),
+    ("data", "path"),
+    ("data", "image_folder"),
+)
+"""The recipe keys that may name a local file or folder (a model key may also hold a Hub id)."""
+
+
+def given_paths(recipe: Recipe) -> dict[str, str]:
+    """The recipe's local paths as given (`"model.language_model": "runs/parts/lm"`), where they are relative.
+
+    Hub ids (`openai/clip-vit-large-patch14`: no such local file or folder) and absolute paths are left out."""
+    given = {}
+    for section, key in PATH_KEYS:
+        value = getattr(getattr(recipe, section), key)
+        if value and not Path(value).is_absolute() and Path(value).exists():
+            given[f"{section}.{key}"] = value
+    return given
+
+
+def recipe_with_absolute_paths(recipe: Recipe) -> dict:
+    """The recipe as a mapping, local paths made absolute, so the run can be used from any folder."""
+    raw = recipe.to_dict()
+    for dotted in given_paths(recipe):
+        section, key = dotted.split(".")
+        raw[section][key] = str(Path(raw[section][key]).resolve())
+    return raw
+
+
 def run_info(recipe: Recipe, metrics: dict | None = None, skipped: int = 0) -> dict:
-    """What `lvit_run.json` says about a run (also written into every checkpoint)."""
+    """What `lvit_run.json` says about a run (also written into every checkpoint).
+
+    Model and data paths are absolute (as in the saved recipe); `given_paths` holds the relative ones as the
+    recipe gave them."""
     import math
 
+    absolute = recipe_with_absolute_paths(recipe)
     return {
         "stage": recipe.stage,
         "method": recipe.method,
         "projector": recipe.model.projector,
-        "vision_tower": recipe.model.vision_tower,
-        "language_model": recipe.model.language_model,
-        "projector_from": recipe.model.projector_from,
+        "vision_tower": absolute["model"]["vision_tower"],
+        "language_model": absolute["model"]["language_model"],
+        "projector_from": absolute["model"]["projector_from"],
         "template": recipe.data.template,
-        "data": recipe.data.path,
+        "data": absolute["data"]["path"],
+        "given_paths": given_paths(recipe),
         "recipe": recipe.source,
         "skipped_records": skipped,  # invalid (on_bad_record=skip), too long or undecodable: skipped_records.jsonl
         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)},
@@ -143,9 +211,10 @@ def run_info(recipe: Recipe, metrics: dict | None = None, skipped: int = 0) -> d
 
 
 def write_run_files(folder: str | Path, recipe: Recipe, info: dict) -> None:
-    """The recipe and run info, into a run folder or checkpoint (what makes it one lvit can read back)."""
+    """The recipe (local paths absolute) and run info, into a run folder or checkpoint (what makes it one lvit can
+    read back)."""
     folder = Path(folder)
-    (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe_with_absolute_paths(recipe), sort_keys=False))
     (folder / RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
 
 

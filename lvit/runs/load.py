@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvit.errors import LvitError
-from lvit.runs.files import RUN_INFO_FILE, RunFolder, is_run_folder, read_export_info, read_run
+from lvit.runs.files import (
+    BASE_MODEL_KEYS,
+    BASE_MODEL_OPTION,
+    RUN_INFO_FILE,
+    RunFolder,
+    is_run_folder,
+    read_export_info,
+    read_run,
+)
 from lvit.templates import ConversationEncoder
 
 log = logging.getLogger("lvit")
@@ -34,9 +42,24 @@ def _base_model_section(run: RunFolder):
     return dataclasses.replace(run.recipe.model, projector_from=None)
 
 
+def check_base_parts(run: RunFolder) -> None:
+    """The frozen base parts the run is rebuilt from must be where its recipe says; if a local folder is gone
+    (moved, or a relative path from another folder), say so and name the option that points at its new place."""
+    for key in BASE_MODEL_KEYS:
+        value = getattr(run.recipe.model, key)
+        local = value.startswith((".", "/", "~")) or value.count("/") > 1 or Path(value).is_absolute()
+        if local and not Path(value).expanduser().is_dir():
+            raise LvitError(
+                f"{run.path}: the run's base model part model.{key} = {value!r} is not there (moved or deleted?); "
+                f"it is rebuilt from it for this run kind ({run.kind}). Pass {BASE_MODEL_OPTION} {key}=PATH with "
+                "the folder where it is now (the same weights the run trained with)."
+            )
+
+
 def _assemble_base(run: RunFolder):
     from lvit.model import assemble
 
+    check_base_parts(run)
     model, _ = assemble(
         _base_model_section(run),
         str(run.path),
@@ -149,23 +172,25 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(path: str | Path, load_4bit: bool = False, device: str | None = None) -> LoadedModel:
+def load_model(
+    path: str | Path, load_4bit: bool = False, device: str | None = None, base_model: dict[str, str] | None = None
+) -> LoadedModel:
     """Load a run folder, a checkpoint or an exported / stock LLaVA folder for generation.
 
     `load_4bit` loads the language model in 4-bit NF4 (full runs and exported folders; a QLoRA run
-    is 4-bit already).
+    is 4-bit already). `base_model` (`--base-model`) says where a run's moved base parts are now.
     """
     path = Path(path)
     if not path.is_dir():
         raise LvitError(f"{path}: no such folder; pass an lvit run folder, a checkpoint or an exported LLaVA folder.")
     device = device or default_device()
     if is_run_folder(path):
-        return _load_run(path, load_4bit, device)
+        return _load_run(path, load_4bit, device, base_model)
     return _load_llava_folder(path, load_4bit, device)
 
 
-def _load_run(path: Path, load_4bit: bool, device: str) -> LoadedModel:
-    run = read_run(path)
+def _load_run(path: Path, load_4bit: bool, device: str, base_model: dict[str, str] | None = None) -> LoadedModel:
+    run = read_run(path, base_model)
     if load_4bit and run.kind in ("align", "lora"):
         raise LvitError(
             f"--load-4bit works on full runs and exported folders; {path} is a {run.kind!r} run. "

@@ -13,7 +13,14 @@ import logging
 from pathlib import Path
 
 from lvit.errors import LvitError
-from lvit.runs.files import CHECKPOINT_NAME, TRAINER_STATE_FILE, WEIGHT_FILES, is_finished_run, read_trainer_state
+from lvit.runs.files import (
+    CHECKPOINT_NAME,
+    OWN_LOG_FILES,
+    TRAINER_STATE_FILE,
+    WEIGHT_FILES,
+    is_finished_run,
+    read_trainer_state,
+)
 
 log = logging.getLogger("lvit")
 
@@ -56,7 +63,8 @@ def resume_checkpoint(out: Path, resume: bool | None, source: str) -> Path | Non
     requires one; `False` refuses any non-empty folder. A folder holding a finished run, or files
     but no checkpoint, is never written into.
     """
-    if not out.exists() or not any(out.iterdir()):
+    # lvit's own logs and nothing else: a run stopped before its first checkpoint; it starts afresh
+    if not out.exists() or all(p.name in OWN_LOG_FILES for p in out.iterdir()):
         if resume:
             raise LvitError(f"--resume: {out} holds no checkpoint to resume from (training.output_dir in {source}).")
         return None

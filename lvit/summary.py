@@ -1,0 +1,98 @@
+"""What a finished run says at its end: what it trained on, how long it took, where its loss ended, and the
+commands that come next with this run's paths filled in (`RunSummary.format()`, logged by `TrainingRun.save`)."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    stage: str
+    steps: int
+    samples: int
+    tokens: int | None
+    """Tokens the model read (TRL's `num_tokens`, or the Trainer's `num_input_tokens_seen`), all processes."""
+    wall_s: float
+    resumed_from_step: int
+    final_loss: float | None
+    skipped: int
+    total_records: int
+    image: str | None
+    """An image of the training data, for the example `lvit chat` command."""
+
+    def format(self) -> str:
+        wall = _duration(self.wall_s)
+        if self.resumed_from_step:
+            wall += f" (this part; resumed at step {self.resumed_from_step})"
+        parts = [f"{self.steps} steps", f"{self.samples:,} samples"]
+        if self.tokens:
+            parts.append(f"{self.tokens:,} tokens")
+        lines = [f"trained {', '.join(parts)} in {wall}"]
+        if self.final_loss is not None:
+            lines.append(f"final loss {self.final_loss:.4g} (history: lvit_log.jsonl, plot: lvit_loss.png)")
+        if self.skipped:
+            lines.append(
+                f"{self.skipped} of {self.total_records} record(s) left out of training (skipped_records.jsonl)"
+            )
+        else:
+            lines.append("no record was left out of training")
+        out = shlex.quote(str(self.out))
+        lines.append("next:")
+        if self.stage == "align":
+            lines.append(f"  stage 2 from this projector: lvit finetune STAGE2_RECIPE model.projector_from={out}")
+            lines.append(f"  lvit export {out} --projector-only --out {shlex.quote(str(self.out) + '-projector')}")
+        else:
+            lines.append(f"  lvit export {out} --out {shlex.quote(str(self.out) + '-export')}")
+        image = shlex.quote(self.image) if self.image else "IMAGE"
+        lines.append(f'  lvit chat {out} --image {image} --prompt "Describe the image."')
+        return "\n".join(lines)
+
+
+def summarize(training, wall_s: float, skipped: int) -> RunSummary:
+    """The summary of a `TrainingRun` after `train()`."""
+    from lvit.data.images import resolve_image_path
+
+    trainer, recipe = training.trainer, training.recipe
+    state, args = trainer.state, trainer.args
+    entries = [e for e in training.history_entries() if isinstance(e.get("loss"), (int, float))]
+    tokens = getattr(state, "num_input_tokens_seen", 0) or None
+    if not tokens:
+        counted = [e["num_tokens"] for e in training.history_entries() if isinstance(e.get("num_tokens"), (int, float))]
+        tokens = int(counted[-1]) if counted else None
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    dataset = training.prepared.dataset
+    image = next((p for p in dataset["image_path"] if p is not None), None)
+    if image is not None:
+        image = str(resolve_image_path(image, recipe.data.image_folder).resolve())
+    return RunSummary(
+        out=Path(training.out).resolve(),
+        stage=recipe.stage,
+        steps=state.global_step,
+        samples=_samples(state.global_step, batch, len(dataset)),
+        tokens=int(tokens) if tokens else None,
+        wall_s=wall_s,
+        resumed_from_step=training.resumed_step,
+        final_loss=entries[-1]["loss"] if entries else None,
+        skipped=skipped,
+        total_records=training.prepared.total,
+        image=image,
+    )
+
+
+def _samples(steps: int, batch: int, n_records: int) -> int:
+    """Samples the steps drew: whole epochs of `n_records` (the last batch of an epoch may be short), then full
+    batches."""
+    per_epoch = -(-n_records // batch)
+    epochs, rest = divmod(steps, per_epoch)
+    return epochs * n_records + rest * batch
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
