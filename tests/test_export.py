@@ -529,3 +529,18 @@ def test_chat_template_ids_differing_from_training_fail_the_export(full_run, tmp
     with pytest.raises(LvitError, match=r"record 'ins-0'.*chat template.*other ids than training.*nothing was written"):
         export(full_run, out, dtype="fp32")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["align", "full", "lora", "qlora"])
+def test_run_folders_and_checkpoints_carry_lvits_run_card(tiny_runs, kind):
+    """Not the generic card TRL and peft write (a text-generation snippet for a model fine-tuned from "None")."""
+    out = tiny_runs[kind].out
+    for folder, what in ((out, "an lvit run"), (out / "checkpoint-2", "a checkpoint of an lvit run")):
+        card = (folder / "README.md").read_text()
+        assert card.startswith(f"# {folder.name}\n") and what in card, card
+        assert "library_name" not in card and "huggingface.co/None" not in card
+        assert f"lvit export {folder}" in card
+        assert str(tiny_runs[kind].recipe.model.language_model) in card
+    if kind == "align":  # a stage-1 checkpoint holds the whole model; the finished run only the projector
+        assert "projector.safetensors" in (out / "README.md").read_text()
+        assert "the whole LLaVA model" in (out / "checkpoint-2" / "README.md").read_text()

@@ -211,11 +211,56 @@ def run_info(recipe: Recipe, metrics: dict | None = None, skipped: int = 0) -> d
 
 
 def write_run_files(folder: str | Path, recipe: Recipe, info: dict) -> None:
-    """The recipe (local paths absolute) and run info, into a run folder or checkpoint (what makes it one lvit can
-    read back)."""
+    """The recipe (local paths absolute), run info and run card, into a run folder or checkpoint (what makes it one
+    lvit can read back).
+
+    The card (`README.md`) replaces the generic one that TRL and peft write when they save (a text-generation
+    snippet for a model "fine-tuned from None", or an empty adapter card): it says what the folder is and how to
+    use it."""
     folder = Path(folder)
     (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe_with_absolute_paths(recipe), sort_keys=False))
     (folder / RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
+    (folder / MODEL_CARD_FILE).write_text(run_card(folder, info))
+
+
+_HOLDS = {
+    "align": "the trained projector (`projector.safetensors`); CLIP and the language model are unchanged base parts",
+    "align-checkpoint": "the whole LLaVA model as the Trainer saves a checkpoint (only its projector trained)",
+    "full": "the whole trained LLaVA model (`model.safetensors`), a stock `LlavaForConditionalGeneration`",
+    "lora": "a peft adapter (`adapter_model.safetensors`): LoRA on the language model and the trained projector",
+    "qlora": "a peft adapter (`adapter_model.safetensors`) trained on a 4-bit NF4 language model: LoRA on the "
+    "language model and the trained projector",
+}
+
+
+def run_card(folder: str | Path, info: dict) -> str:
+    """The `README.md` of a run folder or checkpoint: what it holds, what it was trained from, how to use it."""
+    folder = Path(folder)
+    kind = "align" if info["stage"] == "align" else info["method"]
+    checkpoint = bool(CHECKPOINT_NAME.match(folder.name))
+    where = f"`{folder.name}`, a checkpoint of an lvit run" if checkpoint else "an lvit run"
+    holds = _HOLDS["align-checkpoint" if kind == "align" and checkpoint else kind]
+    lines = [
+        f"# {folder.name}",
+        "",
+        f"This folder is {where} (stage `{info['stage']}`, method `{info['method']}`). It holds {holds}, with "
+        f"the processor, the recipe (`{RECIPE_FILE}`) and what the run is (`{RUN_INFO_FILE}`).",
+        "",
+        f"- vision tower: `{info['vision_tower']}`",
+        f"- language model: `{info['language_model']}`",
+        f"- template: `{info['template']}`; data: `{info['data']}`",
+    ]
+    if info.get("metrics"):
+        lines.append("- metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in info["metrics"].items()))
+    lines += ["", "Use it with lvit:", "", "```bash"]
+    if kind == "align":
+        lines.append(f"lvit finetune RECIPE model.projector_from={folder}   # stage 2 from this projector")
+        lines.append(f"lvit export {folder} --out EXPORT --projector-only")
+    else:
+        lines.append(f"lvit chat {folder} --image IMAGE --prompt 'Describe the image.'")
+        lines.append(f"lvit export {folder} --out EXPORT   # a stock LLaVA folder for plain transformers and vLLM")
+    lines += ["```", ""]
+    return "\n".join(lines)
 
 
 def copy_run_files(run: RunFolder, folder: str | Path) -> None:
