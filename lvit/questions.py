@@ -55,8 +55,11 @@ def read_questions(path: str | Path) -> list[Question]:
 
 
 def check_images(questions: list[Question], image_folder: str | Path | None) -> None:
-    """Fail before generating when an image is missing (not after hours of generation)."""
-    from lvit.data.images import describe_image, image_exists
+    """Fail before generating when an image is missing or is not an image (not after hours of generation).
+
+    Each distinct image's header is read (`lvit.data.images.read_header`: no full decode), as `lvit data check`
+    does by default."""
+    from lvit.data.images import describe_image, image_exists, probe_image
 
     missing = [q for q in questions if q.image is not None and not image_exists(q.image, image_folder)]
     if missing:
@@ -64,4 +67,16 @@ def check_images(questions: list[Question], image_folder: str | Path | None) -> 
             f"{len(missing)} question image(s) not found, e.g. {missing[0].id!r}: "
             f"{describe_image(missing[0].image, image_folder)}. "
             "Pass --image-folder, the folder the data's image paths are relative to."
+        )
+    found: dict = {}
+    for q in questions:
+        if q.image is not None and q.image not in found:
+            found[q.image] = probe_image(q.image, image_folder, decode=False)
+    bad = [(q, found[q.image]) for q in questions if q.image is not None and found[q.image] is not None]
+    bad = [(q, problem) for q, problem in bad if problem[1] == "error"]
+    if bad:
+        listed = "\n".join(f"  question {q.id!r}: {problem[2]}" for q, problem in bad[:5])
+        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise LvitError(
+            f"{len(bad)} question image(s) cannot be read:\n{listed}{more}\nReplace or remove those questions."
         )

@@ -185,6 +185,19 @@ def test_missing_images_fail_before_loading(questions_file, tmp_path):
     assert "question image(s) not found" in result.output and "--image-folder" in result.output
 
 
+def test_unreadable_images_fail_before_loading(questions_file, shapes_data, tmp_path):
+    """An image file that is not an image (a text file, an HTML error page saved as .png) is caught by its header."""
+    images = tmp_path / "images"
+    shutil.copytree(shapes_data["images"], images)
+    records = json.loads(Path(questions_file).read_text())
+    broken = next(r["image"] for r in records if r.get("image"))
+    (images / broken).write_text("<html>404 not found</html>")
+    args = ["generate", str(tmp_path / "no-model"), "--data", str(questions_file), "--out", str(tmp_path / "a.jsonl")]
+    result = CliRunner().invoke(app, [*args, "--image-folder", str(images)])
+    assert result.exit_code == 2 and "question image(s) cannot be read" in result.output, result.output
+    assert "not an image file PIL can read" in result.output and not (tmp_path / "a.jsonl").exists()
+
+
 def test_stock_llava_folder_answers_like_the_run(loaded, near_random_run, questions_file, shapes_data, tmp_path):
     """A folder without lvit_run.json loads with plain transformers, template vicuna_v1 unless it says otherwise."""
     folder = tmp_path / "stock"
