@@ -243,6 +243,7 @@ def export(
     base_model: list[str] = typer.Option(None, "--base-model", help=_BASE_HELP),
 ) -> None:
     """Export a run (any stage / method, or a checkpoint) as a stock, self-checked LLaVA folder."""
+    _quiet_libraries()
     from lvit.export import export as do_export
     from lvit.runs.files import parse_base_model
 
@@ -265,6 +266,13 @@ _MODEL_HELP = "An lvit run folder or checkpoint-N (any stage / method), or an ex
 _4BIT_HELP = "Load the language model in 4-bit NF4 (full runs and exported folders; QLoRA runs are 4-bit already)."
 
 
+def _quiet_libraries() -> None:
+    """The library notices a user cannot act on stay off the console (`lvit.console`), for commands that load models."""
+    from lvit.console import quiet_libraries
+
+    quiet_libraries()
+
+
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -285,6 +293,7 @@ def chat(
     base_model: list[str] = typer.Option(None, "--base-model", help=_BASE_HELP),
 ) -> None:
     """Talk to a trained model about an image; answers stream as they are generated."""
+    _quiet_libraries()
     from lvit.chat import ChatSession, check_image, interactive
     from lvit.generation import GenerationSettings
     from lvit.runs import load_model
@@ -319,6 +328,7 @@ def generate(
     base_model: list[str] = typer.Option(None, "--base-model", help=_BASE_HELP),
 ) -> None:
     """Answer a question file into a JSONL file (batched, resumable)."""
+    _quiet_libraries()
     from lvit.answers import answer_question_file
     from lvit.generation import GenerationSettings
     from lvit.runs.files import parse_base_model
@@ -373,6 +383,7 @@ def eval_scienceqa(
     device: str = typer.Option(None, "--device"),
 ) -> None:
     """ScienceQA accuracy, overall and by subject (NAT/SOC/LAN), context (TXT/IMG/NO) and grade."""
+    _quiet_libraries()
     from lvit.eval import scienceqa as sqa
     from lvit.generation import GenerationSettings
 
@@ -418,6 +429,7 @@ def eval_pope(
     device: str = typer.Option(None, "--device"),
 ) -> None:
     """POPE: accuracy, precision, recall, F1 and yes-ratio per split (adversarial / popular / random)."""
+    _quiet_libraries()
     from lvit.eval import pope
     from lvit.generation import GenerationSettings
 
