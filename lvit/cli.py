@@ -10,6 +10,7 @@ A training run stopped by SIGTERM / Ctrl-C after saving a checkpoint (`lvit.pree
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +86,22 @@ def setup_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
+# OpenMP settings lvit uses unless the user set the variable (docs/stack-notes.md#omp-threads-shared-cpu)
+OMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def set_thread_defaults() -> None:
+    """Set `OMP_DEFAULTS` in `os.environ` where the user has not set the variable.
+
+    With the default (active) policy, torch's OpenMP threads spin waiting for each other; on a shared
+    CPU each then waits for its core at every operator, and a run slows down far more than its share of
+    the CPU. PASSIVE threads sleep instead. libgomp reads the variable when torch is imported, so this
+    runs in the app callback, before any command imports torch (`import lvit.cli` imports no torch).
+    """
+    for name, value in OMP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import PackageNotFoundError, version
@@ -103,6 +120,7 @@ def _main(
         False, "--version", callback=_version, is_eager=True, help="Print lvit's version and exit."
     ),
 ) -> None:
+    set_thread_defaults()  # before a command imports torch
     setup_logging()
 
 

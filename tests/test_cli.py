@@ -312,3 +312,17 @@ def test_dry_run_fails_on_a_reporting_integration_that_is_not_installed(tiny_rec
         result = _dry_run(recipe, f"training.report_to={value}")
         assert (result.exit_code == 0) is ok, result.output
     assert "'nonsense', which transformers does not report to" in result.stdout
+
+
+@pytest.mark.parametrize("user_value", [None, "ACTIVE"])
+def test_the_cli_sets_a_passive_omp_wait_policy_unless_the_user_set_one(monkeypatch, user_value):
+    # libgomp reads OMP_WAIT_POLICY when torch is imported, which no command does before the app callback
+    if user_value is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", user_value)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    result = CliRunner().invoke(app, ["recipes", "ls"], catch_exceptions=False)
+    assert result.exit_code == 0
+    assert os.environ["OMP_WAIT_POLICY"] == (user_value or "PASSIVE")
+    assert "OMP_NUM_THREADS" not in os.environ  # the thread count stays torch's choice
