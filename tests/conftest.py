@@ -270,3 +270,19 @@ def _state(model) -> dict:
 def tiny_runs(tiny_recipe, tmp_path_factory) -> TinyRuns:
     """Finished align / full / lora / qlora runs, each trained once per session; see `TinyRuns`."""
     return TinyRuns(tiny_recipe, tmp_path_factory)
+
+
+def save_llava_dataset(rows: list[dict], path: Path) -> Path:
+    """Save LLaVA-format rows (`id`, `image` as PIL images / `{"bytes", "path"}` / None, `conversations`) as a
+    Hugging Face dataset folder (`save_to_disk`), the image column a `datasets.Image` feature (embedded images)."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
+        }
+    )
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(path)
+    return path

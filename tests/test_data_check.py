@@ -9,6 +9,7 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import save_llava_dataset
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -186,7 +187,6 @@ def test_the_default_check_reads_each_header(tmp_path):
 
 def test_the_default_check_reads_embedded_images(tmp_path):
     """An image embedded in a Hugging Face dataset is checked by its bytes, as a file is."""
-    import datasets
 
     good = io.BytesIO()
     Image.new("RGB", (8, 8), (255, 0, 0)).save(good, "PNG")
@@ -195,14 +195,7 @@ def test_the_default_check_reads_embedded_images(tmp_path):
          "conversations": [{"from": "human", "value": Q}, {"from": "gpt", "value": "red"}]}
         for rid, data in (("good", good.getvalue()), ("garbage", b"\x00\x01 not an image at all"))
     ]  # fmt: skip
-    features = datasets.Features(
-        {
-            "id": datasets.Value("string"),
-            "image": datasets.Image(),
-            "conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
-        }
-    )
-    datasets.Dataset.from_list(rows, features=features).save_to_disk(tmp_path / "ds")
+    save_llava_dataset(rows, tmp_path / "ds")
     report = check_data(tmp_path / "ds")
     assert found(report) == [(1, "garbage", "image_unreadable", "error")]
     (problem,) = report.inspection.problems

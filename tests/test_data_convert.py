@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import save_llava_dataset
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -104,7 +105,6 @@ def test_bad_records_stop_the_conversion_unless_skipped(tmp_path):
 
 
 def test_hf_dataset_with_embedded_images_is_written_out(tmp_path):
-    import datasets
 
     colours = {"red": (255, 0, 0), "blue": (0, 0, 255)}
     rows = [
@@ -113,14 +113,7 @@ def test_hf_dataset_with_embedded_images_is_written_out(tmp_path):
                            {"from": "gpt", "value": c or "none"}]}
         for i, c in enumerate(["red", None, "blue"])
     ]  # fmt: skip
-    features = datasets.Features(
-        {
-            "id": datasets.Value("string"),
-            "image": datasets.Image(),
-            "conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
-        }
-    )
-    datasets.Dataset.from_list(rows, features=features).save_to_disk(tmp_path / "ds")
+    save_llava_dataset(rows, tmp_path / "ds")
     out = tmp_path / "export" / "train.jsonl"
     result = convert(tmp_path / "ds", out)
     assert result.exit_code == 0, result.output

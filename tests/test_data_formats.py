@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import save_llava_dataset
 from PIL import Image
 
 from lvit.data.images import ImageLoader, load_rgb, mean_fill, probe_image
@@ -521,7 +522,6 @@ def test_training_rows_keep_embedded_images_undecoded(hf_datasets, encoder, tiny
 
 def test_training_rows_of_a_dataset_with_skipped_records_keep_their_own_images(tmp_path, encoder, tiny_parts):
     """Rows left out (data.on_bad_record: skip) are not selected; every kept row still holds its own image."""
-    import datasets
 
     from lvit.data.dataset import prepare
     from lvit.recipe import DataSection
@@ -536,14 +536,7 @@ def test_training_rows_of_a_dataset_with_skipped_records_keep_their_own_images(t
         }
         for i, colour in enumerate(colours)
     ]  # fmt: skip
-    features = datasets.Features(
-        {
-            "id": datasets.Value("string"),
-            "image": datasets.Image(),
-            "conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
-        }
-    )
-    datasets.Dataset.from_list(rows, features=features).save_to_disk(tmp_path / "ds")
+    save_llava_dataset(rows, tmp_path / "ds")
     prepared = prepare(DataSection(path=str(tmp_path / "ds"), on_bad_record="skip"), encoder)
     assert [(s.id, s.kind) for s in prepared.skipped] == [("p1", "placeholder_mismatch")]
     dataset = prepared.dataset
