@@ -286,3 +286,18 @@ def save_llava_dataset(rows: list[dict], path: Path) -> Path:
     )
     datasets.Dataset.from_list(rows, features=features).save_to_disk(path)
     return path
+
+
+def trained_runs(labels: list[int]) -> list[list[int]]:
+    """The trained labels (not -100) grouped into maximal runs of consecutive positions."""
+    runs: list[list[int]] = []
+    prev = None
+    for i, label in enumerate(labels):
+        if label == -100:
+            continue
+        if prev is not None and i == prev + 1:
+            runs[-1].append(label)
+        else:
+            runs.append([label])
+        prev = i
+    return runs

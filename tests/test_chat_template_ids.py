@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import trained_runs
 
 from lvit.model import build_processor, load_tokenizer
 from lvit.selfcheck import synthetic_image
@@ -100,18 +101,6 @@ def inference_ids(processor, conv: Conversation, **kwargs) -> list[int]:
     ids = processor.apply_chat_template(chat_messages(conv, image), tokenize=True, **kwargs)
     assert len(ids) == 1  # one conversation, as a batch of one
     return list(ids[0])
-
-
-def trained_runs(labels: list[int]) -> list[list[int]]:
-    runs, prev = [], None
-    for i, label in enumerate(labels):
-        if label != IGNORE_INDEX:
-            if prev is not None and i == prev + 1:
-                runs[-1].append(label)
-            else:
-                runs.append([label])
-            prev = i
-    return runs
 
 
 def answers(conv: Conversation) -> list[str]:

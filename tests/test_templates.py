@@ -6,6 +6,7 @@ import functools
 from types import SimpleNamespace
 
 import pytest
+from conftest import trained_runs
 
 from lvit.model import build_processor, load_tokenizer, num_image_tokens
 from lvit.templates import (
@@ -86,20 +87,6 @@ def trained(enc) -> list[int]:
     return [label for label in enc.labels if label != IGNORE_INDEX]
 
 
-def trained_runs(enc) -> list[list[int]]:
-    """The trained tokens grouped into maximal runs of consecutive positions."""
-    runs, prev = [], None
-    for i, label in enumerate(enc.labels):
-        if label == IGNORE_INDEX:
-            continue
-        if prev is not None and i == prev + 1:
-            runs[-1].append(label)
-        else:
-            runs.append([label])
-        prev = i
-    return runs
-
-
 def assert_labels_consistent(enc) -> None:
     assert len(enc.labels) == len(enc.input_ids)
     for token, label in zip(enc.input_ids, enc.labels, strict=True):
@@ -134,7 +121,7 @@ def test_multi_turn_trains_each_answer_and_its_eos_in_order(tok, vicuna, n_turns
     qa = [Q1, A1, Q2, A2, Q3, A3][: 2 * n_turns]
     enc = vicuna.encode(image_conv(*qa))
     per_answer = [ids(tok, f" {a}") + [tok.eos_token_id] for a in qa[1::2]]
-    assert trained_runs(enc) == per_answer
+    assert trained_runs(enc.labels) == per_answer
     assert trained(enc) == [t for run in per_answer for t in run]
     assert_labels_consistent(enc)
 
@@ -172,7 +159,7 @@ def test_answer_ids_match_whole_text_tokenization(tok, vicuna):
     text = "".join(_piece_text(tok, p) for p in vicuna.template.pieces(conv))
     whole = tok(text, add_special_tokens=False)["input_ids"]
     pos = 0
-    for run in trained_runs(enc):
+    for run in trained_runs(enc.labels):
         found = next((i for i in range(pos, len(whole) - len(run) + 1) if whole[i : i + len(run)] == run), None)
         assert found is not None, f"answer ids {run} not found in the whole-text tokenization"
         pos = found + len(run)
@@ -194,7 +181,7 @@ def test_text_only_conversation_has_no_image_tokens(tok, vicuna):
         + ids(tok, f" {A2}")
         + [eos]
     )
-    assert trained_runs(enc) == [ids(tok, f" {A1}") + [eos], ids(tok, f" {A2}") + [eos]]
+    assert trained_runs(enc.labels) == [ids(tok, f" {A1}") + [eos], ids(tok, f" {A2}") + [eos]]
 
 
 def test_record_system_prompt_replaces_the_default(tok, vicuna, n_img):
