@@ -72,6 +72,14 @@ class DataSection:
     image_aspect_ratio: Literal["square", "pad"] = "square"
     """`square`: the processor's resize and centre crop. `pad`: pad to a square with the processor's
     mean colour first (LLaVA-1.5)."""
+    packing: bool = True
+    """Padding-free batches (`lvit/data/packing.py`): each micro-batch's samples laid end to end in as few rows
+    as fit `max_tokens_per_row`, positions restarting at 0 per sample, attention confined to each sample. The
+    samples of a step are those of the unpacked run; only the layout changes (loss and gradients equal).
+    Needs `model.attn_implementation` eager, sdpa or flash_attention_2/3 (None picks sdpa or eager)."""
+    max_tokens_per_row: int | None = None
+    """packing: the most tokens in one packed row (None: `max_length`); at least `max_length`. With
+    flash attention the whole micro-batch is one row (its varlen kernel reads sample bounds from one row)."""
 
 
 @dataclass
@@ -122,6 +130,9 @@ class Recipe:
     from it (global = per-device batch x accumulation x processes) so it holds on any GPU count."""
     projector_lr: float | None = None
     """A separate learning rate for the projector (LLaVA's `mm_projector_lr`); None: the main one."""
+    compact_head: bool = True
+    """The training loss projects only the labelled positions onto the vocabulary (`lvit/loss.py`); the same
+    loss and gradients as scoring every position, less work. false: TRL's loss."""
     eval: EvalSection = field(default_factory=EvalSection)
     """Evaluation during training; off unless `eval.data` is set."""
     training: dict[str, Any] = field(default_factory=dict)
@@ -236,6 +247,13 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
         )
     if recipe.data.max_length < 2:
         raise LvitError(f"{source}: data.max_length must be at least 2, got {recipe.data.max_length}.")
+    row = recipe.data.max_tokens_per_row
+    if row is not None and row < recipe.data.max_length:
+        raise LvitError(
+            f"{source}: data.max_tokens_per_row = {row} is below data.max_length = {recipe.data.max_length}: "
+            "a sample is never split across rows, so a row must hold the longest sample. Raise it or leave it "
+            "unset (it defaults to data.max_length)."
+        )
     return recipe
 
 

@@ -55,15 +55,54 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
 
 
 class LlavaTrainer(SFTTrainer):
-    """`SFTTrainer` with an optional separate learning rate for the projector.
+    """`SFTTrainer` with an optional separate learning rate for the projector and a compact LM head.
 
     TRL has no per-module learning rates (docs/stack-notes.md#trl-no-module-lr), so the optimizer's parameter groups are
     built here: projector / rest, each split into decay / no-decay like `Trainer` does.
+
+    With `compact_head` the training loss scores only the labelled positions (`lvit.loss.compact_loss`); TRL's
+    own loss runs where it does more than cross-entropy (another `loss_type`, label smoothing, a
+    `compute_loss_func`, an MoE aux loss) and for evaluation. The metrics TRL logs stay: `entropy`,
+    `mean_token_accuracy` (both over the labelled tokens, as TRL's) and `num_tokens` (real tokens, padding
+    and packed filler excluded).
     """
 
-    def __init__(self, *args, projector_lr: float | None = None, **kwargs):
+    def __init__(self, *args, projector_lr: float | None = None, compact_head: bool = False, **kwargs):
         self.projector_lr = projector_lr
+        self.compact_head = compact_head
         super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from lvit.data.packing import real_tokens
+
+        tokens = real_tokens(inputs) if "row_lengths" in inputs or "attention_mask" in inputs else None
+        inputs = {k: v for k, v in inputs.items() if k != "row_lengths"}  # the packed rows' lengths: not a model input
+        args = self.args
+        if (
+            not self.compact_head
+            or return_outputs
+            or not model.training
+            or self.compute_loss_func is not None
+            or self.label_smoother is not None
+            or args.loss_type != "nll"
+            or self.aux_loss_enabled
+        ):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from lvit.loss import compact_loss
+
+        loss, stats = compact_loss(model, inputs, num_items_in_batch)
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as SFTTrainer.compute_loss: DDP averages the gradients
+        gathered = {k: self.accelerator.gather_for_metrics(v.detach().reshape(1)).sum() for k, v in stats.items()}
+        n = gathered["tokens"]
+        # SFTTrainer's metric names and definitions (its `compute_loss`), so the logs read the same
+        self._metrics["train"]["entropy"].append((gathered["entropy"] / n).item() if n > 0 else 0.0)
+        self._metrics["train"]["mean_token_accuracy"].append((gathered["correct"] / n).item() if n > 0 else 0.0)
+        if tokens is not None:
+            local = torch.tensor(tokens, device=loss.device)
+            self._total_train_tokens += self.accelerator.gather_for_metrics(local.reshape(1)).sum().item()
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return loss
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # transformers 5.24 writes LLaVA checkpoints with the legacy key names (`language_model.model.*`)
@@ -289,6 +328,7 @@ class TrainingRun:
             tokenizer.pad_token_id,
             recipe.data.max_length,
             skipped_file=self.skipped_file if recipe.data.on_bad_record == "skip" else None,
+            **packing_options(recipe, model),
         )
         self.processor = processor
         self.stop = GracefulStop()
@@ -299,6 +339,7 @@ class TrainingRun:
             data_collator=collator,
             processing_class=processor,
             projector_lr=recipe.projector_lr,
+            compact_head=recipe.compact_head,
             callbacks=[
                 RunFilesCallback(recipe, processor),
                 self.stop,
@@ -361,6 +402,22 @@ def run(recipe: Recipe, resume: bool | None = None) -> Path:
     anything else is never written into.
     """
     return TrainingRun(recipe, resume).setup().train().save()
+
+
+def packing_options(recipe: Recipe, model) -> dict:
+    """The collator's packing arguments for this recipe and model; refuses attention that would mix samples."""
+    data = recipe.data
+    if not data.packing:
+        return {}
+    from lvit.data.packing import VARLEN_ATTENTION, check_attention
+
+    # the implementation the language model runs with (transformers sets it on every sub-config)
+    attn = model.config.get_text_config()._attn_implementation
+    check_attention(attn, f"{recipe.source}: model.attn_implementation")
+    one_row = attn in VARLEN_ATTENTION  # flash varlen reads sample bounds only from a single row
+    row = None if one_row else (data.max_tokens_per_row or data.max_length)
+    log.info("packing: padding-free rows of at most %s tokens (%s attention)", row or "all the batch's", attn)
+    return {"packing": True, "max_tokens_per_row": row}
 
 
 def build_model(recipe: Recipe, args):

@@ -16,6 +16,7 @@ import torch
 
 from lvit.data.dataset import Skipped, append_skipped
 from lvit.data.images import ImageLoader
+from lvit.data.packing import pack
 from lvit.data.records import conversation_from_row
 from lvit.errors import LvitError
 from lvit.templates import IGNORE_INDEX, ConversationEncoder
@@ -24,7 +25,9 @@ log = logging.getLogger("lvit")
 
 
 class LlavaCollator:
-    """Turns dataset rows into a padded batch: input_ids, attention_mask, labels, pixel_values.
+    """Turns dataset rows into a batch: input_ids, attention_mask, labels, pixel_values (padded rows), or with
+    `packing` input_ids, labels, position_ids, row_lengths, pixel_values (padding-free rows, `lvit.data.packing`:
+    samples end to end, at most `max_tokens_per_row` tokens a row, None: one row).
 
     Images are read and decoded here, in the data-loader workers. An image that fails to decode
     stops training with the record named, unless `skipped_file` is given (data.on_bad_record:
@@ -45,12 +48,16 @@ class LlavaCollator:
         pad_token_id: int,
         max_length: int,
         skipped_file: str | Path | None = None,
+        packing: bool = False,
+        max_tokens_per_row: int | None = None,
     ):
         self.encoder = encoder
         self.image_loader = image_loader
         self.pad_token_id = pad_token_id
         self.max_length = max_length
         self.skipped_file = None if skipped_file is None else str(skipped_file)
+        self.packing = packing
+        self.max_tokens_per_row = max_tokens_per_row
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         images, stand_ins = [], set()
@@ -71,6 +78,13 @@ class LlavaCollator:
             [IGNORE_INDEX] * len(x) if i in stand_ins else e.labels[: self.max_length]
             for i, (e, x) in enumerate(zip(encoded, ids, strict=True))
         ]
+        if self.packing:  # padding-free rows (lvit.data.packing); images in the packed reading order
+            batch, layout = pack(ids, labels, self.max_tokens_per_row, self.pad_token_id)
+            with_image = [i for i, row in enumerate(rows) if row["image_path"] is not None]
+            order = [with_image.index(i) for row in layout for i in row if i in with_image]
+            if images:
+                batch["pixel_values"] = self.image_loader.pixel_values([images[k] for k in order])
+            return batch
         width = max(len(x) for x in ids)
         batch = {
             "input_ids": torch.tensor([x + [self.pad_token_id] * (width - len(x)) for x in ids]),

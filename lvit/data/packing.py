@@ -1,0 +1,99 @@
+"""Padding-free batches: a micro-batch's samples laid end to end in rows, each sample's positions from 0.
+
+`pack(...)` takes the micro-batch's encoded samples (token ids and labels, in data order) and returns the
+batch tensors without an attention mask: `input_ids`, `labels`, `position_ids`. transformers then builds
+a block-diagonal causal mask from the position ids, so a token attends only to earlier tokens of its own
+sample (docs/stack-notes.md#packed-position-ids). The samples are those of the unpacked batch: packing
+changes the layout, never which samples a step sees.
+
+- `rows(lengths, budget)`: which samples share a row. First fit in data order: each sample goes into the
+  first row with room for it, a row holds at most `budget` tokens, a sample is never split.
+- Rows shorter than the longest one end in a filler segment (pad ids, labels -100, positions from 0): a
+  sample of its own, which no real token can see (attention is causal and confined to a sample).
+- The first label of every sample is set to -100. An unpacked batch never scores it (a causal LM predicts
+  token t+1 from token t, and row position 0 has no predecessor); packed, the previous sample's last token
+  would predict it. So the scored tokens, and TRL's count of them (`labels[..., 1:] != -100`), are the
+  unpacked ones exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lvit.templates import IGNORE_INDEX
+
+# Attention implementations that confine attention to a sample when given packed position ids and no
+# attention mask (docs/stack-notes.md#packed-position-ids): eager and sdpa through the mask transformers
+# builds; the flash-attention kernels through their varlen path, which needs the whole batch in one row.
+MASKED_ATTENTION = ("eager", "sdpa")
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def rows(lengths: list[int], budget: int | None) -> list[list[int]]:
+    """Sample indices per row: first fit in data order, at most `budget` tokens a row (None: one row)."""
+    if budget is None:
+        return [list(range(len(lengths)))] if lengths else []
+    out: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(lengths):
+        if n > budget:
+            raise ValueError(f"a sample of {n} tokens does not fit a row of {budget} (data.max_tokens_per_row)")
+        for r, left in enumerate(room):
+            if n <= left:
+                out[r].append(i)
+                room[r] -= n
+                break
+        else:
+            out.append([i])
+            room.append(budget - n)
+    return out
+
+
+def pack(ids: list[list[int]], labels: list[list[int]], budget: int | None, pad_token_id: int) -> tuple[dict, list]:
+    """`(batch, layout)`: the packed tensors and, per row, the sample indices in it (left to right).
+
+    Images go with their samples: the caller stacks a batch's images in the layout's reading order, which
+    is the order of the image tokens in the packed `input_ids` (row by row, left to right).
+    """
+    layout = rows([len(x) for x in ids], budget)
+    width = max(sum(len(ids[i]) for i in row) for row in layout)
+    input_ids, label_rows, positions, row_lengths = [], [], [], []
+    for row in layout:
+        row_ids, row_labels, row_pos = [], [], []
+        for i in row:
+            row_ids += ids[i]
+            row_labels += [IGNORE_INDEX] + labels[i][1:]
+            row_pos += range(len(ids[i]))
+        fill = width - len(row_ids)
+        row_lengths.append(len(row_ids))
+        input_ids.append(row_ids + [pad_token_id] * fill)
+        label_rows.append(row_labels + [IGNORE_INDEX] * fill)
+        positions.append(row_pos + list(range(fill)))
+    batch = {
+        "input_ids": torch.tensor(input_ids),
+        "labels": torch.tensor(label_rows),
+        "position_ids": torch.tensor(positions),
+        "row_lengths": torch.tensor(row_lengths),
+    }
+    return batch, layout
+
+
+def real_tokens(inputs: dict) -> int:
+    """The tokens of a batch that are not padding, packed (`row_lengths`) or padded (`attention_mask`)."""
+    if "row_lengths" in inputs:
+        return int(inputs["row_lengths"].sum())
+    return int(inputs["attention_mask"].sum())
+
+
+def check_attention(attn_implementation: str | None, where: str) -> None:
+    """Refuse an attention implementation that packed rows would let attend across samples."""
+    if attn_implementation in MASKED_ATTENTION + VARLEN_ATTENTION:
+        return
+    from lvit.errors import LvitError
+
+    raise LvitError(
+        f"{where}: data.packing needs attention that keeps packed samples apart; the model uses "
+        f"{attn_implementation!r}. Set model.attn_implementation to one of "
+        f"{', '.join(MASKED_ATTENTION + VARLEN_ATTENTION)}, or data.packing=false "
+        "(docs/stack-notes.md#packed-position-ids)."
+    )
