@@ -25,8 +25,11 @@ from lvit.templates import IGNORE_INDEX, ConversationEncoder
 # layout
 
 
-def test_rows_first_fit_in_data_order_never_splits():
-    assert rows([5, 4, 3, 2, 6], 8) == [[0, 2], [1, 3], [4]]
+def test_rows_fewest_then_even_never_split():
+    # first fit needs 3 rows ([0, 2] [1, 3] [4]: widest 8); spread evenly over 3 the widest is 7
+    assert rows([5, 4, 3, 2, 6], 8) == [[0, 3], [1, 2], [4]]
+    assert rows([4, 4, 4, 4], 8) == [[0, 1], [2, 3]]
+    assert rows([7, 1, 1, 7], 8) == [[0, 1], [2, 3]]  # evening out would not fit: first fit's layout
     assert rows([5, 4, 3], None) == [[0, 1, 2]]
     with pytest.raises(ValueError, match="does not fit"):
         rows([9], 8)
@@ -78,12 +81,11 @@ def parts(tiny_parts, shapes_data):
     images = [r for r in dataset if r["image_path"] is not None][:4]
     texts = [r for r in dataset if r["image_path"] is None][:2]
     longer = {**images[1], "texts": [*images[1]["texts"][:-1], " ".join([images[1]["texts"][-1]] * 40)]}
-    # a longer image record second: first fit then puts the next image record before it (images reorder)
+    # a longer image record second, so the rows' fill differs
     picked = [images[0], longer, images[2], texts[0], texts[1], images[3]]
     loader = ImageLoader(AutoImageProcessor.from_pretrained(vision), shapes_data["images"])
     lengths = [len(e.input_ids) for e in encoder.encode_many([conversation_from_row(r) for r in picked])]
-    budget = max(2 * lengths[0], max(lengths)) + 5  # rows of different fill
-    assert 2 * lengths[0] <= budget < lengths[0] + lengths[1]
+    budget = 2 * max(lengths)  # three rows of different fill; the even layout puts the last image record second
     padded = LlavaCollator(encoder, loader, tok.pad_token_id, 256)
     packed = LlavaCollator(encoder, loader, tok.pad_token_id, 256, packing=True, max_tokens_per_row=budget)
 

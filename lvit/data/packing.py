@@ -6,8 +6,8 @@ a block-diagonal causal mask from the position ids, so a token attends only to e
 sample (docs/stack-notes.md#packed-position-ids). The samples are those of the unpacked batch: packing
 changes the layout, never which samples a step sees.
 
-- `rows(lengths, budget)`: which samples share a row. First fit in data order: each sample goes into the
-  first row with room for it, a row holds at most `budget` tokens, a sample is never split.
+- `rows(lengths, budget)`: which samples share a row: as few rows as hold them at `budget` tokens a row,
+  filled as evenly as it can (a sample is never split).
 - Rows shorter than the longest one end in a filler segment (pad ids, labels -100, positions from 0): a
   sample of its own, which no real token can see (attention is causal and confined to a sample).
 - The first label of every sample is set to -100. An unpacked batch never scores it (a causal LM predicts
@@ -30,23 +30,39 @@ VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
 def rows(lengths: list[int], budget: int | None) -> list[list[int]]:
-    """Sample indices per row: first fit in data order, at most `budget` tokens a row (None: one row)."""
+    """Sample indices per row (each row in data order, rows by their first sample): as few rows as hold the
+    samples at `budget` tokens a row (None: one row), and of those layouts the one with the shortest longest
+    row, since every row is filled up to the longest.
+
+    The row count is first fit's (each sample, in data order, into the first row with room); then the samples
+    are spread over that many rows longest first, each into the row with the fewest tokens, which evens the
+    rows out. The even layout is kept when it fits the budget and its longest row is shorter."""
+    if not lengths:
+        return []
     if budget is None:
-        return [list(range(len(lengths)))] if lengths else []
-    out: list[list[int]] = []
+        return [list(range(len(lengths)))]
+    if max(lengths) > budget:
+        raise ValueError(f"a sample of {max(lengths)} tokens does not fit a row of {budget} (data.max_tokens_per_row)")
+    first_fit: list[list[int]] = []
     room: list[int] = []
     for i, n in enumerate(lengths):
-        if n > budget:
-            raise ValueError(f"a sample of {n} tokens does not fit a row of {budget} (data.max_tokens_per_row)")
         for r, left in enumerate(room):
             if n <= left:
-                out[r].append(i)
+                first_fit[r].append(i)
                 room[r] -= n
                 break
         else:
-            out.append([i])
+            first_fit.append([i])
             room.append(budget - n)
-    return out
+    even: list[list[int]] = [[] for _ in first_fit]
+    load = [0] * len(first_fit)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(len(load)), key=lambda r: (load[r], r))
+        even[r].append(i)
+        load[r] += lengths[i]
+    widest = max(budget - left for left in room)
+    layout = even if max(load) <= budget and max(load) < widest else first_fit
+    return sorted((sorted(row) for row in layout), key=lambda row: row[0])
 
 
 def pack(ids: list[list[int]], labels: list[list[int]], budget: int | None, pad_token_id: int) -> tuple[dict, list]:
