@@ -247,6 +247,10 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
         )
     if recipe.data.max_length < 2:
         raise LvitError(f"{source}: data.max_length must be at least 2, got {recipe.data.max_length}.")
+    if recipe.data.packing and recipe.model.attn_implementation is not None:
+        from lvit.data.packing import check_attention
+
+        check_attention(recipe.model.attn_implementation, f"{source}: model.attn_implementation")
     row = recipe.data.max_tokens_per_row
     if row is not None and row < recipe.data.max_length:
         raise LvitError(

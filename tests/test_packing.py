@@ -55,6 +55,12 @@ def test_unsupported_attention_is_refused():
         check_attention("flex_attention", "recipe.yaml: model.attn_implementation")
 
 
+def test_recipe_with_unsupported_attention_is_refused_before_loading(tiny_recipe):
+    with pytest.raises(LvitError, match="model.attn_implementation.*'flex_attention'"):
+        tiny_recipe(model={"attn_implementation": "flex_attention"})
+    tiny_recipe(model={"attn_implementation": "flex_attention"}, data__packing=False)  # padded rows: any attention
+
+
 def test_max_tokens_per_row_below_max_length_is_refused(tiny_recipe):
     with pytest.raises(LvitError, match="max_tokens_per_row = 100 is below data.max_length = 256"):
         tiny_recipe(data__max_tokens_per_row=100)
