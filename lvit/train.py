@@ -230,8 +230,9 @@ class TrainingRun:
 
     def setup(self) -> TrainingRun:
         from lvit.data.collator import LlavaCollator
-        from lvit.data.dataset import prepare, write_skipped
+        from lvit.data.dataset import write_skipped
         from lvit.data.images import ImageLoader
+        from lvit.data.shared import prepare_once
         from lvit.model import num_image_tokens
         from lvit.runs import SKIPPED_FILE
         from lvit.stages import format_report, report_modules
@@ -266,7 +267,8 @@ class TrainingRun:
         encoder = ConversationEncoder(
             recipe.data.template, tokenizer, model.config.image_token_id, num_image_tokens(model.config.vision_config)
         )
-        self.prepared = prepared = prepare(recipe.data, encoder, recipe.source)  # the checks of `lvit data check`
+        # the checks of `lvit data check`, on rank 0 only; every rank trains on the records rank 0 kept
+        self.prepared = prepared = prepare_once(recipe.data, encoder, recipe.source)
         dataset, self.skipped_file = prepared.dataset, out / SKIPPED_FILE
         if prepared.skipped:
             if main:
