@@ -286,3 +286,9 @@ def test_train_and_generate_on_records_with_several_images(tiny_recipe, shapes_d
         logits = model(input_ids=ids, pixel_values=pixels).logits[0, -1]
         swapped = model(input_ids=ids, pixel_values=pixels.flip(0)).logits[0, -1]
     assert not torch.allclose(logits, swapped)
+
+    # the export's self-check runs on these records: the sample's images in order, the chat template's ids
+    from lvit.export import export
+
+    result = export(out, tmp_path / "export")
+    assert result.sample.startswith("record 'pair-0'")
