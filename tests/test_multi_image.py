@@ -292,3 +292,19 @@ def test_train_and_generate_on_records_with_several_images(tiny_recipe, shapes_d
 
     result = export(out, tmp_path / "export")
     assert result.sample.startswith("record 'pair-0'")
+
+
+def test_several_embedded_images_in_one_row_are_refused_with_the_fix():
+    """A Hugging Face dataset's row reads one embedded image; a row with several says how to use them."""
+    from types import SimpleNamespace
+
+    from lvit.data.sources import EmbeddedImage
+
+    source = SimpleNamespace(image_column_name="images", name="/data/ds")
+    images = [EmbeddedImage(source, 0, 0), EmbeddedImage(source, 0, 1)]
+    raw = {"id": "r", "images": images, "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Q?"}]},
+        {"role": "assistant", "content": "A."}]}  # fmt: skip
+    with pytest.raises(RecordError) as info:
+        normalise_chat(raw, 0)
+    assert info.value.kind == "multiple_images" and "the list of their paths" in info.value.reason

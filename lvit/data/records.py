@@ -366,8 +366,8 @@ def _check_image_field(image, fail):
             raise fail(
                 "multiple_images",
                 f"the row has {len(image)} embedded images; lvit reads one image per row of a Hugging Face dataset: "
-                "split it into one row per image, or write the images to files and the records to JSON "
-                "(`lvit data convert`)",
+                "split it into one row per image, or save the images as files and give the record the list of "
+                "their paths (LLaVA JSON or chat records)",
             )
         return list(image) if len(image) > 1 else image[0]
     if not _is_image(image):
