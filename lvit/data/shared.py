@@ -7,7 +7,9 @@ global rank 0 only and broadcasts the outcome (`torch.distributed.broadcast_obje
 indices and lengths, the records left out and the total, or rank 0's `LvitError`, which every rank then
 raises (no rank waits forever for a rank that stopped). The other ranks read the records (parsing only:
 no image is opened) and keep exactly rank 0's, in rank 0's order, so every rank's dataset is the same.
-With one process it is `prepare`.
+With one process it is `prepare`. The other ranks wait within the process group's timeout
+(`training.ddp_timeout`, `TrainingArguments`' 1800 s by default), which a very large dataset's checks may need
+raised (docs/multi-node.md).
 """
 
 from __future__ import annotations
