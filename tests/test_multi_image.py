@@ -308,3 +308,14 @@ def test_several_embedded_images_in_one_row_are_refused_with_the_fix():
     with pytest.raises(RecordError) as info:
         normalise_chat(raw, 0)
     assert info.value.kind == "multiple_images" and "the list of their paths" in info.value.reason
+
+
+def test_convert_round_trips_a_record_with_several_images():
+    from lvit.data.convert import to_chat, to_llava
+
+    record = normalise(_three_images(), 0)
+    as_chat = to_chat(record)
+    assert as_chat["images"] == ["a.png", "b.png", "c.png"]
+    assert [p["type"] for p in as_chat["messages"][0]["content"]] == ["text", "image", "text", "image", "text"]
+    for back in (normalise_chat(as_chat, 0), normalise(to_llava(record), 0)):
+        assert back.images == record.images and back.conversation == record.conversation
