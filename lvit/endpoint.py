@@ -25,7 +25,6 @@ import http.client
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -105,7 +104,8 @@ class Endpoint:
     def dry_run_text(self, messages: list[dict], **params) -> str:
         """The request `chat` would send, as text, the key masked (for `--dry-run`)."""
         headers = "\n".join(f"{k}: {v}" for k, v in self.headers(mask=True).items())
-        return f"POST {self.url}\n{headers}\n\n{json.dumps(self.body(messages, **params), indent=2, ensure_ascii=False)}"
+        body = json.dumps(self.body(messages, **params), indent=2, ensure_ascii=False)
+        return f"POST {self.url}\n{headers}\n\n{body}"
 
 
 @dataclass
@@ -222,7 +222,7 @@ class ChatClient:
             response = conn.getresponse()
             status, data = response.status, response.read()
             retry_after = response.getheader("Retry-After")
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise _Retryable(f"no answer within --timeout {ep.timeout:g} s") from None
         except (ConnectionError, http.client.HTTPException, OSError) as exc:
             raise _Retryable(f"connection failed ({type(exc).__name__}: {exc})") from None

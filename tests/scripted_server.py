@@ -15,6 +15,7 @@ what was sent and check what a retry waited.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -71,10 +72,8 @@ class ScriptedServer:
                     self.close_connection = True
                 elif out.kind == "slow":
                     time.sleep(out.seconds)
-                    try:
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                         self._completion(out.text, "stop")
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass
                 elif out.kind == "length":
                     self._completion(out.text, "length")
                 else:
@@ -85,7 +84,9 @@ class ScriptedServer:
                 payload = {
                     "id": "x",
                     "object": "chat.completion",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                    ],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
                 }
                 self._json(200, payload)

@@ -6,10 +6,10 @@ import logging
 import time
 
 import pytest
+from scripted_server import Fault, ScriptedServer
 
 from lvit.endpoint import ChatClient, Endpoint, EndpointError, retry_after_seconds, run_concurrently
 from lvit.errors import LvitError
-from scripted_server import Fault, ScriptedServer
 
 
 def _client(server, **kw) -> ChatClient:
@@ -99,9 +99,7 @@ def test_concurrent_requests_lose_and_duplicate_nothing():
         client = _client(server, retries=6)
         prompts = [f"p{i}" for i in range(40)]
         results = {}
-        for task, reply, error in run_concurrently(
-            prompts, lambda p: client.chat([{"role": "user", "content": p}]), 4
-        ):
+        for task, reply, error in run_concurrently(prompts, lambda p: client.chat([{"role": "user", "content": p}]), 4):
             assert error is None
             assert task not in results
             results[task] = reply.text
