@@ -14,9 +14,7 @@ asked again with `retry_rejects`), so nothing is written twice.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from lvit.data.generate.parse import Rejected, parse_reply
 from lvit.data.generate.prompts import KINDS, PromptSet
 from lvit.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
 from lvit.errors import Interrupted, LvitError
+from lvit.jsonl_log import append, open_append, read_rows
 
 log = logging.getLogger("lvit")
 
@@ -137,26 +136,6 @@ class Summary:
         return "\n".join(lines)
 
 
-def _read_rows(path: Path) -> dict[str, dict]:
-    from lvit.answers import read_answer_file
-
-    return read_answer_file(path, repair=True)
-
-
-def _open_append(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        with path.open("ab") as f:
-            f.write(b"\n")
-    return path.open("a", encoding="utf-8")
-
-
-def _append(f, row: dict) -> None:
-    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def generate(
     tasks: list[Task],
     out: str | Path,
@@ -181,8 +160,8 @@ def generate(
         echo(f"dry run: {len(tasks)} records planned; the first request ({first.id}, {first.kind}), not sent:")
         echo(endpoint.dry_run_text(prompts[first.kind].messages(first.context.text())))
         return Summary(out, rejects, planned=len(tasks))
-    done = _read_rows(out)
-    rejected_before = _read_rows(rejects)
+    done = read_rows(out)
+    rejected_before = read_rows(rejects)
     skip = set(done) | (set() if retry_rejects else set(rejected_before))
     todo = [t for t in tasks if t.id not in skip]
     summary = Summary(out, rejects, planned=len(tasks), skipped=len(tasks) - len(todo))
@@ -206,7 +185,7 @@ def generate(
     show = stderr_is_tty() if progress is None else progress
     bar = tqdm(total=len(todo), desc="generating", unit="rec", disable=not show, file=sys.stderr)
     try:
-        with _open_append(out) as f_out, _open_append(rejects) as f_rej:
+        with open_append(out) as f_out, open_append(rejects) as f_rej:
             for task, reply, error in run_concurrently(todo, work, concurrency):
                 if error is not None:
                     raise error
@@ -215,10 +194,10 @@ def generate(
                 except Rejected as exc:
                     row = {"id": task.id, "source_id": task.context.id, "kind": task.kind, "reason": exc.reason,
                            "message": str(exc), "raw": reply.text}  # fmt: skip
-                    _append(f_rej, row)
+                    append(f_rej, row)
                     summary.rejected[exc.reason] += 1
                 else:
-                    _append(f_out, to_record(task, pairs, prompts))
+                    append(f_out, to_record(task, pairs, prompts))
                     summary.written[task.kind] += 1
                     summary.in_file[task.kind] += 1
                 bar.update(1)
