@@ -1,7 +1,7 @@
 """Append-only JSON Lines files that survive a crash: the output of every resumable LLM-driven command.
 
 A row is written whole, flushed and fsynced before the next (`append`), so a crash loses at most the row being
-written; `read_rows` reads the rows by `id` and removes a cut-off last line (`lvit.answers.read_answer_file`),
+written; `read_rows` reads the rows by `id` and removes a cut-off last line (as `lvit.answers.read_answer_file` does),
 so a rerun knows exactly what is done and writes nothing twice.
 """
 
@@ -13,10 +13,31 @@ from pathlib import Path
 
 
 def read_rows(path: str | Path) -> dict[str, dict]:
-    """Rows by id; a cut-off last line is dropped from the file (it is produced again)."""
-    from lvit.answers import read_answer_file
+    """Rows by their `id`. A cut-off last line (a crash mid-write) is removed from the file: its work is done
+    again. A bad line anywhere else is an error naming the line."""
+    from lvit.errors import LvitError
 
-    return read_answer_file(path, repair=True)
+    path = Path(path)
+    rows: dict[str, dict] = {}
+    if not path.is_file():
+        return rows
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    good_end = 0
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        if line.strip():
+            try:
+                row = json.loads(line)
+                rows[str(row["id"])] = row
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                if not last:
+                    raise LvitError(f"{path}:{i + 1}: not a JSON row with an 'id'; fix or remove the line") from None
+                with path.open("r+b") as f:  # an interrupted write: no newline after it
+                    f.truncate(good_end)
+                break
+        good_end += len(line) + (0 if last else 1)
+    return rows
 
 
 def open_append(path: str | Path):
