@@ -3,6 +3,9 @@ that writes its replies from the captions in the prompt with a few fixed rules (
 
     python stand_in_llm.py --port 8765     # then: --base-url http://127.0.0.1:8765/v1 --model stand-in
 
+`--delay SECONDS` makes every reply that slow (to watch the progress bar, or to stop a run midway and
+resume it).
+
 Replace it with a real model: vLLM, SGLang, Ollama, `transformers serve`, or a hosted API. It answers:
 
 - `lvit data generate`'s requests (the system message says which kind): a conversation, a description or
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -47,12 +51,15 @@ def reply(messages: list[dict]) -> str:
 
 
 class Handler(BaseHTTPRequestHandler):
+    delay = 0.0
+
     def log_message(self, *args):
         pass
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
         text = reply(body["messages"])
+        time.sleep(self.delay)
         data = json.dumps({
             "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
@@ -69,7 +76,9 @@ class Handler(BaseHTTPRequestHandler):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--delay", type=float, default=0.0, help="Seconds before each reply.")
     args = parser.parse_args()
+    Handler.delay = args.delay
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     print(f"stand-in LLM at http://127.0.0.1:{server.server_address[1]}/v1 (model name: anything)", flush=True)
     server.serve_forever()
