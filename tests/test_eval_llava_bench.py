@@ -61,7 +61,8 @@ def test_score_parsing():
     assert parse_scores("8 6\nreview") == (8.0, 6.0)
     assert parse_scores("\n 7.5, 9 \nx") == (7.5, 9.0)
     assert parse_scores("**7 7**") == (7.0, 7.0)
-    assert "3 numbers" in parse_scores("Assistant 1 8 9")
+    assert "not two scores" in parse_scores("Assistant 1 8 9")
+    assert "not two scores" in parse_scores("x 6 y 6 z")  # digits in free text are not scores
     assert "outside 1..10" in parse_scores("11 3")
     assert parse_scores("") == "empty reply"
 

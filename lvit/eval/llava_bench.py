@@ -39,7 +39,7 @@ log = logging.getLogger("lvit")
 
 CATEGORIES = {"conv": "conversation", "detail": "detail", "complex": "complex"}
 JUDGE_PROMPT = Path(__file__).resolve().parent / "prompts" / "llava_bench_judge.yaml"
-_NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?![\w.])")
+_SCORES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s+(\d+(?:\.\d+)?)\s*$")
 
 
 @dataclass
@@ -140,13 +140,17 @@ def judge_messages(prompt: JudgePrompt, q: BenchQuestion, answer: str) -> list[d
 
 
 def parse_scores(reply: str) -> tuple[float, float] | str:
-    """The two scores on the reply's first non-empty line, or the reason they cannot be read."""
+    """The two scores that make up the reply's first non-empty line, or the reason they cannot be read.
+
+    As LLaVA's `parse_score`: the line is the two numbers alone (separated by a space or a comma; markdown
+    bold tolerated), so stray digits in a free-text line are not taken for scores."""
     lines = [line for line in (reply or "").splitlines() if line.strip()]
     if not lines:
         return "empty reply"
-    numbers = [float(x) for x in _NUMBER.findall(lines[0].replace("*", ""))]
-    if len(numbers) != 2:
-        return f"the first line holds {len(numbers)} numbers, not 2: {lines[0][:80]!r}"
+    match = _SCORES.match(lines[0].replace("*", "").replace(",", " "))
+    if match is None:
+        return f"the first line is not two scores: {lines[0][:80]!r}"
+    numbers = [float(match.group(1)), float(match.group(2))]
     if not all(1 <= x <= 10 for x in numbers):
         return f"a score outside 1..10: {lines[0][:80]!r}"
     return numbers[0], numbers[1]
