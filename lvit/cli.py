@@ -493,6 +493,7 @@ def eval_llava_bench(
     from lvit.eval import llava_bench
     from lvit.generation import GenerationSettings
 
+    # temperature 0.2: LLaVA's judge requests (github.com/haotian-liu/LLaVA, llava/eval/eval_gpt_review_bench.py)
     endpoint = endpoint_cli.make_endpoint(base_url, judge_model, api_key_env, timeout, retries, temperature=0.2)
     result = llava_bench.run_eval(
         model,

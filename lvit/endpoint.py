@@ -14,7 +14,7 @@ retry rules below are lvit's own and explicit:
 
 The API key is read from the environment variable the user names (`api_key_env`); it is sent in the
 `Authorization` header and never logged, printed or written (`describe()` and `dry_run_text()` mask it).
-`run_concurrently` keeps up to `concurrency` requests in flight on a thread pool and hands each result
+`run_concurrently` keeps up to `concurrency` requests in flight on threads and hands each result
 back to the calling thread, in completion order, so only that thread writes files.
 """
 
@@ -25,10 +25,10 @@ import http.client
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -266,30 +266,31 @@ def run_concurrently(
 ) -> Iterator[tuple[object, object, BaseException | None]]:
     """Run `work(task)` for each task with up to `concurrency` in flight; yield `(task, result, error)` as each
     finishes, on the calling thread. Tasks are taken from `tasks` lazily, so stopping the loop (Ctrl-C, an
-    `EndpointError`) leaves the rest unsent; requests already in flight finish in the background, unused."""
+    `EndpointError`) leaves the rest unsent. Each request runs on a daemon thread: one still in flight when the
+    loop stops neither holds up the process's exit nor has its result used."""
     if concurrency < 1:
         raise LvitError(f"--concurrency must be at least 1, got {concurrency}")
     it = iter(tasks)
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="lvit-endpoint")
-    pending: dict[Future, object] = {}
-    try:
-        while True:
-            while len(pending) < concurrency:
-                task = next(it, _END)
-                if task is _END:
-                    break
-                pending[pool.submit(work, task)] = task
-            if not pending:
-                return
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                task = pending.pop(future)
-                error = future.exception()
-                yield task, (None if error else future.result()), error
-    finally:
-        for future in pending:
-            future.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
+    results: queue.Queue = queue.Queue()
+
+    def run(task) -> None:
+        try:
+            results.put((task, work(task), None))
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller, who decides)
+            results.put((task, None, exc))
+
+    in_flight = 0
+    while True:
+        while in_flight < concurrency:
+            task = next(it, _END)
+            if task is _END:
+                break
+            threading.Thread(target=run, args=(task,), name="lvit-endpoint", daemon=True).start()
+            in_flight += 1
+        if not in_flight:
+            return
+        yield results.get()
+        in_flight -= 1
 
 
 _END = object()

@@ -105,3 +105,19 @@ def test_concurrent_requests_lose_and_duplicate_nothing():
             results[task] = reply.text
     assert results == {p: f"echo {p}" for p in prompts}
     assert client.usage.requests == 40 and client.usage.retries == len(server.requests) - 40 > 0
+
+
+def test_stopping_the_loop_neither_waits_for_requests_in_flight_nor_sends_the_rest():
+    started = []
+
+    def work(task):
+        started.append(task)
+        time.sleep(5 if task == "slow" else 0)
+        return task
+
+    t0 = time.monotonic()
+    for _task, result, _error in run_concurrently(["fast", "slow", "never", "never2"], work, 2):
+        assert result == "fast"
+        break  # what Ctrl-C or an EndpointError does to the caller's loop
+    assert time.monotonic() - t0 < 2.0
+    assert "never" not in started and "never2" not in started
