@@ -265,3 +265,32 @@ def test_cli_input_errors_come_before_any_request(tmp_path):
     )
     assert result.exit_code == 2 and "line 1 (id 'img0.png'): box 0 (square)" in result.output
     assert "in pixels but the image cannot be read" in result.output and "--image-folder" in result.output
+
+
+def test_cli_from_coco_annotations_sends_the_boxes_and_keeps_the_image_id(tmp_path):
+    folder = tmp_path / "train2014"
+    folder.mkdir()
+    Image.new("RGB", (200, 100)).save(folder / "COCO_7.jpg")
+    caps = {
+        "images": [{"id": 7, "file_name": "COCO_7.jpg", "width": 200, "height": 100}],
+        "annotations": [{"image_id": 7, "caption": "A dog on grass."}],
+    }
+    inst = {
+        "annotations": [{"id": 1, "image_id": 7, "bbox": [20, 10, 50, 40], "category_id": 18}],
+        "categories": [{"id": 18, "name": "dog"}],
+    }
+    (tmp_path / "captions.json").write_text(json.dumps(caps))
+    (tmp_path / "instances.json").write_text(json.dumps(inst))
+    out = tmp_path / "o.jsonl"
+    with ScriptedServer(lambda body, n: GOOD[kind_of(body)]) as server:
+        args = ["data", "generate", "--coco-captions", str(tmp_path / "captions.json"), "--coco-instances"]
+        args += [str(tmp_path / "instances.json"), "--image-folder", str(folder), "--out", str(out)]
+        args += ["--base-url", server.base_url, "--model", "m", "--mix", "conversation=1"]
+        result = CliRunner().invoke(app, args)
+        sent = server.requests[0].body["messages"][-1]["content"]
+    assert result.exit_code == 0, result.output
+    assert sent.startswith("Captions:\nA dog on grass.") and "dog: [0.100, 0.100, 0.350, 0.500]" in sent
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["id"] == "7-conversation" and row["source_id"] == "7" and row["image"] == "COCO_7.jpg"
+    result = CliRunner().invoke(app, [*args[:2], *args[4:]])  # --coco-instances without --coco-captions
+    assert result.exit_code == 2 and "pass either INPUT" in result.output

@@ -11,7 +11,7 @@ from lvit import endpoint_cli
 from lvit.errors import LvitError
 
 data_app = typer.Typer(
-    help="Check and convert training data (LLaVA JSON/JSONL, chat format, Hugging Face datasets).",
+    help="Check, convert and generate training data (LLaVA JSON/JSONL, chat format, Hugging Face datasets).",
     no_args_is_help=True,
 )
 
