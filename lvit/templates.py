@@ -220,10 +220,11 @@ class ConversationEncoder:
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
+        name = template if isinstance(template, str) else template.name
+        if tokenizer.eos_token_id is None and name != AUTO:  # auto: the chat template's end-of-turn token
+            raise ValueError("the tokenizer has no EOS token; lvit's templates end each answer with it")
         check_tokenizer(tokenizer, image_token_id)
         self.template = get_template(template, tokenizer) if isinstance(template, str) else template
-        if tokenizer.eos_token_id is None and self.template.name != AUTO:
-            raise ValueError("the tokenizer has no EOS token; lvit's templates end each answer with it")
         self._bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else ""
         self._eos = tokenizer.eos_token or ""
 
