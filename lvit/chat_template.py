@@ -58,7 +58,9 @@ _PROBES = [
         [("user", "What is it?"), ("assistant", "A red square."), ("user", "Where?"), ("assistant", "Top left.")],
         has_image=True,
     ),
-    Conversation([("user", "Hello."), ("assistant", "Hi."), ("user", "Bye."), ("assistant", "Bye.")], system="Be brief."),
+    Conversation(
+        [("user", "Hello."), ("assistant", "Hi."), ("user", "Bye."), ("assistant", "Bye.")], system="Be brief."
+    ),
 ]
 
 
@@ -105,9 +107,10 @@ class LMChatTemplate(Template):
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids(self.end_of_turn)
         bos = tokenizer.bos_token
         if not (bos and rendered[0].text.startswith(bos)):
-            added = tokenizer("a", add_special_tokens=True)["input_ids"] != tokenizer("a", add_special_tokens=False)[
-                "input_ids"
-            ]
+            added = (
+                tokenizer("a", add_special_tokens=True)["input_ids"]
+                != tokenizer("a", add_special_tokens=False)["input_ids"]
+            )
             if added:
                 raise LvitError(
                     f"{self._where}: the chat template's text does not start with the BOS token {bos!r}, so "

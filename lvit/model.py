@@ -344,7 +344,8 @@ def _stop_at_end_of_turn(model, tokenizer) -> None:
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     if end not in eos:
         model.generation_config.eos_token_id = [*eos, end] if eos else end
-        log.info("generation stops at the chat template's end of turn %r (id %d) too", tokenizer.convert_ids_to_tokens(end), end)
+        token = tokenizer.convert_ids_to_tokens(end)
+        log.info("generation stops at the chat template's end of turn %r (id %d) too", token, end)
 
 
 def _gathered(params, modifier_rank=None):

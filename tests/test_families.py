@@ -296,13 +296,56 @@ def test_family_trains_both_stages_and_exports_a_model_plain_transformers_runs(f
     assert cfg.image_token_id < cfg.text_config.vocab_size == model.get_input_embeddings().weight.shape[0]
     assert cfg.vision_feature_select_strategy == ("full" if family in SIGLIP else "default")
     end_id = processor.tokenizer.convert_tokens_to_ids(EXPECTED[family][0])
-    eos = cfg_eos = model.generation_config.eos_token_id
-    assert end_id in (eos if isinstance(eos, list) else [cfg_eos])  # generation stops at the end of turn
-    size = cfg.vision_config.image_size
-    messages = [{"role": "user", "content": [{"type": "image", "image": synthetic_image(size)}, {"type": "text", "text": Q1}]}]
+    eos = model.generation_config.eos_token_id
+    assert end_id in (eos if isinstance(eos, list) else [eos])  # generation stops at the end of turn
+    image = synthetic_image(cfg.vision_config.image_size)
+    messages = chat_messages(Conversation([("user", Q1)], has_image=True), image)
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
     assert inputs["input_ids"][0].tolist().count(cfg.image_token_id) == num_image_tokens(cfg.vision_config)
     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+# --- the modern single-GPU recipe ------------------------------------------------------------------------------
+
+MODERN = Path(__file__).resolve().parent.parent / "lvit" / "recipes" / "siglip2_qwen7b_qlora.yaml"
+
+
+def _dry_run(*args):
+    from typer.testing import CliRunner
+
+    from lvit.cli import app
+
+    return CliRunner().invoke(app, ["finetune", *args, "--dry-run"], catch_exceptions=False)
+
+
+def test_modern_recipe_dry_run_offline_fails_fast_on_the_hub_ids():
+    result = _dry_run("siglip2_qwen7b_qlora")
+    out = result.stdout
+    assert result.exit_code == 1
+    assert "ok   structure" in out and "ok   training section builds an SFTConfig" in out
+    assert "1 process(es): 2 per device x 64 accumulation x 1 = 128 global batch" in out
+    hub_ids = {"vision_tower": "google/siglip2-so400m-patch14-384", "language_model": "Qwen/Qwen2.5-7B-Instruct"}
+    for key, hub_id in hub_ids.items():
+        assert f"FAIL model.{key}" in out and f"hf download {hub_id}" in out
+    assert "not in the local Hugging Face cache" in out and "Traceback" not in out
+
+
+def test_modern_recipe_dry_run_passes_with_local_siglip_and_qwen_parts(parts, shapes_data, tmp_path):
+    """The recipe as shipped, with tiny local parts of the same kinds (SigLIP, a padded-vocabulary Qwen with its
+    chat template): every record is measured with the auto template and the SigLIP image-token count."""
+    vision_dir, lm_dir = parts("qwen3")
+    assert "qwen3" in SIGLIP
+    result = _dry_run(
+        str(MODERN),
+        f"model.vision_tower={vision_dir}",
+        f"model.language_model={lm_dir}",
+        f"model.projector_from={tmp_path}",
+        f"data.path={shapes_data['instruct']}",
+        f"data.image_folder={shapes_data['images']}",
+        f"training.output_dir={tmp_path / 'out'}",
+    )
+    assert result.exit_code == 0, result.output
+    assert "records: 53 of 53 trainable" in result.output and "dry run passed" in result.output
