@@ -123,6 +123,7 @@ class LMChatTemplate(Template):
         raise NotImplementedError("the LM's chat template renders the whole text; use render()")
 
     def _render(self, messages: list[dict], generation: bool) -> str:
+        # the text the processor renders at inference (docs/stack-notes.md#chat-template-rendering)
         try:
             return self.tokenizer.apply_chat_template(
                 messages, chat_template=self.text, tokenize=False, add_generation_prompt=generation

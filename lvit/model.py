@@ -237,12 +237,15 @@ def check_processor_image_tokens(processor, vision_config) -> None:
 
 def _processed_size(image_processor) -> int | None:
     """The side of the square images the image processor outputs (its crop, else its fixed resize), if it says."""
+
+    def height(size) -> int | None:  # a dict, or transformers' SizeDict
+        value = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
+        return None if value is None else int(value)
+
     crop, size = getattr(image_processor, "crop_size", None), getattr(image_processor, "size", None)
-    if getattr(image_processor, "do_center_crop", False) and isinstance(crop, dict) and crop.get("height"):
-        return int(crop["height"])
-    if isinstance(size, dict) and size.get("height"):
-        return int(size["height"])
-    return None
+    if getattr(image_processor, "do_center_crop", False) and crop is not None and height(crop):
+        return height(crop)
+    return height(size) if size is not None else None
 
 
 def assemble(

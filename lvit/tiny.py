@@ -186,8 +186,8 @@ def family_corpus() -> list[str]:
 
 
 # Language-model families lvit is tested with: the transformers config class of the text model and whether
-# the real models pad their vocabulary (more embedding rows than tokenizer entries: Qwen2.5 151,936 rows for
-# 151,665 tokens (Qwen2.5 config.json / tokenizer on the Hub); Gemma 3 262,208 for 262,145 + image token).
+# the real models pad their vocabulary (more embedding rows than tokenizer entries: Qwen2.5's 151,665 tokens
+# have 151,936 rows up to 3B and 152,064 from 7B (the models' config.json on the Hub); Gemma 3 262,208 rows).
 LM_FAMILIES = {
     "llama3": ("LlamaConfig", False),
     "qwen2": ("Qwen2Config", True),

@@ -225,6 +225,34 @@ def test_image_token_counts_per_tower():
         num_image_tokens(siglip, "default")
 
 
+def test_a_larger_clip_gets_its_own_image_token_count(tmp_path):
+    """CLIP at 1.5x the tiny size (as 336 px is to 224): 6 x 6 patches, CLS dropped, through assembly and processor."""
+    from lvit.model import assemble
+    from lvit.recipe import ModelSection
+
+    vision_dir, lm_dir = build_tiny_parts(tmp_path, vision={"image_size": 48})
+    model, processor = assemble(ModelSection(vision_tower=str(vision_dir), language_model=str(lm_dir)))
+    assert model.config.vision_feature_select_strategy == "default"
+    assert model.config.image_seq_length == 36
+    messages = chat_messages(Conversation([("user", Q1)], has_image=True), synthetic_image(48))
+    inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist().count(model.config.image_token_id) == 36
+    with torch.no_grad():
+        model(**inputs)  # LLaVA raises if features and image tokens differ
+
+
+def test_an_image_processor_of_another_size_is_refused(tmp_path):
+    from transformers import SiglipImageProcessor
+
+    from lvit.model import load_image_processor
+
+    tower = build_tiny_siglip(tmp_path / "siglip")
+    SiglipImageProcessor(size={"height": 48, "width": 48}).save_pretrained(tower)  # the tower is 32 px
+    tokenizer = load_tokenizer(str(FIXTURES / "qwen3-tokenizer"))
+    with pytest.raises(LvitError, match="yields 16 image features but its image processor makes 48 px"):
+        build_processor(load_image_processor(tower), tokenizer, vision_config_of(str(tower)))
+
+
 def test_naflex_siglip2_is_refused_with_the_fixed_resolution_alternative(tmp_path):
     from transformers import Siglip2Config
 
