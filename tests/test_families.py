@@ -36,6 +36,15 @@ EXPECTED = {
     "gemma2": ("<end_of_turn>", "<start_of_turn>model\n", "<bos>"),
     "gemma3": ("<end_of_turn>", "<start_of_turn>model\n", "<bos>"),
 }
+# The exact trained tokens of SINGLE's answer and MULTI's second answer (MULTI's first is SINGLE's without a think
+# block), as the fixture tokenizers split them: each answer and its end-of-turn token, nothing else.
+_THINK = ["<think>", "Ċ", "Ċ", "</think>", "Ċ", "Ċ"]  # Qwen3's template: an empty think block before the last answer
+TRAINED = {
+    "llama3": (["A", "Ġred", "Ġsquare", ".", "<|eot_id|>"], ["on", "Ġthe", "Ġleft", "<|eot_id|>"]),
+    "qwen": ([*_THINK, "A", "Ġred", "Ġsquare", ".", "<|im_end|>"], [*_THINK, "on", "Ġthe", "Ġleft", "<|im_end|>"]),
+    "mistral": (["A", "▁red", "▁square", ".", "</s>"], ["on", "▁the", "▁left", "</s>"]),
+    "gemma": (["A▁red▁squa", "re", ".", "<end_of_turn>"], ["on", "▁the▁", "lef", "t", "<end_of_turn>"]),
+}
 # Families tested end to end with a SigLIP tower (the others with CLIP)
 SIGLIP = {"llama3", "qwen3", "gemma2"}
 
@@ -100,8 +109,11 @@ def test_auto_template_trains_exactly_the_answers_and_matches_the_chat_template(
     end, before_answer, bos = EXPECTED[family]
     assert encoder.template.end_of_turn == end
     end_id = tokenizer.convert_tokens_to_ids(end)
-    for conv in (SINGLE, MULTI):
+    single, second = TRAINED[family[:-1] if family[:-1] in TRAINED else family]
+    first = [t for t in single if t not in _THINK]
+    for conv, expected in ((SINGLE, single), (MULTI, [*first, *second])):
         enc = encoder.encode(conv)
+        assert tokenizer.convert_ids_to_tokens([t for t in enc.labels if t != IGNORE_INDEX]) == expected
         # the ids are the exported chat template's (vLLM / transformers see what training saw)
         assert enc.input_ids == _chat_ids(processor, conv)
         assert enc.input_ids.count(image_id) == n_img
@@ -377,3 +389,15 @@ def test_modern_recipe_dry_run_passes_with_local_siglip_and_qwen_parts(parts, sh
     )
     assert result.exit_code == 0, result.output
     assert "records: 53 of 53 trainable" in result.output and "dry run passed" in result.output
+
+
+@pytest.mark.slow
+def test_a_siglip_stage1_run_exports_its_projector(family_runs, tmp_path):
+    """--projector-only's self-check feeds the projector every SigLIP patch feature (strategy "full")."""
+    from lvit.export import export
+
+    align, _, _ = family_runs("llama3")
+    assert "llama3" in SIGLIP
+    result = export(align, tmp_path / "projector", projector_only=True)
+    assert result.max_abs_diff <= result.tolerance
+    assert (tmp_path / "projector" / "projector.safetensors").exists()
