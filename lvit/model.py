@@ -1,4 +1,5 @@
-"""Assembling a stock `LlavaForConditionalGeneration` from a separate CLIP and language model.
+"""Assembling a stock `LlavaForConditionalGeneration` from a separate vision tower (CLIP, SigLIP) and
+language model (Llama, Qwen, Mistral, Gemma...).
 
 transformers has no builder from separate parts, so lvit composes a `LlavaConfig`, builds the
 LLaVA skeleton on the meta device (no memory) and moves the loaded parts into it. The result is
@@ -286,7 +287,7 @@ def assemble(
     if not hasattr(lm, "model") or not hasattr(lm, "lm_head"):
         raise LvitError(
             f"{source}: model.language_model {model_cfg.language_model!r} is a "
-            f"{type(lm).__name__}, not a Llama-family causal LM with .model and .lm_head."
+            f"{type(lm).__name__}, not a causal LM with .model and .lm_head (Llama, Qwen2/3, Mistral, Gemma 2/3...)."
         )
 
     resize_embeddings(lm, len(tokenizer), own_size)
