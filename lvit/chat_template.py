@@ -101,7 +101,7 @@ class LMChatTemplate(Template):
                 rendered.append(self.render(conv))
             except ValueError as exc:
                 if conv.system is not None and str(exc).startswith(_REFUSES):
-                    continue  # a template without system prompts (Gemma 2): such records are refused one by one
+                    continue  # a template without system prompts (Mistral v0.1): such records are refused one by one
                 raise LvitError(f"{self._where}: the LM's chat template cannot be used for training: {exc}") from None
         self._probing = False
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids(self.end_of_turn)

@@ -187,6 +187,19 @@ def test_auto_template_refuses_a_template_it_cannot_split(template, reason, tmp_
         ConversationEncoder("auto", tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER), 4)
 
 
+def test_a_record_the_chat_template_refuses_is_listed_with_the_reason(parts):
+    """Mistral v0.1's template raises on a system turn: that record is left out with the template's message."""
+    tokenizer = load_tokenizer(str(parts("mistral")[1]))
+    encoder = ConversationEncoder("auto", tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER), 4)
+    with_system = Conversation(SINGLE.turns, has_image=True, system="Be brief.")
+    lengths = encoder.lengths([SINGLE, with_system])
+    assert list(lengths.rejected) == [1] and lengths.total[0] > 0
+    assert "the chat template refuses the conversation" in lengths.rejected[1]
+    assert "Conversation roles must alternate" in lengths.rejected[1]  # the template's own words
+    with pytest.raises(ValueError, match="refuses the conversation"):
+        encoder.encode(with_system)
+
+
 def test_padded_vocabulary_image_and_pad_take_spare_rows(parts):
     """Qwen-like: more embedding rows than tokenizer entries; lvit's tokens take the spare rows, nothing grows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
