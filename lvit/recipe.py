@@ -76,6 +76,9 @@ class DataSection:
     image_aspect_ratio: Literal["square", "pad"] = "square"
     """`square`: the processor's resize and centre crop. `pad`: pad to a square with the processor's
     mean colour first (LLaVA-1.5)."""
+    group_by_modality_length: bool = False
+    """Each optimizer step draws only image records or only text-only records (LLaVA-1.5's
+    `--group_by_modality_length`; `lvit/data/modality_sampler.py`). False: random batches."""
 
 
 @dataclass
@@ -240,6 +243,13 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
         )
     if recipe.data.max_length < 2:
         raise LvitError(f"{source}: data.max_length must be at least 2, got {recipe.data.max_length}.")
+    strategy = training.get("train_sampling_strategy", "random")
+    if recipe.data.group_by_modality_length and (strategy != "random" or training.get("group_by_length")):
+        raise LvitError(
+            f"{source}: data.group_by_modality_length orders the batches itself; remove "
+            f"training.train_sampling_strategy ({strategy!r}) / training.group_by_length, or set "
+            "data.group_by_modality_length: false."
+        )
     return recipe
 
 

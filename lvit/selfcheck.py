@@ -102,16 +102,18 @@ def build_sample(run, processor, config) -> Sample:
     loader = ImageLoader(processor.image_processor, data.image_folder, data.image_aspect_ratio)
     for record in _image_records(data):
         conv = Conversation(turns=record.conversation.turns[:2], has_image=True, system=record.conversation.system)
+        if len(record.images) > 1 and not conv.images_inline:  # its images are all in later turns
+            continue
         try:
             encoded = encoder.encode(conv)
-            image = loader.load(record.image)
+            images = [loader.load(image) for image in record.images[: conv.num_images]]
         except Exception:  # unreadable image, or a record the template rejects: try the next one
             continue
         if encoded.image_end > data.max_length:
             continue
         ids = encoded.input_ids[: data.max_length]
         return Sample(
-            torch.tensor([ids]), loader.pixel_values([image]), f"record {record.id!r} of {data.path}, {len(ids)} tokens"
+            torch.tensor([ids]), loader.pixel_values(images), f"record {record.id!r} of {data.path}, {len(ids)} tokens"
         )
     conv = Conversation(turns=[("user", SYNTHETIC_QUESTION), ("assistant", SYNTHETIC_ANSWER)], has_image=True)
     ids = encoder.encode(conv).input_ids
@@ -215,7 +217,7 @@ def check_chat_template_ids(run, processor, config) -> int:
             ("the training sample", trained.input_ids, conv, False),
             ("the generation prompt", encoder.encode(prompt, for_generation=True).input_ids, prompt, True),
         ):
-            messages = chat_messages(c, image if c.has_image else None)
+            messages = chat_messages(c, ([image] * c.num_images if c.images_inline else image) if c.has_image else None)
             got = processor.apply_chat_template(
                 messages, chat_template=chat_template, add_generation_prompt=generation, tokenize=True
             )

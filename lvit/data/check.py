@@ -124,11 +124,16 @@ def check_record_images(
 
     kept, problems = [], []
     for record in read.records:
-        found = problem_of(record.image) if record.image is not None else None
-        if found is None or found[1] == "warning":
+        images = record.images
+        found = [problem_of(image) for image in images]
+        if all(f is None or f[1] == "warning" for f in found):
             kept.append(record)
-        if found is not None:
-            kind, severity, message = found
+        for n, f in enumerate(found, 1):
+            if f is None:
+                continue
+            kind, severity, message = f
+            if len(images) > 1:  # say which of the record's images
+                message = f"image {n} of {len(images)}: {message}"
             problems.append(
                 RecordError(
                     record.where, message, kind, index=record.index, id=record.id, line=record.line, severity=severity

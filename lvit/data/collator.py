@@ -1,8 +1,11 @@
 """Batches: `LlavaCollator` turns training-dataset rows (`lvit.data.dataset`) into padded tensors.
 
-It runs in the data-loader workers: it decodes each row's image (from the file its `image_path`
-names, or from the encoded bytes a Hugging Face dataset's row carries in its `image` column) and
+It runs in the data-loader workers: it decodes each row's images (from the files its `image_paths`
+name, or from the encoded bytes a Hugging Face dataset's row carries in its `image` column) and
 encodes each conversation with the recipe's template (`lvit.templates.ConversationEncoder`).
+`pixel_values` stacks the batch's images in the order their image tokens come, row by row and, within a
+row, placeholder by placeholder (what `LlavaForConditionalGeneration` expects: it fills the image-token
+positions with the image features in that order).
 """
 
 from __future__ import annotations
@@ -55,16 +58,19 @@ class LlavaCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         images, stand_ins = [], set()
         for i, row in enumerate(rows):
-            if row["image_path"] is not None:
-                try:
-                    images.append(self.image_loader.load(image_of(row)))
-                except Exception as exc:  # a corrupt file found mid-run: say which record
-                    message = f"cannot read image {row['image_path']!r}: {exc}"
-                    if self.skipped_file is None:
-                        raise LvitError(f"record {row['id']!r}: {message}") from exc
-                    self._leave_out(row, message)
-                    images.append(stand_in_image())
-                    stand_ins.add(i)
+            sources = images_of(row)
+            try:
+                loaded = [self.image_loader.load(source) for source in sources]
+            except Exception as exc:  # a corrupt file found mid-run: say which record
+                paths = row.get("image_paths") or [row["image_path"]]
+                shown = repr(row["image_path"]) if len(paths) == 1 else f"among {paths!r}"
+                message = f"cannot read image {shown}: {exc}"
+                if self.skipped_file is None:
+                    raise LvitError(f"record {row['id']!r}: {message}") from exc
+                self._leave_out(row, message)
+                loaded = [stand_in_image() for _ in sources]
+                stand_ins.add(i)
+            images += loaded
         encoded = self.encoder.encode_many([conversation_from_row(r) for r in rows])
         ids = [e.input_ids[: self.max_length] for e in encoded]
         labels = [
@@ -122,6 +128,14 @@ def stand_in_image():
     from PIL import Image
 
     return Image.new("RGB", (32, 32))
+
+
+def images_of(row: dict) -> list:
+    """What `ImageLoader.load` opens for each image of a training row, in the order of its placeholders."""
+    paths = row.get("image_paths")
+    if paths and len(paths) > 1:  # several images: files (lvit reads one image per Hugging Face row)
+        return list(paths)
+    return [] if row["image_path"] is None else [image_of(row)]
 
 
 def image_of(row: dict):
