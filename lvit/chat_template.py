@@ -24,8 +24,9 @@ So system text, user turns, role headers, the image and padding are never traine
 
 The image: LM chat templates know no image items, so the template lvit renders and exports is the LM's
 with a prologue that turns each message whose content is a list of items (`{"type": "image"}`,
-`{"type": "text", ...}`) into a string: one `<image>\\n` per image item, then the text items (LLaVA's
-placement, as vicuna_v1's). String contents pass through untouched.
+`{"type": "text", ...}`) into a string, each image item becoming `<image>\\n`: with one image in the
+conversation it goes first in its message (LLaVA's placement), with several each stays where it stands
+among the parts (as vicuna_v1's template does). String contents pass through untouched.
 """
 
 from __future__ import annotations
@@ -35,14 +36,25 @@ from lvit.templates import IMAGE_PLACEHOLDER, Conversation, Rendered, Template, 
 
 _MARK = "{#- lvit: list contents -> '<image>\\n' per image item + the text items -#}"
 _PROLOGUE = (
-    _MARK + "{%- set lvit_ns = namespace(messages=[]) -%}"
+    _MARK + "{%- set lvit_ns = namespace(messages=[], images=0) -%}"
+    "{%- for m in messages if m['content'] is not string -%}"
+    "{%- set lvit_ns.images = lvit_ns.images"
+    " + (m['content'] | selectattr('type', 'equalto', 'image') | list | length) -%}"
+    "{%- endfor -%}"
     "{%- for m in messages -%}"
     "{%- if m['content'] is string -%}{%- set lvit_ns.messages = lvit_ns.messages + [m] -%}"
     "{%- else -%}{%- set lvit_text = namespace(s='') -%}"
+    "{%- if lvit_ns.images > 1 -%}"  # several images: each where it stands among the parts
+    "{%- for item in m['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set lvit_text.s = lvit_text.s + '" + IMAGE_PLACEHOLDER + "\\n' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set lvit_text.s = lvit_text.s + item['text'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- else -%}"  # one image: first in its message, as LLaVA places it
     "{%- for item in m['content'] if item['type'] == 'image' -%}"
     "{%- set lvit_text.s = lvit_text.s + '" + IMAGE_PLACEHOLDER + "\\n' -%}{%- endfor -%}"
     "{%- for item in m['content'] if item['type'] == 'text' -%}"
     "{%- set lvit_text.s = lvit_text.s + item['text'] -%}{%- endfor -%}"
+    "{%- endif -%}"
     "{%- set lvit_ns.messages = lvit_ns.messages + [{'role': m['role'], 'content': lvit_text.s}] -%}"
     "{%- endif -%}{%- endfor -%}"
     "{%- set messages = lvit_ns.messages %}"
@@ -135,7 +147,7 @@ class LMChatTemplate(Template):
         messages = chat_messages(conv)
         if for_generation:
             text = self._render(messages, True)
-            return Rendered(text, [], self._image(text, conv))
+            return Rendered(text, [], self._images(text, conv))
         whole = self._render(messages, False)
         spans: list[tuple[int, int]] = []
         for j, message in enumerate(messages):
@@ -162,7 +174,7 @@ class LMChatTemplate(Template):
             if self.end_of_turn in whole[start:at]:
                 raise ValueError(f"answer {k} is rendered after the end of its own turn; the template is not a chat")
             spans.append((start, end))
-        return Rendered(whole, spans, self._image(whole, conv))
+        return Rendered(whole, spans, self._images(whole, conv))
 
     def _end_of_turn(self, text: str, after: int, k: int) -> int:
         """The end of the end-of-turn token that closes the answer ending at `after`: the first special token
@@ -186,10 +198,15 @@ class LMChatTemplate(Template):
         self.end_of_turn = token
         return at + len(token)
 
-    def _image(self, text: str, conv: Conversation) -> int | None:
-        if not conv.has_image:
-            return None
-        at = text.find(IMAGE_PLACEHOLDER)
-        if at < 0:
-            raise ValueError(f"the chat template dropped the image placeholder {IMAGE_PLACEHOLDER!r}")
-        return at
+    def _images(self, text: str, conv: Conversation) -> list[int]:
+        """Where each image placeholder starts in the rendered text (one per image of the conversation)."""
+        found, at = [], text.find(IMAGE_PLACEHOLDER)
+        while at >= 0:
+            found.append(at)
+            at = text.find(IMAGE_PLACEHOLDER, at + len(IMAGE_PLACEHOLDER))
+        if len(found) != conv.num_images:
+            raise ValueError(
+                f"the chat template's text has {len(found)} image placeholder(s) {IMAGE_PLACEHOLDER!r} for "
+                f"{conv.num_images} image(s)"
+            )
+        return found

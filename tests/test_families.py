@@ -147,6 +147,26 @@ def test_auto_template_trains_exactly_the_answers_and_matches_the_chat_template(
     assert lengths.first_trained == [encoder.encode(c).first_trained for c in (SINGLE, MULTI)]
 
 
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "gemma3"])
+def test_auto_template_with_several_images(family, parts, tmp_path):
+    """A record with two images (each `<image>` where it stands): the ids are the exported chat template's."""
+    vision_dir, lm_dir = parts(family)
+    tokenizer = load_tokenizer(str(lm_dir))
+    processor = _processor(vision_dir, tokenizer, tmp_path / "export")
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    n_img = num_image_tokens(vision_config_of(str(vision_dir)))
+    encoder = ConversationEncoder("auto", tokenizer, image_id, n_img)
+    conv = Conversation(
+        [("user", f"{IMAGE_PLACEHOLDER}\nBefore, {IMAGE_PLACEHOLDER}\nafter: {Q1}"), ("assistant", A1)], has_image=True
+    )
+    enc = encoder.encode(conv)
+    size = processor.image_processor.size.get("height") or processor.image_processor.crop_size["height"]
+    messages = chat_messages(conv, [synthetic_image(size), synthetic_image(size)])
+    assert enc.input_ids == list(processor.apply_chat_template(messages, tokenize=True)[0])
+    assert enc.input_ids.count(image_id) == 2 * n_img
+    assert tokenizer.convert_ids_to_tokens([t for t in enc.labels if t != IGNORE_INDEX])[-1] == EXPECTED[family][0]
+
+
 def _write_template(tmp_path: Path, template: str) -> Path:
     folder = tmp_path / "tok"
     shutil.copytree(FIXTURES / "qwen3-tokenizer", folder)
