@@ -193,6 +193,31 @@ _NO_END_TOKEN = (  # turns end with plain text: generation could not stop
 )
 
 
+# lvit's own ChatML template with Qwen2.5's behaviour (Qwen/Qwen2.5-7B-Instruct's template writes a default
+# system prompt when the conversation has none; no think block)
+_CHATML_DEFAULT_SYSTEM = (
+    "{%- if messages[0]['role'] == 'system' -%}{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else -%}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif -%}"
+    "{%- for m in messages if m['role'] != 'system' -%}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def test_auto_template_with_a_default_system_prompt_trains_only_the_answers(parts, tmp_path):
+    tokenizer = load_tokenizer(str(_write_template(tmp_path, _CHATML_DEFAULT_SYSTEM)))
+    vision_dir = parts("qwen3")[0]
+    processor = _processor(vision_dir, tokenizer, tmp_path / "export")
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    encoder = ConversationEncoder("auto", tokenizer, image_id, num_image_tokens(vision_config_of(str(vision_dir))))
+    for conv in (MULTI, Conversation(MULTI.turns, has_image=True, system="Be brief.")):
+        enc = encoder.encode(conv)
+        assert enc.input_ids == _chat_ids(processor, conv)
+        trained = tokenizer.convert_ids_to_tokens([t for t in enc.labels if t != IGNORE_INDEX])
+        assert trained == ["A", "Ġred", "Ġsquare", ".", "<|im_end|>", "on", "Ġthe", "Ġleft", "<|im_end|>"]
+        assert tokenizer.decode(enc.input_ids[: enc.first_trained]).startswith("<|im_start|>system\n")
+
+
 @pytest.mark.parametrize(
     "template, reason",
     [
