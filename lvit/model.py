@@ -296,12 +296,13 @@ def assemble(
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     strategy = feature_select_strategy(vision.config)
     n_image = num_image_tokens(vision.config, strategy)
+    cls_note = "CLS token dropped" if strategy == "default" else "no CLS token"
     log.info(
-        "vision tower %s: %d px, patch %d, %s CLS token -> %d image tokens per image (feature layer %s, strategy %s)",
+        "vision tower %s: %d px, patch %d, %s -> %d image tokens per image (feature layer %s, strategy %s)",
         vision.config.model_type,
         vision.config.image_size,
         vision.config.patch_size,
-        "its" if has_cls_token(vision.config) else "no",
+        cls_note,
         n_image,
         model_cfg.vision_feature_layer,
         strategy,

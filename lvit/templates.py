@@ -18,6 +18,10 @@ trained when it starts inside one, read from the fast tokenizer's offsets. A tok
 edge (the answer's first token merged with the text before it) cannot be labelled; the conversation
 is refused (`ValueError`, as for any conversation a template refuses; `lvit data check` lists it).
 
+`data.template: auto` is the language model's own chat template (`lvit.chat_template.LMChatTemplate`): it
+renders the whole text itself (`Template.render`) and finds the trained spans by rendering prefixes of the
+conversation; the rest (one tokenization, labels from offsets, the image expanded) is the same.
+
 `ConversationEncoder.lengths` gives the numbers `encode` would give (length, end of the image,
 first trained token) without building the Python id lists: `lvit data check` and training's
 up-front checks measure every sample with it.
