@@ -32,13 +32,16 @@ class ModelSection:
     """Where the parts come from and how they are joined."""
 
     vision_tower: str
-    """A CLIP vision checkpoint (hub id or local folder); a full CLIPModel checkpoint works too."""
+    """A CLIP or SigLIP / SigLIP2 (fixed resolution) vision checkpoint (hub id or local folder); a full
+    CLIPModel / SiglipModel checkpoint works too. CLIP's CLS token is dropped; SigLIP has none, every patch
+    feature is used (`lvit.model.VISION_TOWERS`)."""
     language_model: str
-    """A Llama-family causal LM (hub id or local folder); its tokenizer is loaded from the same place."""
+    """A causal LM with `.model` and `.lm_head` (Llama, Qwen2/3, Mistral, Gemma 2/3...; hub id or local
+    folder); its tokenizer is loaded from the same place."""
     projector: Literal["linear", "mlp2x_gelu"] = "linear"
     """`linear`: the paper's single matrix W. `mlp2x_gelu`: LLaVA-1.5's two-layer MLP."""
     vision_feature_layer: int = -2
-    """Which CLIP layer feeds the projector; -2 (the penultimate) as in LLaVA."""
+    """Which vision-tower layer feeds the projector; -2 (the penultimate) as in LLaVA."""
     torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """The dtype the parts are loaded in."""
     projector_from: str | None = None
@@ -62,8 +65,9 @@ class DataSection:
     """A record that cannot be trained on (`lvit data check` lists them): `error` stops before training with
     the checker's report; `skip` trains on the rest and lists each skipped record with its reason in the run
     folder's `skipped_records.jsonl`."""
-    template: Literal["vicuna_v1", "plain"] = "vicuna_v1"
-    """Conversation template; see `lvit/templates.py`."""
+    template: Literal["vicuna_v1", "plain", "auto"] = "vicuna_v1"
+    """Conversation template; see `lvit/templates.py`. `auto`: the language model's own chat template (Llama 3,
+    Qwen, Mistral, Gemma...; `lvit/chat_template.py`), refused with the reason if lvit cannot split it exactly."""
     max_length: int = 2048
     """Longest sequence in tokens, image tokens included."""
     overlong: Literal["truncate", "drop", "error"] = "truncate"

@@ -167,12 +167,12 @@ def logits(model, sample: Sample, device: str) -> torch.Tensor:
 @torch.no_grad()
 def projector_outputs(llava, trained_projector, written_projector, sample: Sample, device: str):
     """`(trained, written)`: both projectors' outputs, in fp32 on the CPU, for the vision features `llava`'s
-    tower gives the sample's image (its configured feature layer, CLS dropped: the "default" strategy)."""
+    tower gives the sample's image (its configured feature layer; CLS dropped with the "default" strategy)."""
     config = llava.config
     vision = llava.model.vision_tower
     pixel_values = sample.pixel_values.to(device=device, dtype=next(vision.parameters()).dtype)
     hidden = vision(pixel_values, output_hidden_states=True).hidden_states[config.vision_feature_layer]
-    features = hidden[:, 1:].float().cpu()
+    features = (hidden if config.vision_feature_select_strategy == "full" else hidden[:, 1:]).float().cpu()
     return copy.deepcopy(trained_projector).float().cpu()(features), written_projector(features)
 
 
@@ -201,7 +201,8 @@ def check_chat_template_ids(run, processor, config) -> int:
         data.template, tokenizer, config.image_token_id, num_image_tokens(config.vision_config)
     )
     image = synthetic_image(config.vision_config.image_size)  # only its size matters: the image token count
-    chat_template = None if data.template == "vicuna_v1" else CHAT_TEMPLATES[data.template]
+    # vicuna_v1 and auto (the LM's own template): the processor's; plain: passed explicitly
+    chat_template = CHAT_TEMPLATES["plain"] if data.template == "plain" else None
     synthetic = Conversation(turns=[("user", SYNTHETIC_QUESTION), ("assistant", SYNTHETIC_ANSWER)], has_image=True)
     convs = [(f"record {r.id!r}", r.conversation) for r in _records(data)] or [("a synthetic sample", synthetic)]
     compared = 0

@@ -18,6 +18,10 @@ trained when it starts inside one, read from the fast tokenizer's offsets. A tok
 edge (the answer's first token merged with the text before it) cannot be labelled; the conversation
 is refused (`ValueError`, as for any conversation a template refuses; `lvit data check` lists it).
 
+`data.template: auto` is the language model's own chat template (`lvit.chat_template.LMChatTemplate`): it
+renders the whole text itself (`Template.render`) and finds the trained spans by rendering prefixes of the
+conversation; the rest (one tokenization, labels from offsets, the image expanded) is the same.
+
 `ConversationEncoder.lengths` gives the numbers `encode` would give (length, end of the image,
 first trained token) without building the Python id lists: `lvit data check` and training's
 up-front checks measure every sample with it.
@@ -159,6 +163,10 @@ class Template:
     def pieces(self, conv: Conversation, for_generation: bool = False) -> list[Piece]:
         raise NotImplementedError
 
+    def render(self, conv: Conversation, for_generation: bool = False, bos: str = "", eos: str = "") -> Rendered:
+        """The conversation's text and trained spans (`pieces` joined with the tokenizer's BOS and EOS)."""
+        return render(self.pieces(conv, for_generation), bos, eos)
+
 
 class VicunaV1(Template):
     """LLaVA's `vicuna_v1`: "{system} USER: <image>\\n{q} ASSISTANT: {a}</s>USER: ..."
@@ -210,13 +218,22 @@ class Plain(Template):
 
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (VicunaV1(), Plain())}
+AUTO = "auto"
+"""`data.template: auto`: the language model's own chat template (`lvit.chat_template.LMChatTemplate`)."""
 
 
-def get_template(name: str) -> Template:
+def get_template(name: str, tokenizer=None) -> Template:
+    """The template called `name`; "auto" is the tokenizer's own chat template (it needs `tokenizer`)."""
+    if name == AUTO:
+        if tokenizer is None:
+            raise ValueError("the 'auto' template is the tokenizer's chat template; pass the tokenizer")
+        from lvit.chat_template import LMChatTemplate
+
+        return LMChatTemplate(tokenizer)
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise ValueError(f"unknown template {name!r}; known: {', '.join(TEMPLATES)}") from None
+        raise ValueError(f"unknown template {name!r}; known: {', '.join([*TEMPLATES, AUTO])}") from None
 
 
 class ConversationEncoder:
@@ -234,20 +251,21 @@ class ConversationEncoder:
     """
 
     def __init__(self, template: Template | str, tokenizer, image_token_id: int, num_image_tokens: int):
-        self.template = get_template(template) if isinstance(template, str) else template
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
-        if tokenizer.eos_token_id is None:
+        name = template if isinstance(template, str) else template.name
+        if tokenizer.eos_token_id is None and name != AUTO:  # auto: the chat template's end-of-turn token
             raise ValueError("the tokenizer has no EOS token; lvit's templates end each answer with it")
         check_tokenizer(tokenizer, image_token_id)
+        self.template = get_template(template, tokenizer) if isinstance(template, str) else template
         self._bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else ""
-        self._eos = tokenizer.eos_token
+        self._eos = tokenizer.eos_token or ""
 
     def render(self, conv: Conversation, for_generation: bool = False) -> Rendered:
         """The conversation's text (what the chat template renders) with its trained spans (none in a
         generation prompt, whose earlier answers are history) and image."""
-        rendered = render(self.template.pieces(conv, for_generation), self._bos, self._eos)
+        rendered = self.template.render(conv, for_generation, self._bos, self._eos)
         if for_generation:
             rendered.trained = []
         return rendered

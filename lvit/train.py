@@ -393,6 +393,7 @@ def build_model(recipe: Recipe, args):
         quantize_lm=recipe.method == "qlora",
         compute_dtype=recipe.lora.compute_dtype,
         on_cpu=args.use_cpu,
+        template=recipe.data.template,
     )
     apply_stage(model, recipe.stage, recipe.model.projector, train_lm=recipe.method == "full")
     if recipe.method != "full":

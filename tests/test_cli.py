@@ -99,6 +99,7 @@ def test_unreachable_model_id_names_the_recipe_key(tiny_recipe, tmp_path):
         "llava15_stage1.yaml",
         "llava15_stage2.yaml",
         "llava15_stage2_lora.yaml",
+        "siglip2_qwen7b_qlora.yaml",
     ],
 )
 def test_paper_recipes_dry_run_offline(name):

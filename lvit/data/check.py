@@ -223,16 +223,14 @@ def encoder_from_recipe(recipe):
 
     `recipe`: a `lvit.recipe.Recipe`; `lvit data check --recipe` reads it with
     `load_recipe(path, overrides, check_training=False)`."""
-    from transformers import CLIPVisionConfig
-
     from lvit.hub import resolve_source
-    from lvit.model import load_tokenizer, num_image_tokens
+    from lvit.model import load_tokenizer, num_image_tokens, vision_config_of
     from lvit.templates import IMAGE_PLACEHOLDER, ConversationEncoder
 
     lm = resolve_source(recipe.model.language_model, "model.language_model", recipe.source)
     vision = resolve_source(recipe.model.vision_tower, "model.vision_tower", recipe.source)
     tokenizer = load_tokenizer(lm)
-    vision_config = CLIPVisionConfig.from_pretrained(vision)
+    vision_config = vision_config_of(vision)
     return ConversationEncoder(
         recipe.data.template,
         tokenizer,
