@@ -102,6 +102,32 @@ SHAPES = {
         vision=CLIP_VIT_L14,
         seq_len=2048,
     ),
+    # recipes/siglip2_qwen2.5_7b_qlora.yaml, estimate only (--estimate-only; the measured path writes Llama LMs):
+    # Qwen2.5-7B-Instruct's config.json (huggingface.co/Qwen/Qwen2.5-7B-Instruct): 28 layers, hidden 3584,
+    # intermediate 18944, 28 query / 4 key-value heads, 152064 embedding rows (a padded vocabulary: lvit's
+    # <image> takes a spare row), untied LM head; google/siglip2-so400m-patch14-384's vision config (27 layers,
+    # hidden 1152, intermediate 4304, 16 heads, 384 px, patch 14: 729 image tokens, no CLS).
+    "qwen2.5-7b-siglip2": dict(
+        lm=dict(
+            num_hidden_layers=28,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_rows=152064,
+        ),
+        vision=dict(
+            kind="siglip",
+            num_hidden_layers=27,
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+        ),
+        seq_len=2048,
+        goal_gib=24.0,  # a 24 GB consumer card (RTX 3090 / 4090)
+    ),
     # Same layout (256 image tokens from 224 px / patch 14), small enough for 2 CPU cores.
     "tiny-cpu": dict(
         lm=dict(num_hidden_layers=4, hidden_size=512, intermediate_size=1376, num_attention_heads=8),
@@ -262,14 +288,17 @@ def count_params(model) -> dict:
 
 
 def clip_params(shape: str) -> int:
-    """Exact parameter count of the shape's CLIP vision tower (built on the meta device: no memory)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    """Exact parameter count of the shape's vision tower, CLIP or SigLIP (built on the meta device: no memory)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
+    v = dict(SHAPES[shape]["vision"])
+    siglip = v.pop("kind", "clip") == "siglip"
+    config = (SiglipVisionConfig if siglip else CLIPVisionConfig)(**v)
     with torch.device("meta"):
-        return sum(p.numel() for p in CLIPVisionModel(CLIPVisionConfig(**SHAPES[shape]["vision"])).parameters())
+        return sum(p.numel() for p in (SiglipVisionModel if siglip else CLIPVisionModel)(config).parameters())
 
 
-def estimate(shape: str, seq_len: int, r: int, lora_bytes: int = 4, full_logits: bool = False) -> dict:
+def estimate(shape: str, seq_len: int, r: int, lora_bytes: int = 4, full_logits: bool = False, batch: int = 1) -> dict:
     """Expected peak GPU memory of one QLoRA step, from the shapes alone. An estimate, not a measurement.
 
     Bytes on the device, by phase (PyTorch's allocator, plus the paged optimizer's 8-bit states, which
@@ -277,14 +306,16 @@ def estimate(shape: str, seq_len: int, r: int, lora_bytes: int = 4, full_logits:
     (weights, adapters, optimizer states) plus the larger of the end of the forward pass (all
     checkpoints, autocast's bf16 copies of fp32 LoRA weights) and the backward pass (all adapter
     gradients, all checkpoints as an upper bound, one decoder layer recomputed). The CUDA context
-    (~0.5 GiB) and the allocator's fragmentation (reserved - allocated) come on top.
+    (~0.5 GiB) and the allocator's fragmentation (reserved - allocated) come on top. `batch` sequences of
+    `seq_len` tokens per micro-step: the activation terms scale with it, the weights do not.
     """
     lm, v = SHAPES[shape]["lm"], SHAPES[shape]["vision"]
     h, i, n = lm["hidden_size"], lm["intermediate_size"], lm["num_hidden_layers"]
-    vh, t = v["hidden_size"], seq_len
-    vocab = VOCAB + 2  # + <image>, <pad>
-    linear = n * (4 * h * h + 3 * h * i)  # q k v o gate up down, all 4-bit
-    lora = n * r * (4 * (h + h) + 2 * (h + i) + (i + h))  # A (r x in) + B (out x r) on each
+    kv = h * lm.get("num_key_value_heads", lm["num_attention_heads"]) // lm["num_attention_heads"]  # k, v width
+    vh, t = v["hidden_size"], seq_len * batch
+    vocab = lm.get("vocab_rows", VOCAB + 2)  # Vicuna: 32000 + <image>, <pad>; a padded vocabulary: its rows
+    linear = n * (2 * h * h + 2 * h * kv + 3 * h * i)  # q o, k v, gate up down, all 4-bit
+    lora = n * r * (2 * (h + h) + 2 * (h + kv) + 2 * (h + i) + (i + h))  # A (r x in) + B (out x r) on each
     projector_trained = vh * h + h  # linear_1; linear_2 is the frozen identity (h x h)
     projector_all = projector_trained + h * h + h
     bf16, fp32 = 2, 4
@@ -292,8 +323,8 @@ def estimate(shape: str, seq_len: int, r: int, lora_bytes: int = 4, full_logits:
     static = {
         # NF4: 4 bits/weight; double quant: one 8-bit absmax per 64 weights, one fp32 per 256 of those.
         "4-bit linear weights (NF4 + double quant)": linear * (0.5 + 1 / 64 + 4 / (64 * 256)),
-        "embeddings + LM head (bf16, 32002 rows)": 2 * vocab * h * bf16,
-        "CLIP vision tower (bf16)": clip_params(shape) * bf16,
+        f"embeddings + LM head (bf16, {vocab} rows)": 2 * vocab * h * bf16,
+        f"{v.get('kind', 'clip')} vision tower (bf16)": clip_params(shape) * bf16,
         # lvit keeps fp32 masters of what trains (lvit.precision): peft's trainable copy of linear_1 is fp32,
         # the original projector and the copy's frozen identity linear_2 stay bf16.
         "projector (bf16; peft's copy of linear_1 in fp32)": projector_all * bf16
@@ -334,8 +365,8 @@ def estimate(shape: str, seq_len: int, r: int, lora_bytes: int = 4, full_logits:
     }
 
 
-def format_estimate(e: dict, shape: str, seq_len: int, r: int) -> str:
-    lines = [f"ESTIMATE (not a measurement): {shape}, seq {seq_len}, LoRA r={r}, batch 1, checkpointing on"]
+def format_estimate(e: dict, shape: str, seq_len: int, r: int, batch: int = 1) -> str:
+    lines = [f"ESTIMATE (not a measurement): {shape}, seq {seq_len}, LoRA r={r}, batch {batch}, checkpointing on"]
     for title, key in (
         ("static", "static_gib"),
         ("+ forward", "forward_extra_gib"),
@@ -347,7 +378,8 @@ def format_estimate(e: dict, shape: str, seq_len: int, r: int) -> str:
     peak = f"peak = static + {e['peak_phase']} (allocator + paged states)"
     lines.append(f"  {peak:<54} {e['peak_allocated_gib']:7.2f} GiB")
     total = e["peak_allocated_gib"] + e["cuda_context_gib"]
-    lines.append(f"  {'+ CUDA context ~0.5 GiB':<54} {total:7.2f} GiB  (goal {GOAL_GIB:.0f} GiB)")
+    goal = SHAPES[shape].get("goal_gib", GOAL_GIB)
+    lines.append(f"  {'+ CUDA context ~0.5 GiB':<54} {total:7.2f} GiB  (goal {goal:.0f} GiB)")
     return "\n".join(lines)
 
 
@@ -635,6 +667,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts-dir", help="keep the written random checkpoints here and reuse them (13B: 26 GB)")
     ap.add_argument("--full-logits", action="store_true", help="plain model loss (full logits), not TRL's fused head")
     ap.add_argument("--estimate-only", action="store_true", help="print the analytic estimate and exit (no model)")
+    ap.add_argument("--batch", type=int, default=1, help="--estimate-only: sequences per micro-step (default 1)")
     ap.add_argument("--write-parts", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -643,7 +676,8 @@ def main(argv=None) -> int:
 
         r = load_recipe(args.recipe).lora.r
         seq = args.seq_len or SHAPES[args.shape]["seq_len"]
-        print(format_estimate(estimate(args.shape, seq, r, full_logits=args.full_logits), args.shape, seq, r))
+        e = estimate(args.shape, seq, r, full_logits=args.full_logits, batch=args.batch)
+        print(format_estimate(e, args.shape, seq, r, args.batch))
         return 0
 
     if args.write_parts:

@@ -17,6 +17,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
+from lvit import endpoint_cli
 from lvit.data.cli import data_app
 from lvit.errors import LvitError, Preempted
 
@@ -399,11 +400,34 @@ def eval_scienceqa(
     limit: int = typer.Option(None, "--limit", help="Only the first N problems of the split (a quick look)."),
     load_4bit: bool = typer.Option(False, "--load-4bit", help=_4BIT_HELP),
     device: str = typer.Option(None, "--device"),
+    arbiter_base_url: str = endpoint_cli.base_url("arbiter", required=False),
+    arbiter_model: str = endpoint_cli.model("arbiter", required=False),
+    arbiter_api_key_env: str = endpoint_cli.api_key_env("arbiter"),
+    arbiter_timeout: float = endpoint_cli.timeout("arbiter"),
+    arbiter_retries: int = endpoint_cli.retries("arbiter"),
+    arbiter_prompt: Path = typer.Option(None, "--arbiter-prompt", help="Your own arbiter prompt file (YAML)."),
+    concurrency: int = endpoint_cli.concurrency(),
 ) -> None:
-    """ScienceQA accuracy, overall and by subject (NAT/SOC/LAN), context (TXT/IMG/NO) and grade."""
+    """ScienceQA accuracy, overall and by subject (NAT/SOC/LAN), context (TXT/IMG/NO) and grade.
+
+    With --arbiter-base-url and --arbiter-model, a text-only LLM answers too and, where it and the model
+    disagree, makes the final call (the LLaVA paper's Sec. 5.2): the model, the LLM and the two combined are
+    reported side by side.
+    """
     _quiet_libraries()
     from lvit.eval import scienceqa as sqa
     from lvit.generation import GenerationSettings
+
+    arbiter = None
+    if arbiter_base_url or arbiter_model:
+        if not (arbiter_base_url and arbiter_model):
+            raise LvitError("the arbiter needs both --arbiter-base-url and --arbiter-model")
+        from lvit.eval.arbiter import load_arbiter_prompt
+
+        endpoint = endpoint_cli.make_endpoint(
+            arbiter_base_url, arbiter_model, arbiter_api_key_env, arbiter_timeout, arbiter_retries
+        )
+        arbiter = {"endpoint": endpoint, "prompt": load_arbiter_prompt(arbiter_prompt), "concurrency": concurrency}
 
     result = sqa.run_eval(
         model,
@@ -419,8 +443,77 @@ def eval_scienceqa(
         device=device,
         limit=limit,
         answer_format=answer_format,
+        arbiter=arbiter,
     )
     typer.echo(sqa.format_table(result.scores, f"ScienceQA {split} ({result.scores['total']} problems)"))
+    if "arbiter" in result.scores:
+        from lvit.eval.arbiter import format_table
+
+        typer.echo(format_table(result.scores["arbiter"]))
+    typer.echo(f"results: {result.path}")
+
+
+@eval_app.command("llava-bench")
+def eval_llava_bench(
+    model: Path = typer.Argument(None, help=_MODEL_HELP + " Omit with --predictions."),
+    questions: Path = typer.Option(..., "--questions", help="LLaVA-Bench's questions.jsonl (qa90_questions.jsonl)."),
+    context: Path = typer.Option(
+        ...,
+        "--context",
+        help="LLaVA-Bench's context.jsonl (COCO: caps_boxes_coco2014_val_80.jsonl): what the judge reads.",
+    ),
+    references: Path = typer.Option(
+        ..., "--references", help="The reference answers: answers_gpt4.jsonl (qa90_gpt4_answer.jsonl)."
+    ),
+    predictions: Path = typer.Option(
+        None, "--predictions", help="Judge these answers: an `lvit generate` file, or LLaVA's (question_id, text)."
+    ),
+    image_folder: Path = typer.Option(None, "--image-folder", help="LLaVA-Bench's images (when generating)."),
+    out: Path = typer.Option(None, "--out", help="Folder for answers, reviews.jsonl and results.json."),
+    base_url: str = endpoint_cli.base_url(),
+    judge_model: str = endpoint_cli.model(),
+    api_key_env: str = endpoint_cli.api_key_env(),
+    timeout: float = endpoint_cli.timeout(),
+    retries: int = endpoint_cli.retries(),
+    concurrency: int = endpoint_cli.concurrency(),
+    judge_prompt: Path = typer.Option(None, "--judge-prompt", help="Your own judge prompt file (YAML)."),
+    retry_failures: bool = typer.Option(False, "--retry-failures", help="Ask again where the judge failed before."),
+    limit: int = typer.Option(None, "--limit", help="Only the first N questions (a quick look)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", help="LLaVA's model_vqa default."),
+    load_4bit: bool = typer.Option(False, "--load-4bit", help=_4BIT_HELP),
+    device: str = typer.Option(None, "--device"),
+) -> None:
+    """LLaVA-Bench: a text-only judge scores the model's answers against reference answers (the paper's Sec. 5.1).
+
+    Reports the model's score relative to the reference (x100) per category (conversation, detail, complex) and
+    overall; the judge's reviews are saved, and a rerun judges only what is missing.
+    """
+    _quiet_libraries()
+    from lvit.eval import llava_bench
+    from lvit.generation import GenerationSettings
+
+    # temperature 0.2: LLaVA's judge requests (github.com/haotian-liu/LLaVA, llava/eval/eval_gpt_review_bench.py)
+    endpoint = endpoint_cli.make_endpoint(base_url, judge_model, api_key_env, timeout, retries, temperature=0.2)
+    result = llava_bench.run_eval(
+        model,
+        questions,
+        context,
+        references,
+        endpoint,
+        predictions=predictions,
+        out=out,
+        judge_prompt=judge_prompt,
+        concurrency=concurrency,
+        retry_failures=retry_failures,
+        limit=limit,
+        image_folder=image_folder,
+        settings=GenerationSettings(max_new_tokens),
+        batch_size=batch_size,
+        load_4bit=load_4bit,
+        device=device,
+    )
+    typer.echo(llava_bench.format_table(result.scores))
     typer.echo(f"results: {result.path}")
 
 

@@ -63,15 +63,16 @@ def generate_batch(
     encoder: ConversationEncoder,
     image_loader,
     convs: list[Conversation],
-    image_paths: list[str | None],
+    image_paths: list[str | list[str] | None],
     settings: GenerationSettings,
     streamer=None,
     pixel_values: torch.Tensor | None = None,
 ) -> list[str]:
     """Answer the last user turn of each conversation in one `generate` call, left-padded.
 
-    The caller puts the model in eval mode. `pixel_values` may be passed instead of loading the
-    images (one row per conversation that has an image).
+    The caller puts the model in eval mode. `image_paths[i]` is conversation i's image, a list of them (one
+    per placeholder, in order) or None. `pixel_values` may be passed instead of loading the images (one row
+    per image, in the order of the conversations and their placeholders).
     """
     tokenizer = encoder.tokenizer
     device, dtype = _model_device_and_dtype(model)
@@ -82,7 +83,9 @@ def generate_batch(
     attention = torch.tensor([[0] * (width - len(e.input_ids)) + [1] * len(e.input_ids) for e in encoded])
     kwargs = {}
     if pixel_values is None:
-        images = [image_loader.load(p) for p in image_paths if p is not None]
+        from lvit.questions import images_of
+
+        images = [image_loader.load(p) for entry in image_paths for p in images_of(entry)]
         if images:
             pixel_values = image_loader.pixel_values(images)
     if pixel_values is not None:
@@ -104,7 +107,7 @@ def iter_answers(
     encoder: ConversationEncoder,
     image_loader,
     convs: list[Conversation],
-    image_paths: list[str | None],
+    image_paths: list[str | list[str] | None],
     settings: GenerationSettings,
     batch_size: int = 16,
 ) -> Iterator[tuple[int, list[str]]]:

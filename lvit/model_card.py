@@ -74,7 +74,7 @@ def model_card(run, result, out: Path) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| vision tower | `{recipe.model.vision_tower}` (CLIP, feature layer {recipe.model.vision_feature_layer}) |",
+        f"| vision tower | `{recipe.model.vision_tower}` (feature layer {recipe.model.vision_feature_layer}) |",
         f"| language model | `{recipe.model.language_model}` |",
         f"| projector | `{recipe.model.projector}`"
         + (f", initialised from `{recipe.model.projector_from}`" if recipe.model.projector_from else "")

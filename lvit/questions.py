@@ -19,7 +19,8 @@ class Question:
     id: str
     conversation: Conversation
     """Ends with the user turn to answer; earlier turns are the history."""
-    image: str | None
+    image: str | list[str] | None
+    """The image (a path), a list of paths (several images, in the order of their placeholders) or None."""
     reference: str | None = None
     """The record's trailing assistant turn, when it had one."""
 
@@ -54,6 +55,11 @@ def read_questions(path: str | Path) -> list[Question]:
     return questions
 
 
+def images_of(image) -> list:
+    """A question's (or generation input's) images as a list: [] for None, a list as it is, else [image]."""
+    return [] if image is None else list(image) if isinstance(image, list) else [image]
+
+
 def check_images(questions: list[Question], image_folder: str | Path | None) -> None:
     """Fail before generating when an image is missing or is not an image (not after hours of generation).
 
@@ -61,18 +67,19 @@ def check_images(questions: list[Question], image_folder: str | Path | None) -> 
     does by default."""
     from lvit.data.images import describe_image, image_exists, probe_image
 
-    missing = [q for q in questions if q.image is not None and not image_exists(q.image, image_folder)]
+    missing = [(q, i) for q in questions for i in images_of(q.image) if not image_exists(i, image_folder)]
     if missing:
         raise LvitError(
-            f"{len(missing)} question image(s) not found, e.g. {missing[0].id!r}: "
-            f"{describe_image(missing[0].image, image_folder)}. "
+            f"{len(missing)} question image(s) not found, e.g. {missing[0][0].id!r}: "
+            f"{describe_image(missing[0][1], image_folder)}. "
             "Pass --image-folder, the folder the data's image paths are relative to."
         )
     found: dict = {}
     for q in questions:
-        if q.image is not None and q.image not in found:
-            found[q.image] = probe_image(q.image, image_folder, decode=False)
-    bad = [(q, found[q.image]) for q in questions if q.image is not None and found[q.image] is not None]
+        for i in images_of(q.image):
+            if i not in found:
+                found[i] = probe_image(i, image_folder, decode=False)
+    bad = [(q, found[i]) for q in questions for i in images_of(q.image) if found[i] is not None]
     bad = [(q, problem) for q, problem in bad if problem[1] == "error"]
     if bad:
         listed = "\n".join(f"  question {q.id!r}: {problem[2]}" for q, problem in bad[:5])

@@ -32,13 +32,16 @@ class ModelSection:
     """Where the parts come from and how they are joined."""
 
     vision_tower: str
-    """A CLIP vision checkpoint (hub id or local folder); a full CLIPModel checkpoint works too."""
+    """A CLIP or SigLIP / SigLIP2 (fixed resolution) vision checkpoint (hub id or local folder); a full
+    CLIPModel / SiglipModel checkpoint works too. CLIP's CLS token is dropped; SigLIP has none, every patch
+    feature is used (`lvit.model.VISION_TOWERS`)."""
     language_model: str
-    """A Llama-family causal LM (hub id or local folder); its tokenizer is loaded from the same place."""
+    """A causal LM with `.model` and `.lm_head` (Llama, Qwen2/3, Mistral, Gemma 2/3...; hub id or local
+    folder); its tokenizer is loaded from the same place."""
     projector: Literal["linear", "mlp2x_gelu"] = "linear"
     """`linear`: the paper's single matrix W. `mlp2x_gelu`: LLaVA-1.5's two-layer MLP."""
     vision_feature_layer: int = -2
-    """Which CLIP layer feeds the projector; -2 (the penultimate) as in LLaVA."""
+    """Which vision-tower layer feeds the projector; -2 (the penultimate) as in LLaVA."""
     torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """The dtype the parts are loaded in."""
     projector_from: str | None = None
@@ -62,8 +65,9 @@ class DataSection:
     """A record that cannot be trained on (`lvit data check` lists them): `error` stops before training with
     the checker's report; `skip` trains on the rest and lists each skipped record with its reason in the run
     folder's `skipped_records.jsonl`."""
-    template: Literal["vicuna_v1", "plain"] = "vicuna_v1"
-    """Conversation template; see `lvit/templates.py`."""
+    template: Literal["vicuna_v1", "plain", "auto"] = "vicuna_v1"
+    """Conversation template; see `lvit/templates.py`. `auto`: the language model's own chat template (Llama 3,
+    Qwen, Mistral, Gemma...; `lvit/chat_template.py`), refused with the reason if lvit cannot split it exactly."""
     max_length: int = 2048
     """Longest sequence in tokens, image tokens included."""
     overlong: Literal["truncate", "drop", "error"] = "truncate"
@@ -72,6 +76,9 @@ class DataSection:
     image_aspect_ratio: Literal["square", "pad"] = "square"
     """`square`: the processor's resize and centre crop. `pad`: pad to a square with the processor's
     mean colour first (LLaVA-1.5)."""
+    group_by_modality_length: bool = False
+    """Each optimizer step draws only image records or only text-only records (LLaVA-1.5's
+    `--group_by_modality_length`; `lvit/data/modality_sampler.py`). False: random batches."""
     packing: bool = True
     """Padding-free batches (`lvit/data/packing.py`): each micro-batch's samples laid end to end in as few rows
     as fit `max_tokens_per_row`, positions restarting at 0 per sample, attention confined to each sample. The
@@ -247,6 +254,13 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
         )
     if recipe.data.max_length < 2:
         raise LvitError(f"{source}: data.max_length must be at least 2, got {recipe.data.max_length}.")
+    strategy = training.get("train_sampling_strategy", "random")
+    if recipe.data.group_by_modality_length and (strategy != "random" or training.get("group_by_length")):
+        raise LvitError(
+            f"{source}: data.group_by_modality_length orders the batches itself; remove "
+            f"training.train_sampling_strategy ({strategy!r}) / training.group_by_length, or set "
+            "data.group_by_modality_length: false."
+        )
     if recipe.data.packing and recipe.model.attn_implementation is not None:
         from lvit.data.packing import check_attention
 

@@ -102,16 +102,18 @@ def build_sample(run, processor, config) -> Sample:
     loader = ImageLoader(processor.image_processor, data.image_folder, data.image_aspect_ratio)
     for record in _image_records(data):
         conv = Conversation(turns=record.conversation.turns[:2], has_image=True, system=record.conversation.system)
+        if len(record.images) > 1 and not conv.images_inline:  # its images are all in later turns
+            continue
         try:
             encoded = encoder.encode(conv)
-            image = loader.load(record.image)
+            images = [loader.load(image) for image in record.images[: conv.num_images]]
         except Exception:  # unreadable image, or a record the template rejects: try the next one
             continue
         if encoded.image_end > data.max_length:
             continue
         ids = encoded.input_ids[: data.max_length]
         return Sample(
-            torch.tensor([ids]), loader.pixel_values([image]), f"record {record.id!r} of {data.path}, {len(ids)} tokens"
+            torch.tensor([ids]), loader.pixel_values(images), f"record {record.id!r} of {data.path}, {len(ids)} tokens"
         )
     conv = Conversation(turns=[("user", SYNTHETIC_QUESTION), ("assistant", SYNTHETIC_ANSWER)], has_image=True)
     ids = encoder.encode(conv).input_ids
@@ -165,12 +167,12 @@ def logits(model, sample: Sample, device: str) -> torch.Tensor:
 @torch.no_grad()
 def projector_outputs(llava, trained_projector, written_projector, sample: Sample, device: str):
     """`(trained, written)`: both projectors' outputs, in fp32 on the CPU, for the vision features `llava`'s
-    tower gives the sample's image (its configured feature layer, CLS dropped: the "default" strategy)."""
+    tower gives the sample's image (its configured feature layer; CLS dropped with the "default" strategy)."""
     config = llava.config
     vision = llava.model.vision_tower
     pixel_values = sample.pixel_values.to(device=device, dtype=next(vision.parameters()).dtype)
     hidden = vision(pixel_values, output_hidden_states=True).hidden_states[config.vision_feature_layer]
-    features = hidden[:, 1:].float().cpu()
+    features = (hidden if config.vision_feature_select_strategy == "full" else hidden[:, 1:]).float().cpu()
     return copy.deepcopy(trained_projector).float().cpu()(features), written_projector(features)
 
 
@@ -199,7 +201,8 @@ def check_chat_template_ids(run, processor, config) -> int:
         data.template, tokenizer, config.image_token_id, num_image_tokens(config.vision_config)
     )
     image = synthetic_image(config.vision_config.image_size)  # only its size matters: the image token count
-    chat_template = None if data.template == "vicuna_v1" else CHAT_TEMPLATES[data.template]
+    # vicuna_v1 and auto (the LM's own template): the processor's; plain: passed explicitly
+    chat_template = CHAT_TEMPLATES["plain"] if data.template == "plain" else None
     synthetic = Conversation(turns=[("user", SYNTHETIC_QUESTION), ("assistant", SYNTHETIC_ANSWER)], has_image=True)
     convs = [(f"record {r.id!r}", r.conversation) for r in _records(data)] or [("a synthetic sample", synthetic)]
     compared = 0
@@ -214,7 +217,7 @@ def check_chat_template_ids(run, processor, config) -> int:
             ("the training sample", trained.input_ids, conv, False),
             ("the generation prompt", encoder.encode(prompt, for_generation=True).input_ids, prompt, True),
         ):
-            messages = chat_messages(c, image if c.has_image else None)
+            messages = chat_messages(c, ([image] * c.num_images if c.images_inline else image) if c.has_image else None)
             got = processor.apply_chat_template(
                 messages, chat_template=chat_template, add_generation_prompt=generation, tokenize=True
             )

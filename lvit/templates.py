@@ -18,6 +18,10 @@ trained when it starts inside one, read from the fast tokenizer's offsets. A tok
 edge (the answer's first token merged with the text before it) cannot be labelled; the conversation
 is refused (`ValueError`, as for any conversation a template refuses; `lvit data check` lists it).
 
+`data.template: auto` is the language model's own chat template (`lvit.chat_template.LMChatTemplate`): it
+renders the whole text itself (`Template.render`) and finds the trained spans by rendering prefixes of the
+conversation; the rest (one tokenization, labels from offsets, the image expanded) is the same.
+
 `ConversationEncoder.lengths` gives the numbers `encode` would give (length, end of the image,
 first trained token) without building the Python id lists: `lvit data check` and training's
 up-front checks measure every sample with it.
@@ -46,9 +50,23 @@ class Conversation:
     turns: list[tuple[str, str]]
     """(role, text) with role "user" or "assistant", starting with "user"."""
     has_image: bool = False
-    """Whether the sample's image goes at the start of the first user turn."""
+    """Whether the sample has an image. With one image (no placeholder left in the text) it goes at the
+    start of the first user turn; with several, each `<image>` left in the user turns' text (followed by
+    "\n", `lvit.data.records` normalises it so) is where its image goes."""
     system: str | None = None
     """Overrides the template's system prompt when set."""
+
+    @property
+    def num_images(self) -> int:
+        """How many images the sample has: the placeholders in its user turns, else one when `has_image`."""
+        if not self.has_image:
+            return 0
+        return sum(text.count(IMAGE_PLACEHOLDER) for role, text in self.turns if role == "user") or 1
+
+    @property
+    def images_inline(self) -> bool:
+        """Whether the images stand where their placeholders are in the text (a sample with several)."""
+        return self.has_image and any(IMAGE_PLACEHOLDER in text for role, text in self.turns if role == "user")
 
 
 @dataclass
@@ -65,7 +83,7 @@ class Encoded:
     image_end: int = 0
     """Index just past the last image token (0 when there is no image)."""
     text: str = field(default="", repr=False)
-    """The rendered text that was tokenized (one `<image>` for the image)."""
+    """The rendered text that was tokenized (one `<image>` for each image)."""
 
     @property
     def first_trained(self) -> int:
@@ -93,24 +111,29 @@ class Lengths:
 
 @dataclass
 class Rendered:
-    """A conversation as one string: the text the chat template renders (one `<image>`), the character
-    spans that are trained (each answer with its EOS) and where the image placeholder starts."""
+    """A conversation as one string: the text the chat template renders (one `<image>` per image), the
+    character spans that are trained (each answer with its EOS) and where each image placeholder starts."""
 
     text: str
     trained: list[tuple[int, int]]
-    image: int | None = None
+    images: list[int] = field(default_factory=list)
+
+    @property
+    def image(self) -> int | None:
+        """Where the first image placeholder starts (None without an image)."""
+        return self.images[0] if self.images else None
 
 
 def render(pieces: list[Piece], bos: str, eos: str) -> Rendered:
     """Join a template's pieces into one string; adjacent trained pieces make one span."""
     parts: list[str] = []
     trained: list[tuple[int, int]] = []
-    image = None
+    images: list[int] = []
     pos = 0
     for piece in pieces:
         text = {"bos": bos, "eos": eos, "image": IMAGE_PLACEHOLDER}.get(piece.kind, piece.text)
         if piece.kind == "image":
-            image = pos
+            images.append(pos)
         if piece.trained and text:
             if trained and trained[-1][1] == pos:
                 trained[-1] = (trained[-1][0], pos + len(text))
@@ -118,7 +141,18 @@ def render(pieces: list[Piece], bos: str, eos: str) -> Rendered:
                 trained.append((pos, pos + len(text)))
         parts.append(text)
         pos += len(text)
-    return Rendered("".join(parts), trained, image)
+    return Rendered("".join(parts), trained, images)
+
+
+def user_pieces(text: str) -> list[Piece]:
+    """A user turn's text as pieces: each `<image>` left in it (a sample with several images) an image piece."""
+    out: list[Piece] = []
+    for k, segment in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if k:
+            out.append(Piece("image"))
+        if segment:
+            out.append(Piece("text", segment))
+    return out
 
 
 class Template:
@@ -128,6 +162,10 @@ class Template:
 
     def pieces(self, conv: Conversation, for_generation: bool = False) -> list[Piece]:
         raise NotImplementedError
+
+    def render(self, conv: Conversation, for_generation: bool = False, bos: str = "", eos: str = "") -> Rendered:
+        """The conversation's text and trained spans (`pieces` joined with the tokenizer's BOS and EOS)."""
+        return render(self.pieces(conv, for_generation), bos, eos)
 
 
 class VicunaV1(Template):
@@ -145,8 +183,10 @@ class VicunaV1(Template):
         for i, (role, text) in enumerate(conv.turns):
             if role == "user":
                 lead = f"{system} USER: " if i == 0 else "USER: "
-                if i == 0 and conv.has_image:
+                if i == 0 and conv.has_image and not conv.images_inline:
                     out += [Piece("text", lead), Piece("image"), Piece("text", f"\n{text} ASSISTANT:")]
+                elif IMAGE_PLACEHOLDER in text:  # several images, each where its placeholder is
+                    out += [Piece("text", lead), *user_pieces(text), Piece("text", " ASSISTANT:")]
                 else:
                     out.append(Piece("text", f"{lead}{text} ASSISTANT:"))
             else:
@@ -165,9 +205,7 @@ class Plain(Template):
     name = "plain"
 
     def pieces(self, conv: Conversation, for_generation: bool = False) -> list[Piece]:
-        out = [Piece("bos")]
-        if conv.has_image:
-            out.append(Piece("image"))
+        out = [Piece("bos")] + [Piece("image")] * conv.num_images
         answers = [text for role, text in conv.turns if role == "assistant"]
         if for_generation:
             return out
@@ -180,13 +218,22 @@ class Plain(Template):
 
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (VicunaV1(), Plain())}
+AUTO = "auto"
+"""`data.template: auto`: the language model's own chat template (`lvit.chat_template.LMChatTemplate`)."""
 
 
-def get_template(name: str) -> Template:
+def get_template(name: str, tokenizer=None) -> Template:
+    """The template called `name`; "auto" is the tokenizer's own chat template (it needs `tokenizer`)."""
+    if name == AUTO:
+        if tokenizer is None:
+            raise ValueError("the 'auto' template is the tokenizer's chat template; pass the tokenizer")
+        from lvit.chat_template import LMChatTemplate
+
+        return LMChatTemplate(tokenizer)
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise ValueError(f"unknown template {name!r}; known: {', '.join(TEMPLATES)}") from None
+        raise ValueError(f"unknown template {name!r}; known: {', '.join([*TEMPLATES, AUTO])}") from None
 
 
 class ConversationEncoder:
@@ -204,20 +251,21 @@ class ConversationEncoder:
     """
 
     def __init__(self, template: Template | str, tokenizer, image_token_id: int, num_image_tokens: int):
-        self.template = get_template(template) if isinstance(template, str) else template
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
-        if tokenizer.eos_token_id is None:
+        name = template if isinstance(template, str) else template.name
+        if tokenizer.eos_token_id is None and name != AUTO:  # auto: the chat template's end-of-turn token
             raise ValueError("the tokenizer has no EOS token; lvit's templates end each answer with it")
         check_tokenizer(tokenizer, image_token_id)
+        self.template = get_template(template, tokenizer) if isinstance(template, str) else template
         self._bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else ""
-        self._eos = tokenizer.eos_token
+        self._eos = tokenizer.eos_token or ""
 
     def render(self, conv: Conversation, for_generation: bool = False) -> Rendered:
         """The conversation's text (what the chat template renders) with its trained spans (none in a
         generation prompt, whose earlier answers are history) and image."""
-        rendered = render(self.template.pieces(conv, for_generation), self._bos, self._eos)
+        rendered = self.template.render(conv, for_generation, self._bos, self._eos)
         if for_generation:
             rendered.trained = []
         return rendered
@@ -238,6 +286,7 @@ class ConversationEncoder:
             input_ids: list[int] = []
             labels: list[int] = []
             image_end = 0
+            image_starts = set(r.images)
             spans = iter(r.trained)
             span = next(spans, None)
             for token, (a, b) in zip(token_ids, offsets, strict=True):
@@ -245,7 +294,8 @@ class ConversationEncoder:
                     span = next(spans, None)
                 if span is not None and (a < span[0] < b or a < span[1] < b):
                     raise ValueError(_straddle(self.tokenizer, token, r.text, a, b))
-                if r.image is not None and a == r.image and token == self.image_token_id and not image_end:
+                if a in image_starts and token == self.image_token_id:
+                    image_starts.discard(a)
                     input_ids += [token] * self.num_image_tokens
                     labels += [IGNORE_INDEX] * self.num_image_tokens
                     image_end = len(input_ids)
@@ -312,12 +362,10 @@ class ConversationEncoder:
         """(total, image_end, first_trained) of one rendered conversation from its Rust encoding `e`, as
         `encode` counts them (the image expanded by `extra` tokens); ValueError where `encode` refuses."""
         n = len(e)
-        image = -1
-        if r.image is not None:
-            image = e.char_to_token(r.image)
-            if image is None:  # `check_tokenizer` makes sure `<image>` is one token
-                raise ValueError("lvit bug: no token at the image placeholder")
-            n += extra
+        images = [e.char_to_token(position) for position in r.images]
+        if None in images:  # `check_tokenizer` makes sure `<image>` is one token
+            raise ValueError("lvit bug: no token at the image placeholder")
+        n += extra * len(images)
         first_trained = n
         for start, end in r.trained:
             index = _first_token_in(e, start, end)
@@ -327,8 +375,8 @@ class ConversationEncoder:
             if a < start:
                 raise ValueError(_straddle(self.tokenizer, e.ids[index], r.text, a, b))
             if first_trained == n:
-                first_trained = index + (extra if image is not None and 0 <= image < index else 0)
-        return n, (image + 1 + extra if image >= 0 else 0), first_trained
+                first_trained = index + extra * sum(image < index for image in images)
+        return n, (images[-1] + 1 + extra * len(images) if images else 0), first_trained
 
     def _lengths_by_encoding(self, convs: list[Conversation]) -> Lengths:
         out = Lengths()
@@ -400,18 +448,28 @@ def _straddle(tokenizer, token: int, text: str, a: int, b: int) -> str:
 
 
 # A Jinja chat template that renders the vicuna_v1 text, for `processor.apply_chat_template` in
-# plain transformers. Images in a user message are placed first, followed by "\n".
+# plain transformers. Each image renders as "<image>\n": in a conversation with one image it is placed first
+# in its message; in one with several (a multi-image record) every message's parts stay in their order.
 VICUNA_V1_CHAT_TEMPLATE = (
     "{%- set system = '" + VICUNA_V1_SYSTEM.replace("'", "\\'") + "' -%}"
     "{%- if messages[0]['role'] == 'system' -%}"
     "{%- if messages[0]['content'] is string -%}{%- set system = messages[0]['content'] -%}"
     "{%- else -%}{%- set system = messages[0]['content'][0]['text'] -%}{%- endif -%}"
     "{%- set messages = messages[1:] -%}{%- endif -%}"
+    "{%- set ns = namespace(images=0) -%}"
+    "{%- for message in messages if message['content'] is not string -%}"
+    "{%- set ns.images = ns.images + (message['content'] | selectattr('type', 'equalto', 'image') | list | length) -%}"
+    "{%- endfor -%}"
     "{{- bos_token + system -}}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}"
     "{{- (' ' if loop.first else '') + 'USER: ' -}}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- elif ns.images > 1 -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{- '<image>\n' -}}{%- elif item['type'] == 'text' -%}{{- item['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
     "{%- else -%}"
     "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>\n' -}}{%- endfor -%}"
     "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
@@ -448,10 +506,25 @@ CHAT_TEMPLATES = {"vicuna_v1": VICUNA_V1_CHAT_TEMPLATE, "plain": PLAIN_CHAT_TEMP
 def chat_messages(conv: Conversation, image=None) -> list[dict]:
     """The conversation as chat messages for `processor.apply_chat_template`: the system prompt (when the
     conversation overrides it) as a system message, the image first in the first user message (`image`,
-    e.g. a PIL image, goes into that item, for `tokenize=True`)."""
+    e.g. a PIL image, goes into that item, for `tokenize=True`). With several images (`image` then a list
+    of them, one per placeholder), each user message's parts keep the text's order."""
     messages = []
     if conv.system is not None:
         messages.append({"role": "system", "content": conv.system})
+    if conv.images_inline:
+        queue = list(image) if image is not None else []
+        for role, text in conv.turns:
+            if role != "user" or IMAGE_PLACEHOLDER not in text:
+                messages.append({"role": role, "content": text})
+                continue
+            parts = []
+            for k, segment in enumerate(text.split(IMAGE_PLACEHOLDER + "\n")):
+                if k:
+                    parts.append({"type": "image", "image": queue.pop(0)} if queue else {"type": "image"})
+                if segment:
+                    parts.append({"type": "text", "text": segment})
+            messages.append({"role": role, "content": parts})
+        return messages
     for i, (role, text) in enumerate(conv.turns):
         if i == 0 and conv.has_image:
             item = {"type": "image"} if image is None else {"type": "image", "image": image}

@@ -144,3 +144,92 @@ def build_tiny_parts(
     )
     LlamaForCausalLM(lm_config).save_pretrained(lm_dir)
     return vision_dir, lm_dir
+
+
+# --- a SigLIP-shaped tower and language models of other families ---------------------------------------------
+
+
+def build_tiny_siglip(out_dir: str | Path, seed: int = 0, vision: dict | None = None) -> Path:
+    """A tiny SigLIP checkpoint (a full `SiglipModel`, text tower included, as google/siglip-* and the
+    fixed-resolution google/siglip2-* checkpoints are) with its image processor (a plain resize to the
+    tower's size, no crop). No CLS token: every position of its output is a patch."""
+    import torch
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    torch.manual_seed(seed)
+    v = {k: val for k, val in {**TINY_VISION, **(vision or {})}.items() if k != "projection_dim"}
+    config = SiglipConfig(
+        vision_config=v,
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=100,
+            max_position_embeddings=16,
+        ),
+    )
+    out_dir = Path(out_dir)
+    SiglipModel(config).save_pretrained(out_dir)
+    size = v["image_size"]
+    SiglipImageProcessor(size={"height": size, "width": size}).save_pretrained(out_dir)
+    return out_dir
+
+
+def family_corpus() -> list[str]:
+    """Text the family tokenizers (tests/fixtures/*-tokenizer, `scripts/make_family_tokenizers.py`) are
+    trained on: the tiny corpus, the synthetic task's words and the chat templates' role words."""
+    from lvit import synthetic
+
+    chat = "user assistant model system Hello. Hi. Bye. Be brief. What is it? A red square. Where? Top left.\n\n"
+    return [*_BASE_CORPUS, *synthetic.corpus(), chat * 3]
+
+
+# Language-model families lvit is tested with: the transformers config class of the text model and whether
+# the real models pad their vocabulary (more embedding rows than tokenizer entries: Qwen2.5's 151,665 tokens
+# have 151,936 rows up to 3B and 152,064 from 7B (the models' config.json on the Hub); Gemma 3 262,208 rows).
+LM_FAMILIES = {
+    "llama3": ("LlamaConfig", False),
+    "qwen2": ("Qwen2Config", True),
+    "qwen3": ("Qwen3Config", True),
+    "mistral": ("MistralConfig", False),
+    "gemma2": ("Gemma2Config", False),
+    "gemma3": ("Gemma3TextConfig", True),
+}
+
+
+def padded_rows(n_tokens: int, multiple: int = 64, spare: int = 2) -> int:
+    """Embedding rows of a padded vocabulary: `n_tokens` + at least `spare`, rounded up to `multiple`."""
+    return -(-(n_tokens + spare) // multiple) * multiple
+
+
+def build_family_lm(
+    out_dir: str | Path, family: str, tokenizer_dir: str | Path, seed: int = 0, text: dict | None = None
+) -> Path:
+    """A tiny causal LM of `family` (`LM_FAMILIES`) with the tokenizer saved in `tokenizer_dir` (copied in).
+
+    Families whose real models pad their vocabulary get a padded one here too (`padded_rows`), so lvit's
+    `<image>` and pad tokens take spare rows."""
+    import shutil
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config_class, padded = LM_FAMILIES[family]
+    out_dir = Path(out_dir)
+    shutil.copytree(tokenizer_dir, out_dir, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    t = {**TINY_TEXT, "head_dim": TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"], **(text or {})}
+    if family.startswith("gemma"):
+        t.update(tie_word_embeddings=True, sliding_window=64)
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(
+        vocab_size=padded_rows(len(tokenizer)) if padded else len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **t,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
+    return out_dir

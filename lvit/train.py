@@ -67,8 +67,16 @@ class LlavaTrainer(SFTTrainer):
     and packed filler excluded).
     """
 
-    def __init__(self, *args, projector_lr: float | None = None, compact_head: bool = False, **kwargs):
+    def __init__(
+        self,
+        *args,
+        projector_lr: float | None = None,
+        group_by_modality: bool = False,
+        compact_head: bool = False,
+        **kwargs,
+    ):
         self.projector_lr = projector_lr
+        self.group_by_modality = group_by_modality
         self.compact_head = compact_head
         super().__init__(*args, **kwargs)
 
@@ -139,6 +147,14 @@ class LlavaTrainer(SFTTrainer):
         model.load_state_dict(state, strict=False)
 
     def _get_train_sampler(self, train_dataset=None):
+        if self.group_by_modality:  # data.group_by_modality_length: LLaVA-1.5's single-modality steps
+            from lvit.data.modality_sampler import ModalityGroupedSampler
+
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            args = self.args
+            step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+            has_image = [path is not None for path in dataset["image_path"]]
+            return ModalityGroupedSampler(has_image, step, args.data_seed or args.seed)
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
             # transformers' sampler draws from the global RNG, whose state differs between a run and
@@ -260,8 +276,9 @@ class TrainingRun:
 
     def setup(self) -> TrainingRun:
         from lvit.data.collator import LlavaCollator
-        from lvit.data.dataset import prepare, write_skipped
+        from lvit.data.dataset import write_skipped
         from lvit.data.images import ImageLoader
+        from lvit.data.shared import prepare_once
         from lvit.model import num_image_tokens
         from lvit.runs import SKIPPED_FILE
         from lvit.stages import format_report, report_modules
@@ -296,7 +313,8 @@ class TrainingRun:
         encoder = ConversationEncoder(
             recipe.data.template, tokenizer, model.config.image_token_id, num_image_tokens(model.config.vision_config)
         )
-        self.prepared = prepared = prepare(recipe.data, encoder, recipe.source)  # the checks of `lvit data check`
+        # the checks of `lvit data check`, on rank 0 only; every rank trains on the records rank 0 kept
+        self.prepared = prepared = prepare_once(recipe.data, encoder, recipe.source)
         dataset, self.skipped_file = prepared.dataset, out / SKIPPED_FILE
         if prepared.skipped:
             if main:
@@ -339,6 +357,7 @@ class TrainingRun:
             data_collator=collator,
             processing_class=processor,
             projector_lr=recipe.projector_lr,
+            group_by_modality=recipe.data.group_by_modality_length,
             compact_head=recipe.compact_head,
             callbacks=[
                 RunFilesCallback(recipe, processor),
@@ -438,6 +457,7 @@ def build_model(recipe: Recipe, args):
         quantize_lm=recipe.method == "qlora",
         compute_dtype=recipe.lora.compute_dtype,
         on_cpu=args.use_cpu,
+        template=recipe.data.template,
     )
     apply_stage(model, recipe.stage, recipe.model.projector, train_lm=recipe.method == "full")
     if recipe.method != "full":

@@ -90,7 +90,17 @@ def test_unreachable_model_id_names_the_recipe_key(tiny_recipe, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["llava_stage1.yaml", "llava_stage2.yaml", "llava_stage2_qlora.yaml", "llava_stage2_lora.yaml"]
+    "name",
+    [
+        "llava_stage1.yaml",
+        "llava_stage2.yaml",
+        "llava_stage2_qlora.yaml",
+        "llava_stage2_lora.yaml",
+        "llava15_stage1.yaml",
+        "llava15_stage2.yaml",
+        "llava15_stage2_lora.yaml",
+        "siglip2_qwen7b_qlora.yaml",
+    ],
 )
 def test_paper_recipes_dry_run_offline(name):
     result = CliRunner().invoke(app, ["finetune", str(RECIPES / name), "--dry-run"], catch_exceptions=False)
@@ -120,6 +130,29 @@ def test_paper_recipe_dry_run_passes_with_local_parts(tiny_parts, shapes_data, t
     )
     assert result.exit_code == 0, result.output
     assert "8 process(es): 4 per device x 1 accumulation x 8 = 32 global batch" in result.output
+    assert "dry run passed" in result.output
+
+
+@pytest.mark.parametrize("name", ["llava15_stage2.yaml", "llava15_stage2_lora.yaml"])
+def test_llava15_recipe_dry_run_passes_with_local_parts(tiny_parts, shapes_data, tmp_path, name):
+    """LLaVA-1.5's stage 2 on local parts: the mlp2x_gelu projector, 16 x 8 = 128 and modality grouping check out."""
+    vision, lm = tiny_parts
+    result = CliRunner().invoke(
+        app,
+        [
+            "finetune",
+            str(RECIPES / name),
+            "--dry-run",
+            f"model.vision_tower={vision}",
+            f"model.language_model={lm}",
+            f"model.projector_from={tmp_path}",
+            f"data.path={shapes_data['instruct']}",
+            f"data.image_folder={shapes_data['images']}",
+            f"training.output_dir={tmp_path / 'out'}",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "8 process(es): 16 per device x 1 accumulation x 8 = 128 global batch" in result.output
     assert "dry run passed" in result.output
 
 

@@ -269,10 +269,16 @@ CHAT_BAD = {
          "images": ["a.png"]},
         "placeholder_mismatch", "message 3: an image may only appear in the first user message",
     ),
-    "two images": (
-        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]},
+    "two images, one image part": (
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]},
                       {"role": "assistant", "content": "A."}], "images": ["a.png", "b.png"]},
-        "multiple_images", "lvit trains on one image per record",
+        "placeholder_mismatch", "the record has 2 images but 1 {'type': 'image'} parts in its user messages",
+    ),
+    "two images, one in an assistant message": (
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]},
+                      {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "A."}]}],
+         "images": ["a.png", "b.png"]},
+        "placeholder_mismatch", "message 2: an image may only appear in a user message",
     ),
     "unknown role": (
         {"messages": [{"role": "user", "content": "Q?"}, {"role": "bot", "content": "A."}]},

@@ -64,6 +64,16 @@ def test_wheel_ships_the_recipes_as_files(wheel):
             assert whl.read(name) == (RECIPES_DIR / name.removeprefix("lvit/recipes/")).read_bytes()
 
 
+def test_wheel_ships_the_prompt_files(wheel):
+    """`lvit data generate`'s prompts and the judge's / arbiter's prompts are package data, read at run time."""
+    lvit_dir = REPO / "lvit"
+    shipped = {f"lvit/{p.relative_to(lvit_dir).as_posix()}" for p in lvit_dir.glob("*/prompts/*.yaml")}
+    assert {"lvit/data/prompts/conversation.yaml", "lvit/eval/prompts/llava_bench_judge.yaml"} <= shipped
+    with zipfile.ZipFile(wheel) as whl:
+        for name in shipped:
+            assert whl.read(name) == (REPO / name).read_bytes()
+
+
 def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], tmp_path)

@@ -254,3 +254,36 @@ def test_packed_bf16_step_close_to_padded(parts):
     print(f"bf16: loss rel diff {rel:.2e}, min grad cosine {cos:.6f}")
     assert rel < 1e-4
     assert cos > 0.9999
+
+
+def test_packed_records_with_several_images_keep_their_images_in_token_order(parts, shapes_data):
+    """A two-image record packed after others: pixel_values is the images in the order their blocks are read."""
+    import json
+    from pathlib import Path
+
+    from lvit.data.records import normalise
+
+    _, _, padded, _ = parts
+    instruct = [r for r in json.loads(Path(shapes_data["instruct"]).read_text()) if "image" in r]
+    question = instruct[3]["conversations"][0]["value"].replace("<image>", "").strip()
+    pair = {
+        "id": "pair",
+        "image": [instruct[2]["image"], instruct[3]["image"]],
+        "conversations": [
+            {"from": "human", "value": f"Before: <image>\nAfter: <image>\n{question}"},
+            {"from": "gpt", "value": instruct[3]["conversations"][1]["value"]},
+        ],
+    }
+    records = [normalise(r, i) for i, r in enumerate([instruct[0], pair, instruct[1]])]
+    rows_ = [r.to_row() for r in records]
+    lengths = [len(e.input_ids) for e in padded.encoder.encode_many([conversation_from_row(r) for r in rows_])]
+    budget = max(lengths[1], lengths[0] + lengths[2])  # the single-image records share a row, the pair has one
+    assert lengths[1] + min(lengths[0], lengths[2]) > budget, lengths
+    assert rows(lengths, budget) == [[0, 2], [1]]
+    collate = LlavaCollator(padded.encoder, padded.image_loader, 0, 512, packing=True, max_tokens_per_row=budget)
+    batch = collate(rows_)
+    loader = padded.image_loader
+    reading = [instruct[0]["image"], instruct[1]["image"], instruct[2]["image"], instruct[3]["image"]]
+    assert torch.equal(batch["pixel_values"], loader.pixel_values([loader.load(p) for p in reading]))
+    image_token = padded.encoder.image_token_id
+    assert [int((row == image_token).sum()) for row in batch["input_ids"]] == [2 * padded.encoder.num_image_tokens] * 2

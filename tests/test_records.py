@@ -67,6 +67,7 @@ def test_system_turn_first_is_accepted():
     assert record.to_row() == {
         "id": "r1",
         "image_path": "a.png",
+        "image_paths": ["a.png"],
         "roles": ["user", "assistant"],
         "texts": ["Colour?", "red"],
         "system": "Answer in one word.",
@@ -127,7 +128,7 @@ BAD = {
         rec(("human", "<image>\nQ?"), ("system", "Be brief."), ("gpt", "A."), rid="bad"),
         "turn 2: a system turn may only come first",
     ),
-    "image not a string": ({**rec("<image>\nQ?", "A.", rid="bad"), "image": ["a.png"]}, "'image' must be a file path"),
+    "image not a string": ({**rec("<image>\nQ?", "A.", rid="bad"), "image": 5}, "'image' must be a file path"),
     "image empty": ({**rec("<image>\nQ?", "A.", rid="bad"), "image": " "}, "'image' must be a file path"),
 }
 

@@ -9,8 +9,12 @@
    (measured by `lvit.templates.ConversationEncoder.lengths`) against `data.max_length`;
    `check_data` is `lvit data check`. `report` renders what it found (`CheckReport`: text, JSON,
    length percentiles and histogram).
-4. `dataset`: the training dataset (`prepare`), `data.on_bad_record`, `skipped_records.jsonl`.
-5. `collator`: training rows -> padded batches (`LlavaCollator`), images decoded in the workers.
+4. `dataset`: the training dataset (`prepare`), `data.on_bad_record`, `skipped_records.jsonl`;
+   `shared`: under several processes, `prepare` on rank 0 only and its records on every rank (`prepare_once`).
+5. `collator`: training rows -> padded batches (`LlavaCollator`), images decoded in the workers, stacked
+   in the order of their image tokens (several per record allowed).
+
+The batch order: `modality_sampler` (LLaVA-1.5's single-modality steps, `data.group_by_modality_length`).
 
 Beside the pipeline: `images` (any image mode to RGB, EXIF orientation, `pad`; checking one image),
 `convert` and `scienceqa` (`lvit data convert`), `cli` (the `lvit data` commands).

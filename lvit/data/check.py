@@ -124,11 +124,16 @@ def check_record_images(
 
     kept, problems = [], []
     for record in read.records:
-        found = problem_of(record.image) if record.image is not None else None
-        if found is None or found[1] == "warning":
+        images = record.images
+        found = [problem_of(image) for image in images]
+        if all(f is None or f[1] == "warning" for f in found):
             kept.append(record)
-        if found is not None:
-            kind, severity, message = found
+        for n, f in enumerate(found, 1):
+            if f is None:
+                continue
+            kind, severity, message = f
+            if len(images) > 1:  # say which of the record's images
+                message = f"image {n} of {len(images)}: {message}"
             problems.append(
                 RecordError(
                     record.where, message, kind, index=record.index, id=record.id, line=record.line, severity=severity
@@ -218,16 +223,14 @@ def encoder_from_recipe(recipe):
 
     `recipe`: a `lvit.recipe.Recipe`; `lvit data check --recipe` reads it with
     `load_recipe(path, overrides, check_training=False)`."""
-    from transformers import CLIPVisionConfig
-
     from lvit.hub import resolve_source
-    from lvit.model import load_tokenizer, num_image_tokens
+    from lvit.model import load_tokenizer, num_image_tokens, vision_config_of
     from lvit.templates import IMAGE_PLACEHOLDER, ConversationEncoder
 
     lm = resolve_source(recipe.model.language_model, "model.language_model", recipe.source)
     vision = resolve_source(recipe.model.vision_tower, "model.vision_tower", recipe.source)
     tokenizer = load_tokenizer(lm)
-    vision_config = CLIPVisionConfig.from_pretrained(vision)
+    vision_config = vision_config_of(vision)
     return ConversationEncoder(
         recipe.data.template,
         tokenizer,

@@ -1,4 +1,4 @@
-"""`lvit data ...`: check and convert training data. Heavy libraries are imported inside the commands."""
+"""`lvit data ...`: check, convert and generate training data. Heavy libraries are imported inside the commands."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 
 import typer
 
+from lvit import endpoint_cli
 from lvit.errors import LvitError
 
 data_app = typer.Typer(
-    help="Check and convert training data (LLaVA JSON/JSONL, chat format, Hugging Face datasets).",
+    help="Check, convert and generate training data (LLaVA JSON/JSONL, chat format, Hugging Face datasets).",
     no_args_is_help=True,
 )
 
@@ -145,3 +146,77 @@ def convert(
         typer.echo(f"{result['images_written']} embedded images written to {result['image_folder']}")
     if result["image_folder"]:
         typer.echo(f"image folder for the recipe (data.image_folder / --image-folder): {result['image_folder']}")
+
+
+@data_app.command("generate")
+def generate(
+    input_file: Path = typer.Argument(
+        None,
+        metavar="INPUT",
+        help="JSON Lines, one image per line: {image, captions, boxes: [{label, bbox}], id?}. Or use --coco-captions.",
+    ),
+    out: Path = typer.Option(..., "--out", help="The LLaVA JSON Lines file to write (appended to; rerun to resume)."),
+    image_folder: Path = typer.Option(None, "--image-folder", help="Folder the image paths are relative to."),
+    coco_captions: Path = typer.Option(None, "--coco-captions", help="COCO captions_*.json (instead of INPUT)."),
+    coco_instances: Path = typer.Option(None, "--coco-instances", help="COCO instances_*.json: the object boxes."),
+    base_url: str = endpoint_cli.base_url(),
+    model: str = endpoint_cli.model(),
+    api_key_env: str = endpoint_cli.api_key_env(),
+    mix: str = typer.Option(
+        None,
+        "--mix",
+        help="Kind weights, e.g. conversation=58,detail=23,complex=77 (the default: the LLaVA paper's 58K/23K/77K).",
+    ),
+    records: int = typer.Option(None, "--records", help="How many records (default: one per image; more cycle)."),
+    prompts: Path = typer.Option(
+        None, "--prompts", help="A folder with your own conversation.yaml / detail.yaml / complex.yaml."
+    ),
+    prompt: list[str] = typer.Option(None, "--prompt", help="KIND=FILE: your own prompt file for one kind."),
+    concurrency: int = endpoint_cli.concurrency(),
+    timeout: float = endpoint_cli.timeout(),
+    retries: int = endpoint_cli.retries(),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Longest reply; a reply cut off is rejected."),
+    temperature: float = typer.Option(None, "--temperature", help="Default: the endpoint's."),
+    rejects: Path = typer.Option(None, "--rejects", help="Where rejected replies go (default: OUT.rejects.jsonl)."),
+    retry_rejects: bool = typer.Option(False, "--retry-rejects", help="Ask again for the records rejected earlier."),
+    price_input: float = typer.Option(None, "--price-input", help="Price per 1M prompt tokens, for the cost."),
+    price_output: float = typer.Option(None, "--price-output", help="Price per 1M completion tokens."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the first request and send nothing."),
+) -> None:
+    """Write instruction-following data (conversation, detail, complex) from captions and boxes with a text LLM.
+
+    The LLaVA paper's data engine (Sec. 3): the LLM never sees the images. Rerunning the same command resumes:
+    records and rejects already written are skipped. Exit status: 0 done; 2 an error; 130 Ctrl-C (kept work).
+    """
+    from lvit.data.generate import generate as run_generate
+    from lvit.data.generate import load_prompts, parse_mix, plan, read_coco, read_jsonl
+    from lvit.data.generate.contexts import check_images
+    from lvit.data.generate.prompts import parse_prompt_options
+
+    if (input_file is None) == (coco_captions is None):
+        raise LvitError("pass either INPUT (JSON Lines) or --coco-captions FILE (with --coco-instances FILE)")
+    if coco_instances is not None and coco_captions is None:
+        raise LvitError("--coco-instances goes with --coco-captions")
+    endpoint = endpoint_cli.make_endpoint(
+        base_url, model, api_key_env, timeout, retries, max_tokens=max_tokens, temperature=temperature
+    )
+    prompt_sets = load_prompts(prompts, parse_prompt_options(prompt))
+    weights = parse_mix(mix)
+    contexts = read_coco(coco_captions, coco_instances) if coco_captions else read_jsonl(input_file, image_folder)
+    check_images(contexts, image_folder)
+    tasks = plan(contexts, weights, records)
+    summary = run_generate(
+        tasks,
+        out,
+        endpoint,
+        prompt_sets,
+        concurrency=concurrency,
+        rejects=rejects,
+        retry_rejects=retry_rejects,
+        dry_run=dry_run,
+        price_input=price_input,
+        price_output=price_output,
+        echo=typer.echo,
+    )
+    if not dry_run:
+        typer.echo(summary.format_text())

@@ -1,8 +1,12 @@
-"""Batches: `LlavaCollator` turns training-dataset rows (`lvit.data.dataset`) into padded tensors.
+"""Batches: `LlavaCollator` turns training-dataset rows (`lvit.data.dataset`) into padded or packed tensors.
 
-It runs in the data-loader workers: it decodes each row's image (from the file its `image_path`
-names, or from the encoded bytes a Hugging Face dataset's row carries in its `image` column) and
+It runs in the data-loader workers: it decodes each row's images (from the files its `image_paths`
+name, or from the encoded bytes a Hugging Face dataset's row carries in its `image` column) and
 encodes each conversation with the recipe's template (`lvit.templates.ConversationEncoder`).
+`pixel_values` stacks the batch's images in the order their image tokens come, row by row and, within a
+row, placeholder by placeholder (what `LlavaForConditionalGeneration` expects: it fills the image-token
+positions with the image features in that order); packed rows (`lvit.data.packing`) keep that rule, so the
+images follow the packed layout.
 """
 
 from __future__ import annotations
@@ -60,18 +64,22 @@ class LlavaCollator:
         self.max_tokens_per_row = max_tokens_per_row
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        images, stand_ins = [], set()
+        per_record, stand_ins = [], set()
         for i, row in enumerate(rows):
-            if row["image_path"] is not None:
-                try:
-                    images.append(self.image_loader.load(image_of(row)))
-                except Exception as exc:  # a corrupt file found mid-run: say which record
-                    message = f"cannot read image {row['image_path']!r}: {exc}"
-                    if self.skipped_file is None:
-                        raise LvitError(f"record {row['id']!r}: {message}") from exc
-                    self._leave_out(row, message)
-                    images.append(stand_in_image())
-                    stand_ins.add(i)
+            sources = images_of(row)
+            try:
+                loaded = [self.image_loader.load(source) for source in sources]
+            except Exception as exc:  # a corrupt file found mid-run: say which record
+                paths = row.get("image_paths") or [row["image_path"]]
+                shown = repr(row["image_path"]) if len(paths) == 1 else f"among {paths!r}"
+                message = f"cannot read image {shown}: {exc}"
+                if self.skipped_file is None:
+                    raise LvitError(f"record {row['id']!r}: {message}") from exc
+                self._leave_out(row, message)
+                loaded = [stand_in_image() for _ in sources]
+                stand_ins.add(i)
+            per_record.append(loaded)
+        images = [image for loaded in per_record for image in loaded]
         encoded = self.encoder.encode_many([conversation_from_row(r) for r in rows])
         ids = [e.input_ids[: self.max_length] for e in encoded]
         labels = [
@@ -80,10 +88,9 @@ class LlavaCollator:
         ]
         if self.packing:  # padding-free rows (lvit.data.packing); images in the packed reading order
             batch, layout = pack(ids, labels, self.max_tokens_per_row, self.pad_token_id)
-            with_image = [i for i, row in enumerate(rows) if row["image_path"] is not None]
-            order = [with_image.index(i) for row in layout for i in row if i in with_image]
             if images:
-                batch["pixel_values"] = self.image_loader.pixel_values([images[k] for k in order])
+                packed = [image for row in layout for i in row for image in per_record[i]]
+                batch["pixel_values"] = self.image_loader.pixel_values(packed)
             return batch
         width = max(len(x) for x in ids)
         batch = {
@@ -136,6 +143,14 @@ def stand_in_image():
     from PIL import Image
 
     return Image.new("RGB", (32, 32))
+
+
+def images_of(row: dict) -> list:
+    """What `ImageLoader.load` opens for each image of a training row, in the order of its placeholders."""
+    paths = row.get("image_paths")
+    if paths and len(paths) > 1:  # several images: files (lvit reads one image per Hugging Face row)
+        return list(paths)
+    return [] if row["image_path"] is None else [image_of(row)]
 
 
 def image_of(row: dict):

@@ -15,6 +15,7 @@ from pathlib import Path
 from lvit.data.records import Record, read_all
 from lvit.data.sources import is_embedded
 from lvit.errors import LvitError
+from lvit.templates import Conversation, chat_messages
 
 TARGETS = ("llava", "llava-jsonl", "chat")
 _EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
@@ -25,7 +26,7 @@ def to_llava(record: Record) -> dict:
     conv = record.conversation
     turns = [{"from": "system", "value": conv.system}] if conv.system is not None else []
     for i, (role, text) in enumerate(conv.turns):
-        if i == 0 and record.image is not None:
+        if i == 0 and record.image is not None and not conv.images_inline:  # several: placeholders in the text
             text = f"<image>\n{text}" if text else "<image>"
         turns.append({"from": "human" if role == "user" else "gpt", "value": text})
     out: dict = {"id": record.id}
@@ -41,12 +42,17 @@ def to_chat(record: Record) -> dict:
     messages = []
     if conv.system is not None:
         messages.append({"role": "system", "content": [{"type": "text", "text": conv.system}]})
+    if conv.images_inline:  # several images: each part where its placeholder is
+        for m in chat_messages(Conversation(conv.turns, True)):
+            parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            messages.append({"role": m["role"], "content": parts})
+        return {"id": record.id, "messages": messages, "images": record.images}
     for i, (role, text) in enumerate(conv.turns):
         parts = [{"type": "image"}] if i == 0 and record.image is not None else []
         if text:
             parts.append({"type": "text", "text": text})
         messages.append({"role": role, "content": parts})
-    return {"id": record.id, "messages": messages, "images": [] if record.image is None else [record.image]}
+    return {"id": record.id, "messages": messages, "images": record.images}
 
 
 def convert(
@@ -86,9 +92,10 @@ def convert(
                 continue
             if is_embedded(record.image):
                 record.image = _write_image(record.image.read(), images_dir, record.index)
-            elif not Path(record.image).is_absolute():  # one image folder must serve both kinds
+            else:  # one image folder must serve both kinds
                 base = Path(image_folder) if image_folder is not None else Path.cwd()
-                record.image = str((base / record.image).resolve())
+                absolute = [str((base / image).resolve()) for image in record.images]
+                record.image = absolute if isinstance(record.image, list) else absolute[0]
 
     rows = [to_chat(r) if to == "chat" else to_llava(r) for r in records]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,14 @@
 """The training dataset, the last step of `lvit.data` before batches: checked records as a `datasets.Dataset`.
 
-`prepare` reads, checks and measures the records (token count, image tokens included) once, up
-front, with the same `lvit.data.check.inspect_data` that `lvit data check` runs, and keeps the
-records that can be trained on as rows (`id`, `image_path`, `roles`, `texts`, `system`, `length`,
-`index`). The token ids are rebuilt by the collator (`lvit.data.collator`), in the data-loader
-workers, together with the image decoding, so a large dataset is neither held tokenized nor held as
-images in memory. For a Hugging Face dataset the rows also carry the source's image column,
-undecoded (`image`: the encoded bytes): the training dataset is the source dataset's kept rows
-selected (memory-mapped, not copied) beside lvit's columns, and the collator reads each image's bytes
-from its row.
+`prepare` reads, checks and measures the records (token count, image tokens included) once, up front,
+with the same `lvit.data.check.inspect_data` that `lvit data check` runs, and keeps the records that can
+be trained on as rows (`id`, `image_path`, `image_paths`, `roles`, `texts`, `system`, `length`, `index`;
+`image_paths` lists every image of a record with several). The token ids are rebuilt by the collator
+(`lvit.data.collator`), in the data-loader workers, together with the image decoding, so a large dataset
+is neither held tokenized nor held as images in memory. For a Hugging Face dataset the rows also carry
+the source's image column, undecoded (`image`: the encoded bytes): the training dataset is the source
+dataset's kept rows selected (memory-mapped, not copied) beside lvit's columns, and the collator reads
+each image's bytes from its row.
 
 Records that cannot be trained on stop the run (`data.on_bad_record: error`, the default) with
 the checker's report, or are left out (`skip`); every record left out, for any reason (invalid,
@@ -144,6 +144,7 @@ def training_dataset(insp: Inspection, kept: list[tuple[Record, int]]):
     columns: dict[str, list] = {
         "id": [""] * n_rows,
         "image_path": [None] * n_rows,
+        "image_paths": [[]] * n_rows,
         "roles": [[]] * n_rows,
         "texts": [[]] * n_rows,
         "system": [None] * n_rows,
@@ -179,6 +180,7 @@ def _features():
         {
             "id": datasets.Value("string"),
             "image_path": datasets.Value("string"),
+            "image_paths": datasets.List(datasets.Value("string")),
             "roles": datasets.List(datasets.Value("string")),
             "texts": datasets.List(datasets.Value("string")),
             "system": datasets.Value("string"),

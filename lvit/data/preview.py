@@ -69,11 +69,11 @@ def _marked_text(rendered, n_image: int) -> str:
         marks[start], marks[end] = "[", "]"
     text = rendered.text
     out, pos = [], 0
-    for cut in sorted({*marks, *([rendered.image] if rendered.image is not None else [])}):
+    for cut in sorted({*marks, *rendered.images}):
         out.append(text[pos:cut])
         if cut in marks and marks[cut] == "]":
             out.append("]")
-        if cut == rendered.image:
+        if cut in rendered.images:
             out.append(f"{IMAGE_PLACEHOLDER}×{n_image}")
             pos = cut + len(IMAGE_PLACEHOLDER)
         else:

@@ -6,9 +6,13 @@ Formats (`data.format`, detected when `auto`):
   JSON Lines of `{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}]}`. A record
   without `image` is text-only. The `<image>` placeholder may stand at the start or at the end of
   the first human turn; it is removed here and the template puts the image back in its place.
+  A record with several images (`"image": [path, ...]`, as LLaVA-OneVision's data) has one `<image>`
+  per image in its human turns, in the list's order; each stays where it is (followed by "\n") and
+  the image's tokens go there.
 - `chat`: the Hugging Face / TRL chat convention, a JSON list or JSON Lines of
   `{"messages": [{"role": "user"|"assistant"|"system", "content": str | [{"type": "image"},
-  {"type": "text", "text": ...}]}], "images": [path]}`.
+  {"type": "text", "text": ...}]}], "images": [path]}`; several images: one `{"type": "image"}` part
+  (or `<image>`) per image in the user messages, in the order of `images`.
 - `hf`: a Hugging Face `datasets` dataset (`save_to_disk` folder, parquet or arrow files) whose rows
   are in either schema, with images as paths or embedded (`lvit.data.sources.EmbeddedImage`).
 
@@ -20,6 +24,7 @@ need not (`require_answer=False`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +49,7 @@ KINDS = {
     "not_alternating": "two user (or two assistant) turns in a row",
     "ends_with_user": "a conversation whose last turn is not an answer",
     "placeholder_mismatch": "image placeholders that do not match the record's images (count or place)",
-    "multiple_images": "more than one image in a record",
+    "multiple_images": "more than one image in a record where lvit takes one (a Hugging Face dataset's row)",
     "bad_image_field": "an image field that is not a path",
     "image_missing": "an image file that does not exist",
     "image_unreadable": "an image file that is not an image (or cannot be opened)",
@@ -108,9 +113,9 @@ def where_of(index: int | None, rid: str | None = None, line: int | None = None)
 class Record:
     id: str
     index: int
-    image: str | EmbeddedImage | None
+    image: str | EmbeddedImage | list[str] | None
     """A file path (absolute, or relative to the image folder), an image embedded in a Hugging Face dataset,
-    or None (text-only)."""
+    None (text-only), or a list of two or more paths (several images, in the order of their placeholders)."""
     conversation: Conversation
     line: int | None = None
 
@@ -118,13 +123,21 @@ class Record:
     def where(self) -> str:
         return where_of(self.index, self.id, self.line)
 
+    @property
+    def images(self) -> list:
+        """The record's images, in the order their tokens take in the sample ([] for a text-only record)."""
+        return [] if self.image is None else list(self.image) if isinstance(self.image, list) else [self.image]
+
     def to_row(self) -> dict:
         """The columns of the training dataset (`lvit.data.dataset`); `image_path` names the image (a
-        path, or which image of a Hugging Face dataset it is), which is only read when batching."""
+        path, or which image of a Hugging Face dataset it is; the first one when there are several, all of
+        them in `image_paths`), which is only read when batching."""
         conv = self.conversation
+        images = [str(image) for image in self.images]
         return {
             "id": self.id,
-            "image_path": None if self.image is None else str(self.image),
+            "image_path": images[0] if images else None,
+            "image_paths": images,
             "roles": [role for role, _ in conv.turns],
             "texts": [text for _, text in conv.turns],
             "system": conv.system,
@@ -291,6 +304,7 @@ def normalise(raw: object, index: int, line: int | None = None, require_answer: 
     system = None
     placeholders = 0
     roles = ROLES
+    several = type(image) is list  # each image stays where its placeholder is, in any human turn
     for t, turn in enumerate(convs):
         if type(turn) is not dict:
             raise _Fail(raw, index, line)("bad_turn", f"turn {t + 1} is not an object with 'from' and 'value'")
@@ -306,6 +320,10 @@ def normalise(raw: object, index: int, line: int | None = None, require_answer: 
                 "empty_turn", f"turn {t + 1} ('{src}') has an empty or non-string 'value'; give it text"
             )
         if IMAGE_PLACEHOLDER in value:
+            if several and role == "user":
+                placeholders += value.count(IMAGE_PLACEHOLDER)
+                turns.append((role, inline_placeholders(value)))
+                continue
             if role == "system" or role != "user" or turns:
                 if role == "system" and t != 0:
                     raise _Fail(raw, index, line)(
@@ -314,7 +332,9 @@ def normalise(raw: object, index: int, line: int | None = None, require_answer: 
                 if role == "assistant" and not turns:  # the true reason comes first
                     raise _Fail(raw, index, line)("starts_with_assistant", _starts_with_assistant(t, src, False))
                 raise _Fail(raw, index, line)(
-                    "placeholder_mismatch", f"turn {t + 1}: '<image>' may only appear in the first human turn"
+                    "placeholder_mismatch",
+                    f"turn {t + 1}: '<image>' may only appear in "
+                    + ("human turns" if several else "the first human turn"),
                 )
             placeholders += value.count(IMAGE_PLACEHOLDER)
             value = _strip_placeholder(value)
@@ -338,14 +358,18 @@ def _starts_with_assistant(t: int, src: str, chat: bool) -> str:
 
 
 def _check_image_field(image, fail):
+    """The record's image: one (a path, or an embedded image), a list of two or more paths, or None."""
     if image is None:
         return None
-    if isinstance(image, list) and len(image) > 1 and all(_is_image(i) for i in image):
-        raise fail(
-            "multiple_images",
-            f"the record has {len(image)} images; lvit trains on one image per record (LLaVA's format): "
-            "split it into one record per image",
-        )
+    if isinstance(image, list) and image and all(_is_image(i) for i in image):
+        if any(isinstance(i, EmbeddedImage) for i in image) and len(image) > 1:
+            raise fail(
+                "multiple_images",
+                f"the row has {len(image)} embedded images; lvit reads one image per row of a Hugging Face dataset: "
+                "split it into one row per image, or save the images as files and give the record the list of "
+                "their paths (LLaVA JSON or chat records)",
+            )
+        return list(image) if len(image) > 1 else image[0]
     if not _is_image(image):
         raise fail("bad_image_field", f"'image' must be a file path, got {image!r}")
     return image
@@ -376,6 +400,16 @@ def _finish(fail, rid, index, line, image, turns, system, placeholders, chat: bo
             else "the conversation must end with a gpt (assistant) turn, which is what trains; remove the last "
             "human turn or add its answer",
         )
+    if isinstance(image, list):  # several images: one placeholder each, in the user turns
+        if placeholders != len(image):
+            mark = "{'type': 'image'} parts" if chat else "'<image>' placeholders"
+            raise fail(
+                "placeholder_mismatch",
+                f"the record has {len(image)} images but {placeholders} {mark} in its "
+                + ("user messages" if chat else "human turns")
+                + f"; put one where each image goes, in the order of '{'images' if chat else 'image'}'",
+            )
+        return Record(rid, index, image, Conversation(turns=turns, has_image=True, system=system), line)
     expected = 1 if image is not None else 0
     if placeholders != expected:
         field = "images" if chat else "image"
@@ -431,6 +465,7 @@ def normalise_chat(raw: object, index: int, line: int | None = None, require_ans
     turns: list[tuple[str, str]] = []
     system = None
     placeholders = 0
+    several = isinstance(image, list)  # each image stays where its part is, in any user message
     for m, message in enumerate(messages):
         if not isinstance(message, dict):
             raise fail("bad_turn", f"message {m + 1} is not an object with 'role' and 'content'")
@@ -438,7 +473,7 @@ def normalise_chat(raw: object, index: int, line: int | None = None, require_ans
         role = ROLES.get(src) if isinstance(src, str) else None
         if role is None:
             raise fail("unknown_role", f"message {m + 1} has unknown role {src!r}; use 'user', 'assistant' or 'system'")
-        text, count = _chat_content(message.get("content"), m + 1, fail)
+        text, count = _chat_content(message.get("content"), m + 1, fail, several)
         if role == "system":
             if m != 0:
                 raise fail("system_not_first", f"message {m + 1}: a system message may only come first")
@@ -451,17 +486,19 @@ def normalise_chat(raw: object, index: int, line: int | None = None, require_ans
         placeholders += count
         if not turns and role != "user":  # the true reason, before any placeholder is blamed
             raise fail("starts_with_assistant", _starts_with_assistant(m, src, True))
-        if count and (role != "user" or turns):
-            raise fail("placeholder_mismatch", f"message {m + 1}: an image may only appear in the first user message")
+        if count and (role != "user" or (turns and not several)):
+            allowed = "a user message" if several else "the first user message"
+            raise fail("placeholder_mismatch", f"message {m + 1}: an image may only appear in {allowed}")
         turns.append((role, text))
     return _finish(fail, rid, index, line, image, turns, system, placeholders, True, require_answer)
 
 
-def _chat_content(content, m: int, fail) -> tuple[str, int]:
-    """(text, number of images) of one chat message's content; `m` is its number, from 1."""
+def _chat_content(content, m: int, fail, inline: bool = False) -> tuple[str, int]:
+    """(text, number of images) of one chat message's content; `m` is its number, from 1. With `inline` (a
+    record with several images) each image stays in the text as a placeholder, in the parts' order."""
     if isinstance(content, str):
         count = content.count(IMAGE_PLACEHOLDER)
-        text = _strip_placeholder(content) if count else content
+        text = (inline_placeholders(content) if inline else _strip_placeholder(content)) if count else content
         if not text.strip() and not count:
             raise fail("empty_turn", f"message {m} has empty content; give it text")
         return text, count
@@ -472,22 +509,31 @@ def _chat_content(content, m: int, fail) -> tuple[str, int]:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "image":
             count += 1
+            if inline:
+                texts.append(IMAGE_PLACEHOLDER)
         elif kind == "text":
             text = part.get("text")
             if not isinstance(text, str):
                 raise fail("empty_turn", f"message {m} part {p + 1}: a text part needs a string 'text'")
             count += text.count(IMAGE_PLACEHOLDER)
-            texts.append(_strip_placeholder(text) if IMAGE_PLACEHOLDER in text else text)
+            texts.append(text if inline or IMAGE_PLACEHOLDER not in text else _strip_placeholder(text))
         else:
             raise fail(
                 "bad_turn",
                 f"message {m} part {p + 1} is {part!r}; "
                 "parts are {'type': 'text', 'text': ...} or {'type': 'image'}",
             )
-    text = "\n".join(t for t in texts if t.strip())
+    # with several images, the parts in their order (as the exported chat template renders them)
+    text = inline_placeholders("".join(texts)) if inline and count else "\n".join(t for t in texts if t.strip())
     if not text.strip() and not count:
         raise fail("empty_turn", f"message {m} has no text; give it a text part")
     return text, count
+
+
+def inline_placeholders(value: str) -> str:
+    """A user turn of a record with several images: its placeholders kept, each followed by exactly one "\n"
+    (the image renders as `<image>\n` wherever it stands, as a single image does at the start of a turn)."""
+    return re.sub(re.escape(IMAGE_PLACEHOLDER) + r"\s*", IMAGE_PLACEHOLDER + "\n", value.strip())
 
 
 def _strip_placeholder(value: str) -> str:

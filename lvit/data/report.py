@@ -60,7 +60,7 @@ class CheckReport:
             "records": insp.total,
             "trainable": len(insp.usable) - (len(insp.dropped) if insp.overlong else 0),
             "images": len(with_image),
-            "unique_images": len({r.image for r in with_image}),
+            "unique_images": len({i for r in with_image for i in r.images}),
             "text_only": len(insp.parsed) - len(with_image),
             "decoded": insp.decoded,
             "errors": len(insp.errors),

@@ -166,11 +166,13 @@ def evaluate(
     image_folder=None,
     limit: int | None = None,
     answer_format: str = "lecture-solution",
+    arbiter: dict | None = None,
     **generation,
 ) -> dict:
     """Generate answers for a split into `out_dir/answers.jsonl`, score them into `out_dir/results.json`.
 
-    `generation`: `lvit.eval.answer_records`'s options (settings, batch_size, load_4bit, ...).
+    `generation`: `lvit.eval.answer_records`'s options (settings, batch_size, load_4bit, ...). `arbiter`:
+    `lvit.eval.arbiter.arbitrate`'s options (endpoint, prompt, concurrency), to add the arbiter's scores.
     """
     from lvit.eval import answer_records, write_results
 
@@ -181,7 +183,12 @@ def evaluate(
         image_folder = Path(problems_path).parent / "images" / split
     records = question_records(problems, pids, answer_format)
     rows = answer_records(model_path, records, out_dir, image_folder, **generation).rows
-    scores = score(problems, pids, {pid: rows[pid]["answer"] for pid in pids if pid in rows})
+    outputs = {pid: rows[pid]["answer"] for pid in pids if pid in rows}
+    scores = score(problems, pids, outputs)
+    if arbiter is not None:
+        from lvit.eval.arbiter import arbitrate
+
+        scores["arbiter"] = arbitrate(problems, pids, outputs, out_dir, **arbiter)
     extra = {"model": str(model_path), "split": split, "answer_format": answer_format}
     write_results("scienceqa", scores, Path(out_dir) / "results.json", **extra)
     return scores
@@ -194,13 +201,16 @@ def run_eval(
     predictions=None,
     split: str = "test",
     out=None,
+    arbiter: dict | None = None,
     **options,
 ):
     """`lvit eval scienceqa`: score `predictions` (existing outputs), or generate with `model` and score.
 
     Results go to `out` (default: `<predictions stem>_results.json` beside the predictions, or
     `MODEL/eval/scienceqa-<split>/` with the answers). `options`: `evaluate`'s (image_folder, limit,
-    answer_format, settings, batch_size, ...), used when generating. Returns a `BenchmarkResult`.
+    answer_format, settings, batch_size, ...), used when generating. `arbiter`: the text LLM's endpoint and
+    options (`lvit.eval.arbiter.arbitrate`): its answers, and its call where it and the model disagree, are
+    scored beside the model's (`scores["arbiter"]`). Returns a `BenchmarkResult`.
     """
     from lvit.eval import (
         BenchmarkResult,
@@ -212,8 +222,16 @@ def run_eval(
     check_model_or_predictions(model, predictions)
     if predictions is not None:
         problems, pids = load_split(problems_path, splits_path, split)
-        scores = score(problems, pids, read_predictions(predictions))
+        outputs = read_predictions(predictions)
+        scores = score(problems, pids, outputs)
+        if arbiter is not None:
+            from lvit.eval.arbiter import arbitrate
+
+            where = Path(out).parent if out is not None else Path(predictions).parent
+            scores["arbiter"] = arbitrate(
+                problems, pids, outputs, where / f"{Path(predictions).stem}_arbiter", **arbiter
+            )
         return scored_predictions("scienceqa", scores, predictions, out, split=split)
     folder = Path(out) if out is not None else Path(model) / "eval" / f"scienceqa-{split}"
-    scores = evaluate(model, problems_path, splits_path, folder, split=split, **options)
+    scores = evaluate(model, problems_path, splits_path, folder, split=split, arbiter=arbiter, **options)
     return BenchmarkResult(scores, folder / "results.json")

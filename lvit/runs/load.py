@@ -65,6 +65,7 @@ def _assemble_base(run: RunFolder):
         str(run.path),
         quantize_lm=run.kind == "qlora",
         compute_dtype=run.recipe.lora.compute_dtype,
+        template=run.recipe.data.template,
     )
     return model
 
@@ -162,8 +163,7 @@ def image_tokens_per_image(config) -> int:
     """How many image-token ids stand for one image in this LLaVA config."""
     from lvit.model import num_image_tokens
 
-    n = num_image_tokens(config.vision_config)
-    return n + 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else n
+    return num_image_tokens(config.vision_config, getattr(config, "vision_feature_select_strategy", "default"))
 
 
 def default_device() -> str:

@@ -1,0 +1,314 @@
+"""`lvit eval llava-bench`: the LLaVA paper's judge protocol (Sec. 5.1), with any OpenAI-compatible endpoint.
+
+For each question a text-only judge reads the image's context, the question, the reference answer and the
+model's answer, and scores both from 1 to 10 (helpfulness, relevance, accuracy, level of detail) with a short
+review. The score reported is the model's mean relative to the reference's, x100, per category and overall
+(as LLaVA's `llava/eval/summarize_gpt_review.py` computes it: mean of the model's scores / mean of the
+reference's scores x 100).
+
+Files, in LLaVA-Bench's published layout (github.com/haotian-liu/LLaVA, `llava/eval/eval_gpt_review_bench.py`
+and `eval_gpt_review_visual.py`; data at huggingface.co/datasets/liuhaotian/llava-bench-in-the-wild):
+
+- questions (`questions.jsonl`, LLaVA-Bench COCO's `qa90_questions.jsonl`): `question_id`, `image`, `text`,
+  `category` (`conv`, `detail`, `complex`);
+- context (`context.jsonl`; COCO's `caps_boxes_coco2014_val_80.jsonl`), by `image`: `caption` (a description,
+  text or a list: in the wild) or `captions` (a list) with `instances` (`category`, `bbox`: COCO);
+- reference answers (`answers_gpt4.jsonl`; COCO's `qa90_gpt4_answer.jsonl`): `question_id`, `text`;
+- the model's answers: an lvit answer file (`lvit generate`: `id`, `answer`) or LLaVA's (`question_id`, `text`),
+  or generated here from the questions with MODEL.
+
+The judge's scores are read from its reply's first line (two numbers from 1 to 10); a reply without them is
+asked again once, then recorded as a failure (`failures.jsonl`), counted and left out of the means. Reviews
+(`reviews.jsonl`) are appended as they come: a rerun asks only for the questions not reviewed yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lvit.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
+from lvit.errors import Interrupted, LvitError
+from lvit.jsonl_log import append, open_append, read_rows
+
+log = logging.getLogger("lvit")
+
+CATEGORIES = {"conv": "conversation", "detail": "detail", "complex": "complex"}
+JUDGE_PROMPT = Path(__file__).resolve().parent / "prompts" / "llava_bench_judge.yaml"
+_SCORES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s+(\d+(?:\.\d+)?)\s*$")
+
+
+@dataclass
+class BenchQuestion:
+    id: str
+    image: str
+    text: str
+    category: str
+    context: str
+    reference: str
+
+
+@dataclass
+class JudgePrompt:
+    system: str
+    instruction: str
+    reask: str
+
+
+def load_judge_prompt(path: str | Path | None = None) -> JudgePrompt:
+    import yaml
+
+    path = Path(path) if path is not None else JUDGE_PROMPT
+    if not path.is_file():
+        raise LvitError(f"judge prompt not found: {path}")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    keys = ("system", "instruction", "reask")
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(k), str) and raw[k].strip() for k in keys):
+        raise LvitError(f"{path}: needs `system:`, `instruction:` and `reask:` (text); see {JUDGE_PROMPT}")
+    return JudgePrompt(*(raw[k].strip() for k in keys))
+
+
+def _jsonl(path: str | Path, what: str) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise LvitError(f"{what} not found: {path}")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LvitError(f"{path}:{n}: not valid JSON ({exc.msg}); is it LLaVA-Bench's {what}?") from None
+        if not isinstance(row, dict):
+            raise LvitError(f"{path}:{n}: expected a JSON object")
+        rows.append(row)
+    return rows
+
+
+def context_text(row: dict) -> str:
+    """The context the judge reads: captions (and COCO's boxes), or the written description."""
+    caps = row.get("captions", row.get("caption"))
+    caps = [caps] if isinstance(caps, str) else list(caps or [])
+    text = "\n".join(str(c).strip() for c in caps)
+    instances = row.get("instances") or []
+    if instances:
+        text += "\n\n" + "\n".join(f"{i['category']}: {i['bbox']}" for i in instances)
+    return text
+
+
+def read_bench(questions: str | Path, context: str | Path, references: str | Path) -> list[BenchQuestion]:
+    """LLaVA-Bench's questions joined with their image's context and reference answer; errors name the row."""
+    contexts = {}
+    for n, row in enumerate(_jsonl(context, "context file"), start=1):
+        if "image" not in row or not ("caption" in row or "captions" in row):
+            raise LvitError(f"{context}: row {n} needs `image` and `caption` (or `captions`, with `instances`)")
+        contexts[row["image"]] = context_text(row)
+    refs = {}
+    for n, row in enumerate(_jsonl(references, "reference answers"), start=1):
+        if "question_id" not in row or not isinstance(row.get("text"), str):
+            raise LvitError(f"{references}: row {n} needs `question_id` and `text` (the reference answer)")
+        refs[str(row["question_id"])] = row["text"]
+    out = []
+    for n, row in enumerate(_jsonl(questions, "questions"), start=1):
+        missing = [k for k in ("question_id", "image", "text", "category") if k not in row]
+        if missing:
+            raise LvitError(f"{questions}: row {n} lacks {', '.join(missing)}")
+        qid = str(row["question_id"])
+        if row["image"] not in contexts:
+            raise LvitError(f"{questions}: question {qid}'s image {row['image']!r} has no row in {context}")
+        if qid not in refs:
+            raise LvitError(f"{questions}: question {qid} has no reference answer in {references}")
+        category = CATEGORIES.get(row["category"], str(row["category"]))
+        out.append(BenchQuestion(qid, row["image"], row["text"], category, contexts[row["image"]], refs[qid]))
+    if not out:
+        raise LvitError(f"{questions}: no questions")
+    return out
+
+
+def judge_messages(prompt: JudgePrompt, q: BenchQuestion, answer: str) -> list[dict]:
+    content = (
+        f"Content of the image:\n{q.context}\n\nQuestion:\n{q.text}\n\n"
+        f"First answer:\n{q.reference}\n(end of the first answer)\n\n"
+        f"Second answer:\n{answer}\n(end of the second answer)\n\n{prompt.instruction}"
+    )
+    return [{"role": "system", "content": prompt.system}, {"role": "user", "content": content}]
+
+
+def parse_scores(reply: str) -> tuple[float, float] | str:
+    """The two scores that make up the reply's first non-empty line, or the reason they cannot be read.
+
+    As LLaVA's `parse_score`: the line is the two numbers alone (separated by a space or a comma; markdown
+    bold tolerated), so stray digits in a free-text line are not taken for scores."""
+    lines = [line for line in (reply or "").splitlines() if line.strip()]
+    if not lines:
+        return "empty reply"
+    match = _SCORES.match(lines[0].replace("*", "").replace(",", " "))
+    if match is None:
+        return f"the first line is not two scores: {lines[0][:80]!r}"
+    numbers = [float(match.group(1)), float(match.group(2))]
+    if not all(1 <= x <= 10 for x in numbers):
+        return f"a score outside 1..10: {lines[0][:80]!r}"
+    return numbers[0], numbers[1]
+
+
+def judge_one(client: ChatClient, prompt: JudgePrompt, q: BenchQuestion, answer: str) -> dict:
+    """Ask the judge (and once more when the scores cannot be read): a review row, or a failure row."""
+    messages = judge_messages(prompt, q, answer)
+    replies = []
+    for _ in range(2):
+        reply = client.chat(messages).text
+        replies.append(reply)
+        scores = parse_scores(reply)
+        if not isinstance(scores, str):
+            return {"id": q.id, "question_id": q.id, "category": q.category, "scores": list(scores),
+                    "review": reply.strip(), "asked": len(replies)}  # fmt: skip
+        messages = [*messages, {"role": "assistant", "content": reply}, {"role": "user", "content": prompt.reask}]
+    return {"id": q.id, "question_id": q.id, "category": q.category, "failed": scores, "raw": replies}
+
+
+def score(questions: list[BenchQuestion], reviews: dict[str, dict], failures: dict[str, dict]) -> dict:
+    """Relative scores per category and overall; questions not reviewed are counted, not scored."""
+    groups: dict[str, list[list[float]]] = {}
+    for q in questions:
+        if q.id in reviews:
+            groups.setdefault(q.category, []).append(reviews[q.id]["scores"])
+            groups.setdefault("all", []).append(reviews[q.id]["scores"])
+
+    def bucket(pairs):
+        if not pairs:
+            return {"relative": None, "reference": None, "model": None, "n": 0}
+        ref = sum(p[0] for p in pairs) / len(pairs)
+        model = sum(p[1] for p in pairs) / len(pairs)
+        return {"relative": 100 * model / ref, "reference": ref, "model": model, "n": len(pairs)}
+
+    names = [c for c in CATEGORIES.values() if c in groups] + sorted(set(groups) - {*CATEGORIES.values(), "all"})
+    return {
+        "categories": {c: bucket(groups[c]) for c in names},
+        **bucket(groups.get("all", [])),
+        "questions": len(questions),
+        "failed": sum(q.id in failures and q.id not in reviews for q in questions),
+        "missing_answers": 0,
+    }
+
+
+def format_table(scores: dict) -> str:
+    def row(name, b):
+        if not b["n"]:
+            return f"{name:<14}{'-':>10}{'-':>11}{'-':>8}{0:>6}"
+        return f"{name:<14}{b['relative']:>10.1f}{b['reference']:>11.2f}{b['model']:>8.2f}{b['n']:>6}"
+
+    lines = ["LLaVA-Bench (model relative to the reference, x100)", f"{'category':<14}{'relative':>10}"
+             f"{'reference':>11}{'model':>8}{'n':>6}"]  # fmt: skip
+    lines += [row(name, b) for name, b in scores["categories"].items()]
+    lines.append(row("all", scores))
+    lines.append(
+        f"judge failures (left out): {scores['failed']}; questions without a model answer: {scores['missing_answers']}"
+    )
+    return "\n".join(lines)
+
+
+def judge(
+    questions: list[BenchQuestion],
+    answers: dict[str, str],
+    out_dir: str | Path,
+    endpoint: Endpoint,
+    prompt: JudgePrompt | None = None,
+    concurrency: int = 4,
+    retry_failures: bool = False,
+    progress: bool | None = None,
+) -> dict:
+    """Review every question not reviewed yet into `out_dir/reviews.jsonl`; score all into `results.json`."""
+    from tqdm.auto import tqdm
+
+    from lvit.console import stderr_is_tty
+
+    prompt = prompt or load_judge_prompt()
+    out_dir = Path(out_dir)
+    reviews_path, failures_path = out_dir / "reviews.jsonl", out_dir / "failures.jsonl"
+    reviews, failures = read_rows(reviews_path), read_rows(failures_path)
+    missing = [q.id for q in questions if q.id not in answers]
+    skip = set(reviews) | (set() if retry_failures else set(failures))
+    todo = [q for q in questions if q.id not in skip and q.id in answers]
+    if len(todo) < len(questions) - len(missing):
+        log.info("%s: %d question(s) reviewed before; asking for the rest", reviews_path, len(questions) - len(todo))
+    usage = Usage()
+    client = ChatClient(endpoint, usage)
+    show = stderr_is_tty() if progress is None else progress
+    bar = tqdm(total=len(todo), desc="judging", unit="q", disable=not show, file=sys.stderr)
+    try:
+        with open_append(reviews_path) as f_rev, open_append(failures_path) as f_fail:
+            work = lambda q: judge_one(client, prompt, q, answers[q.id])  # noqa: E731
+            for _q, row, error in run_concurrently(todo, work, concurrency):
+                if error is not None:
+                    raise error
+                if "failed" in row:
+                    append(f_fail, row)
+                    failures[row["id"]] = row
+                else:
+                    append(f_rev, row)
+                    reviews[row["id"]] = row
+                bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(
+            f"{reviews_path} keeps {len(reviews)} reviews; run the same command again to review the rest"
+        ) from None
+    except EndpointError as exc:
+        bar.close()
+        raise EndpointError(
+            f"{exc}\n{reviews_path} keeps {len(reviews)} reviews; rerun to continue", exc.status
+        ) from None
+    bar.close()
+    scores = score(questions, reviews, failures)
+    scores["missing_answers"] = len(missing)
+    scores["judge"] = {"model": endpoint.model, "base_url": endpoint.base_url, **usage.to_json()}
+    from lvit.eval import write_results
+
+    write_results("llava-bench", scores, out_dir / "results.json", reviews=str(reviews_path))
+    return scores
+
+
+def bench_records(questions: list[BenchQuestion]) -> list[dict]:
+    """The questions as LLaVA-format question records (image placeholder first), for `lvit.eval.answer_records`."""
+    return [
+        {"id": q.id, "image": q.image, "conversations": [{"from": "human", "value": f"<image>\n{q.text}"}]}
+        for q in questions
+    ]
+
+
+def run_eval(
+    model,
+    questions_path,
+    context_path,
+    references_path,
+    endpoint: Endpoint,
+    predictions=None,
+    out=None,
+    judge_prompt=None,
+    concurrency: int = 4,
+    retry_failures: bool = False,
+    limit: int | None = None,
+    **generation,
+):
+    """`lvit eval llava-bench`: answer with MODEL (or read --predictions), then judge and score."""
+    from lvit.eval import BenchmarkResult, answer_records, check_model_or_predictions, read_predictions
+
+    check_model_or_predictions(model, predictions)
+    questions = read_bench(questions_path, context_path, references_path)
+    if limit is not None:
+        questions = questions[:limit]
+    prompt = load_judge_prompt(judge_prompt)
+    if predictions is not None:
+        answers = read_predictions(predictions)
+        folder = Path(out) if out is not None else Path(predictions).with_name(Path(predictions).stem + "_llava_bench")
+    else:
+        folder = Path(out) if out is not None else Path(model) / "eval" / "llava-bench"
+        rows = answer_records(model, bench_records(questions), folder, **generation).rows
+        answers = {qid: row["answer"] for qid, row in rows.items()}
+    scores = judge(questions, answers, folder, endpoint, prompt, concurrency, retry_failures)
+    return BenchmarkResult(scores, folder / "results.json")
