@@ -83,7 +83,8 @@ class LlavaTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from lvit.data.packing import real_tokens
 
-        tokens = real_tokens(inputs) if "row_lengths" in inputs or "attention_mask" in inputs else None
+        packed = "row_lengths" in inputs
+        tokens = real_tokens(inputs) if packed or "attention_mask" in inputs else None
         inputs = {k: v for k, v in inputs.items() if k != "row_lengths"}  # the packed rows' lengths: not a model input
         args = self.args
         if (
@@ -95,7 +96,15 @@ class LlavaTrainer(SFTTrainer):
             or args.loss_type != "nll"
             or self.aux_loss_enabled
         ):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if packed and model.training:
+                # TRL counts a batch without attention_mask as one row's width (docs/stack-notes.md#trl-num-tokens-padding-free)
+                width = inputs["position_ids"].size(1)
+                counts = torch.tensor([tokens, width], device=inputs["position_ids"].device)
+                real, counted = self.accelerator.gather_for_metrics(counts[None]).sum(0).tolist()
+                self._total_train_tokens += real - counted
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return out
         from lvit.loss import compact_loss
 
         loss, stats = compact_loss(model, inputs, num_items_in_batch)

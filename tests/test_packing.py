@@ -287,3 +287,29 @@ def test_packed_records_with_several_images_keep_their_images_in_token_order(par
     assert torch.equal(batch["pixel_values"], loader.pixel_values([loader.load(p) for p in reading]))
     image_token = padded.encoder.image_token_id
     assert [int((row == image_token).sum()) for row in batch["input_ids"]] == [2 * padded.encoder.num_image_tokens] * 2
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_trained_run_counts_real_tokens_and_logs_trl_metrics(tiny_recipe, compact):
+    """A packed run's logged `num_tokens` is the real tokens of its batches (not rows x width), with the compact
+    head or TRL's, and the metrics TRL logs are still there."""
+    from lvit.train import TrainingRun
+
+    run = TrainingRun(
+        tiny_recipe(
+            compact_head=compact, training={"max_steps": 1, "gradient_accumulation_steps": 1}, global_batch_size=...
+        )
+    ).setup()
+    seen = []
+    collator = run.trainer.data_collator
+
+    def counting(rows):
+        batch = collator(rows)
+        seen.append(int(batch["row_lengths"].sum()))
+        return batch
+
+    run.trainer.data_collator = counting  # the data loader is built in train()
+    run.train()
+    entry = [e for e in run.history_entries() if "loss" in e][0]
+    assert seen and entry["num_tokens"] == seen[0] > 0  # the first batch (a second one may be prefetched)
+    assert 0.0 <= entry["mean_token_accuracy"] <= 1.0 and entry["entropy"] > 0
