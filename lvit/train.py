@@ -98,7 +98,7 @@ class LlavaTrainer(SFTTrainer):
         ):
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if packed and model.training:
-                # TRL counts a batch without attention_mask as one row's width (docs/stack-notes.md#trl-num-tokens-padding-free)
+                # TRL counts a batch without attention_mask as one row (docs/stack-notes.md#trl-num-tokens-padding-free)
                 width = inputs["position_ids"].size(1)
                 counts = torch.tensor([tokens, width], device=inputs["position_ids"].device)
                 real, counted = self.accelerator.gather_for_metrics(counts[None]).sum(0).tolist()
