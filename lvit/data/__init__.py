@@ -11,8 +11,9 @@
    length percentiles and histogram).
 4. `dataset`: the training dataset (`prepare`), `data.on_bad_record`, `skipped_records.jsonl`;
    `shared`: under several processes, `prepare` on rank 0 only and its records on every rank (`prepare_once`).
-5. `collator`: training rows -> padded batches (`LlavaCollator`), images decoded in the workers, stacked
-   in the order of their image tokens (several per record allowed).
+5. `collator`: training rows -> batches (`LlavaCollator`), images decoded in the workers, stacked
+   in the order of their image tokens (several per record allowed); padded rows, or with `data.packing`
+   padding-free rows laid out by `packing` (samples end to end, positions from 0 per sample).
 
 The batch order: `modality_sampler` (LLaVA-1.5's single-modality steps, `data.group_by_modality_length`).
 
