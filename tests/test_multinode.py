@@ -152,6 +152,7 @@ for on_bad in ("skip", "error"):
     result["calls"] = dict(calls)
     with open(f"{out}/{on_bad}-rank{dist.get_rank()}.json", "w") as f:
         json.dump(result, f)
+dist.barrier()  # neither rank tears the group down while the other still uses it
 dist.destroy_process_group()
 """
 
