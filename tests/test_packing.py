@@ -4,6 +4,7 @@ weights as padded batches scored in full, and no attention across packed samples
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -33,6 +34,19 @@ def test_rows_fewest_then_even_never_split():
     assert rows([5, 4, 3], None) == [[0, 1, 2]]
     with pytest.raises(ValueError, match="does not fit"):
         rows([9], 8)
+
+
+def test_rows_even_out_what_the_longest_first_spread_leaves_uneven():
+    # first fit: [7, 7, 3] + [6, 9], rows of 17 (the longest-first spread is no shorter); one swap gives
+    # [7, 9] + [7, 3, 6], rows of 16, the shortest two rows can be
+    lengths = [7, 7, 3, 6, 9]
+    layout = rows(lengths, 20)
+    assert layout == [[0, 4], [1, 2, 3]]
+    best = min(
+        max(sum(n for n, a in zip(lengths, assign, strict=True) if a == r) for r in (0, 1))
+        for assign in itertools.product((0, 1), repeat=len(lengths))
+    )
+    assert max(sum(lengths[i] for i in row) for row in layout) == best == 16
 
 
 def test_pack_positions_restart_labels_and_filler():

