@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lvit.errors import Interrupted, LvitError
 from lvit.generation import GenerationSettings
+from lvit.jsonl_log import read_rows
 from lvit.questions import Question, check_images, read_questions
 from lvit.runs.load import LoadedModel
 
@@ -112,34 +113,7 @@ def answer_questions(
 def read_answer_file(path: str | Path, repair: bool = False) -> dict[str, dict]:
     """Rows of a JSONL answer file by id. A cut-off last line (an interrupted run) is tolerated and,
     with `repair`, removed from the file; a bad line anywhere else is an error."""
-    path = Path(path)
-    rows: dict[str, dict] = {}
-    if not path.is_file():
-        return rows
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    good_end = 0
-    for i, line in enumerate(lines):
-        last = i == len(lines) - 1
-        if not line.strip():
-            good_end += len(line) + (0 if last else 1)
-            continue
-        try:
-            row = json.loads(line)
-            key = str(row["id"])
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            if last:  # an interrupted write: no newline after it
-                log.warning("%s: ignoring a cut-off last line (an interrupted run); it is generated again", path)
-                if repair:
-                    with path.open("r+b") as f:
-                        f.truncate(good_end)
-                break
-            raise LvitError(
-                f"{path}:{i + 1}: not a JSON answer row with an 'id'; fix or remove the line to resume."
-            ) from None
-        rows[key] = row
-        good_end += len(line) + (0 if last else 1)
-    return rows
+    return read_rows(path, repair=repair, what="JSON answer row")
 
 
 def generate_file(

@@ -126,22 +126,15 @@ def _stop(procs) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def runs(workspace) -> dict[str, Path]:
-    """Train the recipe with one process and with two (torchrun), at the same time; return the run folders."""
-    root, recipe = workspace["root"], str(workspace["recipe"])
-    cli = ["-m", "lvit", "finetune", recipe]
-    commands = {
-        "single": [sys.executable, *cli],
-        "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cli],
-    }
-    procs, logs, outs = {}, {}, {}
+def _launch(commands: dict[str, list[str]], root: Path) -> None:
+    """Start every command at once (own process groups, logs in `root/NAME.log`), wait for all; fail with the
+    log tail of any that failed or ran past TIMEOUT_S."""
+    procs, logs = {}, {}
     for name, command in commands.items():
-        outs[name] = root / f"run-{name}"
-        logs[name] = root / f"run-{name}.log"
+        logs[name] = root / f"{name}.log"
         with logs[name].open("w") as log:  # the child keeps its own copy of the descriptor
             procs[name] = subprocess.Popen(
-                [*command, f"training.output_dir={outs[name]}"],
+                command,
                 cwd=root,
                 env=_env(),
                 stdout=log,
@@ -159,11 +152,24 @@ def runs(workspace) -> dict[str, Path]:
                 _stop(procs.values())
             if code != 0:
                 tail = "\n".join(logs[name].read_text(errors="replace").splitlines()[-40:])
-                failed.append(f"{name} run ({' '.join(commands[name])}) exited with {code}:\n{tail}")
+                failed.append(f"{name} ({' '.join(commands[name])}) exited with {code}:\n{tail}")
     finally:
         _stop(procs.values())  # after an interrupt, too: the runs have their own process groups
     if failed:
         pytest.fail("\n\n".join(failed))
+
+
+@pytest.fixture(scope="module")
+def runs(workspace) -> dict[str, Path]:
+    """Train the recipe with one process and with two (torchrun), at the same time; return the run folders."""
+    root, recipe = workspace["root"], str(workspace["recipe"])
+    cli = ["-m", "lvit", "finetune", recipe]
+    commands = {
+        "single": [sys.executable, *cli],
+        "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cli],
+    }
+    outs = {name: root / f"run-{name}" for name in commands}
+    _launch({name: [*command, f"training.output_dir={outs[name]}"] for name, command in commands.items()}, root)
     return outs
 
 

@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 
 from lvit.cli import app
 from lvit.endpoint import Endpoint
-from lvit.eval.arbiter import arbitrate
-from lvit.eval.llava_bench import judge, parse_scores, read_bench
+from lvit.errors import LvitError
+from lvit.eval.arbiter import arbitrate, load_arbiter_prompt
+from lvit.eval.llava_bench import judge, load_judge_prompt, parse_scores, read_bench
 
 
 def _write(path, rows):
@@ -187,3 +188,18 @@ def test_cli_scienceqa_with_an_arbiter_reports_three_columns(tmp_path):
     )
     result = CliRunner().invoke(app, [*args[:-4], "--arbiter-model", "m"])
     assert result.exit_code == 2 and "--arbiter-base-url" in result.output
+
+
+@pytest.mark.parametrize("load", [load_judge_prompt, load_arbiter_prompt])
+def test_a_bad_prompt_file_is_refused_with_the_file_and_the_fix(tmp_path, load):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("system: [unclosed\n")
+    with pytest.raises(LvitError, match=r"broken\.yaml: not valid YAML"):
+        load(broken)
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("system: Judge fairly.\n")
+    with pytest.raises(LvitError, match=r"partial\.yaml: needs `system:`, .* \(text\); see .*\.yaml"):
+        load(partial)
+    with pytest.raises(LvitError, match="prompt not found"):
+        load(tmp_path / "missing.yaml")
+    assert load(None).system  # the shipped file reads

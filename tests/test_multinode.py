@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from test_distributed import (
     LOSS_REL,
-    TIMEOUT_S,
     WEIGHT_ATOL,
     WEIGHT_RTOL,
     _accumulation,
-    _env,
-    _stop,
+    _launch,
     _weights,
     workspace,  # noqa: F401 - a fixture
 )
@@ -42,33 +38,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _launch(commands: dict[str, list[str]], root: Path) -> None:
-    """Start every command at once (own process groups), wait for all; fail with the log tail of any that failed."""
-    procs, logs = {}, {}
-    for name, command in commands.items():
-        logs[name] = root / f"{name}.log"
-        with logs[name].open("w") as log:
-            procs[name] = subprocess.Popen(
-                command, cwd=root, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-    deadline = time.monotonic() + TIMEOUT_S
-    failed = []
-    try:
-        for name, proc in procs.items():
-            try:
-                code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                code = f"no result after {TIMEOUT_S} s"
-                _stop(procs.values())
-            if code != 0:
-                tail = "\n".join(logs[name].read_text(errors="replace").splitlines()[-40:])
-                failed.append(f"{name} ({' '.join(commands[name])}) exited with {code}:\n{tail}")
-    finally:
-        _stop(procs.values())
-    if failed:
-        pytest.fail("\n\n".join(failed))
 
 
 def _losses(run: Path) -> list[dict]:

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvit.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
-from lvit.errors import Interrupted, LvitError
+from lvit.errors import Interrupted
 from lvit.jsonl_log import append, open_append, read_rows
+from lvit.prompt_file import read_prompt_file
 
 log = logging.getLogger("lvit")
 ARBITER_PROMPT = Path(__file__).resolve().parent / "prompts" / "scienceqa_arbiter.yaml"
@@ -34,15 +35,8 @@ class ArbiterPrompt:
 
 
 def load_arbiter_prompt(path: str | Path | None = None) -> ArbiterPrompt:
-    import yaml
-
-    path = Path(path) if path is not None else ARBITER_PROMPT
-    if not path.is_file():
-        raise LvitError(f"arbiter prompt not found: {path}")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     keys = ("system", "answer", "decide")
-    if not isinstance(raw, dict) or not all(isinstance(raw.get(k), str) and raw[k].strip() for k in keys):
-        raise LvitError(f"{path}: needs `system:`, `answer:` and `decide:` (text); see {ARBITER_PROMPT}")
+    raw = read_prompt_file(path if path is not None else ARBITER_PROMPT, keys, ARBITER_PROMPT, "arbiter prompt")
     return ArbiterPrompt(*(raw[k].strip() for k in keys))
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from lvit.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
 from lvit.errors import Interrupted, LvitError
 from lvit.jsonl_log import append, open_append, read_rows
+from lvit.prompt_file import read_prompt_file
 
 log = logging.getLogger("lvit")
 
@@ -60,15 +61,8 @@ class JudgePrompt:
 
 
 def load_judge_prompt(path: str | Path | None = None) -> JudgePrompt:
-    import yaml
-
-    path = Path(path) if path is not None else JUDGE_PROMPT
-    if not path.is_file():
-        raise LvitError(f"judge prompt not found: {path}")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     keys = ("system", "instruction", "reask")
-    if not isinstance(raw, dict) or not all(isinstance(raw.get(k), str) and raw[k].strip() for k in keys):
-        raise LvitError(f"{path}: needs `system:`, `instruction:` and `reask:` (text); see {JUDGE_PROMPT}")
+    raw = read_prompt_file(path if path is not None else JUDGE_PROMPT, keys, JUDGE_PROMPT, "judge prompt")
     return JudgePrompt(*(raw[k].strip() for k in keys))
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvit.errors import LvitError
+from lvit.prompt_file import read_prompt_file
 
 KINDS = ("conversation", "detail", "complex")
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "prompts"
@@ -42,17 +43,8 @@ class PromptSet:
 
 
 def load_prompt_file(kind: str, path: str | Path) -> PromptSet:
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise LvitError(f"prompt file for {kind!r} not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise LvitError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("system"), str) or not raw["system"].strip():
-        raise LvitError(f"{path}: needs `system:`, the system message (text); see {SHIPPED_DIR / (kind + '.yaml')}")
+    raw = read_prompt_file(path, ("system",), SHIPPED_DIR / f"{kind}.yaml", f"prompt file for {kind!r}")
     examples = []
     for i, ex in enumerate(raw.get("examples") or []):
         if not (isinstance(ex, dict) and isinstance(ex.get("context"), str) and isinstance(ex.get("response"), str)):
