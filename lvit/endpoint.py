@@ -77,6 +77,11 @@ class Endpoint:
                 f"--api-key-env {self.api_key_env}: that environment variable is not set (or empty); "
                 f"export {self.api_key_env}=<your key>, or leave --api-key-env out for an endpoint without a key"
             )
+        if self.api_key_env and not os.environ[self.api_key_env].isascii():
+            raise LvitError(  # http.client would fail on it mid-run; the key itself is never shown
+                f"--api-key-env {self.api_key_env}: the key in that variable holds characters an HTTP header "
+                "cannot carry (not ASCII); check it was copied whole and without quotes or spaces"
+            )
 
     @property
     def url(self) -> str:

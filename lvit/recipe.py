@@ -158,8 +158,8 @@ _RESERVED_TRAINING_KEYS = {
     "max_length": "use data.max_length (image tokens included) instead",
     "remove_unused_columns": "lvit's collator needs the raw columns",
     "dataset_kwargs": "lvit prepares the dataset itself",
-    "packing": "not supported for image data",
-    "padding_free": "not supported for image data",
+    "packing": "lvit packs image data itself: use data.packing (on by default) and data.max_tokens_per_row",
+    "padding_free": "lvit's packed batches are padding-free: use data.packing (on by default)",
     "assistant_only_loss": "lvit's templates already mask everything but the assistant turns",
     "completion_only_loss": "lvit's templates already mask everything but the assistant turns",
 }

@@ -73,6 +73,10 @@ def test_bad_options_are_refused_before_any_request(monkeypatch):
         Endpoint("http://127.0.0.1:1/v1", "m", api_key_env="LVIT_UNSET_KEY")
     with pytest.raises(LvitError, match="not an http"):
         Endpoint("127.0.0.1:8000", "m")
+    monkeypatch.setenv("LVIT_ODD_KEY", "sk-–pasted")  # an en dash from a word processor
+    with pytest.raises(LvitError, match="not ASCII") as caught:
+        Endpoint("http://127.0.0.1:1/v1", "m", api_key_env="LVIT_ODD_KEY")
+    assert "pasted" not in str(caught.value)  # the key is not shown
 
 
 def test_retry_after_as_an_http_date():

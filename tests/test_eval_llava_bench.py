@@ -203,3 +203,13 @@ def test_a_bad_prompt_file_is_refused_with_the_file_and_the_fix(tmp_path, load):
     with pytest.raises(LvitError, match="prompt not found"):
         load(tmp_path / "missing.yaml")
     assert load(None).system  # the shipped file reads
+
+
+def test_a_context_box_without_its_category_is_refused_with_the_row(tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"question_id": 1, "image": "a.jpg", "text": "What?", "category": "conv"}\n')
+    (tmp_path / "r.jsonl").write_text('{"question_id": 1, "text": "A cat."}\n')
+    (tmp_path / "c.jsonl").write_text(
+        '{"image": "a.jpg", "captions": ["A cat."], "instances": [{"bbox": [0, 0, 1, 1]}]}\n'
+    )
+    with pytest.raises(LvitError, match=r"c\.jsonl: row 1: every entry of `instances` needs `category` and `bbox`"):
+        read_bench(tmp_path / "q.jsonl", tmp_path / "c.jsonl", tmp_path / "r.jsonl")

@@ -195,6 +195,26 @@ def test_packed_compact_step_equals_padded_full_step_fp32(parts, attn):
     assert diff / update < 1e-4
 
 
+def test_packed_step_scored_in_full_equals_padded_step_fp32(parts):
+    """Packing alone (`compact_head: false`: TRL's loss, every position scored, `use_cache=False` as TRL's
+    `compute_loss` passes it): the same loss and gradients as the padded step."""
+    build, picked, padded, packed = parts
+    a, b = padded(picked), packed(picked)
+    count = trained_count(a)
+    ref = build(attn="sdpa")
+    new = copy.deepcopy(ref)
+    loss_ref = full_loss(ref, a, count)
+    loss_ref.backward()
+    loss_new = full_loss(new, {**model_inputs(b), "use_cache": False}, count)
+    loss_new.backward()
+    assert abs(loss_new.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+    g_ref, g_new = grads(ref), grads(new)
+    assert set(g_ref) == set(g_new) and len(g_ref) > 10
+    for name in g_ref:
+        cos = F.cosine_similarity(g_ref[name].flatten(), g_new[name].flatten(), dim=0).item()
+        assert cos >= 0.99999, (name, cos)
+
+
 def test_compact_head_equals_full_scoring_on_padded_batches(parts):
     build, picked, padded, _ = parts
     a = padded(picked)

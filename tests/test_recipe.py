@@ -218,6 +218,11 @@ def test_max_length_points_to_data_max_length(tmp_path):
     assert "use data.max_length" in load_error(tmp_path, with_("training", "max_length", 512))
 
 
+@pytest.mark.parametrize("key", ["packing", "padding_free"])
+def test_trl_packing_keys_point_to_data_packing(tmp_path, key):
+    assert "use data.packing" in load_error(tmp_path, with_("training", key, True))
+
+
 @pytest.mark.parametrize("value", [0, -8])
 def test_global_batch_size_must_be_positive(tmp_path, value):
     assert f"global_batch_size must be at least 1, got {value}" in load_error(

@@ -61,7 +61,7 @@ def prepare_once(data, encoder, source: str = "<recipe>") -> Prepared:
             message = ("ok", _Outcome(kept, prepared.dropped, prepared.skipped, prepared.total))
         except LvitError as exc:
             message = ("error", str(exc))
-        except Exception as exc:  # an lvit bug or a system error: stop every rank, say where it came from
+        except BaseException as exc:  # an lvit bug, a system error or Ctrl-C: stop every rank, say where it came from
             message = ("crash", f"preparing the data failed on rank 0: {type(exc).__name__}: {exc}")
             box = [message]
             dist.broadcast_object_list(box, src=0)

@@ -101,6 +101,11 @@ def read_bench(questions: str | Path, context: str | Path, references: str | Pat
     for n, row in enumerate(_jsonl(context, "context file"), start=1):
         if "image" not in row or not ("caption" in row or "captions" in row):
             raise LvitError(f"{context}: row {n} needs `image` and `caption` (or `captions`, with `instances`)")
+        bad = [i for i in row.get("instances") or [] if not (isinstance(i, dict) and "category" in i and "bbox" in i)]
+        if bad:
+            raise LvitError(
+                f"{context}: row {n}: every entry of `instances` needs `category` and `bbox`; found {bad[0]!r}"
+            )
         contexts[row["image"]] = context_text(row)
     refs = {}
     for n, row in enumerate(_jsonl(references, "reference answers"), start=1):
