@@ -2,9 +2,11 @@
 SigLIP towers, on tiny models built from each family's transformers config.
 
 Tokenizers: each family's kind with its real special tokens and its REAL chat template
-(tests/fixtures/{llama3,qwen3,gemma3}-tokenizer: byte-level BPE for Llama 3 and Qwen, SentencePiece-style
-for Gemma; Mistral: LLaMA-2's real SentencePiece tokenizer with Mistral-7B-Instruct-v0.1's template,
-tests/fixtures/mistral-chat-template). Qwen2 / Qwen3 share the Qwen3 tokenizer, Gemma 2 / 3 the Gemma 3 one.
+(tests/fixtures/{llama3,llama3_1,qwen3,gemma3}-tokenizer: byte-level BPE for Llama 3 and Qwen, SentencePiece-style
+for Gemma). Families that split text as one of those reuse its vocabulary with their own real config and chat
+template (tests/fixtures/*-chat-template): Qwen2.5 (`qwen2`, default system prompt) on Qwen3's, Gemma 2 on
+Gemma 3's, Mistral-7B-Instruct-v0.1 on LLaMA-2's real SentencePiece tokenizer. Llama 3.1 (date system header) is
+template-only: its tiny model is a Llama 3 one and it has no end-to-end run.
 """
 
 from __future__ import annotations
@@ -25,11 +27,19 @@ from lvit.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation, Conver
 from lvit.tiny import LM_FAMILIES, build_family_lm, build_tiny_parts, build_tiny_siglip, padded_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FAMILIES = list(LM_FAMILIES)
-TOKENIZER = {"llama3": "llama3", "qwen2": "qwen3", "qwen3": "qwen3", "gemma2": "gemma3", "gemma3": "gemma3"}
+FAMILIES = [*LM_FAMILIES, "llama3_1"]
+LM = {"llama3_1": "llama3"}  # template-only families: the LM family their tiny model is built as
+TOKENIZER = {"llama3": "llama3", "llama3_1": "llama3_1", "qwen3": "qwen3", "gemma3": "gemma3"}
+# family -> (fixture tokenizer whose vocabulary it reuses, folder with its real config and chat template)
+PAIRED = {
+    "qwen2": ("qwen3", "qwen2_5-chat-template"),
+    "gemma2": ("gemma3", "gemma2-chat-template"),
+    "mistral": ("llama2", "mistral-chat-template"),
+}
 # (end-of-turn token, text before an answer, BOS token or None) of each family's real chat template
 EXPECTED = {
     "llama3": ("<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|begin_of_text|>"),
+    "llama3_1": ("<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|begin_of_text|>"),
     "qwen2": ("<|im_end|>", "<|im_start|>assistant\n", None),
     "qwen3": ("<|im_end|>", "<|im_start|>assistant\n", None),
     "mistral": ("</s>", " [/INST]", "<s>"),
@@ -39,11 +49,16 @@ EXPECTED = {
 # The exact trained tokens of SINGLE's answer and MULTI's second answer (MULTI's first is SINGLE's without a think
 # block), as the fixture tokenizers split them: each answer and its end-of-turn token, nothing else.
 _THINK = ["<think>", "Ċ", "Ċ", "</think>", "Ċ", "Ċ"]  # Qwen3's template: an empty think block before the last answer
+_LLAMA3 = (["A", "Ġred", "Ġsquare", ".", "<|eot_id|>"], ["on", "Ġthe", "Ġleft", "<|eot_id|>"])
+_GEMMA = (["A▁red▁squa", "re", ".", "<end_of_turn>"], ["on", "▁the▁", "lef", "t", "<end_of_turn>"])
 TRAINED = {
-    "llama3": (["A", "Ġred", "Ġsquare", ".", "<|eot_id|>"], ["on", "Ġthe", "Ġleft", "<|eot_id|>"]),
-    "qwen": ([*_THINK, "A", "Ġred", "Ġsquare", ".", "<|im_end|>"], [*_THINK, "on", "Ġthe", "Ġleft", "<|im_end|>"]),
+    "llama3": _LLAMA3,
+    "llama3_1": _LLAMA3,
+    "qwen2": (["A", "Ġred", "Ġsquare", ".", "<|im_end|>"], ["on", "Ġthe", "Ġleft", "<|im_end|>"]),
+    "qwen3": ([*_THINK, "A", "Ġred", "Ġsquare", ".", "<|im_end|>"], [*_THINK, "on", "Ġthe", "Ġleft", "<|im_end|>"]),
     "mistral": (["A", "▁red", "▁square", ".", "</s>"], ["on", "▁the", "▁left", "</s>"]),
-    "gemma": (["A▁red▁squa", "re", ".", "<end_of_turn>"], ["on", "▁the▁", "lef", "t", "<end_of_turn>"]),
+    "gemma2": _GEMMA,
+    "gemma3": _GEMMA,
 }
 # Families tested end to end with a SigLIP tower (the others with CLIP)
 SIGLIP = {"llama3", "qwen3", "gemma2"}
@@ -55,14 +70,19 @@ MULTI = Conversation([("user", Q1), ("assistant", A1), ("user", Q2), ("assistant
 
 
 def tokenizer_dir(family: str, root: Path) -> Path:
-    """The family's tokenizer folder (Mistral: LLaMA-2's tokenizer with Mistral's chat template)."""
-    if family != "mistral":
+    """The family's tokenizer folder; a `PAIRED` family's: the other fixture's vocabulary with its own config
+    (when its folder has one) and chat template (`chat_template.jinja`, else the config's)."""
+    if family not in PAIRED:
         return FIXTURES / f"{TOKENIZER[family]}-tokenizer"
-    folder = root / "mistral-tokenizer"
+    base, own = (FIXTURES / name for name in (f"{PAIRED[family][0]}-tokenizer", PAIRED[family][1]))
+    folder = root / f"{family}-tokenizer"
     if not folder.exists():
-        shutil.copytree(FIXTURES / "llama2-tokenizer", folder)
+        shutil.copytree(base, folder)
+        if (own / "tokenizer_config.json").exists():
+            shutil.copy(own / "tokenizer_config.json", folder)
         config = json.loads((folder / "tokenizer_config.json").read_text())
-        config["chat_template"] = (FIXTURES / "mistral-chat-template" / "chat_template.jinja").read_text()
+        if (own / "chat_template.jinja").exists():
+            config["chat_template"] = (own / "chat_template.jinja").read_text()
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return folder
 
@@ -75,7 +95,7 @@ def parts(tmp_path_factory):
 
     @functools.cache
     def get(family: str) -> tuple[Path, Path]:
-        lm = build_family_lm(root / f"lm-{family}", family, tokenizer_dir(family, root))
+        lm = build_family_lm(root / f"lm-{family}", LM.get(family, family), tokenizer_dir(family, root))
         return towers["siglip" if family in SIGLIP else "clip"], lm
 
     return get
@@ -109,7 +129,7 @@ def test_auto_template_trains_exactly_the_answers_and_matches_the_chat_template(
     end, before_answer, bos = EXPECTED[family]
     assert encoder.template.end_of_turn == end
     end_id = tokenizer.convert_tokens_to_ids(end)
-    single, second = TRAINED[family[:-1] if family[:-1] in TRAINED else family]
+    single, second = TRAINED[family]
     first = [t for t in single if t not in _THINK]
     for conv, expected in ((SINGLE, single), (MULTI, [*first, *second])):
         enc = encoder.encode(conv)
@@ -125,7 +145,7 @@ def test_auto_template_trains_exactly_the_answers_and_matches_the_chat_template(
         for k, (run, answer) in enumerate(zip(runs, answers, strict=True)):
             assert run[-1] == end_id and end_id not in run[:-1]
             text = tokenizer.decode(run[:-1], skip_special_tokens=False)
-            if family.startswith("qwen") and k == len(answers) - 1:
+            if family == "qwen3" and k == len(answers) - 1:
                 # Qwen3's template writes an empty think block before its last answer: generated, so trained
                 assert text.replace("<think>\n\n</think>\n\n", "") == answer, text
             else:
@@ -193,29 +213,37 @@ _NO_END_TOKEN = (  # turns end with plain text: generation could not stop
 )
 
 
-# lvit's own ChatML template with Qwen2.5's behaviour (Qwen/Qwen2.5-7B-Instruct's template writes a default
-# system prompt when the conversation has none; no think block)
-_CHATML_DEFAULT_SYSTEM = (
-    "{%- if messages[0]['role'] == 'system' -%}{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else -%}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif -%}"
-    "{%- for m in messages if m['role'] != 'system' -%}"
-    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
+# Text the real templates write into the system header themselves (Qwen/Qwen2.5-7B-Instruct's default system
+# prompt; Llama 3.1's knowledge-cutoff and default date lines), with and without the conversation's own prompt
+SYSTEM_HEADER = {
+    "qwen2": ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n",
+              "<|im_start|>system\nBe brief.<|im_end|>\n"),
+    "llama3_1": ("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                 "Today Date: 26 Jul 2024\n\n<|eot_id|>",
+                 "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                 "Today Date: 26 Jul 2024\n\nBe brief.<|eot_id|>"),
+}  # fmt: skip
 
 
-def test_auto_template_with_a_default_system_prompt_trains_only_the_answers(parts, tmp_path):
-    tokenizer = load_tokenizer(str(_write_template(tmp_path, _CHATML_DEFAULT_SYSTEM)))
-    vision_dir = parts("qwen3")[0]
+@pytest.mark.parametrize("family", list(SYSTEM_HEADER))
+def test_a_system_header_the_template_writes_itself_is_never_trained(family, parts, tmp_path):
+    """The real template writes system text of its own (default prompt, dates): lvit splits it exactly, keeps it in
+    the prompt, trains only the answers; a conversation's system prompt takes the template's place."""
+    vision_dir, lm_dir = parts(family)
+    tokenizer = load_tokenizer(str(lm_dir))
     processor = _processor(vision_dir, tokenizer, tmp_path / "export")
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     encoder = ConversationEncoder("auto", tokenizer, image_id, num_image_tokens(vision_config_of(str(vision_dir))))
-    for conv in (MULTI, Conversation(MULTI.turns, has_image=True, system="Be brief.")):
+    single, second = TRAINED[family]
+    for conv, header in zip((MULTI, Conversation(MULTI.turns, has_image=True, system="Be brief.")),
+                            SYSTEM_HEADER[family], strict=True):  # fmt: skip
         enc = encoder.encode(conv)
         assert enc.input_ids == _chat_ids(processor, conv)
-        trained = tokenizer.convert_ids_to_tokens([t for t in enc.labels if t != IGNORE_INDEX])
-        assert trained == ["A", "Ġred", "Ġsquare", ".", "<|im_end|>", "on", "Ġthe", "Ġleft", "<|im_end|>"]
-        assert tokenizer.decode(enc.input_ids[: enc.first_trained]).startswith("<|im_start|>system\n")
+        assert tokenizer.convert_ids_to_tokens([t for t in enc.labels if t != IGNORE_INDEX]) == [*single, *second]
+        prompt = tokenizer.decode(enc.input_ids[: enc.first_trained], skip_special_tokens=False)
+        assert header in prompt and prompt.count("system") == 1
+        gen = encoder.encode(Conversation(conv.turns[:-1], True, system=conv.system), for_generation=True)
+        assert gen.input_ids == enc.input_ids[: len(gen.input_ids)]
 
 
 @pytest.mark.parametrize(
@@ -232,15 +260,19 @@ def test_auto_template_refuses_a_template_it_cannot_split(template, reason, tmp_
         ConversationEncoder("auto", tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER), 4)
 
 
-def test_a_record_the_chat_template_refuses_is_listed_with_the_reason(parts):
-    """Mistral v0.1's template raises on a system turn: that record is left out with the template's message."""
-    tokenizer = load_tokenizer(str(parts("mistral")[1]))
+@pytest.mark.parametrize(
+    "family, message", [("mistral", "Conversation roles must alternate"), ("gemma2", "System role not supported")]
+)
+def test_a_record_the_chat_template_refuses_is_listed_with_the_reason(family, message, parts):
+    """Mistral v0.1's and Gemma 2's templates raise on a system turn: that record is left out with the template's
+    message."""
+    tokenizer = load_tokenizer(str(parts(family)[1]))
     encoder = ConversationEncoder("auto", tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER), 4)
     with_system = Conversation(SINGLE.turns, has_image=True, system="Be brief.")
     lengths = encoder.lengths([SINGLE, with_system])
     assert list(lengths.rejected) == [1] and lengths.total[0] > 0
     assert "the chat template refuses the conversation" in lengths.rejected[1]
-    assert "Conversation roles must alternate" in lengths.rejected[1]  # the template's own words
+    assert message in lengths.rejected[1]  # the template's own words
     with pytest.raises(ValueError, match="refuses the conversation"):
         encoder.encode(with_system)
 
@@ -382,7 +414,7 @@ def family_runs(parts, shapes_data, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(LM_FAMILIES))
 def test_family_trains_both_stages_and_exports_a_model_plain_transformers_runs(family, family_runs):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
