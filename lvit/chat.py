@@ -1,7 +1,9 @@
-"""`lvit chat MODEL --image PATH [--prompt TEXT]`: talk to a trained model, answers streamed.
+"""`lvit chat MODEL [--image PATH ...] [--prompt TEXT]`: talk to a trained model, answers streamed.
 
-The conversation keeps its history (the image in the first user turn) and is encoded with the
-run's template exactly as in training (`ConversationEncoder(..., for_generation=True)`).
+The conversation keeps its history (the images in the first user turn) and is encoded with the
+run's template exactly as in training (`ConversationEncoder(..., for_generation=True)`). One image is
+encoded as a one-image record; several (`--image` given more than once) as a record with several images
+whose `<image>` placeholders open the first user turn, in the order given.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import TextIO
 from lvit.errors import LvitError
 from lvit.generation import GenerationSettings, eval_mode, generate_batch
 from lvit.runs.load import LoadedModel
-from lvit.templates import Conversation
+from lvit.templates import IMAGE_PLACEHOLDER, Conversation
 
 EXIT_WORDS = {"exit", "quit"}
 
@@ -30,45 +32,74 @@ def _streamer(tokenizer, write: Callable[[str], None]):
     return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def check_image(image: str | Path) -> None:
-    """`--image`: the file exists and decodes as an image; `lvit chat` checks it before the model loads."""
+def _as_list(images) -> list[str | Path]:
+    return [] if images is None else [images] if isinstance(images, (str, Path)) else list(images)
+
+
+def _which(image: str | Path, k: int, n: int) -> str:
+    """How an error names an `--image`: its path, and its place among several."""
+    return f"--image {image}" + (f" (image {k + 1} of {n})" if n > 1 else "")
+
+
+def check_image(images: str | Path | list[str | Path]) -> None:
+    """`--image`: each file exists and decodes as an image; `lvit chat` checks them before the model loads."""
     from lvit.data.images import probe_image
 
-    if not Path(image).is_file():
-        raise LvitError(f"--image {image}: file not found")
-    found = probe_image(str(image), None)
-    if found is not None and found[1] == "error":
-        raise LvitError(f"--image {image}: {found[2]}")
+    paths = _as_list(images)
+    for k, image in enumerate(paths):
+        if not Path(image).is_file():
+            raise LvitError(f"{_which(image, k, len(paths))}: file not found")
+        found = probe_image(str(image), None)
+        if found is not None and found[1] == "error":
+            raise LvitError(f"{_which(image, k, len(paths))}: {found[2]}")
 
 
 class ChatSession:
-    """One conversation about (at most) one image."""
+    """One conversation about no image, one image or several (all in the first user turn, in order)."""
 
     def __init__(
-        self, loaded: LoadedModel, image: str | Path | None = None, settings: GenerationSettings | None = None
+        self,
+        loaded: LoadedModel,
+        image: str | Path | list[str | Path] | None = None,
+        settings: GenerationSettings | None = None,
     ):
         self.loaded = loaded
         self.settings = settings or GenerationSettings(max_new_tokens=512)
         self.encoder = loaded.encoder()
         self.turns: list[tuple[str, str]] = []
         self.pixel_values = None
-        if image is not None:
-            path = Path(image)
-            if not path.is_file():
-                raise LvitError(f"--image {image}: file not found")
+        self.images = _as_list(image)
+        if self.images:
             loader = loaded.image_loader()
-            try:
-                self.pixel_values = loader.pixel_values([loader.load(str(path))])
-            except OSError as exc:
-                raise LvitError(f"--image {image}: cannot be read as an image ({exc})") from None
+            loaded_images = []
+            for k, path in enumerate(self.images):
+                which = _which(path, k, len(self.images))
+                if not Path(path).is_file():
+                    raise LvitError(f"{which}: file not found")
+                try:
+                    loaded_images.append(loader.load(str(path)))
+                except OSError as exc:
+                    raise LvitError(f"{which}: cannot be read as an image ({exc})") from None
+            self.pixel_values = loader.pixel_values(loaded_images)  # one row per image, in the order given
 
     @property
     def has_image(self) -> bool:
         return self.pixel_values is not None
 
+    def conversation(self, text: str) -> Conversation:
+        """The conversation so far with `text` as the next user turn, as the model is asked it.
+
+        With several images the first user turn opens with one `<image>` placeholder per image, as a record
+        with several images whose placeholders start its first turn (`lvit.data.records.inline_placeholders`)."""
+        turns = [*self.turns, ("user", text)]
+        if len(self.images) > 1:
+            role, first = turns[0]
+            turns[0] = (role, f"{IMAGE_PLACEHOLDER}\n" * len(self.images) + first)
+        return Conversation(turns=turns, has_image=self.has_image)
+
     def ask(self, text: str, write: Callable[[str], None] | None = None) -> str:
         """Answer `text` given the conversation so far; streams the answer to `write` as it is generated."""
-        conv = Conversation(turns=[*self.turns, ("user", text)], has_image=self.has_image)
+        conv = self.conversation(text)
         streamer = _streamer(self.encoder.tokenizer, write) if write is not None else None
         with eval_mode(self.loaded.model) as model:
             (answer,) = generate_batch(

@@ -300,7 +300,12 @@ def _write(text: str) -> None:
 @app.command()
 def chat(
     model: Path = typer.Argument(..., help=_MODEL_HELP),
-    image: Path = typer.Option(None, "--image", help="The image the conversation is about (optional)."),
+    image: list[Path] = typer.Option(
+        None,
+        "--image",
+        help="An image the conversation is about (optional). Repeat for several: all go in the first user turn, "
+        "in the order given.",
+    ),
     prompt: str = typer.Option(
         None, "--prompt", help="Ask this one question and exit. Without it: one question per line, 'exit' or EOF ends."
     ),
@@ -311,7 +316,7 @@ def chat(
     device: str = typer.Option(None, "--device", help="Default: cuda if available, else cpu."),
     base_model: list[str] = typer.Option(None, "--base-model", help=_BASE_HELP),
 ) -> None:
-    """Talk to a trained model about an image; answers stream as they are generated."""
+    """Talk to a trained model about an image (or several); answers stream as they are generated."""
     _quiet_libraries()
     from lvit.chat import ChatSession, check_image, interactive
     from lvit.generation import GenerationSettings
@@ -320,10 +325,10 @@ def chat(
 
     settings = GenerationSettings(max_new_tokens, temperature, top_p)
     settings.kwargs()  # check the values before the model loads
-    if image is not None:
-        check_image(image)  # and the image
+    images = list(image or [])
+    check_image(images)  # and every image
     loaded = load_model(model, load_4bit=load_4bit, device=device, base_model=parse_base_model(base_model))
-    session = ChatSession(loaded, image, settings)
+    session = ChatSession(loaded, images, settings)
     if prompt is not None:
         session.ask(prompt, _write)
     else:

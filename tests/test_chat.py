@@ -141,3 +141,69 @@ def test_cli_checks_the_image_before_the_model_loads(full_run, tmp_path, monkeyp
         assert result.exit_code == 2, result.output
         assert result.stderr.startswith(f"error: {message}")
         assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def two_images(shapes_data) -> list[str]:
+    """Two different images of the test split (its records come in pairs about one image)."""
+    names = list(dict.fromkeys(r["image"] for r in json.loads(Path(shapes_data["test"]).read_text())))
+    return [str(Path(shapes_data["images"]) / name) for name in names[:2]]
+
+
+def test_two_images_match_plain_transformers(full_run, two_images):
+    """Both images in the first user turn, in the order given: the ids, pixels and answer of the processor's
+    chat template and `generate` with the same two images."""
+    import torch
+    from PIL import Image
+
+    loaded = load_model(full_run, device="cpu")
+    session = ChatSession(loaded, two_images, GenerationSettings(MAX_NEW))
+    question = "What colour is the second shape?"
+    ids = session.encoder.encode(session.conversation(question), for_generation=True).input_ids
+    pil = [Image.open(p).convert("RGB") for p in two_images]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": pil[0]}, {"type": "image", "image": pil[1]},
+                        {"type": "text", "text": question}],
+        }
+    ]  # fmt: skip
+    plain = loaded.processor.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
+    assert plain["input_ids"][0].tolist() == ids
+    image_id = loaded.model.config.image_token_id
+    assert ids.count(image_id) == 2 * session.encoder.num_image_tokens
+    assert session.pixel_values.shape[0] == 2 and not torch.equal(*session.pixel_values)
+    assert torch.allclose(session.pixel_values, plain["pixel_values"])
+    answer = session.ask(question)
+    model = loaded.model.eval()
+    with torch.no_grad():
+        out = model.generate(**plain, max_new_tokens=MAX_NEW, do_sample=False)
+    tokens = out[0, len(ids) :]
+    assert answer == loaded.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    # the later turns carry the images in the first turn only; the CLI answers as the session does
+    result = CliRunner().invoke(
+        app,
+        ["chat", str(full_run), "--image", two_images[0], "--image", two_images[1], "--prompt", question,
+         "--max-new-tokens", str(MAX_NEW)],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == answer
+
+
+def test_cli_names_the_missing_second_image_before_the_model_loads(full_run, two_images, tmp_path, monkeypatch):
+    import lvit.runs
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model loaded before every --image was checked")
+
+    monkeypatch.setattr(lvit.runs, "load_model", no_loading)
+    missing = tmp_path / "after.png"
+    result = CliRunner().invoke(
+        app, ["chat", str(full_run), "--image", two_images[0], "--image", str(missing), "--prompt", "Colour?"]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: --image {missing} (image 2 of 2): file not found")
+    assert "Traceback" not in result.stderr
