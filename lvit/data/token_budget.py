@@ -72,14 +72,24 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         order = torch.randperm(len(lengths), generator=generator).tolist()
         self.batches = budget_batches(list(lengths), order, budget)
 
+    def samples_drawn(self, steps: int, accumulation: int) -> int:
+        """The samples that `steps` optimizer steps of `accumulation` micro-batches drew (an epoch's last step
+        may have fewer micro-batches)."""
+        per_epoch = -(-len(self.batches) // accumulation)
+        epochs, rest = divmod(steps, per_epoch)
+        n_samples = sum(len(b) for b in self.batches)
+        return epochs * n_samples + sum(len(b) for b in self._epoch_batches(epochs)[: rest * accumulation])
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __iter__(self):
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch + 1)  # + 1: not the stream that formed the batches
-        for k in torch.randperm(len(self.batches), generator=generator).tolist():
-            yield list(self.batches[k])
+        generator.manual_seed(self.seed + epoch + 1)  # + 1: not the stream that formed the batches
+        return [list(self.batches[k]) for k in torch.randperm(len(self.batches), generator=generator).tolist()]
+
+    def __iter__(self):
+        return iter(self._epoch_batches(self.epoch))
