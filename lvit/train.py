@@ -112,7 +112,7 @@ class LlavaTrainer(SFTTrainer):
 
         args = self.args
         # as Trainer._get_dataloader builds it, with the token-budget batches as the batch sampler
-        # (transformers passes only its own BatchRebalanceSampler that way)
+        # (transformers passes only its own BatchRebalanceSampler that way: docs/stack-notes.md#trainer-batch-sampler)
         loader = DataLoader(
             self.train_dataset,
             batch_sampler=self.token_budget,

@@ -10,16 +10,17 @@ How the batches are formed (lvit's own choices):
   else it starts the next one. A sample is never split; one longer than the budget is refused up front, by
   record id.
 - The micro-batches are formed once per run (from `seed`), and each epoch visits them in an order drawn from
-  (seed, epoch). The Trainer reads the number of micro-batches once, before the first epoch
-  (`Trainer.set_initial_training_values` calls `len(dataloader)`), so it must be the same every epoch; forming
-  the batches anew each epoch would change it. Every sample comes once per epoch, and a resumed run draws the
+  (seed, epoch). The Trainer reads the number of micro-batches once, before the first epoch, so it must be
+  the same every epoch (docs/stack-notes.md#trainer-batch-sampler); forming the batches anew each epoch would
+  change it. Every sample comes once per epoch, and a resumed run draws the
   same micro-batches as the run it continues (accelerate's `skip_first_batches` skips the trained ones).
 - An optimizer step is `gradient_accumulation_steps` micro-batches (the epoch's last step may have fewer). The
   loss stays a per-token mean over the whole step: transformers counts the trained tokens of all the step's
   micro-batches (`num_items_in_batch`) and TRL divides the summed token loss by that count, so a token weighs
   the same whichever micro-batch it is in (see the note above `build_sft_config` in `lvit/train.py`).
 - One process only: with several, every rank must take the same number of steps, and accelerate's sharding
-  would repeat micro-batches to even them out. Refused with a message (`lvit.train.build_sft_config`).
+  would repeat micro-batches to even them out (docs/stack-notes.md#trainer-batch-sampler). Refused with a
+  message (`lvit.train.build_sft_config`).
 """
 
 from __future__ import annotations
