@@ -87,6 +87,12 @@ class DataSection:
     max_tokens_per_row: int | None = None
     """packing: the most tokens in one packed row (None: `max_length`); at least `max_length`. With
     flash attention the whole micro-batch is one row (its varlen kernel reads sample bounds from one row)."""
+    max_tokens_per_batch: int | None = None
+    """Token-budget micro-batches (`lvit/data/token_budget.py`): each micro-batch takes samples, in shuffled
+    order, while their tokens (image tokens included) stay within this many; `per_device_train_batch_size`
+    is then unused. This CHANGES the samples per step (unlike `packing`). None (default): fixed-size batches.
+    One process only; not with `global_batch_size` (set `training.gradient_accumulation_steps`) nor with
+    another batch order (`group_by_modality_length`, `training.train_sampling_strategy`)."""
 
 
 @dataclass
@@ -261,6 +267,22 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
             f"training.train_sampling_strategy ({strategy!r}) / training.group_by_length, or set "
             "data.group_by_modality_length: false."
         )
+    budget = recipe.data.max_tokens_per_batch
+    if budget is not None:
+        if budget < 1:
+            raise LvitError(f"{source}: data.max_tokens_per_batch must be at least 1, got {budget}.")
+        if recipe.data.group_by_modality_length or strategy != "random":
+            raise LvitError(
+                f"{source}: data.max_tokens_per_batch forms the batches itself; it cannot be combined with "
+                f"data.group_by_modality_length or training.train_sampling_strategy ({strategy!r}). Remove "
+                "those, or data.max_tokens_per_batch."
+            )
+        if recipe.global_batch_size is not None:
+            raise LvitError(
+                f"{source}: data.max_tokens_per_batch makes the samples per step vary, so global_batch_size "
+                f"({recipe.global_batch_size} samples) cannot hold. Set global_batch_size: null and choose "
+                "training.gradient_accumulation_steps (micro-batches per optimizer step) instead."
+            )
     if recipe.data.packing and recipe.model.attn_implementation is not None:
         from lvit.data.packing import check_attention
 

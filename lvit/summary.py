@@ -72,7 +72,9 @@ def summarize(training, wall_s: float, skipped: int) -> RunSummary:
         out=Path(training.out).resolve(),
         stage=recipe.stage,
         steps=state.global_step,
-        samples=_samples(state.global_step, batch, len(dataset)),
+        samples=_samples(state.global_step, batch, len(dataset))
+        if getattr(trainer, "token_budget", None) is None
+        else trainer.token_budget.samples_drawn(state.global_step, args.gradient_accumulation_steps),
         tokens=int(tokens) if tokens else None,
         wall_s=wall_s,
         resumed_from_step=training.resumed_step,

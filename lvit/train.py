@@ -73,12 +73,57 @@ class LlavaTrainer(SFTTrainer):
         projector_lr: float | None = None,
         group_by_modality: bool = False,
         compact_head: bool = False,
+        max_tokens_per_batch: int | None = None,
         **kwargs,
     ):
         self.projector_lr = projector_lr
         self.group_by_modality = group_by_modality
         self.compact_head = compact_head
         super().__init__(*args, **kwargs)
+        self.token_budget = None
+        if max_tokens_per_batch is not None:  # data.max_tokens_per_batch (lvit/data/token_budget.py)
+            from lvit.data.token_budget import TokenBudgetBatchSampler
+
+            if self.args.world_size > 1:
+                raise LvitError(TOKEN_BUDGET_ONE_PROCESS)
+            dataset = self.train_dataset
+            self.token_budget = TokenBudgetBatchSampler(
+                dataset["length"], dataset["id"], max_tokens_per_batch, self.args.data_seed or self.args.seed
+            )
+            sizes = [len(b) for b in self.token_budget.batches]
+            log.info(
+                "data.max_tokens_per_batch = %d: %d micro-batches of %d to %d samples (mean %.1f) an epoch, "
+                "%d per optimizer step",
+                max_tokens_per_batch,
+                len(sizes),
+                min(sizes),
+                max(sizes),
+                sum(sizes) / len(sizes),
+                self.args.gradient_accumulation_steps,
+            )
+
+    def get_train_dataloader(self):
+        if self.token_budget is None:
+            return super().get_train_dataloader()
+        from functools import partial
+
+        from torch.utils.data import DataLoader
+        from transformers.trainer_utils import seed_worker
+
+        args = self.args
+        # as Trainer._get_dataloader builds it, with the token-budget batches as the batch sampler
+        # (transformers passes only its own BatchRebalanceSampler that way: docs/stack-notes.md#trainer-batch-sampler)
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.token_budget,
+            collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
+        )
+        return self.accelerator.prepare(loader)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from lvit.data.packing import real_tokens
@@ -203,12 +248,21 @@ class LlavaTrainer(SFTTrainer):
 # sums that count over processes) and `Trainer.compute_loss`; and in trl 1.16's `SFTTrainer.compute_loss`
 # (trl/trainer/sft_trainer.py), which lvit's trainer uses: summed per-token loss / `num_items_in_batch`,
 # times the process count (DDP then averages the gradients over processes).
+TOKEN_BUDGET_ONE_PROCESS = (
+    "data.max_tokens_per_batch works with one process only: with several, every process must take the same "
+    "number of steps, which token-budget micro-batches do not guarantee (accelerate would repeat micro-batches "
+    "to even them out). Train on one process, or remove data.max_tokens_per_batch."
+)
+
+
 def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_device: bool = True):
     """The `SFTConfig` for a recipe: its `training:` section plus what lvit sets itself."""
     from trl import SFTConfig
 
     if num_processes is None:
         num_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if recipe.data.max_tokens_per_batch is not None and num_processes > 1:
+        raise LvitError(f"{recipe.source}: {TOKEN_BUDGET_ONE_PROCESS}")
     kwargs: dict[str, Any] = dict(recipe.training)
     kwargs.setdefault("output_dir", f"runs/{Path(recipe.source).stem}")
     kwargs["gradient_accumulation_steps"] = gradient_accumulation(recipe, num_processes)
@@ -340,13 +394,14 @@ class TrainingRun:
             )
         log.info(
             "training on %d records (%d with images); global batch %d = %d per device x %d accumulation x %d "
-            "process(es)",
+            "process(es)%s",
             len(dataset),
             sum(p is not None for p in dataset["image_path"]),
             args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
             args.per_device_train_batch_size,
             args.gradient_accumulation_steps,
             args.world_size,
+            " (per device: replaced by data.max_tokens_per_batch)" if recipe.data.max_tokens_per_batch else "",
         )
 
         collator = LlavaCollator(
@@ -368,6 +423,7 @@ class TrainingRun:
             projector_lr=recipe.projector_lr,
             group_by_modality=recipe.data.group_by_modality_length,
             compact_head=recipe.compact_head,
+            max_tokens_per_batch=recipe.data.max_tokens_per_batch,
             callbacks=[
                 RunFilesCallback(recipe, processor),
                 self.stop,
