@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
+from conftest import assert_resumed_steps_match
 from torch.utils.data import BatchSampler
 
 from lvit.data.modality_sampler import ModalityGroupedSampler, modality_grouped_indices
@@ -111,10 +112,6 @@ def test_trainer_uses_it_and_its_batches_are_single_modality(tiny_recipe, tmp_pa
 def test_a_resumed_run_draws_the_same_steps(tiny_recipe, tmp_path):
     """4 steps in one go vs 2 steps, then a run resumed from checkpoint-2: steps 3-4 see the same batches
     (the same trained-token counts) and reach the same losses."""
-    import json
-    import shutil
-
-    from lvit.train import run
 
     def recipe(out):
         return tiny_recipe(
@@ -124,20 +121,4 @@ def test_a_resumed_run_draws_the_same_steps(tiny_recipe, tmp_path):
             training={"per_device_train_batch_size": 2, "max_steps": 4, "save_strategy": "steps", "save_steps": 2},
         )
 
-    straight = run(recipe(tmp_path / "straight"))
-    resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed_dir / "checkpoint-2")
-    resumed = run(recipe(resumed_dir))
-
-    def steps(folder):
-        state = json.loads((folder / "checkpoint-4" / "trainer_state.json").read_text())
-        return {e["step"]: e for e in state["log_history"] if "loss" in e}
-
-    a, b = steps(straight), steps(resumed)
-    # TRL's num_tokens counts from the process start: compare what each step added
-    assert [a[s]["num_tokens"] - a[s - 1]["num_tokens"] for s in (3, 4)] == [
-        b[3]["num_tokens"],
-        b[4]["num_tokens"] - b[3]["num_tokens"],
-    ]
-    assert [b[s]["loss"] for s in (3, 4)] == pytest.approx([a[s]["loss"] for s in (3, 4)], rel=1e-5)
+    assert_resumed_steps_match(recipe, tmp_path)
