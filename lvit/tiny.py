@@ -12,6 +12,15 @@ from pathlib import Path
 
 # Sizes chosen so one training step takes a few tens of milliseconds on 2 CPU cores while the
 # 4-bit path still works (bitsandbytes blocks need in_features >= 64).
+# The text half a CLIP / SigLIP config requires; lvit never uses it (LLaVA keeps only the vision tower).
+TINY_TOWER_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    vocab_size=100,
+    max_position_embeddings=16,
+)
 TINY_VISION = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -111,17 +120,7 @@ def build_tiny_parts(
     v = {**TINY_VISION, **(vision or {})}
     clip_config = CLIPConfig(
         vision_config={k: val for k, val in v.items() if k != "projection_dim"},
-        text_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=100,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        ),
+        text_config={**TINY_TOWER_TEXT, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
         projection_dim=v["projection_dim"],
     )
     CLIPModel(clip_config).save_pretrained(vision_dir)
@@ -160,14 +159,7 @@ def build_tiny_siglip(out_dir: str | Path, seed: int = 0, vision: dict | None = 
     v = {k: val for k, val in {**TINY_VISION, **(vision or {})}.items() if k != "projection_dim"}
     config = SiglipConfig(
         vision_config=v,
-        text_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=100,
-            max_position_embeddings=16,
-        ),
+        text_config=TINY_TOWER_TEXT,
     )
     out_dir = Path(out_dir)
     SiglipModel(config).save_pretrained(out_dir)

@@ -118,14 +118,21 @@ def _chat_ids(processor, conv: Conversation, **kwargs) -> list[int]:
     return list(processor.apply_chat_template(chat_messages(conv, image), tokenize=True, **kwargs)[0])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_auto_template_trains_exactly_the_answers_and_matches_the_chat_template(family, parts, tmp_path):
+def _auto_encoder(parts, family: str, tmp_path: Path):
+    """`(tokenizer, processor, encoder)` of a family's parts: its tokenizer, the processor lvit exports for it,
+    and the `data.template: auto` encoder; the image token id and count are the encoder's."""
     vision_dir, lm_dir = parts(family)
     tokenizer = load_tokenizer(str(lm_dir))
     processor = _processor(vision_dir, tokenizer, tmp_path / "export")
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    n_img = num_image_tokens(vision_config_of(str(vision_dir)))
-    encoder = ConversationEncoder("auto", tokenizer, image_id, n_img)
+    encoder = ConversationEncoder("auto", tokenizer, image_id, num_image_tokens(vision_config_of(str(vision_dir))))
+    return tokenizer, processor, encoder
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_template_trains_exactly_the_answers_and_matches_the_chat_template(family, parts, tmp_path):
+    tokenizer, processor, encoder = _auto_encoder(parts, family, tmp_path)
+    image_id, n_img = encoder.image_token_id, encoder.num_image_tokens
     end, before_answer, bos = EXPECTED[family]
     assert encoder.template.end_of_turn == end
     end_id = tokenizer.convert_tokens_to_ids(end)
@@ -170,12 +177,8 @@ def test_auto_template_trains_exactly_the_answers_and_matches_the_chat_template(
 @pytest.mark.parametrize("family", ["llama3", "qwen3", "gemma3"])
 def test_auto_template_with_several_images(family, parts, tmp_path):
     """A record with two images (each `<image>` where it stands): the ids are the exported chat template's."""
-    vision_dir, lm_dir = parts(family)
-    tokenizer = load_tokenizer(str(lm_dir))
-    processor = _processor(vision_dir, tokenizer, tmp_path / "export")
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    n_img = num_image_tokens(vision_config_of(str(vision_dir)))
-    encoder = ConversationEncoder("auto", tokenizer, image_id, n_img)
+    tokenizer, processor, encoder = _auto_encoder(parts, family, tmp_path)
+    image_id, n_img = encoder.image_token_id, encoder.num_image_tokens
     conv = Conversation(
         [("user", f"{IMAGE_PLACEHOLDER}\nBefore, {IMAGE_PLACEHOLDER}\nafter: {Q1}"), ("assistant", A1)], has_image=True
     )
@@ -229,11 +232,7 @@ SYSTEM_HEADER = {
 def test_a_system_header_the_template_writes_itself_is_never_trained(family, parts, tmp_path):
     """The real template writes system text of its own (default prompt, dates): lvit splits it exactly, keeps it in
     the prompt, trains only the answers; a conversation's system prompt takes the template's place."""
-    vision_dir, lm_dir = parts(family)
-    tokenizer = load_tokenizer(str(lm_dir))
-    processor = _processor(vision_dir, tokenizer, tmp_path / "export")
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    encoder = ConversationEncoder("auto", tokenizer, image_id, num_image_tokens(vision_config_of(str(vision_dir))))
+    tokenizer, processor, encoder = _auto_encoder(parts, family, tmp_path)
     single, second = TRAINED[family]
     for conv, header in zip((MULTI, Conversation(MULTI.turns, has_image=True, system="Be brief.")),
                             SYSTEM_HEADER[family], strict=True):  # fmt: skip
