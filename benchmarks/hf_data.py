@@ -85,7 +85,7 @@ def main() -> None:
     if not args.skip_write:
         start = time.perf_counter()
         write_dataset(out, args.records, args.images)
-        from lvit.tiny import build_tiny_parts
+        from lvit.demo.tiny import build_tiny_parts
 
         build_tiny_parts(out / "parts")
         print(f"wrote {args.records} records in {time.perf_counter() - start:.0f} s")
@@ -109,9 +109,11 @@ def main() -> None:
     from lvit.data.collator import LlavaCollator
     from lvit.data.dataset import prepare
     from lvit.data.images import ImageLoader
-    from lvit.model import load_tokenizer, num_image_tokens
-    from lvit.recipe import DataSection
-    from lvit.templates import IMAGE_PLACEHOLDER, ConversationEncoder
+    from lvit.model.processor import load_tokenizer
+    from lvit.model.towers import num_image_tokens
+    from lvit.recipe.schema import DataSection
+    from lvit.templates.conversation import IMAGE_PLACEHOLDER
+    from lvit.templates.encoder import ConversationEncoder
 
     vision, lm = out / "parts" / "tiny-clip", out / "parts" / "tiny-vicuna"
     tok = load_tokenizer(lm)

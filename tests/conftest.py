@@ -8,10 +8,10 @@ Fixtures
 --------
 - `tiny_parts`            -> (vision_dir, lm_dir): tiny CLIP + tiny Llama, metaspace (Llama-like) tokenizer.
 - `tiny_parts_bytelevel`  -> (vision_dir, lm_dir): the same with a byte-level (GPT-2-like) tokenizer.
-- `shapes_data`           -> dict of paths from `lvit.synthetic.write_shapes_data` (48 train / 8 test images):
+- `shapes_data`           -> dict of paths from `lvit.demo.synthetic.write_shapes_data` (48 train / 8 test images):
                              keys "captions", "instruct", "test" (JSON files) and "images" (folder).
 - `tiny_recipe`           -> a `TinyRecipes` factory: `tiny_recipe(stage="finetune", out_dir=None, **overrides)`
-                             returns a validated `lvit.recipe.Recipe` pointing at the fixtures above
+                             returns a validated `lvit.recipe.schema.Recipe` pointing at the fixtures above
                              (see `TinyRecipes` for the override rules, `.raw()` and `.write()`).
 - `tiny_runs`             -> a `TinyRuns`: `tiny_runs["align" | "full" | "lora" | "qlora"]` is a finished 4-step run
                              (checkpoints at steps 2 and 4) with its live model and its weights before and after,
@@ -38,8 +38,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_parts(tmp_path_factory) -> tuple[Path, Path]:
     """(vision_dir, lm_dir): a tiny CLIP and a tiny Llama whose tokenizer is metaspace (SentencePiece-like)."""
-    from lvit import synthetic
-    from lvit.tiny import build_tiny_parts
+    from lvit.demo import synthetic
+    from lvit.demo.tiny import build_tiny_parts
 
     return build_tiny_parts(tmp_path_factory.mktemp("parts-metaspace"), corpus=synthetic.corpus())
 
@@ -47,8 +47,8 @@ def tiny_parts(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_parts_bytelevel(tmp_path_factory) -> tuple[Path, Path]:
     """(vision_dir, lm_dir): like `tiny_parts`, with a byte-level BPE (GPT-2-like) tokenizer."""
-    from lvit import synthetic
-    from lvit.tiny import build_tiny_parts
+    from lvit.demo import synthetic
+    from lvit.demo.tiny import build_tiny_parts
 
     return build_tiny_parts(
         tmp_path_factory.mktemp("parts-bytelevel"), corpus=synthetic.corpus(), tokenizer_style="bytelevel"
@@ -62,7 +62,7 @@ def shapes_data(tmp_path_factory) -> dict[str, Path]:
     `instruct` holds 48 two-turn image records (`ins-<i>`) and 5 text-only records (`txt-<i>`);
     `captions` holds 48 stage-1 records (`cap-<i>`) whose placeholder is at the END of the human turn.
     """
-    from lvit.synthetic import write_shapes_data
+    from lvit.demo.synthetic import write_shapes_data
 
     return write_shapes_data(tmp_path_factory.mktemp("shapes"), n_train=48, n_test=8)
 
@@ -152,7 +152,7 @@ class TinyRecipes:
         return raw
 
     def recipe_from_raw(self, raw: dict, source: str = "<tiny recipe>"):
-        from lvit.recipe import recipe_from_dict
+        from lvit.recipe.load import recipe_from_dict
 
         return recipe_from_dict(copy.deepcopy(raw), source)
 
@@ -191,7 +191,7 @@ def quant_snapshot(model) -> dict[str, dict]:
     quantization). Empty for a model without 4-bit layers."""
     import torch
 
-    from lvit.quant import linear4bit_modules
+    from lvit.model.quant import linear4bit_modules
 
     snap = {}
     for name, m in linear4bit_modules(model):
@@ -249,7 +249,7 @@ class TinyRuns:
         return self._runs[kind]
 
     def _train(self, kind: str) -> TrainedRun:
-        from lvit.train import TrainingRun
+        from lvit.train.run import TrainingRun
 
         out_dir = self._tmp.mktemp(f"run-{kind}") / "run"
         recipe = self.recipe(kind, out_dir)
@@ -310,7 +310,7 @@ def assert_resumed_steps_match(recipe, tmp_path: Path) -> None:
     import json
     import shutil
 
-    from lvit.train import run
+    from lvit.train.run import run
 
     straight = run(recipe(tmp_path / "straight"))
     resumed_dir = tmp_path / "resumed"

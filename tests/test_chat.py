@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lvit.chat import ChatSession, interactive
-from lvit.cli import app
-from lvit.generation import GenerationSettings, iter_answers
-from lvit.runs import load_model
-from lvit.templates import Conversation
+from lvit.infer.chat import ChatSession, interactive
+from lvit.cli.app import app
+from lvit.infer.generation import GenerationSettings, iter_answers
+from lvit.infer.load import load_model
+from lvit.templates.conversation import Conversation
 
 MAX_NEW = 12
 
@@ -117,7 +117,7 @@ def test_every_kind_of_run_chats(kind, tiny_runs, image):
         refused = CliRunner().invoke(app, ["chat", str(run_dir), "--prompt", "x", "--load-4bit"])
         assert refused.exit_code == 2 and "lvit export" in refused.output
     if kind == "full-4bit":
-        from lvit.quant import linear4bit_modules
+        from lvit.model.quant import linear4bit_modules
 
         loaded = load_model(run_dir, load_4bit=True, device="cpu")
         names = [name for name, _ in linear4bit_modules(loaded.model)]

@@ -1,6 +1,6 @@
 """Training ids == the ids plain transformers builds with the exported processor, for every tokenizer.
 
-The processor is lvit's own (`lvit.model.build_processor`: the vicuna_v1 chat template, the image token
+The processor is lvit's own (`lvit.model.processor.build_processor`: the vicuna_v1 chat template, the image token
 count), saved with `save_pretrained` and loaded back with `AutoProcessor.from_pretrained`, as a user of the
 export (or vLLM) gets it; no model weights are involved. Tokenizers: LLaMA-2's real one
 (`tests/fixtures/llama2-tokenizer`) loaded three ways, and lvit's tiny metaspace and byte-level ones.
@@ -16,16 +16,11 @@ from pathlib import Path
 import pytest
 from conftest import trained_runs
 
-from lvit.model import build_processor, load_tokenizer
-from lvit.selfcheck import synthetic_image
-from lvit.templates import (
-    IGNORE_INDEX,
-    IMAGE_PLACEHOLDER,
-    PLAIN_CHAT_TEMPLATE,
-    Conversation,
-    ConversationEncoder,
-    chat_messages,
-)
+from lvit.model.processor import build_processor, load_tokenizer
+from lvit.export.selfcheck import synthetic_image
+from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation, chat_messages
+from lvit.templates.builtin import PLAIN_CHAT_TEMPLATE
+from lvit.templates.encoder import ConversationEncoder
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llama2-tokenizer"
 LLAMA2 = ["llama2-legacy", "llama2-nonlegacy", "llama2-generic"]
@@ -78,7 +73,7 @@ def _setup(lm_dir: str, vision_dir: str, export_dir: str):
     """(training tokenizer, exported processor reloaded from disk, image tokens per image)."""
     from transformers import AutoImageProcessor, AutoProcessor, CLIPVisionConfig
 
-    from lvit.model import num_image_tokens
+    from lvit.model.towers import num_image_tokens
 
     tokenizer = load_tokenizer(lm_dir)
     vision_config = CLIPVisionConfig.from_pretrained(vision_dir)
@@ -213,7 +208,7 @@ def test_a_legacy_llama_tokenizer_survives_save_and_reload(tokenizer_dirs, tmp_p
     from transformers import AutoTokenizer
 
     from lvit.errors import LvitError
-    from lvit.model import check_round_trip
+    from lvit.model.processor import check_round_trip
 
     tokenizer = load_tokenizer(str(tokenizer_dirs["llama2-legacy"]))
     tokenizer.save_pretrained(tmp_path / "saved")

@@ -19,8 +19,8 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from lvit.catalog import RECIPES_DIR
-from lvit.cli import LvitGroup, app
+from lvit.recipe.catalog import RECIPES_DIR
+from lvit.cli.app import LvitGroup, app
 from lvit.errors import LvitError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def lvit(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.
 
 def test_help_is_lazy():
     # `lvit --help` must not import the heavy stack (torch, transformers, trl)
-    code = "import sys; import lvit.cli; print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))"
+    code = "import sys; import lvit.cli.app; print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     result = lvit("--help")
@@ -182,8 +182,8 @@ def test_demo_never_overwrites_a_folder(tmp_path):
 
 
 def test_dry_run_returns_the_checks_and_prints_nothing(capsys):
-    from lvit.recipe import load_recipe
-    from lvit.validate import Check, dry_run
+    from lvit.recipe.load import load_recipe
+    from lvit.train.dry_run import Check, dry_run
 
     result = dry_run(load_recipe(RECIPES / "llava_stage1.yaml"))
     assert capsys.readouterr().out == ""

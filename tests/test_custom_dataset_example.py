@@ -36,7 +36,7 @@ def test_make_jsonl_converts_rows_and_reports_empty_ones(tmp_path):
             "conversations": [{"from": "human", "value": "Text only, with a comma?"}, {"from": "gpt", "value": "Yes."}],
         },
     ]
-    from lvit.data.records import read_records
+    from lvit.data.reader import read_records
 
     records, problems, _ = read_records(out)
     assert problems == [] and [r.image for r in records] == ["cat.png", None]

@@ -13,22 +13,19 @@ from conftest import save_llava_dataset
 from PIL import Image
 from typer.testing import CliRunner
 
-from lvit.cli import app
+from lvit.cli.app import app
 from lvit.data.check import check_data
 from lvit.data.collator import LlavaCollator
 from lvit.data.dataset import Skipped, prepare, tidy_skipped
 from lvit.data.images import ImageLoader
-from lvit.data.records import KINDS, normalise
+from lvit.data.records import KINDS
+from lvit.data.normalise import normalise
 from lvit.errors import LvitError
-from lvit.recipe import DataSection
-from lvit.runs import SKIPPED_FILE
-from lvit.templates import (
-    IGNORE_INDEX,
-    IMAGE_PLACEHOLDER,
-    VICUNA_V1_SYSTEM,
-    Conversation,
-    ConversationEncoder,
-)
+from lvit.recipe.schema import DataSection
+from lvit.runs.files import SKIPPED_FILE
+from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation
+from lvit.templates.builtin import VICUNA_V1_SYSTEM
+from lvit.templates.encoder import ConversationEncoder
 
 
 def qa(rid, *turns, image=None, system=None) -> dict:
@@ -263,7 +260,8 @@ def test_warnings_alone_exit_zero(tmp_path):
 def make_encoder(parts, template="vicuna_v1"):
     from transformers import CLIPVisionConfig
 
-    from lvit.model import load_tokenizer, num_image_tokens
+    from lvit.model.processor import load_tokenizer
+    from lvit.model.towers import num_image_tokens
 
     tok = load_tokenizer(parts[1])
     n = num_image_tokens(CLIPVisionConfig.from_pretrained(parts[0]))
@@ -437,7 +435,7 @@ def test_collator_skips_an_undecodable_image_and_records_it(tmp_path, tiny_parts
 
 
 def test_training_run_in_skip_mode_with_two_workers(tmp_path, tiny_recipe, shapes_data, caplog):
-    from lvit.train import run
+    from lvit.train.run import run
 
     images = tmp_path / "images"
     write_images(images)

@@ -9,9 +9,9 @@ from conftest import save_llava_dataset
 from PIL import Image
 from typer.testing import CliRunner
 
-from lvit.cli import app
+from lvit.cli.app import app
 from lvit.data.check import check_data
-from lvit.data.records import read_records
+from lvit.data.reader import read_records
 from lvit.data.scienceqa import SINGLE_LETTER_PROMPT, build_answer, build_prompt, build_question, to_record
 
 LLAVA = [

@@ -13,7 +13,9 @@ from conftest import save_llava_dataset
 from PIL import Image
 
 from lvit.data.images import ImageLoader, load_rgb, mean_fill, probe_image
-from lvit.data.records import RecordError, normalise, normalise_chat, read_records
+from lvit.data.records import RecordError
+from lvit.data.normalise import normalise, normalise_chat
+from lvit.data.reader import read_records
 from lvit.data.sources import detect_format, is_embedded
 from lvit.errors import LvitError
 
@@ -488,8 +490,10 @@ def test_a_folder_that_is_not_a_dataset(tmp_path):
 def encoder(tiny_parts):
     from transformers import CLIPVisionConfig
 
-    from lvit.model import load_tokenizer, num_image_tokens
-    from lvit.templates import IMAGE_PLACEHOLDER, ConversationEncoder
+    from lvit.model.processor import load_tokenizer
+    from lvit.model.towers import num_image_tokens
+    from lvit.templates.conversation import IMAGE_PLACEHOLDER
+    from lvit.templates.encoder import ConversationEncoder
 
     tok = load_tokenizer(tiny_parts[1])
     n = num_image_tokens(CLIPVisionConfig.from_pretrained(tiny_parts[0]))
@@ -507,7 +511,7 @@ def _collator(encoder, tiny_parts, image_folder=None):
 
 def test_training_rows_keep_embedded_images_undecoded(hf_datasets, encoder, tiny_parts):
     from lvit.data.dataset import prepare
-    from lvit.recipe import DataSection
+    from lvit.recipe.schema import DataSection
 
     prepared = prepare(DataSection(path=str(hf_datasets["chat"])), encoder)
     dataset = prepared.dataset
@@ -530,7 +534,7 @@ def test_training_rows_of_a_dataset_with_skipped_records_keep_their_own_images(t
     """Rows left out (data.on_bad_record: skip) are not selected; every kept row still holds its own image."""
 
     from lvit.data.dataset import prepare
-    from lvit.recipe import DataSection
+    from lvit.recipe.schema import DataSection
 
     colours = ["red", "blue", "green", "white"]
     rows = [
@@ -559,7 +563,7 @@ def test_collator_pickles_and_runs_in_two_workers(hf_datasets, encoder, tiny_par
     from torch.utils.data import DataLoader
 
     from lvit.data.dataset import prepare
-    from lvit.recipe import DataSection
+    from lvit.recipe.schema import DataSection
 
     dataset = prepare(DataSection(path=str(hf_datasets["chat"])), encoder).dataset
     collator = _collator(encoder, tiny_parts)

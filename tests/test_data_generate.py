@@ -10,12 +10,12 @@ from PIL import Image
 from scripted_server import Fault, ScriptedServer
 from typer.testing import CliRunner
 
-from lvit.cli import app
+from lvit.cli.app import app
 from lvit.data.check import check_data
 from lvit.data.generate import PAPER_MIX, generate, load_prompts, parse_reply, plan, read_coco, read_jsonl
 from lvit.data.generate import run as run_module
 from lvit.data.generate.contexts import ImageContext
-from lvit.endpoint import Endpoint, EndpointError
+from lvit.llm.endpoint import Endpoint, EndpointError
 from lvit.errors import Interrupted, LvitError
 
 GOOD = {

@@ -6,8 +6,8 @@ import json
 
 from typer.testing import CliRunner
 
-from lvit.cli import app
-from lvit.templates import IGNORE_INDEX
+from lvit.cli.app import app
+from lvit.templates.conversation import IGNORE_INDEX
 
 
 def _collator_batch(recipe, n: int):
@@ -17,7 +17,7 @@ def _collator_batch(recipe, n: int):
     from lvit.data.collator import LlavaCollator
     from lvit.data.dataset import prepare
     from lvit.data.images import ImageLoader
-    from lvit.data.records import read_records
+    from lvit.data.reader import read_records
 
     encoder = encoder_from_recipe(recipe)
     data = recipe.data

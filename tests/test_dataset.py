@@ -11,11 +11,15 @@ import torch
 from lvit.data.collator import LlavaCollator
 from lvit.data.dataset import prepare, write_skipped
 from lvit.data.images import ImageLoader
-from lvit.data.records import conversation_from_row, normalise
+from lvit.data.records import conversation_from_row
+from lvit.data.normalise import normalise
 from lvit.errors import LvitError
-from lvit.model import load_tokenizer, num_image_tokens
-from lvit.recipe import DataSection
-from lvit.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, VICUNA_V1_SYSTEM, ConversationEncoder
+from lvit.model.processor import load_tokenizer
+from lvit.model.towers import num_image_tokens
+from lvit.recipe.schema import DataSection
+from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from lvit.templates.builtin import VICUNA_V1_SYSTEM
+from lvit.templates.encoder import ConversationEncoder
 
 
 @pytest.fixture(scope="module")

@@ -66,8 +66,8 @@ _LAUNCH_PREFIXES = ("TORCHELASTIC_", "ACCELERATE_", "FSDP_")
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict[str, Path]:
     """Tiny CLIP + Llama, the synthetic shapes data and a stage-2 recipe, under one temporary folder."""
-    from lvit import synthetic
-    from lvit.tiny import build_tiny_parts
+    from lvit.demo import synthetic
+    from lvit.demo.tiny import build_tiny_parts
 
     root = tmp_path_factory.mktemp("distributed")
     vision, lm = build_tiny_parts(root / "parts", corpus=synthetic.corpus())

@@ -1,4 +1,4 @@
-"""`lvit.endpoint`: the OpenAI-compatible client's retry rules, against a scripted server on 127.0.0.1."""
+"""`lvit.llm.endpoint`: the OpenAI-compatible client's retry rules, against a scripted server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 from scripted_server import Fault, ScriptedServer
 
-from lvit.endpoint import ChatClient, Endpoint, EndpointError, retry_after_seconds, run_concurrently
+from lvit.llm.endpoint import ChatClient, Endpoint, EndpointError, retry_after_seconds, run_concurrently
 from lvit.errors import LvitError
 
 

@@ -9,11 +9,11 @@ import pytest
 from safetensors.torch import load_file
 
 import lvit.eval.callback
-from lvit.answers import generate_file
+from lvit.infer.answers import generate_file
 from lvit.errors import LvitError
-from lvit.generation import GenerationSettings
-from lvit.questions import read_questions
-from lvit.runs import load_model
+from lvit.infer.generation import GenerationSettings
+from lvit.infer.questions import read_questions
+from lvit.infer.load import load_model
 
 MAX_NEW = 4
 
@@ -29,7 +29,7 @@ def losses(run_dir: Path) -> list[tuple[int, float, float]]:
 
 @pytest.fixture(scope="module")
 def full_run_with_eval(tiny_recipe, shapes_data, tmp_path_factory) -> Path:
-    from lvit.train import run
+    from lvit.train.run import run
 
     out = tmp_path_factory.mktemp("eval-full") / "run"
     return run(
@@ -72,13 +72,13 @@ def test_final_evaluation_matches_the_saved_model(full_run_with_eval, shapes_dat
 def test_qlora_training_is_unchanged_by_evaluation(tiny_recipe, shapes_data, tmp_path, monkeypatch):
     """Same seed, same data: identical losses, gradient norms and adapter weights with and without an
     evaluation after every step; no 4-bit layer is repacked into bitsandbytes' CPU inference format."""
-    from lvit.train import run
+    from lvit.train.run import run
 
     checked = []
     evaluate = lvit.eval.callback.EvalCallback.evaluate
 
     def evaluate_and_check(self, model, *args, **kwargs):
-        from lvit.quant import linear4bit_modules
+        from lvit.model.quant import linear4bit_modules
 
         result = evaluate(self, model, *args, **kwargs)
         layers = linear4bit_modules(model)
@@ -113,7 +113,7 @@ def test_qlora_training_is_unchanged_by_evaluation(tiny_recipe, shapes_data, tmp
 
 
 def test_eval_inputs_are_checked_before_any_model_loads(tiny_recipe, shapes_data, tmp_path):
-    from lvit.train import run
+    from lvit.train.run import run
 
     bogus_model = {"vision_tower": str(tmp_path / "no-clip")}
     with pytest.raises(LvitError, match=r"eval\.data = .*nope\.json.*file not found"):

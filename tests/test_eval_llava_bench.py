@@ -9,8 +9,8 @@ import pytest
 from scripted_server import Fault, ScriptedServer
 from typer.testing import CliRunner
 
-from lvit.cli import app
-from lvit.endpoint import Endpoint
+from lvit.cli.app import app
+from lvit.llm.endpoint import Endpoint
 from lvit.errors import LvitError
 from lvit.eval.arbiter import arbitrate, load_arbiter_prompt
 from lvit.eval.llava_bench import judge, load_judge_prompt, parse_scores, read_bench
@@ -104,9 +104,9 @@ def short_backoff(monkeypatch):
     """The CLI's endpoint with a 10 ms first back-off instead of 1 s (the waits are asserted in test_endpoint.py)."""
     import functools
 
-    from lvit import endpoint_cli
+    from lvit.cli import llm_options
 
-    monkeypatch.setattr(endpoint_cli, "make_endpoint", functools.partial(endpoint_cli.make_endpoint, backoff=0.01))
+    monkeypatch.setattr(llm_options, "make_endpoint", functools.partial(llm_options.make_endpoint, backoff=0.01))
 
 
 def test_cli_judges_an_answer_file_through_faults(bench, short_backoff):

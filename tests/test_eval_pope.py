@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lvit.cli import app
-from lvit.eval import score_answers
+from lvit.cli.app import app
+from lvit.eval.metrics import score_answers
 from lvit.eval.pope import category_of, pope_metrics, score, yes_no
 
 # split: [(label, raw output)], question ids 1..n in each split (they repeat across splits, as in POPE)
@@ -138,7 +138,7 @@ def test_in_training_metric():
 
 
 def test_generate_and_score_on_the_tiny_model(tiny_recipe, shapes_data, tmp_path):
-    from lvit.train import run
+    from lvit.train.run import run
 
     image = json.loads(Path(shapes_data["test"]).read_text())[0]["image"]
     files = write_split_files(tmp_path, image)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lvit.cli import app
-from lvit.eval import score_answers
-from lvit.eval.scienceqa import FAILED, categories, parse_answer, predicted_index, score
+from lvit.cli.app import app
+from lvit.eval.metrics import score_answers
+from lvit.eval.scienceqa_score import FAILED, categories, parse_answer, predicted_index, score
 
 
 def problem(subject, hint, image, grade, n_choices, answer):
@@ -154,7 +154,7 @@ def test_in_training_metric_uses_the_references():
 def test_generate_and_score_on_the_tiny_model(tiny_recipe, shapes_data, sqa_files, tmp_path):
     """Full mode: questions in LLaVA's format (image problems with their images), answers, scores."""
     from lvit.data.scienceqa import build_question
-    from lvit.train import run
+    from lvit.train.run import run
 
     d = sqa_files
     images = sorted(Path(shapes_data["images"]).glob("*.png"))

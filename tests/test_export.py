@@ -25,9 +25,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lvit.errors import LvitError
-from lvit.export import export, safetensors_keys
-from lvit.runs import EXPORT_INFO_FILE, PROJECTOR_FILE, RECIPE_FILE, RUN_INFO_FILE, load_trained
-from lvit.selfcheck import default_tolerance
+from lvit.export.exporter import export, safetensors_keys
+from lvit.runs.files import EXPORT_INFO_FILE, PROJECTOR_FILE, RECIPE_FILE, RUN_INFO_FILE
+from lvit.infer.load import load_trained
+from lvit.export.selfcheck import default_tolerance
 
 ADAPTER_MARKERS = ("lora_", "modules_to_save", "base_layer", "original_module")
 
@@ -92,7 +93,7 @@ def exports(align_run, full_run, qlora_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cli_export(lora_run, tmp_path_factory):
     """The lora run through the CLI: fp32, small shards, replacing an existing folder."""
-    from lvit.cli import app
+    from lvit.cli.app import app
 
     out = tmp_path_factory.mktemp("cli") / "lora"
     out.mkdir()
@@ -263,8 +264,8 @@ def test_plain_transformers_logits_match_the_run(plain_load, exports, cli_export
 
 
 def test_image_processor_is_pil_in_training_inference_and_export(exports, full_run, tiny_recipe, tmp_path):
-    from lvit.model import assemble
-    from lvit.runs import load_model
+    from lvit.model.assemble import assemble
+    from lvit.infer.load import load_model
 
     recipe = tiny_recipe("finetune", tmp_path / "run")
     _, processor = assemble(recipe.model, recipe.source)  # what training uses
@@ -292,7 +293,7 @@ def test_plain_reload_takes_torchvision_when_installed(exports, monkeypatch):
     import transformers.models.auto.image_processing_auto as auto
     from transformers import AutoImageProcessor
 
-    from lvit.model import load_image_processor
+    from lvit.model.processor import load_image_processor
 
     resolved: list[str] = []
     real = auto._resolve_backend
@@ -357,7 +358,7 @@ def _rotated_transparent_image(shapes_data, path: Path) -> Path:
 def test_model_card_snippet_runs_as_written(exports, shapes_data, tmp_path, name):
     """The card's Python block, run with plain transformers: one BOS, and the pixels lvit trains on."""
     from lvit.data.images import ImageLoader
-    from lvit.model import load_image_processor
+    from lvit.model.processor import load_image_processor
 
     _, result, _ = exports[name]
     blocks = re.findall(r"```python\n(.*?)```", (result.path / "README.md").read_text(), flags=re.S)
@@ -413,7 +414,7 @@ def test_cli_exports_and_replaces_with_overwrite(cli_export):
 
 
 def test_cli_bad_run_dir_is_a_short_error(tmp_path):
-    from lvit.cli import app
+    from lvit.cli.app import app
 
     for bad in (tmp_path / "missing", tmp_path):
         result = CliRunner().invoke(app, ["export", str(bad), "--out", str(tmp_path / "out")])
@@ -428,8 +429,8 @@ def test_cli_bad_run_dir_is_a_short_error(tmp_path):
 
 
 def test_projector_only_feeds_a_stage2_recipe(align_run, tiny_recipe, tmp_path):
-    from lvit.model import assemble
-    from lvit.train import check_inputs
+    from lvit.model.assemble import assemble
+    from lvit.train.checks import check_inputs
 
     result = export(align_run, tmp_path / "proj", projector_only=True)
     out = result.path
@@ -483,7 +484,7 @@ def test_refuses_existing_folder_and_the_run_itself(full_run, tmp_path):
 
 
 def test_failed_self_check_leaves_nothing(full_run, tmp_path, monkeypatch):
-    import lvit.export as export_mod
+    import lvit.export.exporter as export_mod
 
     real = export_mod.load_merged
 
@@ -511,8 +512,8 @@ def test_failed_self_check_leaves_nothing(full_run, tmp_path, monkeypatch):
 def test_chat_template_ids_differing_from_training_fail_the_export(full_run, tmp_path, monkeypatch):
     """The self-check also builds the training ids and the written processor's `apply_chat_template` ids on
     the run's first records; a chat template that tokenizes otherwise fails the export, nothing written."""
-    import lvit.export as export_mod
-    from lvit.selfcheck import check_chat_template_ids
+    import lvit.export.exporter as export_mod
+    from lvit.export.selfcheck import check_chat_template_ids
 
     real = export_mod.load_merged
     run = export_mod.read_run(full_run)

@@ -21,10 +21,12 @@ import torch
 from conftest import TinyRecipes, trained_runs
 
 from lvit.errors import LvitError
-from lvit.model import build_processor, load_tokenizer, num_image_tokens, vision_config_of
-from lvit.selfcheck import synthetic_image
-from lvit.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation, ConversationEncoder, chat_messages
-from lvit.tiny import LM_FAMILIES, build_family_lm, build_tiny_parts, build_tiny_siglip, padded_rows
+from lvit.model.processor import build_processor, load_tokenizer
+from lvit.model.towers import num_image_tokens, vision_config_of
+from lvit.export.selfcheck import synthetic_image
+from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation, chat_messages
+from lvit.templates.encoder import ConversationEncoder
+from lvit.demo.tiny import LM_FAMILIES, build_family_lm, build_tiny_parts, build_tiny_siglip, padded_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAMILIES = [*LM_FAMILIES, "llama3_1"]
@@ -105,7 +107,7 @@ def _processor(vision_dir: Path, tokenizer, export_dir: Path):
     """The processor lvit exports for `data.template: auto`, saved and loaded back as a user gets it."""
     from transformers import AutoProcessor
 
-    from lvit.model import load_image_processor
+    from lvit.model.processor import load_image_processor
 
     processor = build_processor(load_image_processor(vision_dir), tokenizer, vision_config_of(str(vision_dir)), "auto")
     processor.save_pretrained(export_dir)
@@ -280,8 +282,8 @@ def test_padded_vocabulary_image_and_pad_take_spare_rows(parts):
     """Qwen-like: more embedding rows than tokenizer entries; lvit's tokens take the spare rows, nothing grows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lvit.model import assemble
-    from lvit.recipe import ModelSection
+    from lvit.model.assemble import assemble
+    from lvit.recipe.schema import ModelSection
 
     vision_dir, lm_dir = parts("qwen2")
     own = len(AutoTokenizer.from_pretrained(lm_dir))
@@ -302,8 +304,8 @@ def test_padded_vocabulary_image_and_pad_take_spare_rows(parts):
 def test_unpadded_vocabulary_grows_by_the_added_tokens(parts):
     from transformers import AutoTokenizer
 
-    from lvit.model import assemble
-    from lvit.recipe import ModelSection
+    from lvit.model.assemble import assemble
+    from lvit.recipe.schema import ModelSection
 
     vision_dir, lm_dir = parts("llama3")  # no pad token of its own: <image> and <pad> are appended
     own = len(AutoTokenizer.from_pretrained(lm_dir))
@@ -328,8 +330,8 @@ def test_image_token_counts_per_tower():
 
 def test_a_larger_clip_gets_its_own_image_token_count(tmp_path):
     """CLIP at 1.5x the tiny size (as 336 px is to 224): 6 x 6 patches, CLS dropped, through assembly and processor."""
-    from lvit.model import assemble
-    from lvit.recipe import ModelSection
+    from lvit.model.assemble import assemble
+    from lvit.recipe.schema import ModelSection
 
     vision_dir, lm_dir = build_tiny_parts(tmp_path, vision={"image_size": 48})
     model, processor = assemble(ModelSection(vision_tower=str(vision_dir), language_model=str(lm_dir)))
@@ -345,7 +347,7 @@ def test_a_larger_clip_gets_its_own_image_token_count(tmp_path):
 def test_an_image_processor_of_another_size_is_refused(tmp_path):
     from transformers import SiglipImageProcessor
 
-    from lvit.model import load_image_processor
+    from lvit.model.processor import load_image_processor
 
     tower = build_tiny_siglip(tmp_path / "siglip")
     SiglipImageProcessor(size={"height": 48, "width": 48}).save_pretrained(tower)  # the tower is 32 px
@@ -365,8 +367,8 @@ def test_naflex_siglip2_is_refused_with_the_fixed_resolution_alternative(tmp_pat
 def test_siglip_tower_uses_every_patch_feature(parts):
     """No CLS token: strategy "full", image tokens = patches, the processor expands <image> to as many, and the
     model's features fill them exactly (LLaVA raises on a count mismatch)."""
-    from lvit.model import assemble
-    from lvit.recipe import ModelSection
+    from lvit.model.assemble import assemble
+    from lvit.recipe.schema import ModelSection
 
     vision_dir, lm_dir = parts("llama3")
     assert "llama3" in SIGLIP
@@ -394,8 +396,8 @@ def test_siglip_tower_uses_every_patch_feature(parts):
 @pytest.fixture(scope="module")
 def family_runs(parts, shapes_data, tmp_path_factory):
     """family -> (stage-1 run, stage-2 run, export folder), trained once per module on first use."""
-    from lvit.export import export
-    from lvit.train import run
+    from lvit.export.exporter import export
+    from lvit.train.run import run
 
     @functools.cache
     def get(family: str):
@@ -445,7 +447,7 @@ MODERN = Path(__file__).resolve().parent.parent / "lvit" / "recipes" / "siglip2_
 def _dry_run(*args):
     from typer.testing import CliRunner
 
-    from lvit.cli import app
+    from lvit.cli.app import app
 
     return CliRunner().invoke(app, ["finetune", *args, "--dry-run"], catch_exceptions=False)
 
@@ -471,7 +473,7 @@ def test_modern_recipe_dry_run_passes_with_local_siglip_and_qwen_parts(parts, sh
 @pytest.mark.slow
 def test_a_siglip_stage1_run_exports_its_projector(family_runs, tmp_path):
     """--projector-only's self-check feeds the projector every SigLIP patch feature (strategy "full")."""
-    from lvit.export import export
+    from lvit.export.exporter import export
 
     align, _, _ = family_runs("llama3")
     assert "llama3" in SIGLIP

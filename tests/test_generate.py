@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lvit.answers import generate_file, read_answer_file
-from lvit.cli import app
+from lvit.infer.answers import generate_file, read_answer_file
+from lvit.cli.app import app
 from lvit.errors import LvitError
-from lvit.generation import GenerationSettings, iter_answers
-from lvit.questions import read_questions
-from lvit.runs import load_model
+from lvit.infer.generation import GenerationSettings, iter_answers
+from lvit.infer.questions import read_questions
+from lvit.infer.load import load_model
 
 MAX_NEW = 16
 
@@ -32,7 +32,7 @@ def _answers(model, encoder, loader, convs, images, batch_size=16, **settings) -
 
 @pytest.fixture(scope="module")
 def near_random_run(tiny_recipe, tmp_path_factory) -> Path:
-    from lvit.train import run
+    from lvit.train.run import run
 
     out = tmp_path_factory.mktemp("gen-run") / "run"
     return run(tiny_recipe("finetune", out_dir=out, training={"max_steps": 1, "learning_rate": 1e-5}))
@@ -244,7 +244,7 @@ def test_sampling_options(loaded, questions_file, shapes_data):
 
 def test_checkpoint_folder_loads(tiny_recipe, tmp_path):
     """An intermediate checkpoint answers too (it carries the run files)."""
-    from lvit.train import run
+    from lvit.train.run import run
 
     out = run(
         tiny_recipe(
@@ -260,9 +260,9 @@ def test_checkpoint_folder_loads(tiny_recipe, tmp_path):
 def test_ctrl_c_says_what_was_kept_and_a_rerun_resumes(
     near_random_run, questions_file, shapes_data, tmp_path, monkeypatch
 ):
-    import lvit.generation
+    import lvit.infer.generation
 
-    generate_batch = lvit.generation.generate_batch
+    generate_batch = lvit.infer.generation.generate_batch
     calls = []
 
     def interrupted_second_batch(*args, **kwargs):
@@ -271,7 +271,7 @@ def test_ctrl_c_says_what_was_kept_and_a_rerun_resumes(
             raise KeyboardInterrupt
         return generate_batch(*args, **kwargs)
 
-    monkeypatch.setattr(lvit.generation, "generate_batch", interrupted_second_batch)
+    monkeypatch.setattr(lvit.infer.generation, "generate_batch", interrupted_second_batch)
     out = tmp_path / "answers.jsonl"
     cmd = ["generate", str(near_random_run), "--data", str(questions_file), "--out", str(out), "--image-folder",
            str(shapes_data["images"]), "--batch-size", "4", "--max-new-tokens", "4"]  # fmt: skip
@@ -285,7 +285,7 @@ def test_ctrl_c_says_what_was_kept_and_a_rerun_resumes(
     assert "Traceback" not in result.stderr
     assert len(read_answer_file(out)) == 4  # the first batch, flushed
 
-    monkeypatch.setattr(lvit.generation, "generate_batch", generate_batch)
+    monkeypatch.setattr(lvit.infer.generation, "generate_batch", generate_batch)
     result = CliRunner().invoke(app, cmd, catch_exceptions=False)
     assert result.exit_code == 0 and f"{n} answers in {out}" in result.output
     assert len(read_answer_file(out)) == n

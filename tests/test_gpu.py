@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from lvit.runs import RUN_INFO_FILE
-from lvit.train import TrainingRun
+from lvit.runs.files import RUN_INFO_FILE
+from lvit.train.run import TrainingRun
 
 pytestmark = pytest.mark.gpu
 
 
 def test_qlora_trains_on_gpu_in_bf16(tiny_recipe, tmp_path):
-    from lvit.quant import linear4bit_modules
+    from lvit.model.quant import linear4bit_modules
 
     recipe = tiny_recipe(
         "finetune",

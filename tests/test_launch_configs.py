@@ -54,7 +54,7 @@ def _tiny_llava_on_meta():
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from lvit.tiny import TINY_TEXT, TINY_VISION
+    from lvit.demo.tiny import TINY_TEXT, TINY_VISION
 
     config = LlavaConfig(vision_config=CLIPVisionConfig(**TINY_VISION), text_config=LlamaConfig(**TINY_TEXT))
     with torch.device("meta"):

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lvit.cli import app
+from lvit.cli.app import app
 
 pytestmark = pytest.mark.slow  # one to two minutes on 2 cores: two training runs
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    from lvit.demo import run_demo
+    from lvit.demo.run import run_demo
 
     out = tmp_path_factory.mktemp("learning") / "demo"
     run_demo(out)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lvit.recipe import load_recipe
+from lvit.recipe.load import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -32,8 +32,8 @@ def test_llava15_recipes_chain_stage1_into_stage2():
 def test_mlp2x_gelu_is_llavas_projector(tiny_parts):
     """LLaVA's `mlp2x_gelu` (llava/model/multimodal_projector/builder.py): Linear(vision, text), nn.GELU() (exact,
     erf), Linear(text, text), both with bias. lvit's projector with the same weights gives the same output."""
-    from lvit.model import assemble
-    from lvit.recipe import ModelSection
+    from lvit.model.assemble import assemble
+    from lvit.recipe.schema import ModelSection
 
     vision, lm = tiny_parts
     model, _ = assemble(ModelSection(vision_tower=str(vision), language_model=str(lm), projector="mlp2x_gelu"))

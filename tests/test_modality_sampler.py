@@ -89,7 +89,7 @@ def test_recipe_refuses_two_batch_orders(tiny_recipe):
 def test_trainer_uses_it_and_its_batches_are_single_modality(tiny_recipe, tmp_path):
     """`LlavaTrainer` with the recipe key: its data loader's steps are image-only or text-only (the shapes data:
     48 image records, 5 text-only; 2 per device x 2 accumulation = steps of 4)."""
-    from lvit.train import TrainingRun
+    from lvit.train.run import TrainingRun
 
     recipe = tiny_recipe(
         out_dir=tmp_path / "run",

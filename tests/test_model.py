@@ -10,9 +10,10 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from lvit.model import assemble, num_image_tokens
-from lvit.recipe import ModelSection
-from lvit.stages import apply_stage, report_modules
+from lvit.model.assemble import assemble
+from lvit.model.towers import num_image_tokens
+from lvit.recipe.schema import ModelSection
+from lvit.model.stages import apply_stage, report_modules
 
 
 def _assemble(tiny_parts, **kw):

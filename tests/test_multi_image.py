@@ -16,17 +16,14 @@ import torch
 from conftest import trained_runs
 
 from lvit.data.check import inspect_data
-from lvit.data.records import RecordError, normalise, normalise_chat
-from lvit.model import build_processor, load_tokenizer, num_image_tokens
-from lvit.selfcheck import synthetic_image
-from lvit.templates import (
-    IGNORE_INDEX,
-    IMAGE_PLACEHOLDER,
-    PLAIN_CHAT_TEMPLATE,
-    Conversation,
-    ConversationEncoder,
-    chat_messages,
-)
+from lvit.data.records import RecordError
+from lvit.data.normalise import normalise, normalise_chat
+from lvit.model.processor import build_processor, load_tokenizer
+from lvit.model.towers import num_image_tokens
+from lvit.export.selfcheck import synthetic_image
+from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation, chat_messages
+from lvit.templates.builtin import PLAIN_CHAT_TEMPLATE
+from lvit.templates.encoder import ConversationEncoder
 
 BEFORE_AFTER = {
     "id": "pair-0",
@@ -245,8 +242,8 @@ def test_train_and_generate_on_records_with_several_images(tiny_recipe, shapes_d
     """A short stage-2 run on before/after records, then `lvit generate` on one: the images are read in order."""
     from typer.testing import CliRunner
 
-    from lvit.cli import app
-    from lvit.train import run
+    from lvit.cli.app import app
+    from lvit.train.run import run
 
     records = _pair_records(shapes_data)
     data = tmp_path / "pairs.json"
@@ -268,7 +265,7 @@ def test_train_and_generate_on_records_with_several_images(tiny_recipe, shapes_d
     assert rows[0]["image"] == records[0]["image"]
 
     # the same answer from plain transformers: the processor's chat template, both images in placeholder order
-    from lvit.runs import load_model
+    from lvit.infer.load import load_model
 
     loaded = load_model(out, device="cpu")
     loader = loaded.image_loader(shapes_data["images"])
@@ -288,7 +285,7 @@ def test_train_and_generate_on_records_with_several_images(tiny_recipe, shapes_d
     assert not torch.allclose(logits, swapped)
 
     # the export's self-check runs on these records: the sample's images in order, the chat template's ids
-    from lvit.export import export
+    from lvit.export.exporter import export
 
     result = export(out, tmp_path / "export")
     assert result.sample.startswith("record 'pair-0'")

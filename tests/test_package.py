@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lvit.catalog import RECIPES_DIR
+from lvit.recipe.catalog import RECIPES_DIR
 
 pytestmark = pytest.mark.slow  # about half a minute: a wheel build, a venv, a quick demo
 

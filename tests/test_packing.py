@@ -1,4 +1,4 @@
-"""Padding-free packing (`lvit.data.packing`) and the compact LM head (`lvit.loss`): the same loss, gradients and
+"""Padding-free packing (`lvit.data.packing`) and the compact LM head (`lvit.train.loss`): the same loss, gradients and
 weights as padded batches scored in full, and no attention across packed samples."""
 
 from __future__ import annotations
@@ -13,14 +13,17 @@ import torch.nn.functional as F
 from lvit.data.collator import LlavaCollator
 from lvit.data.dataset import prepare
 from lvit.data.images import ImageLoader
-from lvit.data.packing import check_attention, pack, rows
+from lvit.recipe.attention import check_attention
+from lvit.data.packing import pack, rows
 from lvit.data.records import conversation_from_row
 from lvit.errors import LvitError
-from lvit.loss import compact_loss
-from lvit.model import assemble, num_image_tokens
-from lvit.recipe import DataSection, ModelSection
-from lvit.stages import apply_stage
-from lvit.templates import IGNORE_INDEX, ConversationEncoder
+from lvit.train.loss import compact_loss
+from lvit.model.assemble import assemble
+from lvit.model.towers import num_image_tokens
+from lvit.recipe.schema import DataSection, ModelSection
+from lvit.model.stages import apply_stage
+from lvit.templates.conversation import IGNORE_INDEX
+from lvit.templates.encoder import ConversationEncoder
 
 # ---------------------------------------------------------------------------------------------
 # layout
@@ -89,7 +92,7 @@ def parts(tiny_parts, shapes_data):
     """(model builder, rows, padded collator, packed collator) on 6 mixed records of the shapes data."""
     from transformers import AutoImageProcessor, CLIPVisionConfig
 
-    from lvit.model import load_tokenizer
+    from lvit.model.processor import load_tokenizer
 
     vision, lm = tiny_parts
     tok = load_tokenizer(lm)
@@ -295,7 +298,7 @@ def test_packed_records_with_several_images_keep_their_images_in_token_order(par
     import json
     from pathlib import Path
 
-    from lvit.data.records import normalise
+    from lvit.data.normalise import normalise
 
     _, _, padded, _ = parts
     instruct = [r for r in json.loads(Path(shapes_data["instruct"]).read_text()) if "image" in r]
@@ -327,7 +330,7 @@ def test_packed_records_with_several_images_keep_their_images_in_token_order(par
 def test_trained_run_counts_real_tokens_and_logs_trl_metrics(tiny_recipe, compact):
     """A packed run's logged `num_tokens` is the real tokens of its batches (not rows x width), with the compact
     head or TRL's, and the metrics TRL logs are still there."""
-    from lvit.train import TrainingRun
+    from lvit.train.run import TrainingRun
 
     run = TrainingRun(
         tiny_recipe(

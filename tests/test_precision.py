@@ -1,4 +1,4 @@
-"""Training precision (lvit.precision): fp32 master weights for what trains, bf16 compute under autocast.
+"""Training precision (lvit.train.precision): fp32 master weights for what trains, bf16 compute under autocast.
 
 A bf16 recipe (every paper recipe) trained as loaded updates bf16 weights with bf16 Adam state, and at
 lr 2e-5 most of an update rounds away (docs/stack-notes.md#bf16-no-master-weights). Each method here
@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import lvit.train
+import lvit.train.build
+import lvit.train.run
 from lvit.errors import LvitError
 
 METHODS = ("align", "full", "lora", "qlora")
@@ -86,8 +87,8 @@ def one_step(tiny_recipe, method: str, dtype: str, masters: bool = True) -> Step
     """Build the trainer for the recipe and train one optimizer step; `masters=False` disables the up-cast."""
     with pytest.MonkeyPatch.context() as mp:
         if not masters:
-            mp.setattr(lvit.train, "upcast_trainable", lambda model: 0)
-        trainer = lvit.train.TrainingRun(_recipe(tiny_recipe, method, dtype)).setup().trainer
+            mp.setattr(lvit.train.build, "upcast_trainable", lambda model: 0)
+        trainer = lvit.train.run.TrainingRun(_recipe(tiny_recipe, method, dtype)).setup().trainer
     named = dict(trainer.model.named_parameters())
     (param,) = [
         p for n, p in named.items() if p.requires_grad and "multi_modal_projector" in n and "linear_1.weight" in n
@@ -157,17 +158,17 @@ def test_trainable_fp32_frozen_bf16_adam_state_fp32(steps):
 def test_under_deepspeed_lvit_leaves_the_dtypes_to_deepspeed(tiny_recipe):
     """DeepSpeed casts the module to bf16 and keeps fp32 partitions (docs/stack-notes.md#bf16-no-master-weights)."""
     recipe = _recipe(tiny_recipe, "align", "bfloat16")
-    args = lvit.train.build_sft_config(recipe)
+    args = lvit.train.run.build_sft_config(recipe)
     args.deepspeed_plugin = object()  # what TrainingArguments holds under `accelerate launch` with DeepSpeed
-    model, _ = lvit.train.build_model(recipe, args)
+    model, _ = lvit.train.run.build_model(recipe, args)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
 
 
 def test_report_lists_dtypes_per_module(tiny_recipe):
-    from lvit.stages import format_report, report_modules
+    from lvit.model.stages import format_report, report_modules
 
     recipe = _recipe(tiny_recipe, "qlora", "bfloat16")
-    model, _ = lvit.train.build_model(recipe, lvit.train.build_sft_config(recipe))
+    model, _ = lvit.train.run.build_model(recipe, lvit.train.run.build_sft_config(recipe))
     rows = {r.name: r for r in report_modules(model.get_base_model())}
     assert rows["model.vision_tower"].frozen_dtypes == ("bf16",) and rows["model.vision_tower"].trainable_dtypes == ()
     layers = rows["model.language_model.layers"]
@@ -179,13 +180,13 @@ def test_report_lists_dtypes_per_module(tiny_recipe):
     assert line.endswith("trains fp32; frozen bf16,nf4")
 
 
-# --- the recipe's autocast against its weights' dtype (lvit.precision.training_precision) ---------------
+# --- the recipe's autocast against its weights' dtype (lvit.train.precision.training_precision) ---------------
 
 
 def test_bf16_weights_without_a_precision_flag_get_bf16_autocast(tiny_recipe):
     recipe = _recipe(tiny_recipe, "full", "bfloat16")
     del recipe.training["bf16"]
-    args = lvit.train.build_sft_config(recipe)
+    args = lvit.train.run.build_sft_config(recipe)
     assert args.bf16 is True and args.fp16 is False
 
 
@@ -203,14 +204,14 @@ def test_contradictory_precision_is_an_error_naming_the_keys(tiny_recipe, dtype,
     recipe.training.pop("bf16")
     recipe.training.update(flags)
     with pytest.raises(LvitError) as err:
-        lvit.train.build_sft_config(recipe)
+        lvit.train.run.build_sft_config(recipe)
     for key in keys:
         assert key in str(err.value)
     assert "<tiny finetune recipe>" in str(err.value)
 
 
 def test_float16_weights_without_a_flag_get_fp16_autocast(tiny_recipe):
-    from lvit.precision import training_precision
+    from lvit.train.precision import training_precision
 
     recipe = _recipe(tiny_recipe, "full", "float16")
     recipe.training.pop("bf16")
@@ -222,6 +223,6 @@ def test_float16_weights_without_a_flag_get_fp16_autocast(tiny_recipe):
 def test_evaluation_during_a_bf16_run_generates_under_autocast(tiny_recipe, shapes_data):
     """In-training evaluation generates with the live model: fp32 projector and LM, bf16 CLIP."""
     recipe = _recipe(tiny_recipe, "full", "bfloat16", eval={"data": str(shapes_data["test"]), "max_new_tokens": 2})
-    trainer = lvit.train.TrainingRun(recipe).setup().train().trainer
+    trainer = lvit.train.run.TrainingRun(recipe).setup().train().trainer
     results = json.loads((Path(trainer.args.output_dir) / "eval" / "results.json").read_text())
     assert results["total"] == len(json.loads(shapes_data["test"].read_text())) and results["step"] == 1

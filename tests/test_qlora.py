@@ -23,8 +23,8 @@ import torch
 from conftest import TinyRuns, TrainedRun
 from safetensors.torch import load_file
 
-import lvit.train
-from lvit.quant import dequantize_4bit_layers, linear4bit_modules
+import lvit.train.run
+from lvit.model.quant import dequantize_4bit_layers, linear4bit_modules
 
 pytestmark = pytest.mark.slow  # 75-130 s on 2 busy cores: four training runs and one reload
 
@@ -32,7 +32,7 @@ LM_PREFIX = "base_model.model.model.language_model.layers"
 PROJ_PREFIX = "base_model.model.model.multi_modal_projector"
 TRAINED_PROJ = f"{PROJ_PREFIX}.modules_to_save.default"
 LM_PROJS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
-N_LAYERS = 2  # lvit.tiny.TINY_TEXT["num_hidden_layers"]
+N_LAYERS = 2  # lvit.demo.tiny.TINY_TEXT["num_hidden_layers"]
 MAX_STEPS, SAVE_STEPS = TinyRuns.MAX_STEPS, TinyRuns.SAVE_STEPS
 RUN_FILES = {
     "adapter_model.safetensors",
@@ -72,7 +72,7 @@ def _resumed(tiny_runs: TinyRuns, tmp_path_factory, method: str) -> Path:
     out = tmp_path_factory.mktemp(f"{method}-B") / "out"
     out.mkdir()
     shutil.copytree(tiny_runs[method].out / f"checkpoint-{SAVE_STEPS}", out / f"checkpoint-{SAVE_STEPS}")
-    lvit.train.run(tiny_runs.recipe(method, out), resume=True)
+    lvit.train.run.run(tiny_runs.recipe(method, out), resume=True)
     return out
 
 
@@ -181,9 +181,9 @@ def qlora_loaded(qlora_run):
     from lvit.data.collator import LlavaCollator
     from lvit.data.dataset import prepare
     from lvit.data.images import ImageLoader
-    from lvit.model import num_image_tokens
-    from lvit.runs import load_trained
-    from lvit.templates import ConversationEncoder
+    from lvit.model.towers import num_image_tokens
+    from lvit.infer.load import load_trained
+    from lvit.templates.encoder import ConversationEncoder
 
     model, processor, run = load_trained(qlora_run.out / f"checkpoint-{MAX_STEPS}")
     assert run.kind == "qlora"
@@ -378,7 +378,7 @@ def test_checkpoints_hold_everything_to_resume_and_load(method, request):
         assert info["method"] == method and info["stage"] == "finetune"
         assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == step
 
-        from lvit.runs import read_run
+        from lvit.runs.files import read_run
 
         assert read_run(ckpt).kind == method
 

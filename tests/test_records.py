@@ -6,10 +6,12 @@ import json
 
 import pytest
 
-from lvit.data.records import RecordError, normalise, read_records
+from lvit.data.records import RecordError
+from lvit.data.normalise import normalise
+from lvit.data.reader import read_records
 from lvit.data.sources import read_json_rows
 from lvit.errors import LvitError
-from lvit.templates import IMAGE_PLACEHOLDER
+from lvit.templates.conversation import IMAGE_PLACEHOLDER
 
 
 def rec(*turns, image: str | None = "a.png", rid: str = "r1") -> dict:

@@ -12,7 +12,7 @@ from lvit.errors import LvitError
 
 def test_a_missing_integration_stops_the_run_before_any_model_loads(tiny_recipe, tmp_path, monkeypatch):
     import lvit.model
-    from lvit.train import TrainingRun
+    from lvit.train.run import TrainingRun
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before training.report_to was checked")
@@ -35,7 +35,7 @@ def test_tensorboard_writes_the_training_loss_into_the_run_folder(tiny_recipe, t
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lvit.train import run
+    from lvit.train.run import run
 
     out = tmp_path / "run"
     recipe = tiny_recipe("align", out_dir=out, training={"report_to": "tensorboard", "max_steps": 3})

@@ -19,9 +19,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lvit.cli import app
-from lvit.history import read_log
-from lvit.runs import LOG_FILE, PLOT_FILE, RECIPE_FILE, RUN_INFO_FILE, SKIPPED_FILE
+from lvit.cli.app import app
+from lvit.train.history import read_log
+from lvit.runs.files import LOG_FILE, PLOT_FILE, RECIPE_FILE, RUN_INFO_FILE, SKIPPED_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def _skipped_ids(out: Path) -> list[str]:
 
 
 def test_a_corrupt_image_at_batch_one_is_skipped_and_the_run_finishes(tmp_path, tiny_recipe, shapes_data):
-    from lvit.train import TrainingRun
+    from lvit.train.run import TrainingRun
 
     data = _data_with_a_corrupt_image(tmp_path, shapes_data, n_good=5)
     out = tmp_path / "run"

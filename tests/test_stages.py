@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from lvit.model import assemble
-from lvit.runs import PROJECTOR_FILE, RUN_INFO_FILE
-from lvit.train import TrainingRun, run
+from lvit.model.assemble import assemble
+from lvit.runs.files import PROJECTOR_FILE, RUN_INFO_FILE
+from lvit.train.run import TrainingRun, run
 
 
 def _initial_state(recipe):
@@ -111,7 +111,8 @@ def test_existing_output_folder_is_never_overwritten(tiny_recipe, tmp_path):
 
 def test_batches_are_random_by_default_and_length_grouping_stays_seeded(tiny_recipe):
     """LLaVA samples at random (the paper's shuffle; LLaVA-1.5 groups by modality, never by length)."""
-    from lvit.train import EpochSeededLengthGroupedSampler, build_sft_config
+    from lvit.data.length_sampler import EpochSeededLengthGroupedSampler
+    from lvit.train.config import build_sft_config
 
     recipe = tiny_recipe("finetune")
     assert "train_sampling_strategy" not in recipe.training

@@ -8,16 +8,11 @@ from types import SimpleNamespace
 import pytest
 from conftest import trained_runs
 
-from lvit.model import build_processor, load_tokenizer, num_image_tokens
-from lvit.templates import (
-    IGNORE_INDEX,
-    IMAGE_PLACEHOLDER,
-    VICUNA_V1_CHAT_TEMPLATE,
-    VICUNA_V1_SYSTEM,
-    Conversation,
-    ConversationEncoder,
-    get_template,
-)
+from lvit.model.processor import build_processor, load_tokenizer
+from lvit.model.towers import num_image_tokens
+from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation
+from lvit.templates.builtin import VICUNA_V1_CHAT_TEMPLATE, VICUNA_V1_SYSTEM
+from lvit.templates.encoder import ConversationEncoder, get_template
 
 # LLaVA's `conv_vicuna_v1.system` (llava/conversation.py), copied from there, not from lvit.
 LLAVA_VICUNA_V1_SYSTEM = (

@@ -80,7 +80,7 @@ def test_recipe_refuses_conflicting_options(tiny_recipe, overrides, message):
 
 
 def test_more_than_one_process_is_refused(tiny_recipe):
-    from lvit.train import build_sft_config
+    from lvit.train.config import build_sft_config
 
     recipe = tiny_recipe(data={"max_tokens_per_batch": 512}, global_batch_size=...)
     build_sft_config(recipe, num_processes=1, check_device=False)
@@ -92,7 +92,7 @@ def test_more_than_one_process_is_refused(tiny_recipe):
 def test_a_training_run_takes_its_steps_from_the_budget_batches(tiny_recipe, tmp_path, packing, accumulation):
     """One epoch: the trainer's micro-batches are the sampler's (each within budget, each sample once) and the
     logged optimizer steps are the budget micro-batches, `accumulation` to a step."""
-    from lvit.train import TrainingRun
+    from lvit.train.run import TrainingRun
 
     budget = 600
     recipe = tiny_recipe(
@@ -130,7 +130,7 @@ def test_a_training_run_takes_its_steps_from_the_budget_batches(tiny_recipe, tmp
 
 
 def test_a_record_over_the_budget_stops_the_run_before_training(tiny_recipe, tmp_path):
-    from lvit.train import TrainingRun
+    from lvit.train.run import TrainingRun
 
     recipe = tiny_recipe(out_dir=tmp_path / "run", data={"max_tokens_per_batch": 40}, global_batch_size=...)
     with pytest.raises(LvitError, match=r"data.max_tokens_per_batch = 40: \d+ record\(s\) are longer .* e\.g\. '"):

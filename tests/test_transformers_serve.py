@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from lvit.endpoint import Endpoint
+from lvit.llm.endpoint import Endpoint
 
 pytestmark = pytest.mark.slow  # a server start (~5 s) and some 30 generations
 
@@ -34,7 +34,7 @@ CHAT_TEMPLATE = (
 def _tiny_chat_model(folder):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lvit.tiny import TINY_TEXT, build_tokenizer
+    from lvit.demo.tiny import TINY_TEXT, build_tokenizer
 
     build_tokenizer(folder, ["Question: Answer: The answer is"], style="bytelevel")
     tok = AutoTokenizer.from_pretrained(folder)

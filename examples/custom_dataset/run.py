@@ -43,7 +43,7 @@ def step(title: str, cmd: list[str], ok_codes=(0,)) -> subprocess.CompletedProce
 
 def make_your_data(folder: Path, n_images: int, seed: int = 0) -> Path:
     """What a team brings: photos in a folder and a CSV of questions about them."""
-    from lvit.synthetic import PLACES, QUESTIONS, SHAPES, draw
+    from lvit.demo.synthetic import PLACES, QUESTIONS, SHAPES, draw
 
     colours = ["red", "green", "blue", "yellow"]
     rng = random.Random(seed)
@@ -88,8 +88,8 @@ def main() -> None:
         raise SystemExit(f"{work / 'run'} exists; pass another --work (lvit never overwrites a run)")
 
     print(f"=== 0. the tiny demo model (a CLIP and a Llama built from configs) -> {work / 'parts'}", flush=True)
-    from lvit import synthetic
-    from lvit.tiny import build_tiny_parts
+    from lvit.demo.run import synthetic
+    from lvit.demo.tiny import build_tiny_parts
 
     vision, lm = build_tiny_parts(work / "parts", corpus=synthetic.corpus())
 

@@ -49,7 +49,7 @@ def step(title: str, cmd: list) -> subprocess.CompletedProcess:
 
 def make_your_photos(folder: Path, n: int, seed: int = 0) -> None:
     """What a team brings: photos, each with a caption file beside it."""
-    from lvit.synthetic import PLACES, SHAPES, draw
+    from lvit.demo.synthetic import PLACES, SHAPES, draw
 
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -117,8 +117,8 @@ def main() -> None:
     endpoint += ["--api-key-env", args.api_key_env] if args.api_key_env else []
     try:
         print(f"\n=== 0. the tiny demo model (a CLIP and a Llama built from configs) -> {work / 'parts'}", flush=True)
-        from lvit import synthetic
-        from lvit.tiny import build_tiny_parts
+        from lvit.demo.run import synthetic
+        from lvit.demo.tiny import build_tiny_parts
 
         vision, lm = build_tiny_parts(work / "parts", corpus=synthetic.corpus())
 

@@ -6,7 +6,7 @@
 2. `records`: raw rows -> normalised `Record`s, or `RecordError`s that name the record and say how to
    fix it (`read_records`, the one entry point; LLaVA and chat schemas).
 3. `check`: every problem of a dataset (`inspect_data`): images, duplicate ids, lengths in tokens
-   (measured by `lvit.templates.ConversationEncoder.lengths`) against `data.max_length`;
+   (measured by `lvit.templates.encoder.ConversationEncoder.lengths`) against `data.max_length`;
    `check_data` is `lvit data check`. `report` renders what it found (`CheckReport`: text, JSON,
    length percentiles and histogram).
 4. `dataset`: the training dataset (`prepare`), `data.on_bad_record`, `skipped_records.jsonl`;

@@ -18,10 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lvit.data.records import ReadResult, Record, RecordError, read_all, where_of
+from lvit.data.reader import ReadResult, read_all
+from lvit.data.records import Record, RecordError, where_of
 from lvit.data.report import CheckReport
 from lvit.errors import LvitError
-from lvit.templates import Lengths
+from lvit.templates.conversation import Lengths
 
 
 @dataclass
@@ -221,11 +222,13 @@ def overlong_reason(n: int, image_end: int, first_trained: int, max_length: int,
 def encoder_from_recipe(recipe):
     """The recipe's `ConversationEncoder` from its tokenizer and the vision tower's config only (no weights).
 
-    `recipe`: a `lvit.recipe.Recipe`; `lvit data check --recipe` reads it with
+    `recipe`: a `lvit.recipe.schema.Recipe`; `lvit data check --recipe` reads it with
     `load_recipe(path, overrides, check_training=False)`."""
-    from lvit.hub import resolve_source
-    from lvit.model import load_tokenizer, num_image_tokens, vision_config_of
-    from lvit.templates import IMAGE_PLACEHOLDER, ConversationEncoder
+    from lvit.model.hub import resolve_source
+    from lvit.model.processor import load_tokenizer
+    from lvit.model.towers import num_image_tokens, vision_config_of
+    from lvit.templates.conversation import IMAGE_PLACEHOLDER
+    from lvit.templates.encoder import ConversationEncoder
 
     lm = resolve_source(recipe.model.language_model, "model.language_model", recipe.source)
     vision = resolve_source(recipe.model.vision_tower, "model.vision_tower", recipe.source)

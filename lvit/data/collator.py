@@ -2,7 +2,7 @@
 
 It runs in the data-loader workers: it decodes each row's images (from the files its `image_paths`
 name, or from the encoded bytes a Hugging Face dataset's row carries in its `image` column) and
-encodes each conversation with the recipe's template (`lvit.templates.ConversationEncoder`).
+encodes each conversation with the recipe's template (`lvit.templates.encoder.ConversationEncoder`).
 `pixel_values` stacks the batch's images in the order their image tokens come, row by row and, within a
 row, placeholder by placeholder (what `LlavaForConditionalGeneration` expects: it fills the image-token
 positions with the image features in that order); packed rows (`lvit.data.packing`) keep that rule, so the
@@ -23,9 +23,10 @@ from lvit.data.images import ImageLoader
 from lvit.data.packing import pack
 from lvit.data.records import conversation_from_row
 from lvit.errors import LvitError
-from lvit.templates import IGNORE_INDEX, ConversationEncoder
+from lvit.templates.conversation import IGNORE_INDEX
+from lvit.templates.encoder import ConversationEncoder
 
-log = logging.getLogger("lvit")
+log = logging.getLogger(__name__)
 
 
 class LlavaCollator:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lvit.data.records import Record, read_all
+from lvit.data.records import Record
+from lvit.data.reader import read_all
 from lvit.data.sources import is_embedded
 from lvit.errors import LvitError
-from lvit.templates import Conversation, chat_messages
+from lvit.templates.conversation import Conversation, chat_messages
 
 TARGETS = ("llava", "llava-jsonl", "chat")
 _EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}

@@ -33,9 +33,9 @@ from lvit.data.report import CheckReport
 from lvit.data.sources import is_embedded
 from lvit.errors import LvitError
 from lvit.runs.files import SKIPPED_FILE
-from lvit.templates import ConversationEncoder
+from lvit.templates.encoder import ConversationEncoder
 
-log = logging.getLogger("lvit")
+log = logging.getLogger(__name__)
 
 _SHOWN = 20  # problems listed in an error message
 

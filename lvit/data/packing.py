@@ -20,13 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from lvit.templates import IGNORE_INDEX
-
-# Attention implementations that confine attention to a sample when given packed position ids and no
-# attention mask (docs/stack-notes.md#packed-position-ids): eager and sdpa through the mask transformers
-# builds; the flash-attention kernels through their varlen path, which needs the whole batch in one row.
-MASKED_ATTENTION = ("eager", "sdpa")
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+from lvit.templates.conversation import IGNORE_INDEX
 
 
 def rows(lengths: list[int], budget: int | None) -> list[list[int]]:
@@ -133,17 +127,3 @@ def real_tokens(inputs: dict) -> int:
     if "row_lengths" in inputs:
         return int(inputs["row_lengths"].sum())
     return int(inputs["attention_mask"].sum())
-
-
-def check_attention(attn_implementation: str | None, where: str) -> None:
-    """Refuse an attention implementation that packed rows would let attend across samples."""
-    if attn_implementation in MASKED_ATTENTION + VARLEN_ATTENTION:
-        return
-    from lvit.errors import LvitError
-
-    raise LvitError(
-        f"{where}: data.packing needs attention that keeps packed samples apart; the model uses "
-        f"{attn_implementation!r}. Set model.attn_implementation to one of "
-        f"{', '.join(MASKED_ATTENTION + VARLEN_ATTENTION)}, or data.packing=false "
-        "(docs/stack-notes.md#packed-position-ids)."
-    )

@@ -1,6 +1,6 @@
 """`lvit data preview`: the first samples of a recipe's data as the model will see them.
 
-Each record is encoded with the recipe's template and tokenizer (`lvit.templates.ConversationEncoder`, the
+Each record is encoded with the recipe's template and tokenizer (`lvit.templates.encoder.ConversationEncoder`, the
 same ids the collator builds, cut at `data.max_length` as it cuts them). `format_sample` shows a sample
 as text with the trained spans in brackets and the image as `<image>×N`, then one row per token (index,
 id, token, label; the image tokens as one row).
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lvit.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Sample:
 def preview(recipe, n: int = 3) -> list[Sample]:
     """The first `n` records of the recipe's data as samples (a record the template refuses is listed with why)."""
     from lvit.data.check import encoder_from_recipe
-    from lvit.data.records import read_records
+    from lvit.data.reader import read_records
 
     data = recipe.data
     encoder = encoder_from_recipe(recipe)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from lvit.data.dataset import Prepared, Skipped, prepare, training_dataset
 from lvit.errors import LvitError
 
-log = logging.getLogger("lvit")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,7 +82,7 @@ def prepare_once(data, encoder, source: str = "<recipe>") -> Prepared:
 
 def _rebuild(data, outcome: _Outcome) -> Prepared:
     """The dataset of rank 0's kept records, from this rank's own reading of the data (no image opened)."""
-    from lvit.data.records import read_all
+    from lvit.data.reader import read_all
 
     read = read_all(data.path, getattr(data, "format", "auto"))
     by_index = {record.index: record for record in read.records}

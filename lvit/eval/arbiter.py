@@ -8,7 +8,7 @@ stands (counted).
 
 The LLM's answers and its decisions are appended to `arbiter_answers.jsonl` and `arbiter_decisions.jsonl`
 as they come, so a rerun asks only what is missing. Answers are read with LLaVA's ScienceQA rules
-(`lvit.eval.scienceqa.parse_answer`); scores are per the paper's categories (`lvit.eval.scienceqa.score`).
+(`lvit.eval.scienceqa_score.parse_answer`); scores are per the paper's categories (`lvit.eval.scienceqa.score`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvit.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
+from lvit.llm.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
 from lvit.errors import Interrupted
-from lvit.jsonl_log import append, open_append, read_rows
-from lvit.prompt_file import read_prompt_file
+from lvit.llm.jsonl_log import append, open_append, read_rows
+from lvit.llm.prompt_file import read_prompt_file
 
-log = logging.getLogger("lvit")
+log = logging.getLogger(__name__)
 ARBITER_PROMPT = Path(__file__).resolve().parent / "prompts" / "scienceqa_arbiter.yaml"
 
 
@@ -78,7 +78,7 @@ def arbitrate(
     """Scores of the model alone, the text LLM alone and the two combined, by the paper's categories."""
     from lvit.console import stderr_is_tty
     from lvit.data.scienceqa import build_prompt
-    from lvit.eval.scienceqa import FAILED, parse_answer, predicted_index, score
+    from lvit.eval.scienceqa_score import FAILED, parse_answer, predicted_index, score
 
     prompt = prompt or load_arbiter_prompt()
     out_dir = Path(out_dir)

@@ -29,14 +29,14 @@ from transformers import TrainerCallback
 
 from lvit.errors import LvitError
 
-log = logging.getLogger("lvit")
+log = logging.getLogger(__name__)
 
 EVAL_DIR = "eval"
 
 
 def check_eval_inputs(recipe) -> None:
     """The recipe's evaluation questions and images exist (checked before any model loads)."""
-    from lvit.questions import check_images, read_questions
+    from lvit.infer.questions import check_images, read_questions
 
     section = recipe.eval
     if section.data is None:
@@ -89,8 +89,8 @@ class EvalCallback(TrainerCallback):
 
     def __init__(self, recipe, processor, encoder):
         from lvit.data.images import ImageLoader
-        from lvit.generation import GenerationSettings
-        from lvit.questions import read_questions
+        from lvit.infer.generation import GenerationSettings
+        from lvit.infer.questions import read_questions
 
         self.recipe = recipe
         self.section = recipe.eval
@@ -111,12 +111,12 @@ class EvalCallback(TrainerCallback):
         """Generate and score on the main process; other processes go on (DDP waits for it at the next step)."""
         if not state.is_world_process_zero:
             return None
-        from lvit.answers import answer_row
-        from lvit.eval import score_answers
-        from lvit.generation import iter_answers
+        from lvit.infer.answers import answer_row
+        from lvit.eval.metrics import score_answers
+        from lvit.infer.generation import iter_answers
 
         if self.recipe.method == "qlora":
-            from lvit.quant import disable_cpu_repacking
+            from lvit.model.quant import disable_cpu_repacking
 
             # done at load already; generation must never repack (docs/stack-notes.md#bnb-cpu-repacking)
             disable_cpu_repacking(model)
@@ -133,7 +133,7 @@ class EvalCallback(TrainerCallback):
                 self.settings,
                 self.section.batch_size,
             )
-            # The model trains with fp32 masters next to 16-bit frozen weights (lvit.precision): generate
+            # The model trains with fp32 masters next to 16-bit frozen weights (lvit.train.precision): generate
             # under the same autocast as the training steps.
             precision = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
             with torch.autocast(args.device.type, dtype=precision, enabled=precision is not None):

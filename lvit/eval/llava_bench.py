@@ -31,12 +31,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvit.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
+from lvit.llm.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
 from lvit.errors import Interrupted, LvitError
-from lvit.jsonl_log import append, open_append, read_rows
-from lvit.prompt_file import read_prompt_file
+from lvit.llm.jsonl_log import append, open_append, read_rows
+from lvit.llm.prompt_file import read_prompt_file
 
-log = logging.getLogger("lvit")
+log = logging.getLogger(__name__)
 
 CATEGORIES = {"conv": "conversation", "detail": "detail", "complex": "complex"}
 JUDGE_PROMPT = Path(__file__).resolve().parent / "prompts" / "llava_bench_judge.yaml"
@@ -266,14 +266,14 @@ def judge(
     scores = score(questions, reviews, failures)
     scores["missing_answers"] = len(missing)
     scores["judge"] = {"model": endpoint.model, "base_url": endpoint.base_url, **usage.to_json()}
-    from lvit.eval import write_results
+    from lvit.eval.predictions import write_results
 
     write_results("llava-bench", scores, out_dir / "results.json", reviews=str(reviews_path))
     return scores
 
 
 def bench_records(questions: list[BenchQuestion]) -> list[dict]:
-    """The questions as LLaVA-format question records (image placeholder first), for `lvit.eval.answer_records`."""
+    """The questions as LLaVA-format question records (image placeholder first), for `lvit.eval.predictions.answer_records`."""
     return [
         {"id": q.id, "image": q.image, "conversations": [{"from": "human", "value": f"<image>\n{q.text}"}]}
         for q in questions
@@ -295,7 +295,7 @@ def run_eval(
     **generation,
 ):
     """`lvit eval llava-bench`: answer with MODEL (or read --predictions), then judge and score."""
-    from lvit.eval import BenchmarkResult, answer_records, check_model_or_predictions, read_predictions
+    from lvit.eval.predictions import BenchmarkResult, answer_records, check_model_or_predictions, read_predictions
 
     check_model_or_predictions(model, predictions)
     questions = read_bench(questions_path, context_path, references_path)

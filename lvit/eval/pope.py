@@ -152,9 +152,9 @@ def format_table(scores: dict, title: str = "POPE") -> str:
 def evaluate(model_path, annotation_paths, out_dir, limit: int | None = None, prompt_suffix: str = "", **generation):
     """Answer every split's questions into `out_dir/answers.jsonl`; score into `out_dir/results.json`.
 
-    `generation`: `lvit.eval.answer_records`'s options (image_folder, settings, batch_size, ...).
+    `generation`: `lvit.eval.predictions.answer_records`'s options (image_folder, settings, batch_size, ...).
     """
-    from lvit.eval import answer_records, write_results
+    from lvit.eval.predictions import answer_records, write_results
 
     splits = read_splits(annotation_paths)
     if limit is not None:
@@ -182,12 +182,7 @@ def run_eval(model, annotations: list[str | Path], predictions=None, out=None, *
     answers). `options`: `evaluate`'s (image_folder, limit, prompt_suffix, settings, batch_size, ...),
     used when generating. Returns a `BenchmarkResult`.
     """
-    from lvit.eval import (
-        BenchmarkResult,
-        check_model_or_predictions,
-        read_predictions,
-        scored_predictions,
-    )
+    from lvit.eval.predictions import BenchmarkResult, check_model_or_predictions, read_predictions, scored_predictions
 
     check_model_or_predictions(model, predictions)
     files = annotation_files(annotations)

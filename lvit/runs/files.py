@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from lvit.errors import LvitError
-from lvit.recipe import Recipe, recipe_from_dict
+from lvit.recipe.schema import Recipe
+from lvit.recipe.load import recipe_from_dict
 
 # In every run folder and checkpoint (written by lvit):
 RECIPE_FILE = "lvit_recipe.yaml"
@@ -33,7 +34,7 @@ MODEL_CARD_FILE = "README.md"
 # image that failed to decode mid-run), written by lvit.data.dataset:
 SKIPPED_FILE = "skipped_records.jsonl"
 """One JSON line per record left out of training: `{"id", "index", "kind", "reason"}`."""
-# In every run folder, by lvit.history: the loss history, written as training goes, and its plot, at the end.
+# In every run folder, by lvit.train.history: the loss history, written as training goes, and its plot, at the end.
 LOG_FILE = "lvit_log.jsonl"
 """One JSON line per logging step: `{"step", "epoch", "loss", "learning_rate", "grad_norm", ...eval metrics}`."""
 PLOT_FILE = "lvit_loss.png"

@@ -22,7 +22,7 @@ from lvit.runs.files import (
     read_trainer_state,
 )
 
-log = logging.getLogger("lvit")
+log = logging.getLogger(__name__)
 
 
 def checkpoints(out: Path) -> list[Path]:

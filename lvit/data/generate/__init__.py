@@ -7,7 +7,7 @@ descriptions and complex reasoning. `lvit data generate` does this with any Open
 - `contexts`: the input (COCO annotation files or JSON Lines) -> `ImageContext` (captions, boxes);
 - `prompts`: the prompt sets (system message, few-shot examples), shipped in `lvit/data/prompts/`;
 - `parse`: the reply -> turns, or a rejection with its reason;
-- `run`: the plan, the requests (`lvit.endpoint`), the output and rejects files, resumption, the summary.
+- `run`: the plan, the requests (`lvit.llm.endpoint`), the output and rejects files, resumption, the summary.
 """
 
 from lvit.data.generate.contexts import ImageContext, read_coco, read_jsonl

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvit.errors import LvitError
-from lvit.prompt_file import read_prompt_file
+from lvit.llm.prompt_file import read_prompt_file
 
 KINDS = ("conversation", "detail", "complex")
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "prompts"

@@ -23,11 +23,11 @@ from pathlib import Path
 from lvit.data.generate.contexts import ImageContext
 from lvit.data.generate.parse import Rejected, parse_reply
 from lvit.data.generate.prompts import KINDS, PromptSet
-from lvit.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
+from lvit.llm.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
 from lvit.errors import Interrupted, LvitError
-from lvit.jsonl_log import append, open_append, read_rows
+from lvit.llm.jsonl_log import append, open_append, read_rows
 
-log = logging.getLogger("lvit")
+log = logging.getLogger(__name__)
 
 # The LLaVA paper's mix (Sec. 3): 58K conversations, 23K detailed descriptions, 77K complex reasoning.
 PAPER_MIX = {"conversation": 58.0, "detail": 23.0, "complex": 77.0}

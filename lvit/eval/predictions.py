@@ -1,0 +1,132 @@
+"""A benchmark's inputs and outputs: answering its questions with a model, reading existing predictions, writing the scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lvit.infer.answers import AnswerFile
+
+
+def read_predictions(path) -> dict[str, str]:
+    """Raw model outputs by question id, from any of:
+
+    - a JSON object `{id: text}` (or `{id: {"text"|"answer": text}}`);
+    - a JSON list or JSON Lines of rows with `id` or `question_id` and `answer` or `text`
+      (lvit's answer files; LLaVA's `model_vqa*.py` answer files).
+    """
+    import json
+
+    from lvit.errors import LvitError
+
+    path = Path(path)
+    if not path.is_file():
+        raise LvitError(f"predictions file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+        rows = data if isinstance(data, list) else None
+    except json.JSONDecodeError:
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise LvitError(f"{path}: neither JSON nor JSON Lines ({exc.msg}, line {exc.lineno})") from None
+        data = None
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out[str(key)] = _prediction_text(value, path, key)
+        return out
+    if rows is None:
+        raise LvitError(f"{path}: expected a JSON object {{id: text}} or rows with an id and a text")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise LvitError(f"{path}: row {i + 1} is not an object")
+        key = row.get("id", row.get("question_id"))
+        if key is None:
+            raise LvitError(f"{path}: row {i + 1} has no 'id' (or 'question_id')")
+        out[str(key)] = _prediction_text(row, path, key)
+    return out
+
+
+def _prediction_text(value, path, key) -> str:
+    from lvit.errors import LvitError
+
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        for name in ("answer", "text"):
+            if isinstance(value.get(name), str):
+                return value[name]
+    raise LvitError(f"{path}: the prediction for {key!r} has no text (a string, or an object with 'answer'/'text')")
+
+
+def write_results(benchmark: str, scores: dict, path, **extra):
+    """Write a benchmark's scores (and what produced them) as JSON; returns the path."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": benchmark, **extra, **scores}, indent=2))
+    return path
+
+
+@dataclass
+class BenchmarkResult:
+    """A benchmark's scores and the results file they were written to."""
+
+    scores: dict
+    path: Path
+
+
+def check_model_or_predictions(model, predictions) -> None:
+    """A benchmark runs on a model (generate, then score) or on existing outputs, not both, not neither."""
+    from lvit.errors import LvitError
+
+    if (model is None) == (predictions is None):
+        raise LvitError("pass either MODEL (generate, then score) or --predictions FILE (score existing outputs)")
+
+
+def scored_predictions(benchmark: str, scores: dict, predictions, out=None, **extra) -> BenchmarkResult:
+    """Write the scores of an existing predictions file to `out` (default: `<stem>_results.json` beside it)."""
+    predictions = Path(predictions)
+    target = Path(out) if out is not None else predictions.with_name(f"{predictions.stem}_results.json")
+    write_results(benchmark, scores, target, predictions=str(predictions), **extra)
+    return BenchmarkResult(scores, target)
+
+
+def answer_records(
+    model_path,
+    records: list[dict],
+    out_dir,
+    image_folder=None,
+    settings=None,
+    batch_size: int = 16,
+    load_4bit: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> AnswerFile:
+    """Write benchmark `records` (LLaVA format) to `out_dir/questions.jsonl` and answer them into
+    `out_dir/answers.jsonl` (resumable; `lvit.infer.answers.answer_questions`). Returns the `AnswerFile`."""
+    import json
+
+    from lvit.infer.answers import answer_questions
+    from lvit.infer.questions import read_questions
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    questions_path = out_dir / "questions.jsonl"
+    questions_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return answer_questions(
+        model_path,
+        read_questions(questions_path),
+        out_dir / "answers.jsonl",
+        image_folder,
+        settings,
+        batch_size,
+        load_4bit=load_4bit,
+        device=device,
+        progress=progress,
+    )

@@ -1,0 +1,157 @@
+"""The model card (`README.md`) of an export: what it is made of, how it was trained and checked, how to
+load it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+_LOAD_SNIPPET = """
+import torch
+from PIL import Image, ImageOps
+from transformers import AutoImageProcessor, AutoProcessor, LlavaForConditionalGeneration
+
+path = "{path}"
+model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.{dtype}, device_map="auto")
+processor = AutoProcessor.from_pretrained(path)
+# the PIL image processor it was trained with (transformers takes torchvision's whenever it is installed)
+processor.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+
+# as in training: EXIF orientation applied, transparency composited over white
+rgba = ImageOps.exif_transpose(Image.open("image.jpg")).convert("RGBA")
+image = Image.new("RGB", rgba.size, "white")
+image.paste(rgba, mask=rgba.getchannel("A"))
+
+{prompt}
+# the prompt starts with the BOS token already: the tokenizer must not add another
+inputs = processor(images=image, text=prompt, add_special_tokens=False, return_tensors="pt")
+inputs = inputs.to(model.device, model.dtype)
+out = model.generate(**inputs, max_new_tokens=128, do_sample=False)
+print(processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+"""
+_CHAT_PROMPT = """
+messages = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]},
+]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+""".strip()
+_PLAIN_PROMPT = """
+# a stage-1 model, trained on the `plain` template: the image, then its caption
+prompt = processor.tokenizer.bos_token + "<image>"
+""".strip()
+
+
+def _trainer_summary(run) -> dict | None:
+    state = run.trainer_state()
+    if state is None:
+        return None
+    losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]
+    return {"global_step": state.get("global_step"), "last_logged_loss": losses[-1] if losses else None}
+
+
+def model_card(run, result, out: Path) -> str:
+    """The README.md of the export `result` (an `lvit.export.exporter.ExportResult`) of `run`, to be placed at `out`."""
+    from lvit.runs.files import RUN_INFO_FILE
+
+    recipe, info = run.recipe, run.info
+    stage = "stage 1 (align: only the projector trained)" if recipe.stage == "align" else "stage 2 (finetune)"
+    method = {"align": "projector only", "full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA (4-bit NF4 base)"}
+    checkpoint = run.path.name if run.is_checkpoint else None
+    hub_ids = [m for m in (recipe.model.vision_tower, recipe.model.language_model) if not Path(m).exists()]
+    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [llava, lvit]"]
+    if hub_ids and not result.projector_only:
+        front.append("base_model: [" + ", ".join(hub_ids) + "]")
+    front.append("---")
+    what = "projector of a LLaVA model" if result.projector_only else "LLaVA model"
+    lines = [
+        *front,
+        "",
+        f"# {out.name}",
+        "",
+        f"A {what} trained with lvit and exported by `lvit export`"
+        + (" (`--projector-only`)." if result.projector_only else "."),
+        "",
+        "| | |",
+        "|---|---|",
+        f"| vision tower | `{recipe.model.vision_tower}` (feature layer {recipe.model.vision_feature_layer}) |",
+        f"| language model | `{recipe.model.language_model}` |",
+        f"| projector | `{recipe.model.projector}`"
+        + (f", initialised from `{recipe.model.projector_from}`" if recipe.model.projector_from else "")
+        + " |",
+        f"| stage / method | {stage} / {method[run.kind]} |",
+        f"| template | `{recipe.data.template}` |",
+        f"| data | `{recipe.data.path}` (images: `{recipe.data.image_folder}`) |",
+        f"| source run | `{run.path.resolve()}`"
+        + (f" ({checkpoint}, an intermediate checkpoint)" if checkpoint else "")
+        + " |",
+        f"| weights | {result.dtype}" + ("" if result.projector_only else ", safetensors") + " |",
+    ]
+    if result.image_processor:
+        lines += [
+            f"| image processor | `{result.image_processor}` (the PIL backend, as in training and in LLaVA) |",
+            "| images | EXIF orientation applied, transparency composited over white (LLaVA does neither) |",
+        ]
+    lines += [
+        "",
+        "## Training metrics",
+        "",
+    ]
+    metrics = info.get("metrics") or {}
+    if metrics:
+        lines += ["| metric | value |", "|---|---|", *(f"| {k} | {v:.6g} |" for k, v in metrics.items())]
+    else:
+        lines.append(f"None recorded in `{RUN_INFO_FILE}` (an intermediate checkpoint, or an unfinished run).")
+    state = _trainer_summary(run)
+    if state:
+        lines += [
+            "",
+            f"Trainer state: global step {state['global_step']}, last logged loss {state['last_logged_loss']}.",
+        ]
+    if info.get("skipped_records"):
+        lines += [
+            "",
+            f"{info['skipped_records']} record(s) were left out of training (invalid or too long); "
+            "the run folder's skipped_records.jsonl lists each with its reason.",
+        ]
+    checked = "projector outputs" if result.projector_only else "logits"
+    trained = "the 4-bit base + adapter" if run.kind == "qlora" else "the run's model"
+    lines += [
+        "",
+        "## Self-check",
+        "",
+        f"{trained.capitalize()} as trained and this export as written (reloaded with plain "
+        f"`from_pretrained`) were run on {result.sample}. "
+        f"Largest absolute difference of the {checked}: **{result.max_abs_diff:.3g}** "
+        f"(tolerance {result.tolerance:.3g}).",
+        "",
+        "## How to load it",
+        "",
+    ]
+    if result.projector_only:
+        lines += [
+            "This folder holds only the projector (`projector.safetensors`: `linear_1.weight`, `linear_1.bias`, "
+            "`linear_2.weight`, `linear_2.bias`). Start a stage-2 run from it:",
+            "",
+            "```yaml",
+            "model:",
+            f"  vision_tower: {recipe.model.vision_tower}",
+            f"  language_model: {recipe.model.language_model}",
+            f"  projector: {recipe.model.projector}",
+            f"  projector_from: {out}",
+            "```",
+        ]
+    else:
+        prompt = _PLAIN_PROMPT if recipe.data.template == "plain" else _CHAT_PROMPT
+        lines += [
+            "Plain transformers (no lvit, no peft, no `trust_remote_code`). Load the image processor with "
+            '`backend="pil"`: a plain `AutoProcessor.from_pretrained` takes the torchvision one whenever '
+            "torchvision is installed, and its pixels differ from the PIL ones the model was trained on.",
+            "",
+            "```python",
+            _LOAD_SNIPPET.format(path=str(out), dtype=_TORCH_DTYPE[result.dtype], prompt=prompt).strip(),
+            "```",
+        ]
+    recipe_path = run.recipe_path
+    lines += ["", "## Recipe", "", f"`{recipe_path}`:", "", "```yaml", recipe_path.read_text().rstrip(), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""Reading a recipe: the YAML file, `key=value` overrides, the rules between keys, and the accumulation that keeps the global batch."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from lvit.recipe.catalog import resolve_recipe
+
+from lvit.errors import LvitError
+from lvit.recipe.fields import build_section, validate_training
+from lvit.recipe.schema import Recipe
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `2e-5` (no dot) as a string; a recipe means a number, also inside mappings."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_training: bool = True) -> Recipe:
+    """Read a recipe file, apply `key=value` overrides and validate every key and type.
+
+    Raises `LvitError` naming the file and the key at fault. Loads no model and reads no data.
+    With `check_training=False` the `training:` section is kept as written, unvalidated: validating it
+    imports TRL (seconds), which `lvit data check --recipe` does not need; every lvit section is
+    still validated.
+    """
+    path = resolve_recipe(path)
+    if not path.is_file():
+        raise LvitError(
+            f"recipe file not found: {path}. Pass the path of a YAML recipe or the name of a shipped one "
+            "(`lvit recipes ls` lists them)."
+        )
+    try:
+        raw = _yaml(path.read_text())
+    except yaml.YAMLError as exc:
+        raise LvitError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise LvitError(f"{path}: a recipe is a YAML mapping (key: value), got {type(raw).__name__}.")
+    for item in overrides:
+        apply_override(raw, item, str(path))
+    return recipe_from_dict(raw, str(path), check_training)
+
+
+def apply_override(raw: dict, item: str, source: str) -> None:
+    """Apply one `dotted.key=value` override to a raw recipe mapping, in place."""
+    if "=" not in item:
+        raise LvitError(f"override {item!r} is not of the form key=value (e.g. training.learning_rate=1e-4).")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise LvitError(f"override {item!r}: the key {key!r} is not a dotted recipe key.")
+    try:
+        value = _yaml(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise LvitError(f"override {item!r}: {where} in {source} is a value, not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool = True) -> Recipe:
+    """Validate a raw recipe mapping into a `Recipe`; errors name `source` and the key.
+
+    `check_training=False`: see `load_recipe`."""
+    raw = dict(raw)
+    training = raw.pop("training", None) or {}
+    if not isinstance(training, dict):
+        raise LvitError(f"{source}: 'training' must be a mapping of SFTConfig options.")
+    recipe = build_section(Recipe, {**raw, "training": {}}, source, prefix="")
+    recipe.training = validate_training(training, source) if check_training else dict(training)
+    recipe.source = source
+    if recipe.global_batch_size is not None and "gradient_accumulation_steps" in training:
+        raise LvitError(
+            f"{source}: set either global_batch_size or training.gradient_accumulation_steps, not both "
+            "(lvit derives the accumulation from the global batch)."
+        )
+    if recipe.global_batch_size is not None and recipe.global_batch_size < 1:
+        raise LvitError(f"{source}: global_batch_size must be at least 1, got {recipe.global_batch_size}.")
+    if recipe.method != "full" and recipe.stage != "finetune":
+        raise LvitError(
+            f"{source}: method {recipe.method!r} needs stage 'finetune' (stage 'align' trains only the "
+            "projector, so there is nothing to adapt)."
+        )
+    if recipe.data.max_length < 2:
+        raise LvitError(f"{source}: data.max_length must be at least 2, got {recipe.data.max_length}.")
+    strategy = training.get("train_sampling_strategy", "random")
+    if recipe.data.group_by_modality_length and (strategy != "random" or training.get("group_by_length")):
+        raise LvitError(
+            f"{source}: data.group_by_modality_length orders the batches itself; remove "
+            f"training.train_sampling_strategy ({strategy!r}) / training.group_by_length, or set "
+            "data.group_by_modality_length: false."
+        )
+    budget = recipe.data.max_tokens_per_batch
+    if budget is not None:
+        if budget < 1:
+            raise LvitError(f"{source}: data.max_tokens_per_batch must be at least 1, got {budget}.")
+        if recipe.data.group_by_modality_length or strategy != "random":
+            raise LvitError(
+                f"{source}: data.max_tokens_per_batch forms the batches itself; it cannot be combined with "
+                f"data.group_by_modality_length or training.train_sampling_strategy ({strategy!r}). Remove "
+                "those, or data.max_tokens_per_batch."
+            )
+        if recipe.global_batch_size is not None:
+            raise LvitError(
+                f"{source}: data.max_tokens_per_batch makes the samples per step vary, so global_batch_size "
+                f"({recipe.global_batch_size} samples) cannot hold. Set global_batch_size: null and choose "
+                "training.gradient_accumulation_steps (micro-batches per optimizer step) instead."
+            )
+    if recipe.data.packing and recipe.model.attn_implementation is not None:
+        from lvit.recipe.attention import check_attention
+
+        check_attention(recipe.model.attn_implementation, f"{source}: model.attn_implementation")
+    row = recipe.data.max_tokens_per_row
+    if row is not None and row < recipe.data.max_length:
+        raise LvitError(
+            f"{source}: data.max_tokens_per_row = {row} is below data.max_length = {recipe.data.max_length}: "
+            "a sample is never split across rows, so a row must hold the longest sample. Raise it or leave it "
+            "unset (it defaults to data.max_length)."
+        )
+    return recipe
+
+
+def gradient_accumulation(recipe: Recipe, num_processes: int) -> int:
+    """Accumulation steps that keep `global_batch_size` for this many processes."""
+    per_device = int(recipe.training.get("per_device_train_batch_size", 8))
+    if recipe.global_batch_size is None:
+        return int(recipe.training.get("gradient_accumulation_steps", 1))
+    per_step = per_device * num_processes
+    if recipe.global_batch_size % per_step:
+        raise LvitError(
+            f"{recipe.source}: global_batch_size {recipe.global_batch_size} is not a multiple of "
+            f"per_device_train_batch_size {per_device} x {num_processes} process(es) = {per_step}. "
+            "Change training.per_device_train_batch_size (or global_batch_size) so it divides."
+        )
+    return recipe.global_batch_size // per_step
+

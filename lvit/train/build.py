@@ -1,0 +1,62 @@
+"""The model a recipe trains (assembled, frozen for its stage, adapters, fp32 masters) and the collator's packing options."""
+
+from __future__ import annotations
+
+import logging
+
+from lvit.train.precision import upcast_trainable
+
+from lvit.recipe.schema import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def packing_options(recipe: Recipe, model) -> dict:
+    """The collator's packing arguments for this recipe and model; refuses attention that would mix samples."""
+    data = recipe.data
+    if not data.packing:
+        return {}
+    from lvit.recipe.attention import VARLEN_ATTENTION, check_attention
+
+    # the implementation the language model runs with (transformers sets it on every sub-config)
+    attn = model.config.get_text_config()._attn_implementation
+    check_attention(attn, f"{recipe.source}: model.attn_implementation")
+    one_row = attn in VARLEN_ATTENTION  # flash varlen reads sample bounds only from a single row
+    row = None if one_row else (data.max_tokens_per_row or data.max_length)
+    log.info("packing: padding-free rows of at most %s tokens (%s attention)", row or "all the batch's", attn)
+    return {"packing": True, "max_tokens_per_row": row}
+
+
+def build_model(recipe: Recipe, args):
+    """The recipe's LLaVA model, frozen for its stage, with adapters for lora/qlora and fp32 masters.
+
+    Returns `(model, processor)`; the model is a `PeftModel` for lora/qlora. Seeds first: the
+    projector's (and adapters') initialisation is part of the run.
+    """
+    import transformers
+    from lvit.model.stages import apply_stage
+
+    from lvit.model.assemble import assemble
+
+    transformers.set_seed(args.seed)
+    model, processor = assemble(
+        recipe.model,
+        recipe.source,
+        quantize_lm=recipe.method == "qlora",
+        compute_dtype=recipe.lora.compute_dtype,
+        on_cpu=args.use_cpu,
+        template=recipe.data.template,
+    )
+    apply_stage(model, recipe.stage, recipe.model.projector, train_lm=recipe.method == "full")
+    if recipe.method != "full":
+        from lvit.model.adapters import add_lora
+
+        model = add_lora(model, recipe.lora, recipe.model.projector)
+    if args.deepspeed_plugin is None:
+        # fp32 masters for what trains, the rest stays in model.torch_dtype (lvit.train.precision). DeepSpeed keeps
+        # its own: its engine casts the module to bf16 (and checks that a ZeRO-Init model's parameters are
+        # bf16) and its ZeRO optimizer holds fp32 partitions of the weights and Adam state (DeepSpeed
+        # source: deepspeed/runtime/engine.py, `_configure_distributed_model`; docs/code-docs/source/zero3.rst).
+        upcast_trainable(model)
+    return model, processor
+

@@ -1,0 +1,37 @@
+"""What a recipe names that can be checked before any model loads: data files and folders, `training.report_to`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lvit.errors import LvitError
+from lvit.recipe.schema import Recipe
+from lvit.recipe.report_to import check_report_to
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Everything that can be checked before a model loads: data files and folders, `training.report_to`."""
+    check_data_inputs(recipe)
+    check_report_to(recipe)
+
+
+def check_data_inputs(recipe: Recipe) -> None:
+    """The data files and folders a recipe names (and the eval data)."""
+    data = recipe.data
+    if not Path(data.path).exists():  # a file, or a Hugging Face dataset folder
+        raise LvitError(
+            f"{recipe.source}: data.path = {data.path!r}: file not found. Point it at a LLaVA- or chat-format "
+            f"JSON/JSONL file or a Hugging Face dataset folder (override with `data.path=...`)."
+        )
+    if data.image_folder is not None and not Path(data.image_folder).is_dir():
+        raise LvitError(f"{recipe.source}: data.image_folder = {data.image_folder!r}: folder not found.")
+    if recipe.model.projector_from is not None and not Path(recipe.model.projector_from).is_dir():
+        raise LvitError(
+            f"{recipe.source}: model.projector_from = {recipe.model.projector_from!r}: folder not found; "
+            "it should be the output folder of a finished stage-1 (align) run."
+        )
+    if recipe.eval.data is not None:
+        from lvit.eval.callback import check_eval_inputs
+
+        check_eval_inputs(recipe)
+

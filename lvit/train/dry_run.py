@@ -1,0 +1,148 @@
+"""`lvit finetune RECIPE --dry-run`: check a recipe and its inputs without training.
+
+The structure (keys, types, the `SFTConfig` it builds, the batch arithmetic) is checked first;
+then what a real run checks before its first step: the data files, the model sources, every record
+(the same inspection as training, `lvit.data.dataset.inspect_for_training`, with the recipe's
+tokenizer and vision config, no weights), the output folder (`lvit.runs.resume.resume_checkpoint`'s rules,
+nothing renamed) and `training.report_to`'s packages. `dry_run` returns the checks and notes in
+order (`DryRun`); the CLI prints one line per check and exits non-zero if any failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lvit.errors import LvitError
+from lvit.recipe.schema import Recipe
+from lvit.recipe.report_to import check_report_to
+from lvit.recipe.load import gradient_accumulation
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check of a dry run: passed or not, what was checked, and why it failed (or more detail)."""
+
+    passed: bool
+    what: str
+    detail: str = ""
+
+
+@dataclass
+class DryRun:
+    """The outcome of `dry_run`: `items` are `Check`s and notes (a `str`: one line as printed) in order."""
+
+    recipe: Recipe
+    items: list[Check | str] = field(default_factory=list)
+
+    @property
+    def checks(self) -> list[Check]:
+        return [item for item in self.items if isinstance(item, Check)]
+
+    @property
+    def ok(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+
+def dry_run(recipe: Recipe, resume: bool | None = None) -> DryRun:
+    """Check `recipe` (structure, training section, batch arithmetic, data, model sources, records, output
+    folder, reporting integrations); loads no model. `resume` as for `lvit.train.run`."""
+    from lvit.model.hub import resolve_source
+
+    from lvit.train.config import build_sft_config
+    from lvit.train.checks import check_data_inputs
+
+    result = DryRun(recipe)
+
+    def report(passed: bool, what: str, detail: str = "") -> None:
+        result.items.append(Check(passed, what, detail))
+
+    report(True, "structure: every key known and well typed")
+    try:
+        args = build_sft_config(recipe, num_processes=1)
+        report(True, f"training section builds an SFTConfig (output_dir {args.output_dir})")
+    except LvitError as exc:
+        try:
+            args = build_sft_config(recipe, num_processes=1, check_device=False)
+            report(True, f"training section builds an SFTConfig (output_dir {args.output_dir})")
+            why = str(exc).split("not valid: ", 1)[-1]
+            result.items.append(
+                f"  note this machine cannot run the recipe's precision settings ({why}); "
+                "checked with bf16/fp16/tf32 off"
+            )
+        except LvitError as exc2:
+            report(False, "training section", str(exc2))
+            args = None
+    if recipe.global_batch_size is not None:
+        per_device = recipe.training.get("per_device_train_batch_size", 8)
+        for n in (1, 2, 4, 8):
+            try:
+                acc = gradient_accumulation(recipe, n)
+                result.items.append(
+                    f"        {n} process(es): {per_device} per device x {acc} accumulation x {n} = "
+                    f"{recipe.global_batch_size} global batch"
+                )
+            except LvitError:
+                result.items.append(
+                    f"        {n} process(es): global batch {recipe.global_batch_size} not reachable "
+                    f"with {per_device} per device"
+                )
+    try:
+        check_data_inputs(recipe)
+        data_found = True
+        report(True, f"data: {recipe.data.path}")
+    except LvitError as exc:
+        data_found = False
+        report(False, "data", str(exc))
+    models_found = True
+    for key in ("vision_tower", "language_model"):
+        try:
+            resolve_source(getattr(recipe.model, key), f"model.{key}", recipe.source)
+            report(True, f"model.{key}: {getattr(recipe.model, key)}")
+        except LvitError as exc:
+            models_found = False
+            report(False, f"model.{key}", str(exc))
+    if data_found and models_found:
+        _check_records(recipe, report)
+    else:
+        result.items.append("  note the records were not checked (the data or a model source is missing)")
+    _check_output_folder(recipe, args, resume, report)
+    try:
+        check_report_to(recipe)
+        report(True, f"training.report_to: {recipe.training.get('report_to', 'none')}")
+    except LvitError as exc:
+        report(False, "training.report_to", str(exc))
+    return result
+
+
+def _check_records(recipe: Recipe, report) -> None:
+    """Every record, as training checks them before its first step (data.on_bad_record, data.overlong)."""
+    from lvit.data.check import encoder_from_recipe
+    from lvit.data.dataset import inspect_for_training
+
+    try:
+        insp, _, bad = inspect_for_training(recipe.data, encoder_from_recipe(recipe), recipe.source)
+    except LvitError as exc:
+        report(False, "records", str(exc))
+        return
+    left_out = len({p.index for p in bad}) + len(insp.dropped)
+    report(
+        True,
+        f"records: {insp.total - left_out} of {insp.total} trainable"
+        + (f" ({left_out} left out, listed in the run's skipped_records.jsonl)" if left_out else ""),
+    )
+
+
+def _check_output_folder(recipe: Recipe, args, resume: bool | None, report) -> None:
+    """The output folder, by `resume_checkpoint`'s rules (which only read it)."""
+    from lvit.runs.resume import resume_checkpoint
+
+    out = Path(args.output_dir if args is not None else recipe.training.get("output_dir", ""))
+    if args is None and not str(out):
+        return
+    try:
+        checkpoint = resume_checkpoint(out, resume, recipe.source)
+    except LvitError as exc:
+        report(False, "output folder", str(exc))
+        return
+    report(True, f"output folder {out}: " + (f"resumes from {checkpoint.name}" if checkpoint else "a new run"))

@@ -1,0 +1,214 @@
+"""One training run: recipe -> model, data and `SFTTrainer` -> a saved run folder.
+
+Read top to bottom: `TrainingRun.setup()` checks the recipe's inputs, builds the `SFTConfig`, assembles
+the model, freezes it for its stage, prepares the data and builds the trainer; `train()` trains through
+TRL; `save()` writes the run folder. `run(recipe)` does all three.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from lvit.train.preemption import GracefulStop, Preempted
+
+from lvit.train import history
+from lvit.console import quiet_libraries, show_progress_bar
+from lvit.errors import LvitError
+from lvit.recipe.schema import Recipe
+from lvit.runs.files import LOG_FILE
+from lvit.runs.resume import resume_checkpoint, set_aside_incomplete
+from lvit.train.build import build_model, packing_options
+from lvit.train.checks import check_inputs
+from lvit.train.config import build_sft_config
+from lvit.train.save import RunFilesCallback, save_run
+from lvit.train.trainer import LlavaTrainer
+
+log = logging.getLogger(__name__)
+
+
+class TrainingRun:
+    """One run, in the order it happens; each step is a method, so a test (or a tool) can look between them.
+
+    - `setup()`: checks the recipe's inputs, decides about the output folder (start, or resume from its
+      newest complete checkpoint), assembles the model and freezes it for its stage, prepares the data
+      (the checks of `lvit data check`) and builds the trainer;
+    - `train()`: the optimizer steps, through TRL (stops cleanly on SIGTERM / Ctrl-C);
+    - `save()`: writes the run folder (`lvit.runs`) and returns it.
+
+    `run(recipe)` does all three.
+    """
+
+    def __init__(self, recipe: Recipe, resume: bool | None = None):
+        self.recipe = recipe
+        self.resume = resume
+        self.trainer: LlavaTrainer | None = None
+        self.out: Path | None = None
+        self.resume_from: Path | None = None
+
+    def setup(self) -> TrainingRun:
+        from lvit.model.stages import format_report, report_modules
+
+        from lvit.data.collator import LlavaCollator
+        from lvit.data.dataset import write_skipped
+        from lvit.data.images import ImageLoader
+        from lvit.data.shared import prepare_once
+        from lvit.model.towers import num_image_tokens
+        from lvit.runs.files import SKIPPED_FILE
+        from lvit.templates.encoder import ConversationEncoder
+
+        recipe = self.recipe
+        quiet_libraries()
+        check_inputs(recipe)
+        args = build_sft_config(recipe)
+        self.main = main = args.process_index == 0
+        _setup_logging(main)
+        self.out = out = Path(args.output_dir)
+        if main:
+            set_aside_incomplete(out)
+        args.distributed_state.wait_for_everyone()
+        self.resume_from = resume_checkpoint(out, self.resume, recipe.source)
+        args.distributed_state.wait_for_everyone()  # every rank decided before rank 0 writes anything
+        if self.resume_from is not None:
+            log.info("resuming from %s", self.resume_from)
+
+        model, processor = build_model(recipe, args)
+        if main:
+            llava = model.get_base_model() if recipe.method != "full" else model
+            log.info(
+                "stage %s, method %s: what trains and what is frozen\n%s",
+                recipe.stage,
+                recipe.method,
+                format_report(report_modules(llava)),
+            )
+
+        tokenizer = processor.tokenizer
+        encoder = ConversationEncoder(
+            recipe.data.template, tokenizer, model.config.image_token_id, num_image_tokens(model.config.vision_config)
+        )
+        # the checks of `lvit data check`, on rank 0 only; every rank trains on the records rank 0 kept
+        self.prepared = prepared = prepare_once(recipe.data, encoder, recipe.source)
+        dataset, self.skipped_file = prepared.dataset, out / SKIPPED_FILE
+        if prepared.skipped:
+            if main:
+                write_skipped(prepared.skipped, self.skipped_file, append=self.resume_from is not None)
+            log.warning(
+                "%d of %d record(s) left out of training (%d invalid, skipped under data.on_bad_record=skip; %d too "
+                "long for data.max_length=%d); each is listed with its reason in %s",
+                len(prepared.skipped),
+                prepared.total,
+                len(prepared.skipped) - len(prepared.dropped),
+                len(prepared.dropped),
+                recipe.data.max_length,
+                self.skipped_file,
+            )
+        log.info(
+            "training on %d records (%d with images); global batch %d = %d per device x %d accumulation x %d "
+            "process(es)%s",
+            len(dataset),
+            sum(p is not None for p in dataset["image_path"]),
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            args.per_device_train_batch_size,
+            args.gradient_accumulation_steps,
+            args.world_size,
+            " (per device: replaced by data.max_tokens_per_batch)" if recipe.data.max_tokens_per_batch else "",
+        )
+
+        collator = LlavaCollator(
+            encoder,
+            ImageLoader(processor.image_processor, recipe.data.image_folder, recipe.data.image_aspect_ratio),
+            tokenizer.pad_token_id,
+            recipe.data.max_length,
+            skipped_file=self.skipped_file if recipe.data.on_bad_record == "skip" else None,
+            **packing_options(recipe, model),
+        )
+        self.processor = processor
+        self.stop = GracefulStop()
+        self.trainer = trainer = LlavaTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collator,
+            processing_class=processor,
+            projector_lr=recipe.projector_lr,
+            group_by_modality=recipe.data.group_by_modality_length,
+            compact_head=recipe.compact_head,
+            max_tokens_per_batch=recipe.data.max_tokens_per_batch,
+            callbacks=[
+                RunFilesCallback(recipe, processor),
+                self.stop,
+                *_eval_callbacks(recipe, processor, encoder, args),
+            ],
+        )
+        if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
+            trainer.accelerator.state.fsdp_plugin.state_dict_type
+        ):
+            raise LvitError(
+                "FSDP with a sharded state dict: the Trainer would save no model weights. Set fsdp_state_dict_type: "
+                "FULL_STATE_DICT in the accelerate config (see recipes/accelerate/fsdp_8gpu.yaml)."
+            )
+        self.history = history.install(trainer, out / LOG_FILE, show_progress_bar(recipe, args))
+        return self
+
+    def train(self) -> TrainingRun:
+        resume_from = str(self.resume_from) if self.resume_from else None
+        started = time.monotonic()
+        self.metrics = self.trainer.train(resume_from_checkpoint=resume_from).metrics
+        self.wall_s = time.monotonic() - started
+        stop = self.stop
+        if stop.stopped_at is not None:
+            raise Preempted(stop.signal_name, stop.stopped_at, self.out / f"checkpoint-{stop.stopped_at}")
+        return self
+
+    @property
+    def resumed_step(self) -> int:
+        """The step this run resumed at (0: it started afresh)."""
+        return int(self.resume_from.name.split("-")[-1]) if self.resume_from else 0
+
+    def history_entries(self) -> list[dict]:
+        """The run's `lvit_log.jsonl`: one entry per logging step, the whole run (resumed parts included)."""
+        return history.read_log(self.out / LOG_FILE)
+
+    def save(self) -> Path:
+        from lvit.data.dataset import tidy_skipped
+
+        prepared = self.prepared
+        # the final count, with images that failed to decode mid-run (skip): what skipped_records.jsonl lists
+        left_out = tidy_skipped(self.skipped_file) if self.main else len(prepared.skipped)
+        save_run(self.trainer, self.recipe, self.processor, self.metrics, skipped=left_out)
+        if left_out and self.main:
+            log.warning(
+                "%d of %d record(s) were left out of training (see %s)", left_out, prepared.total, self.skipped_file
+            )
+        if self.main:
+            from lvit.train.summary import summarize
+
+            history.plot_history(self.history_entries(), self.out, title=str(self.out))
+            log.info("%s", summarize(self, getattr(self, "wall_s", 0.0), left_out or len(prepared.skipped)).format())
+        return self.out
+
+
+def run(recipe: Recipe, resume: bool | None = None) -> Path:
+    """Train one recipe and save the run; returns the run folder (see `TrainingRun`).
+
+    An output folder holding checkpoints of an unfinished run is resumed from its newest complete
+    checkpoint (`resume=None`, the default; `True` requires one, `False` refuses). A folder holding
+    anything else is never written into.
+    """
+    return TrainingRun(recipe, resume).setup().train().save()
+
+
+
+def _eval_callbacks(recipe: Recipe, processor, encoder, args) -> list:
+    """Evaluation during training (a recipe's `eval:` section); see `lvit.eval.callback`."""
+    if recipe.eval.data is None:
+        return []
+    from lvit.eval.callback import eval_callbacks
+
+    return eval_callbacks(recipe, processor, encoder, args)
+
+
+def _setup_logging(main: bool) -> None:
+    """Progress from the main process only; where messages go is the caller's choice (the CLI: stderr)."""
+    logging.getLogger("lvit").setLevel(logging.INFO if main else logging.WARNING)

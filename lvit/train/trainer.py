@@ -1,0 +1,200 @@
+"""`LlavaTrainer`: TRL's `SFTTrainer` with a projector learning rate, a compact LM head, modality-grouped steps and token-budget micro-batches."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from trl import SFTTrainer
+
+from lvit.data.length_sampler import EpochSeededLengthGroupedSampler
+from lvit.errors import LvitError
+from lvit.runs.files import model_weight_files
+from lvit.train.config import TOKEN_BUDGET_ONE_PROCESS
+
+log = logging.getLogger(__name__)
+
+
+class LlavaTrainer(SFTTrainer):
+    """`SFTTrainer` with an optional separate learning rate for the projector and a compact LM head.
+
+    TRL has no per-module learning rates (docs/stack-notes.md#trl-no-module-lr), so the optimizer's parameter groups are
+    built here: projector / rest, each split into decay / no-decay like `Trainer` does.
+
+    With `compact_head` the training loss scores only the labelled positions (`lvit.train.loss.compact_loss`); TRL's
+    own loss runs where it does more than cross-entropy (another `loss_type`, label smoothing, a
+    `compute_loss_func`, an MoE aux loss) and for evaluation. The metrics TRL logs stay: `entropy`,
+    `mean_token_accuracy` (both over the labelled tokens, as TRL's) and `num_tokens` (real tokens, padding
+    and packed filler excluded).
+    """
+
+    def __init__(
+        self,
+        *args,
+        projector_lr: float | None = None,
+        group_by_modality: bool = False,
+        compact_head: bool = False,
+        max_tokens_per_batch: int | None = None,
+        **kwargs,
+    ):
+        self.projector_lr = projector_lr
+        self.group_by_modality = group_by_modality
+        self.compact_head = compact_head
+        super().__init__(*args, **kwargs)
+        self.token_budget = None
+        if max_tokens_per_batch is not None:  # data.max_tokens_per_batch (lvit/data/token_budget.py)
+            from lvit.data.token_budget import TokenBudgetBatchSampler
+
+            if self.args.world_size > 1:
+                raise LvitError(TOKEN_BUDGET_ONE_PROCESS)
+            dataset = self.train_dataset
+            self.token_budget = TokenBudgetBatchSampler(
+                dataset["length"], dataset["id"], max_tokens_per_batch, self.args.data_seed or self.args.seed
+            )
+            sizes = [len(b) for b in self.token_budget.batches]
+            log.info(
+                "data.max_tokens_per_batch = %d: %d micro-batches of %d to %d samples (mean %.1f) an epoch, "
+                "%d per optimizer step",
+                max_tokens_per_batch,
+                len(sizes),
+                min(sizes),
+                max(sizes),
+                sum(sizes) / len(sizes),
+                self.args.gradient_accumulation_steps,
+            )
+
+    def get_train_dataloader(self):
+        if self.token_budget is None:
+            return super().get_train_dataloader()
+        from functools import partial
+
+        from torch.utils.data import DataLoader
+        from transformers.trainer_utils import seed_worker
+
+        args = self.args
+        # as Trainer._get_dataloader builds it, with the token-budget batches as the batch sampler
+        # (transformers passes only its own BatchRebalanceSampler that way: docs/stack-notes.md#trainer-batch-sampler)
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.token_budget,
+            collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
+        )
+        return self.accelerator.prepare(loader)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from lvit.data.packing import real_tokens
+
+        packed = "row_lengths" in inputs
+        tokens = real_tokens(inputs) if packed or "attention_mask" in inputs else None
+        inputs = {k: v for k, v in inputs.items() if k != "row_lengths"}  # the packed rows' lengths: not a model input
+        args = self.args
+        if (
+            not self.compact_head
+            or return_outputs
+            or not model.training
+            or self.compute_loss_func is not None
+            or self.label_smoother is not None
+            or args.loss_type != "nll"
+            or self.aux_loss_enabled
+        ):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if packed and model.training:
+                # TRL counts a batch without attention_mask as one row (docs/stack-notes.md#trl-num-tokens-padding-free)
+                width = inputs["position_ids"].size(1)
+                counts = torch.tensor([tokens, width], device=inputs["position_ids"].device)
+                real, counted = self.accelerator.gather_for_metrics(counts[None]).sum(0).tolist()
+                self._total_train_tokens += real - counted
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return out
+        from lvit.train.loss import compact_loss
+
+        loss, stats = compact_loss(model, inputs, num_items_in_batch)
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as SFTTrainer.compute_loss: DDP averages the gradients
+        gathered = {k: self.accelerator.gather_for_metrics(v.detach().reshape(1)).sum() for k, v in stats.items()}
+        n = gathered["tokens"]
+        # SFTTrainer's metric names and definitions (its `compute_loss`), so the logs read the same
+        self._metrics["train"]["entropy"].append((gathered["entropy"] / n).item() if n > 0 else 0.0)
+        self._metrics["train"]["mean_token_accuracy"].append((gathered["correct"] / n).item() if n > 0 else 0.0)
+        if tokens is not None:
+            local = torch.tensor(tokens, device=loss.device)
+            self._total_train_tokens += self.accelerator.gather_for_metrics(local.reshape(1)).sum().item()
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # transformers 5.24 writes LLaVA checkpoints with the legacy key names (`language_model.model.*`)
+        # but its resume path loads them with `load_state_dict(strict=False)` under the new names
+        # (`model.language_model.*`): nothing is loaded and training silently restarts from the
+        # initial weights. Map the keys back and load strictly. Adapters, DeepSpeed and FSDP keep
+        # their own loaders.
+        model = model if model is not None else self.model
+        folder = Path(resume_from_checkpoint)
+        files = model_weight_files(folder)
+        if not files or self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(model, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+        from transformers.core_model_loading import revert_weight_conversion
+
+        own = model.state_dict()
+        by_tensor = {}
+        for key, tensor in own.items():
+            by_tensor.setdefault(id(tensor), key)
+        to_model_key = {saved: by_tensor[id(t)] for saved, t in revert_weight_conversion(model, dict(own)).items()}
+        state = {}
+        for file in files:
+            for key, tensor in load_file(str(file)).items():
+                state[to_model_key.get(key, key)] = tensor
+        missing = set(own) - set(state)
+        # tied weights are saved once
+        missing = {k for k in missing if not any(own[k] is own[o] for o in state if o in own)}
+        unexpected = set(state) - set(own)
+        if missing or unexpected:
+            raise LvitError(
+                f"{folder}: cannot resume, the checkpoint's weights do not fit this model "
+                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})."
+            )
+        model.load_state_dict(state, strict=False)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.group_by_modality:  # data.group_by_modality_length: LLaVA-1.5's single-modality steps
+            from lvit.data.modality_sampler import ModalityGroupedSampler
+
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            args = self.args
+            step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+            has_image = [path is not None for path in dataset["image_path"]]
+            return ModalityGroupedSampler(has_image, step, args.data_seed or args.seed)
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            # transformers' sampler draws from the global RNG, whose state differs between a run and
+            # its resumption; seeding per epoch makes the data order the same in both.
+            return EpochSeededLengthGroupedSampler(
+                sampler.batch_size, sampler.lengths, self.args.data_seed or self.args.seed
+            )
+        return sampler
+
+    def create_optimizer(self, model=None):
+        if self.projector_lr is None or self.optimizer is not None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        model = model if model is not None else self.model
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                groups.setdefault(("multi_modal_projector" in name, name in decay), []).append(param)
+        param_groups = []
+        for (is_projector, decays), params in groups.items():
+            group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+            if is_projector:
+                group["lr"] = self.projector_lr
+            param_groups.append(group)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
