@@ -126,9 +126,6 @@ def _main(
     setup_logging()
 
 
-
-
-
 app.command(context_settings={"allow_extra_args": False})(train.finetune)
 app.command()(train.demo)
 app.add_typer(recipes_app, name="recipes")

@@ -25,9 +25,6 @@ def write_out(text: str) -> None:
     sys.stdout.flush()
 
 
-
-
 def unescape(text: str) -> str:
     """`--prompt-suffix '\\nAnswer ...'` as typed in a shell: a literal backslash-n is a newline."""
     return text.replace("\\n", "\n")
-

@@ -16,7 +16,6 @@ eval_app = typer.Typer(
 )
 
 
-
 @eval_app.command("scienceqa")
 def eval_scienceqa(
     model: Path = typer.Argument(None, help=MODEL_HELP + " Omit with --predictions."),
@@ -56,9 +55,8 @@ def eval_scienceqa(
     reported side by side.
     """
     quiet_model_libraries()
-    from lvit.infer.generation import GenerationSettings
-
     from lvit.eval.metrics import scienceqa as sqa
+    from lvit.infer.generation import GenerationSettings
 
     arbiter = None
     if arbiter_base_url or arbiter_model:
@@ -132,9 +130,8 @@ def eval_llava_bench(
     overall; the judge's reviews are saved, and a rerun judges only what is missing.
     """
     quiet_model_libraries()
-    from lvit.infer.generation import GenerationSettings
-
     from lvit.eval.metrics import llava_bench
+    from lvit.infer.generation import GenerationSettings
 
     # temperature 0.2: LLaVA's judge requests (github.com/haotian-liu/LLaVA, llava/eval/eval_gpt_review_bench.py)
     endpoint = llm_options.make_endpoint(base_url, judge_model, api_key_env, timeout, retries, temperature=0.2)
@@ -184,9 +181,8 @@ def eval_pope(
 ) -> None:
     """POPE: accuracy, precision, recall, F1 and yes-ratio per split (adversarial / popular / random)."""
     quiet_model_libraries()
-    from lvit.infer.generation import GenerationSettings
-
     from lvit.eval.metrics import pope
+    from lvit.infer.generation import GenerationSettings
 
     result = pope.run_eval(
         model,
@@ -203,5 +199,3 @@ def eval_pope(
     )
     typer.echo(pope.format_table(result.scores))
     typer.echo(f"results: {result.path}")
-
-

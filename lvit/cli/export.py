@@ -42,5 +42,3 @@ def export(
         device=device,
         base_model=parse_base_model(base_model),
     )
-
-

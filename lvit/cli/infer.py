@@ -32,7 +32,6 @@ def chat(
     quiet_model_libraries()
     from lvit.infer.chat import ChatSession, check_image, interactive
     from lvit.infer.generation import GenerationSettings
-
     from lvit.infer.load import load_model
     from lvit.runs.files import parse_base_model
 
@@ -46,7 +45,6 @@ def chat(
         session.ask(prompt, write_out)
     else:
         interactive(session, sys.stdin, write_out)
-
 
 
 def generate(
@@ -68,7 +66,6 @@ def generate(
     quiet_model_libraries()
     from lvit.infer.answers import answer_question_file
     from lvit.infer.generation import GenerationSettings
-
     from lvit.runs.files import parse_base_model
 
     answers = answer_question_file(
@@ -86,5 +83,3 @@ def generate(
     scores = answers.exact_match()
     if scores is not None:
         typer.echo(f"exact match against the references: {scores['accuracy']:.1%} of {scores['total']}")
-
-

@@ -14,7 +14,6 @@ recipes_app = typer.Typer(
 )
 
 
-
 @recipes_app.command("ls")
 def recipes_ls() -> None:
     """One line per shipped recipe: its name and what it is (training recipes, then accelerate launch configs)."""
@@ -38,4 +37,3 @@ def recipes_cp(
 
     target = copy_recipe(name, dest)
     typer.echo(f"copied {name} to {target}")
-

@@ -66,7 +66,6 @@ def _print_dry_run(result) -> None:
     typer.echo("dry run passed: ready to train" if result.ok else "dry run found problems (above)")
 
 
-
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the tiny model, data and runs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete --out first if it exists."),
@@ -81,5 +80,3 @@ def demo(
     from lvit.demo.run import format_summary, run_demo
 
     typer.echo(format_summary(run_demo(out, overwrite=overwrite, ablation=ablation, quick=quick)))
-
-

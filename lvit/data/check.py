@@ -18,11 +18,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lvit.data.images import describe_image, image_exists, probe_image
 from lvit.data.reader import ReadResult, read_all
 from lvit.data.records import Record, RecordError, where_of
 from lvit.data.report import CheckReport
 from lvit.errors import LvitError
-from lvit.templates.conversation import Lengths
+from lvit.model.hub import resolve_source
+from lvit.model.processor import load_tokenizer
+from lvit.model.towers import num_image_tokens, vision_config_of
+from lvit.templates.conversation import IMAGE_PLACEHOLDER, Lengths
+from lvit.templates.encoder import ConversationEncoder
 
 
 @dataclass
@@ -108,8 +113,6 @@ def check_record_images(
 ) -> tuple[list[Record], list[RecordError]]:
     """Check the image of every record (and of invalid records that name one): `(records whose image is
     fine, problems)`. One header read (or, with `decode`, one full decode) per distinct image."""
-    from lvit.data.images import describe_image, image_exists, probe_image
-
     cache: dict[object, tuple | None] = {}
 
     def problem_of(image):
@@ -224,11 +227,6 @@ def encoder_from_recipe(recipe):
 
     `recipe`: a `lvit.recipe.schema.Recipe`; `lvit data check --recipe` reads it with
     `load_recipe(path, overrides, check_training=False)`."""
-    from lvit.model.hub import resolve_source
-    from lvit.model.processor import load_tokenizer
-    from lvit.model.towers import num_image_tokens, vision_config_of
-    from lvit.templates.conversation import IMAGE_PLACEHOLDER
-    from lvit.templates.encoder import ConversationEncoder
 
     lm = resolve_source(recipe.model.language_model, "model.language_model", recipe.source)
     vision = resolve_source(recipe.model.vision_tower, "model.vision_tower", recipe.source)

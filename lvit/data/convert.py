@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lvit.data.records import Record
 from lvit.data.reader import read_all
+from lvit.data.records import Record
 from lvit.data.sources import is_embedded
 from lvit.errors import LvitError
 from lvit.templates.conversation import Conversation, chat_messages

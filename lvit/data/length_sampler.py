@@ -21,4 +21,3 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
-

@@ -17,7 +17,6 @@ def is_image(value: object) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-
 def _rid(raw: dict, index: int) -> str:
     rid = raw.get("id")
     return str(index) if rid is None else str(rid)

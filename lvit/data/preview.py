@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lvit.data.check import encoder_from_recipe
+from lvit.data.reader import read_records
 from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER
 
 
@@ -34,8 +36,6 @@ class Sample:
 
 def preview(recipe, n: int = 3) -> list[Sample]:
     """The first `n` records of the recipe's data as samples (a record the template refuses is listed with why)."""
-    from lvit.data.check import encoder_from_recipe
-    from lvit.data.reader import read_records
 
     data = recipe.data
     encoder = encoder_from_recipe(recipe)

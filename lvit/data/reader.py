@@ -87,5 +87,3 @@ def _image_field(raw: object, schema: str) -> str | EmbeddedImage | None:
     if isinstance(image, list) and len(image) == 1:
         image = image[0]
     return image if is_image(image) else None
-
-

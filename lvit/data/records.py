@@ -147,4 +147,3 @@ def conversation_from_row(row: dict) -> Conversation:
         has_image=row["image_path"] is not None,
         system=row["system"],
     )
-

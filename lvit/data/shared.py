@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 
 from lvit.data.dataset import Prepared, Skipped, prepare, training_dataset
+from lvit.data.reader import read_all
 from lvit.errors import LvitError
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,6 @@ def prepare_once(data, encoder, source: str = "<recipe>") -> Prepared:
 
 def _rebuild(data, outcome: _Outcome) -> Prepared:
     """The dataset of rank 0's kept records, from this rank's own reading of the data (no image opened)."""
-    from lvit.data.reader import read_all
-
     read = read_all(data.path, getattr(data, "format", "auto"))
     by_index = {record.index: record for record in read.records}
     missing = [index for index, _ in outcome.kept if index not in by_index]

@@ -22,8 +22,17 @@ import shutil
 import time
 from pathlib import Path
 
-from lvit.recipe.catalog import RECIPES_DIR as RECIPES
+from lvit.demo import synthetic
+from lvit.demo.synthetic import question_kind
+from lvit.demo.tiny import build_tiny_parts
 from lvit.errors import LvitError
+from lvit.infer.answers import exact_match, generate_file
+from lvit.infer.generation import GenerationSettings
+from lvit.infer.load import load_model
+from lvit.infer.questions import read_questions
+from lvit.recipe.catalog import RECIPES_DIR as RECIPES
+from lvit.recipe.load import load_recipe
+from lvit.train.run import run
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +60,6 @@ def demo_overrides(out: Path, stage: int) -> list[str]:
 
 def prepare(out: Path, n_train: int = 600, n_test: int = 100) -> dict[str, Path]:
     """Write the tiny parts and the synthetic data under `out`."""
-    from lvit.demo import synthetic
-    from lvit.demo.tiny import build_tiny_parts
 
     build_tiny_parts(out / "parts", corpus=synthetic.corpus())
     return synthetic.write_shapes_data(out / "data", n_train=n_train, n_test=n_test)
@@ -63,12 +70,6 @@ def evaluate(run_dir: Path, test_path: Path, image_folder: Path) -> dict[str, fl
 
     The answers are written to `<run_dir>/eval/heldout-answers.jsonl` (the format `lvit generate` writes).
     """
-    from lvit.infer.answers import generate_file
-    from lvit.infer.answers import exact_match
-    from lvit.infer.generation import GenerationSettings
-    from lvit.infer.questions import read_questions
-    from lvit.infer.load import load_model
-    from lvit.demo.synthetic import question_kind
 
     # A full fine-tune loads with plain `LlavaForConditionalGeneration.from_pretrained`; adapter runs
     # are rebuilt as they trained (base + adapter).
@@ -100,9 +101,6 @@ def run_demo(out: Path, overwrite: bool = False, ablation: bool = False, quick: 
     question kind and "all", "chance", "train_loss" per run, and with `ablation` "ablation"), plus
     "runs" (run name -> folder) and "wall_time_s".
     """
-    from lvit.demo import synthetic
-    from lvit.recipe.load import load_recipe
-    from lvit.train.run import run
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from lvit.demo import synthetic
+
 # Sizes chosen so one training step takes a few tens of milliseconds on 2 CPU cores while the
 # 4-bit path still works (bitsandbytes blocks need in_features >= 64).
 # The text half a CLIP / SigLIP config requires; lvit never uses it (LLaVA keeps only the vision tower).
@@ -171,8 +173,6 @@ def build_tiny_siglip(out_dir: str | Path, seed: int = 0, vision: dict | None = 
 def family_corpus() -> list[str]:
     """Text the family tokenizers (tests/fixtures/*-tokenizer, `scripts/make_family_tokenizers.py`) are
     trained on: the tiny corpus, the synthetic task's words and the chat templates' role words."""
-    from lvit.demo import synthetic
-
     chat = "user assistant model system Hello. Hi. Bye. Be brief. What is it? A red square. Where? Top left.\n\n"
     return [*_BASE_CORPUS, *synthetic.corpus(), chat * 3]
 

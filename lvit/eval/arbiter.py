@@ -18,8 +18,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvit.llm.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
+from lvit.console import stderr_is_tty
+from lvit.data.scienceqa import build_prompt
 from lvit.errors import Interrupted
+from lvit.eval.scienceqa_score import FAILED, parse_answer, predicted_index, score
+from lvit.llm.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
 from lvit.llm.jsonl_log import append, open_append, read_rows
 from lvit.llm.prompt_file import read_prompt_file
 
@@ -76,9 +79,6 @@ def arbitrate(
     progress: bool | None = None,
 ) -> dict:
     """Scores of the model alone, the text LLM alone and the two combined, by the paper's categories."""
-    from lvit.console import stderr_is_tty
-    from lvit.data.scienceqa import build_prompt
-    from lvit.eval.scienceqa_score import FAILED, parse_answer, predicted_index, score
 
     prompt = prompt or load_arbiter_prompt()
     out_dir = Path(out_dir)

@@ -27,7 +27,13 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from lvit.data.images import ImageLoader
 from lvit.errors import LvitError
+from lvit.eval.metrics import score_answers
+from lvit.infer.answers import answer_row
+from lvit.infer.generation import GenerationSettings, iter_answers
+from lvit.infer.questions import check_images, read_questions
+from lvit.model.quant import disable_cpu_repacking
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +42,6 @@ EVAL_DIR = "eval"
 
 def check_eval_inputs(recipe) -> None:
     """The recipe's evaluation questions and images exist (checked before any model loads)."""
-    from lvit.infer.questions import check_images, read_questions
-
     section = recipe.eval
     if section.data is None:
         return
@@ -88,9 +92,6 @@ class EvalCallback(TrainerCallback):
     """Answers the recipe's evaluation questions with the model being trained and scores them."""
 
     def __init__(self, recipe, processor, encoder):
-        from lvit.data.images import ImageLoader
-        from lvit.infer.generation import GenerationSettings
-        from lvit.infer.questions import read_questions
 
         self.recipe = recipe
         self.section = recipe.eval
@@ -111,13 +112,8 @@ class EvalCallback(TrainerCallback):
         """Generate and score on the main process; other processes go on (DDP waits for it at the next step)."""
         if not state.is_world_process_zero:
             return None
-        from lvit.infer.answers import answer_row
-        from lvit.eval.metrics import score_answers
-        from lvit.infer.generation import iter_answers
 
         if self.recipe.method == "qlora":
-            from lvit.model.quant import disable_cpu_repacking
-
             # done at load already; generation must never repack (docs/stack-notes.md#bnb-cpu-repacking)
             disable_cpu_repacking(model)
         rng = _rng_state()

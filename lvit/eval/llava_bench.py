@@ -31,8 +31,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvit.llm.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
+from lvit.console import stderr_is_tty
 from lvit.errors import Interrupted, LvitError
+from lvit.eval.predictions import (
+    BenchmarkResult,
+    answer_records,
+    check_model_or_predictions,
+    read_predictions,
+    write_results,
+)
+from lvit.llm.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
 from lvit.llm.jsonl_log import append, open_append, read_rows
 from lvit.llm.prompt_file import read_prompt_file
 
@@ -224,8 +232,6 @@ def judge(
     """Review every question not reviewed yet into `out_dir/reviews.jsonl`; score all into `results.json`."""
     from tqdm.auto import tqdm
 
-    from lvit.console import stderr_is_tty
-
     prompt = prompt or load_judge_prompt()
     out_dir = Path(out_dir)
     reviews_path, failures_path = out_dir / "reviews.jsonl", out_dir / "failures.jsonl"
@@ -266,7 +272,6 @@ def judge(
     scores = score(questions, reviews, failures)
     scores["missing_answers"] = len(missing)
     scores["judge"] = {"model": endpoint.model, "base_url": endpoint.base_url, **usage.to_json()}
-    from lvit.eval.predictions import write_results
 
     write_results("llava-bench", scores, out_dir / "results.json", reviews=str(reviews_path))
     return scores
@@ -295,8 +300,6 @@ def run_eval(
     **generation,
 ):
     """`lvit eval llava-bench`: answer with MODEL (or read --predictions), then judge and score."""
-    from lvit.eval.predictions import BenchmarkResult, answer_records, check_model_or_predictions, read_predictions
-
     check_model_or_predictions(model, predictions)
     questions = read_bench(questions_path, context_path, references_path)
     if limit is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lvit.eval.pope import pope_metrics
+from lvit.eval.scienceqa_score import score_against_references
 from lvit.infer.answers import exact_match
 
 if TYPE_CHECKING:
@@ -21,12 +23,7 @@ def score_answers(metric: str, rows: list[dict]) -> dict:
     if metric == "exact_match":
         return exact_match(rows)
     if metric == "scienceqa":
-        from lvit.eval.scienceqa_score import score_against_references
-
         return score_against_references(rows)
     if metric == "pope":
-        from lvit.eval.pope import pope_metrics
-
         return pope_metrics([row["answer"] for row in rows], [row["reference"] for row in rows])
     raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
-

@@ -15,6 +15,14 @@ import json
 from pathlib import Path
 
 from lvit.errors import LvitError
+from lvit.eval.predictions import (
+    BenchmarkResult,
+    answer_records,
+    check_model_or_predictions,
+    read_predictions,
+    scored_predictions,
+    write_results,
+)
 
 
 def category_of(path: str | Path) -> str:
@@ -154,8 +162,6 @@ def evaluate(model_path, annotation_paths, out_dir, limit: int | None = None, pr
 
     `generation`: `lvit.eval.predictions.answer_records`'s options (image_folder, settings, batch_size, ...).
     """
-    from lvit.eval.predictions import answer_records, write_results
-
     splits = read_splits(annotation_paths)
     if limit is not None:
         splits = {name: rows[:limit] for name, rows in splits.items()}
@@ -182,8 +188,6 @@ def run_eval(model, annotations: list[str | Path], predictions=None, out=None, *
     answers). `options`: `evaluate`'s (image_folder, limit, prompt_suffix, settings, batch_size, ...),
     used when generating. Returns a `BenchmarkResult`.
     """
-    from lvit.eval.predictions import BenchmarkResult, check_model_or_predictions, read_predictions, scored_predictions
-
     check_model_or_predictions(model, predictions)
     files = annotation_files(annotations)
     if predictions is not None:

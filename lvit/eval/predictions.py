@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lvit.errors import LvitError
+from lvit.infer.answers import answer_questions
+from lvit.infer.questions import read_questions
+
 if TYPE_CHECKING:
     from lvit.infer.answers import AnswerFile
 
@@ -18,8 +22,6 @@ def read_predictions(path) -> dict[str, str]:
       (lvit's answer files; LLaVA's `model_vqa*.py` answer files).
     """
     import json
-
-    from lvit.errors import LvitError
 
     path = Path(path)
     if not path.is_file():
@@ -52,8 +54,6 @@ def read_predictions(path) -> dict[str, str]:
 
 
 def _prediction_text(value, path, key) -> str:
-    from lvit.errors import LvitError
-
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
@@ -83,8 +83,6 @@ class BenchmarkResult:
 
 def check_model_or_predictions(model, predictions) -> None:
     """A benchmark runs on a model (generate, then score) or on existing outputs, not both, not neither."""
-    from lvit.errors import LvitError
-
     if (model is None) == (predictions is None):
         raise LvitError("pass either MODEL (generate, then score) or --predictions FILE (score existing outputs)")
 
@@ -111,9 +109,6 @@ def answer_records(
     """Write benchmark `records` (LLaVA format) to `out_dir/questions.jsonl` and answer them into
     `out_dir/answers.jsonl` (resumable; `lvit.infer.answers.answer_questions`). Returns the `AnswerFile`."""
     import json
-
-    from lvit.infer.answers import answer_questions
-    from lvit.infer.questions import read_questions
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

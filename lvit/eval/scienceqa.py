@@ -20,6 +20,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lvit.eval.arbiter import arbitrate
+from lvit.eval.predictions import (
+    BenchmarkResult,
+    answer_records,
+    check_model_or_predictions,
+    read_predictions,
+    scored_predictions,
+    write_results,
+)
 from lvit.eval.scienceqa_score import load_split, question_records, score
 
 
@@ -40,8 +49,6 @@ def evaluate(
     `generation`: `lvit.eval.predictions.answer_records`'s options (settings, batch_size, load_4bit, ...). `arbiter`:
     `lvit.eval.arbiter.arbitrate`'s options (endpoint, prompt, concurrency), to add the arbiter's scores.
     """
-    from lvit.eval.predictions import answer_records, write_results
-
     problems, pids = load_split(problems_path, splits_path, split)
     if limit is not None:
         pids = pids[:limit]
@@ -52,8 +59,6 @@ def evaluate(
     outputs = {pid: rows[pid]["answer"] for pid in pids if pid in rows}
     scores = score(problems, pids, outputs)
     if arbiter is not None:
-        from lvit.eval.arbiter import arbitrate
-
         scores["arbiter"] = arbitrate(problems, pids, outputs, out_dir, **arbiter)
     extra = {"model": str(model_path), "split": split, "answer_format": answer_format}
     write_results("scienceqa", scores, Path(out_dir) / "results.json", **extra)
@@ -78,16 +83,12 @@ def run_eval(
     options (`lvit.eval.arbiter.arbitrate`): its answers, and its call where it and the model disagree, are
     scored beside the model's (`scores["arbiter"]`). Returns a `BenchmarkResult`.
     """
-    from lvit.eval.predictions import BenchmarkResult, check_model_or_predictions, read_predictions, scored_predictions
-
     check_model_or_predictions(model, predictions)
     if predictions is not None:
         problems, pids = load_split(problems_path, splits_path, split)
         outputs = read_predictions(predictions)
         scores = score(problems, pids, outputs)
         if arbiter is not None:
-            from lvit.eval.arbiter import arbitrate
-
             where = Path(out).parent if out is not None else Path(predictions).parent
             scores["arbiter"] = arbitrate(
                 problems, pids, outputs, where / f"{Path(predictions).stem}_arbiter", **arbiter

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from lvit.data.scienceqa import OPTIONS
+from lvit.data.scienceqa import OPTIONS, to_record
 from lvit.errors import LvitError
 
 FAILED = "FAILED"
@@ -19,8 +19,6 @@ CATEGORIES = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
 def question_records(problems: dict, pids: list[str], answer_format: str = "lecture-solution") -> list[dict]:
     """LLaVA-format records for `pids` (`lvit.data.scienceqa.to_record`: image path `<pid>/<image>`
     relative to `images/<split>`, the reference answer in the gpt turn)."""
-    from lvit.data.scienceqa import to_record
-
     return [to_record(pid, problems[pid], answer_format) for pid in pids]
 
 
@@ -139,5 +137,3 @@ def _read_json(path, kind, what: str):
     if not isinstance(data, kind):
         raise LvitError(f"{path}: expected {what}")
     return data
-
-

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lvit.runs.files import RUN_INFO_FILE
+
 _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 _LOAD_SNIPPET = """
@@ -52,8 +54,6 @@ def _trainer_summary(run) -> dict | None:
 
 def model_card(run, result, out: Path) -> str:
     """The README.md of the export `result` (an `lvit.export.exporter.ExportResult`) of `run`, to be placed at `out`."""
-    from lvit.runs.files import RUN_INFO_FILE
-
     recipe, info = run.recipe, run.info
     stage = "stage 1 (align: only the projector trained)" if recipe.stage == "align" else "stage 2 (finetune)"
     method = {"align": "projector only", "full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA (4-bit NF4 base)"}

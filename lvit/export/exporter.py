@@ -32,9 +32,19 @@ from pathlib import Path
 import torch
 
 from lvit.errors import LvitError
-from lvit.runs.files import MODEL_CARD_FILE, RunFolder, copy_run_files, read_run, write_export_info, write_projector
+from lvit.export.card import model_card
+from lvit.export.selfcheck import (
+    build_sample,
+    check_chat_template_ids,
+    default_tolerance,
+    logits,
+    max_abs_diff,
+    projector_outputs,
+    projector_tolerance,
+)
 from lvit.infer.load import load_merged, load_trained
-from lvit.export.selfcheck import build_sample, check_chat_template_ids, default_tolerance, logits, max_abs_diff, projector_outputs, projector_tolerance
+from lvit.model.projector import load_projector, new_projector
+from lvit.runs.files import MODEL_CARD_FILE, RunFolder, copy_run_files, read_run, write_export_info, write_projector
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +250,6 @@ def _clean_config(config, dtype: torch.dtype) -> None:
 
 
 def _export_projector(run: RunFolder, tmp: Path, dtype, tolerance, device: str) -> ExportResult:
-    from lvit.model.projector import load_projector, new_projector
-
     log.info("[1/2] %s run %s: the trained projector", run.kind, run.path)
     trained, processor, _ = load_trained(run, device=device)
     llava = trained.get_base_model() if hasattr(trained, "get_base_model") else trained
@@ -365,7 +373,5 @@ def _quiet_transformers():
 
 def _describe(folder: Path, run: RunFolder, result: ExportResult, out: Path) -> None:
     """What the export says about itself: `lvit_export.json` and the model card."""
-    from lvit.export.card import model_card
-
     write_export_info(folder, run, {k: v for k, v in asdict(result).items() if k != "path"})
     (folder / MODEL_CARD_FILE).write_text(model_card(run, result, out))

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
+from lvit.data.images import ImageLoader
+from lvit.data.reader import read_records
 from lvit.errors import LvitError
+from lvit.model.hub import resolve_source
+from lvit.model.processor import load_tokenizer
+from lvit.model.towers import num_image_tokens
+from lvit.templates.builtin import CHAT_TEMPLATES
+from lvit.templates.conversation import Conversation, chat_messages
+from lvit.templates.encoder import ConversationEncoder
 
 # Self-check tolerances on the largest absolute logit difference (trained model vs written export).
 # Measured on the tests' tiny model (2+2 layers, 3-4 steps; its logits reach |1|):
@@ -91,10 +99,6 @@ _MAX_RECORDS_SCANNED = 200
 def build_sample(run, processor, config) -> Sample:
     """One image-bearing prompt built with the run's template: the first usable record of the run's data
     (its first exchange), else a synthetic image with a fixed question and answer."""
-    from lvit.data.images import ImageLoader
-    from lvit.model.towers import num_image_tokens
-    from lvit.templates.conversation import Conversation
-    from lvit.templates.encoder import ConversationEncoder
 
     data = run.recipe.data
     encoder = ConversationEncoder(
@@ -127,8 +131,6 @@ def build_sample(run, processor, config) -> Sample:
 
 def _image_records(data) -> Iterator:
     """Image records of the run's data, in any format lvit reads (the same reader as training)."""
-    from lvit.data.reader import read_records
-
     try:
         records, _, _ = read_records(data.path, fmt=data.format, image_folder=data.image_folder)
     except (LvitError, OSError, UnicodeDecodeError, ValueError):
@@ -192,12 +194,6 @@ def check_chat_template_ids(run, processor, config) -> int:
     `processor.apply_chat_template(..., tokenize=True)` builds (`processor`: the export as written, reloaded),
     for the whole conversation and for the generation prompt of its first question. Returns how many
     conversations were compared; raises `LvitError` at the first difference."""
-    from lvit.model.hub import resolve_source
-    from lvit.model.processor import load_tokenizer
-    from lvit.model.towers import num_image_tokens
-    from lvit.templates.builtin import CHAT_TEMPLATES
-    from lvit.templates.conversation import Conversation, chat_messages
-    from lvit.templates.encoder import ConversationEncoder
 
     data = run.recipe.data
     tokenizer = load_tokenizer(resolve_source(run.recipe.model.language_model, "model.language_model", run.path))
@@ -241,8 +237,6 @@ def check_chat_template_ids(run, processor, config) -> int:
 
 
 def _records(data) -> list:
-    from lvit.data.reader import read_records
-
     try:
         records, _, _ = read_records(data.path, fmt=data.format, image_folder=data.image_folder)
     except (LvitError, OSError, UnicodeDecodeError, ValueError):

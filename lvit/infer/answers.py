@@ -15,12 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvit.infer.generation import GenerationSettings
-from lvit.llm.jsonl_log import read_rows
-from lvit.infer.questions import Question, check_images, read_questions
-from lvit.infer.load import LoadedModel
-
 from lvit.errors import Interrupted, LvitError
+from lvit.infer.generation import GenerationSettings, iter_answers
+from lvit.infer.load import LoadedModel, load_model
+from lvit.infer.questions import Question, check_images, read_questions
+from lvit.llm.jsonl_log import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +93,6 @@ def answer_questions(
 ) -> AnswerFile:
     """Answer `questions` with the model folder `model` (any folder `lvit.infer.load.load_model` loads) into
     the answer file `out`, resuming it; every image is checked before the model loads."""
-    from lvit.infer.load import load_model
-
     check_images(questions, image_folder)
     rows = generate_file(
         lambda: load_model(model, load_4bit=load_4bit, device=device, base_model=base_model),
@@ -129,7 +126,6 @@ def generate_file(
     `loaded` may be a function that loads the model, called only when something is left to answer.
     Returns all rows by id.
     """
-    from lvit.infer.generation import iter_answers
     from tqdm.auto import tqdm
 
     settings = settings or GenerationSettings()

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from lvit.data.images import probe_image
+from lvit.errors import LvitError
 from lvit.infer.generation import GenerationSettings, eval_mode, generate_batch
 from lvit.infer.load import LoadedModel
-
-from lvit.errors import LvitError
 from lvit.templates.conversation import IMAGE_PLACEHOLDER, Conversation
 
 EXIT_WORDS = {"exit", "quit"}
@@ -44,8 +44,6 @@ def _which(image: str | Path, k: int, n: int) -> str:
 
 def check_image(images: str | Path | list[str | Path]) -> None:
     """`--image`: each file exists and decodes as an image; `lvit chat` checks them before the model loads."""
-    from lvit.data.images import probe_image
-
     paths = _as_list(images)
     for k, image in enumerate(paths):
         if not Path(image).is_file():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lvit.errors import LvitError
+from lvit.infer.questions import images_of
 from lvit.templates.conversation import Conversation
 from lvit.templates.encoder import ConversationEncoder
 
@@ -84,8 +85,6 @@ def generate_batch(
     attention = torch.tensor([[0] * (width - len(e.input_ids)) + [1] * len(e.input_ids) for e in encoded])
     kwargs = {}
     if pixel_values is None:
-        from lvit.infer.questions import images_of
-
         images = [image_loader.load(p) for entry in image_paths for p in images_of(entry)]
         if images:
             pixel_values = image_loader.pixel_values(images)

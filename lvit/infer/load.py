@@ -15,7 +15,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from lvit.data.images import ImageLoader
 from lvit.errors import LvitError
+from lvit.model.assemble import assemble
+from lvit.model.processor import load_processor
+from lvit.model.projector import load_projector
+from lvit.model.quant import dequantize_4bit_layers, disable_cpu_repacking
+from lvit.model.towers import num_image_tokens
 from lvit.runs.files import (
     BASE_MODEL_KEYS,
     BASE_MODEL_OPTION,
@@ -57,8 +63,6 @@ def check_base_parts(run: RunFolder) -> None:
 
 
 def _assemble_base(run: RunFolder):
-    from lvit.model.assemble import assemble
-
     check_base_parts(run)
     model, _ = assemble(
         _base_model_section(run),
@@ -79,8 +83,6 @@ def load_trained(run: RunFolder | str | Path, device: str | None = None):
     """
     from transformers import LlavaForConditionalGeneration
 
-    from lvit.model.processor import load_processor
-
     run = _open(run)
     processor = load_processor(run.path)
     if run.holds_whole_model:
@@ -88,8 +90,6 @@ def load_trained(run: RunFolder | str | Path, device: str | None = None):
     else:
         model = _assemble_base(run)
         if run.kind == "align":
-            from lvit.model.projector import load_projector
-
             load_projector(model, str(run.path), run.recipe.model.projector, str(run.path))
         else:
             from peft import PeftModel
@@ -117,10 +117,7 @@ def load_merged(run: RunFolder | str | Path, dtype=None):
         model, processor, run = load_trained(run)
         return model.to(dtype), processor, run
 
-    from lvit.model.quant import dequantize_4bit_layers
     from peft import PeftModel
-
-    from lvit.model.processor import load_processor
 
     processor = load_processor(run.path)
     model = _assemble_base(run)
@@ -154,15 +151,11 @@ class LoadedModel:
         )
 
     def image_loader(self, image_folder: str | Path | None = None):
-        from lvit.data.images import ImageLoader
-
         return ImageLoader(self.processor.image_processor, image_folder, self.aspect_ratio)
 
 
 def image_tokens_per_image(config) -> int:
     """How many image-token ids stand for one image in this LLaVA config."""
-    from lvit.model.towers import num_image_tokens
-
     return num_image_tokens(config.vision_config, getattr(config, "vision_feature_select_strategy", "default"))
 
 
@@ -203,8 +196,6 @@ def _load_run(path: Path, load_4bit: bool, device: str, base_model: dict[str, st
         return loaded
     model, processor, run = load_trained(run)
     if run.kind == "qlora":
-        from lvit.model.quant import disable_cpu_repacking
-
         disable_cpu_repacking(model)  # what load_lm_4bit does; kept in case a later step trains this model
     model.to(device)
     if run.kind == "align":
@@ -216,8 +207,6 @@ def _load_run(path: Path, load_4bit: bool, device: str, base_model: dict[str, st
 
 def _load_llava_folder(path: Path, load_4bit: bool, device: str) -> LoadedModel:
     from transformers import LlavaForConditionalGeneration
-
-    from lvit.model.processor import load_processor
 
     if not (path / "config.json").is_file():
         raise LvitError(

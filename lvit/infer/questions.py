@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lvit.data.images import describe_image, image_exists, probe_image
+from lvit.data.reader import read_records
 from lvit.errors import LvitError
 from lvit.templates.conversation import Conversation
 
@@ -34,8 +36,6 @@ def read_questions(path: str | Path) -> list[Question]:
 
     Raises `LvitError` naming the records that cannot be used, and for an id that appears twice.
     """
-    from lvit.data.reader import read_records
-
     records, problems, _ = read_records(path, require_answer=False)
     if problems:
         listed = "\n".join(f"  {p}" for p in problems[:5])
@@ -65,8 +65,6 @@ def check_images(questions: list[Question], image_folder: str | Path | None) -> 
 
     Each distinct image's header is read (`lvit.data.images.read_header`: no full decode), as `lvit data check`
     does by default."""
-    from lvit.data.images import describe_image, image_exists, probe_image
-
     missing = [(q, i) for q in questions for i in images_of(q.image) if not image_exists(i, image_folder)]
     if missing:
         raise LvitError(

@@ -13,14 +13,14 @@ import logging
 import os
 from pathlib import Path
 
+from lvit.errors import LvitError
+
 log = logging.getLogger(__name__)
 
 
 def read_rows(path: str | Path, repair: bool = True, what: str = "JSON row") -> dict[str, dict]:
     """Rows by their `id`. A cut-off last line (a crash mid-write) is left out, and with `repair` removed
     from the file: its work is done again. A bad line anywhere else is an error naming the line."""
-    from lvit.errors import LvitError
-
     path = Path(path)
     rows: dict[str, dict] = {}
     if not path.is_file():

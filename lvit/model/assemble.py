@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 
 import torch
-from lvit.model.hub import resolve_source
 
 from lvit.errors import LvitError
+from lvit.model.hub import resolve_source
 from lvit.model.processor import build_processor, load_image_processor, load_tokenizer
 from lvit.model.projector import ACTIVATIONS, load_projector, new_projector
+from lvit.model.quant import load_lm_4bit
 from lvit.model.towers import feature_select_strategy, load_vision_tower, num_image_tokens
+from lvit.templates.chat_template import LMChatTemplate
 from lvit.templates.conversation import IMAGE_PLACEHOLDER
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,6 @@ def assemble(
     tokenizer = load_tokenizer(lm_src)
     own_size = len(AutoTokenizer.from_pretrained(lm_src))  # before lvit's <image> / pad
     if quantize_lm:
-        from lvit.model.quant import load_lm_4bit
-
         lm = load_lm_4bit(lm_src, dtype, getattr(torch, compute_dtype), on_cpu=on_cpu, **extra)
     else:
         lm = AutoModelForCausalLM.from_pretrained(lm_src, dtype=dtype, **extra)
@@ -120,8 +120,6 @@ def assemble(
 def _stop_at_end_of_turn(model, tokenizer) -> None:
     """Generation stops at the token that ends an assistant turn in the LM's chat template (Llama 3's
     `<|eot_id|>` is not its tokenizer's EOS): add it to the generation config's EOS ids when missing."""
-    from lvit.templates.chat_template import LMChatTemplate
-
     end = LMChatTemplate(tokenizer).end_of_turn_id
     eos = model.generation_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -179,5 +177,3 @@ def resize_embeddings(lm, size: int, own_size: int | None = None) -> None:
     with _gathered(weights, modifier_rank=0), torch.no_grad():
         for weight in weights:
             weight[own:size] = weight[:own].mean(dim=0, keepdim=True)
-
-

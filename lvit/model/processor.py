@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from lvit.errors import LvitError
 from lvit.model.towers import feature_select_strategy, has_cls_token, num_image_tokens
-from lvit.templates.conversation import IMAGE_PLACEHOLDER
 from lvit.templates.builtin import VICUNA_V1_CHAT_TEMPLATE
+from lvit.templates.chat_template import exported_chat_template
+from lvit.templates.conversation import IMAGE_PLACEHOLDER
 
 PAD_TOKEN = "<pad>"
 
@@ -16,8 +17,6 @@ IMAGE_PROCESSOR_BACKEND = "pil"
 backend whenever torchvision is installed, whatever a saved config says; the two differ by up to
 about 0.2 in normalised pixel units in a side-by-side check
 (docs/stack-notes.md#image-processor-backend)."""
-
-
 
 
 def load_tokenizer(language_model: str):
@@ -103,7 +102,6 @@ def build_processor(image_processor, tokenizer, vision_config, template: str = "
     """The LLaVA processor lvit saves: the tower's image-token count (checked against
     `num_image_tokens`) and the chat template that renders the training text (`template`: "auto" -> the
     LM's own chat template with the image placeholder handled, `lvit.templates.chat_template`; else vicuna_v1's)."""
-    from lvit.templates.chat_template import exported_chat_template
     from transformers import LlavaProcessor
 
     strategy = feature_select_strategy(vision_config)
@@ -153,5 +151,3 @@ def _processed_size(image_processor) -> int | None:
     if getattr(image_processor, "do_center_crop", False) and crop is not None and height(crop):
         return height(crop)
     return height(size) if size is not None else None
-
-

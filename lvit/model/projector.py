@@ -7,6 +7,7 @@ import logging
 import torch
 
 from lvit.errors import LvitError
+from lvit.runs.files import read_projector
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,6 @@ def new_projector(config, kind: str, dtype: torch.dtype):
 
 def load_projector(model, run_dir: str, kind: str, source: str = "<recipe>") -> None:
     """Load a stage-1 run's projector (`lvit.runs.files.read_projector`) into `model`, checking type and shapes."""
-    from lvit.runs.files import read_projector
-
     state, path = read_projector(run_dir, kind, source)
     target = model.model.multi_modal_projector
     expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}

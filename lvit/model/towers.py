@@ -81,5 +81,3 @@ def load_vision_tower(source: str, dtype, where: str = "model.vision_tower", **e
         return cls.from_pretrained(source, dtype=dtype, **extra)
     finally:
         hf_logging.set_verbosity(verbosity)
-
-

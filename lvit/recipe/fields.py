@@ -24,8 +24,6 @@ _RESERVED_TRAINING_KEYS = {
 }
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # validation helpers
 
@@ -140,5 +138,3 @@ def _describe(hint: Any) -> str:
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in hint)
     return getattr(hint, "__name__", str(hint))
-
-

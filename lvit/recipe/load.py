@@ -6,9 +6,10 @@ import re
 from pathlib import Path
 
 import yaml
-from lvit.recipe.catalog import resolve_recipe
 
 from lvit.errors import LvitError
+from lvit.recipe.attention import check_attention
+from lvit.recipe.catalog import resolve_recipe
 from lvit.recipe.fields import build_section, validate_training
 from lvit.recipe.schema import Recipe
 
@@ -126,8 +127,6 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
                 "training.gradient_accumulation_steps (micro-batches per optimizer step) instead."
             )
     if recipe.data.packing and recipe.model.attn_implementation is not None:
-        from lvit.recipe.attention import check_attention
-
         check_attention(recipe.model.attn_implementation, f"{source}: model.attn_implementation")
     row = recipe.data.max_tokens_per_row
     if row is not None and row < recipe.data.max_length:
@@ -152,4 +151,3 @@ def gradient_accumulation(recipe: Recipe, num_processes: int) -> int:
             "Change training.per_device_train_batch_size (or global_batch_size) so it divides."
         )
     return recipe.global_batch_size // per_step
-

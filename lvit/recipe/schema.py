@@ -145,4 +145,3 @@ class Recipe:
         out = dataclasses.asdict(self)
         out.pop("source")
         return out
-

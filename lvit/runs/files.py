@@ -15,8 +15,8 @@ from pathlib import Path
 import yaml
 
 from lvit.errors import LvitError
-from lvit.recipe.schema import Recipe
 from lvit.recipe.load import recipe_from_dict
+from lvit.recipe.schema import Recipe
 
 # In every run folder and checkpoint (written by lvit):
 RECIPE_FILE = "lvit_recipe.yaml"

@@ -12,7 +12,6 @@ VICUNA_V1_SYSTEM = (
 )
 
 
-
 class Template:
     """Base class: subclasses say which pieces a conversation is made of."""
 
@@ -78,7 +77,6 @@ class Plain(Template):
 TEMPLATES: dict[str, Template] = {t.name: t for t in (VicunaV1(), Plain())}
 AUTO = "auto"
 """`data.template: auto`: the language model's own chat template (`lvit.templates.chat_template.LMChatTemplate`)."""
-
 
 
 # A Jinja chat template that renders the vicuna_v1 text, for `processor.apply_chat_template` in

@@ -32,8 +32,8 @@ among the parts (as vicuna_v1's template does). String contents pass through unt
 from __future__ import annotations
 
 from lvit.errors import LvitError
-from lvit.templates.conversation import IMAGE_PLACEHOLDER, Conversation, Rendered, chat_messages
 from lvit.templates.builtin import Template
+from lvit.templates.conversation import IMAGE_PLACEHOLDER, Conversation, Rendered, chat_messages
 
 _MARK = "{#- lvit: list contents -> '<image>\\n' per image item + the text items -#}"
 _PROLOGUE = (

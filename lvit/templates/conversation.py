@@ -147,8 +147,6 @@ def user_pieces(text: str) -> list[Piece]:
     return out
 
 
-
-
 def chat_messages(conv: Conversation, image=None) -> list[dict]:
     """The conversation as chat messages for `processor.apply_chat_template`: the system prompt (when the
     conversation overrides it) as a system message, the image first in the first user message (`image`,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from lvit.errors import LvitError
 from lvit.templates.builtin import AUTO, TEMPLATES, Template
+from lvit.templates.chat_template import LMChatTemplate
 from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation, Encoded, Lengths, Rendered
 
 _CHUNK = 8192  # conversations per batched tokenizer call in `ConversationEncoder.lengths`
@@ -13,7 +15,6 @@ def get_template(name: str, tokenizer=None) -> Template:
     if name == AUTO:
         if tokenizer is None:
             raise ValueError("the 'auto' template is the tokenizer's chat template; pass the tokenizer")
-        from lvit.templates.chat_template import LMChatTemplate
 
         return LMChatTemplate(tokenizer)
     try:
@@ -182,8 +183,6 @@ class ConversationEncoder:
 def check_tokenizer(tokenizer, image_token_id: int) -> None:
     """Refuse a tokenizer with which training ids cannot be derived from the rendered text: a slow one (no
     character offsets), or one that does not read `<image>` as a token of its own."""
-    from lvit.errors import LvitError
-
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     if not getattr(tokenizer, "is_fast", False):
         raise LvitError(
@@ -231,4 +230,3 @@ def _straddle(tokenizer, token: int, text: str, a: int, b: int) -> str:
         "edge of an answer (the trained text), so its label would be wrong in training; an answer must start "
         "and end at a token boundary in the whole conversation's text"
     )
-

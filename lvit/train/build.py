@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from lvit.train.precision import upcast_trainable
-
+from lvit.model.adapters import add_lora
+from lvit.model.assemble import assemble
+from lvit.model.stages import apply_stage
+from lvit.recipe.attention import VARLEN_ATTENTION, check_attention
 from lvit.recipe.schema import Recipe
+from lvit.train.precision import upcast_trainable
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +19,6 @@ def packing_options(recipe: Recipe, model) -> dict:
     data = recipe.data
     if not data.packing:
         return {}
-    from lvit.recipe.attention import VARLEN_ATTENTION, check_attention
 
     # the implementation the language model runs with (transformers sets it on every sub-config)
     attn = model.config.get_text_config()._attn_implementation
@@ -34,9 +36,6 @@ def build_model(recipe: Recipe, args):
     projector's (and adapters') initialisation is part of the run.
     """
     import transformers
-    from lvit.model.stages import apply_stage
-
-    from lvit.model.assemble import assemble
 
     transformers.set_seed(args.seed)
     model, processor = assemble(
@@ -49,8 +48,6 @@ def build_model(recipe: Recipe, args):
     )
     apply_stage(model, recipe.stage, recipe.model.projector, train_lm=recipe.method == "full")
     if recipe.method != "full":
-        from lvit.model.adapters import add_lora
-
         model = add_lora(model, recipe.lora, recipe.model.projector)
     if args.deepspeed_plugin is None:
         # fp32 masters for what trains, the rest stays in model.torch_dtype (lvit.train.precision). DeepSpeed keeps
@@ -59,4 +56,3 @@ def build_model(recipe: Recipe, args):
         # source: deepspeed/runtime/engine.py, `_configure_distributed_model`; docs/code-docs/source/zero3.rst).
         upcast_trainable(model)
     return model, processor
-

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from lvit.errors import LvitError
-from lvit.recipe.schema import Recipe
+from lvit.eval.callback import check_eval_inputs
 from lvit.recipe.report_to import check_report_to
+from lvit.recipe.schema import Recipe
 
 
 def check_inputs(recipe: Recipe) -> None:
@@ -31,7 +32,4 @@ def check_data_inputs(recipe: Recipe) -> None:
             "it should be the output folder of a finished stage-1 (align) run."
         )
     if recipe.eval.data is not None:
-        from lvit.eval.callback import check_eval_inputs
-
         check_eval_inputs(recipe)
-

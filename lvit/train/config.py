@@ -6,11 +6,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lvit.train.precision import training_precision
-
 from lvit.errors import LvitError
-from lvit.recipe.schema import Recipe
 from lvit.recipe.load import gradient_accumulation
+from lvit.recipe.schema import Recipe
+from lvit.train.precision import training_precision
 
 # How the loss is averaged (a difference from LLaVA, kept): transformers 5 divides the summed token loss
 # of each micro-batch by the number of trained (label != -100) tokens in the whole global batch, i.e. all
@@ -63,4 +62,3 @@ def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_dev
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as exc:
         raise LvitError(f"{recipe.source}: the training section is not valid: {exc}") from None
-

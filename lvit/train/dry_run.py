@@ -13,10 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lvit.data.check import encoder_from_recipe
+from lvit.data.dataset import inspect_for_training
 from lvit.errors import LvitError
-from lvit.recipe.schema import Recipe
-from lvit.recipe.report_to import check_report_to
+from lvit.model.hub import resolve_source
 from lvit.recipe.load import gradient_accumulation
+from lvit.recipe.report_to import check_report_to
+from lvit.recipe.schema import Recipe
+from lvit.runs.resume import resume_checkpoint
+from lvit.train.checks import check_data_inputs
+from lvit.train.config import build_sft_config
 
 
 @dataclass(frozen=True)
@@ -47,10 +53,6 @@ class DryRun:
 def dry_run(recipe: Recipe, resume: bool | None = None) -> DryRun:
     """Check `recipe` (structure, training section, batch arithmetic, data, model sources, records, output
     folder, reporting integrations); loads no model. `resume` as for `lvit.train.run`."""
-    from lvit.model.hub import resolve_source
-
-    from lvit.train.config import build_sft_config
-    from lvit.train.checks import check_data_inputs
 
     result = DryRun(recipe)
 
@@ -117,8 +119,6 @@ def dry_run(recipe: Recipe, resume: bool | None = None) -> DryRun:
 
 def _check_records(recipe: Recipe, report) -> None:
     """Every record, as training checks them before its first step (data.on_bad_record, data.overlong)."""
-    from lvit.data.check import encoder_from_recipe
-    from lvit.data.dataset import inspect_for_training
 
     try:
         insp, _, bad = inspect_for_training(recipe.data, encoder_from_recipe(recipe), recipe.source)
@@ -135,8 +135,6 @@ def _check_records(recipe: Recipe, report) -> None:
 
 def _check_output_folder(recipe: Recipe, args, resume: bool | None, report) -> None:
     """The output folder, by `resume_checkpoint`'s rules (which only read it)."""
-    from lvit.runs.resume import resume_checkpoint
-
     out = Path(args.output_dir if args is not None else recipe.training.get("output_dir", ""))
     if args is None and not str(out):
         return

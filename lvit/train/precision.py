@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lvit.errors import LvitError
+
 # model.torch_dtype -> the training flag that turns on autocast in that dtype
 _AUTOCAST_FLAG = {"bfloat16": "bf16", "float16": "fp16"}
 
@@ -43,8 +45,6 @@ def training_precision(recipe) -> dict[str, Any]:
 
     Returns the flags to set (empty when the recipe's own settings stand).
     """
-    from lvit.errors import LvitError
-
     dtype = recipe.model.torch_dtype
     flag = _AUTOCAST_FLAG.get(dtype)
     if flag is None:  # fp32 weights: any autocast (or none) is consistent

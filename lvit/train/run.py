@@ -11,18 +11,26 @@ import logging
 import time
 from pathlib import Path
 
-from lvit.train.preemption import GracefulStop, Preempted
-
-from lvit.train import history
 from lvit.console import quiet_libraries, show_progress_bar
+from lvit.data.collator import LlavaCollator
+from lvit.data.dataset import tidy_skipped, write_skipped
+from lvit.data.images import ImageLoader
+from lvit.data.shared import prepare_once
 from lvit.errors import LvitError
+from lvit.eval.callback import eval_callbacks
+from lvit.model.stages import format_report, report_modules
+from lvit.model.towers import num_image_tokens
 from lvit.recipe.schema import Recipe
-from lvit.runs.files import LOG_FILE
+from lvit.runs.files import LOG_FILE, SKIPPED_FILE
 from lvit.runs.resume import resume_checkpoint, set_aside_incomplete
+from lvit.templates.encoder import ConversationEncoder
+from lvit.train import history
 from lvit.train.build import build_model, packing_options
 from lvit.train.checks import check_inputs
 from lvit.train.config import build_sft_config
+from lvit.train.preemption import GracefulStop, Preempted
 from lvit.train.save import RunFilesCallback, save_run
+from lvit.train.summary import summarize
 from lvit.train.trainer import LlavaTrainer
 
 log = logging.getLogger(__name__)
@@ -48,15 +56,6 @@ class TrainingRun:
         self.resume_from: Path | None = None
 
     def setup(self) -> TrainingRun:
-        from lvit.model.stages import format_report, report_modules
-
-        from lvit.data.collator import LlavaCollator
-        from lvit.data.dataset import write_skipped
-        from lvit.data.images import ImageLoader
-        from lvit.data.shared import prepare_once
-        from lvit.model.towers import num_image_tokens
-        from lvit.runs.files import SKIPPED_FILE
-        from lvit.templates.encoder import ConversationEncoder
 
         recipe = self.recipe
         quiet_libraries()
@@ -171,8 +170,6 @@ class TrainingRun:
         return history.read_log(self.out / LOG_FILE)
 
     def save(self) -> Path:
-        from lvit.data.dataset import tidy_skipped
-
         prepared = self.prepared
         # the final count, with images that failed to decode mid-run (skip): what skipped_records.jsonl lists
         left_out = tidy_skipped(self.skipped_file) if self.main else len(prepared.skipped)
@@ -182,8 +179,6 @@ class TrainingRun:
                 "%d of %d record(s) were left out of training (see %s)", left_out, prepared.total, self.skipped_file
             )
         if self.main:
-            from lvit.train.summary import summarize
-
             history.plot_history(self.history_entries(), self.out, title=str(self.out))
             log.info("%s", summarize(self, getattr(self, "wall_s", 0.0), left_out or len(prepared.skipped)).format())
         return self.out
@@ -199,12 +194,10 @@ def run(recipe: Recipe, resume: bool | None = None) -> Path:
     return TrainingRun(recipe, resume).setup().train().save()
 
 
-
 def _eval_callbacks(recipe: Recipe, processor, encoder, args) -> list:
     """Evaluation during training (a recipe's `eval:` section); see `lvit.eval.callback`."""
     if recipe.eval.data is None:
         return []
-    from lvit.eval.callback import eval_callbacks
 
     return eval_callbacks(recipe, processor, encoder, args)
 

@@ -48,4 +48,3 @@ def save_run(trainer, recipe: Recipe, processor, metrics: dict, skipped: int = 0
         processor.save_pretrained(out)
         write_run_files(out, recipe, run_info(recipe, metrics, skipped))
         log.info("run saved to %s", out)
-

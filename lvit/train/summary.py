@@ -7,6 +7,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from lvit.data.images import resolve_image_path
+
 
 @dataclass
 class RunSummary:
@@ -54,8 +56,6 @@ class RunSummary:
 
 def summarize(training, wall_s: float, skipped: int) -> RunSummary:
     """The summary of a `TrainingRun` after `train()`."""
-    from lvit.data.images import resolve_image_path
-
     trainer, recipe = training.trainer, training.recipe
     state, args = trainer.state, trainer.args
     entries = [e for e in training.history_entries() if isinstance(e.get("loss"), (int, float))]

@@ -10,9 +10,13 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
 from lvit.data.length_sampler import EpochSeededLengthGroupedSampler
+from lvit.data.modality_sampler import ModalityGroupedSampler
+from lvit.data.packing import real_tokens
+from lvit.data.token_budget import TokenBudgetBatchSampler
 from lvit.errors import LvitError
 from lvit.runs.files import model_weight_files
 from lvit.train.config import TOKEN_BUDGET_ONE_PROCESS
+from lvit.train.loss import compact_loss
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +49,6 @@ class LlavaTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.token_budget = None
         if max_tokens_per_batch is not None:  # data.max_tokens_per_batch (lvit/data/token_budget.py)
-            from lvit.data.token_budget import TokenBudgetBatchSampler
-
             if self.args.world_size > 1:
                 raise LvitError(TOKEN_BUDGET_ONE_PROCESS)
             dataset = self.train_dataset
@@ -89,8 +91,6 @@ class LlavaTrainer(SFTTrainer):
         return self.accelerator.prepare(loader)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from lvit.data.packing import real_tokens
-
         packed = "row_lengths" in inputs
         tokens = real_tokens(inputs) if packed or "attention_mask" in inputs else None
         inputs = {k: v for k, v in inputs.items() if k != "row_lengths"}  # the packed rows' lengths: not a model input
@@ -113,7 +113,6 @@ class LlavaTrainer(SFTTrainer):
                 self._total_train_tokens += real - counted
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return out
-        from lvit.train.loss import compact_loss
 
         loss, stats = compact_loss(model, inputs, num_items_in_batch)
         if args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -165,8 +164,6 @@ class LlavaTrainer(SFTTrainer):
 
     def _get_train_sampler(self, train_dataset=None):
         if self.group_by_modality:  # data.group_by_modality_length: LLaVA-1.5's single-modality steps
-            from lvit.data.modality_sampler import ModalityGroupedSampler
-
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             args = self.args
             step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps

@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lvit.data.images import image_exists, resolve_image_path
 from lvit.errors import LvitError
 
 CAPTIONS_HEADER = "Captions:"
@@ -194,8 +195,6 @@ def _boxes(raw, image: str, image_folder) -> tuple[list[Box], str | None]:
 def _image_size(image: str, image_folder) -> tuple[int, int] | None:
     from PIL import Image
 
-    from lvit.data.images import resolve_image_path
-
     try:
         with Image.open(resolve_image_path(image, image_folder)) as img:
             return img.size
@@ -205,8 +204,6 @@ def _image_size(image: str, image_folder) -> tuple[int, int] | None:
 
 def check_images(contexts: list[ImageContext], image_folder: str | Path | None) -> None:
     """Every image must exist: the records written name them, and `lvit data check` / training open them."""
-    from lvit.data.images import image_exists, resolve_image_path
-
     missing = [c for c in contexts if not image_exists(c.image, image_folder)]
     if missing:
         listed = ", ".join(f"{c.id!r} ({resolve_image_path(c.image, image_folder)})" for c in missing[:3])

@@ -20,11 +20,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lvit.console import stderr_is_tty
 from lvit.data.generate.contexts import ImageContext
 from lvit.data.generate.parse import Rejected, parse_reply
 from lvit.data.generate.prompts import KINDS, PromptSet
-from lvit.llm.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
 from lvit.errors import Interrupted, LvitError
+from lvit.llm.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
 from lvit.llm.jsonl_log import append, open_append, read_rows
 
 log = logging.getLogger(__name__)
@@ -179,8 +180,6 @@ def generate(
         return client.chat(prompts[task.kind].messages(task.context.text()))
 
     from tqdm.auto import tqdm
-
-    from lvit.console import stderr_is_tty
 
     show = stderr_is_tty() if progress is None else progress
     bar = tqdm(total=len(todo), desc="generating", unit="rec", disable=not show, file=sys.stderr)
