@@ -329,3 +329,15 @@ def assert_resumed_steps_match(recipe, tmp_path: Path) -> None:
         b[4]["num_tokens"] - b[3]["num_tokens"],
     ]
     assert [b[s]["loss"] for s in (3, 4)] == pytest.approx([a[s]["loss"] for s in (3, 4)], rel=1e-5)
+
+
+def read_checked(path, image_folder=None):
+    """`read_records` with every record's image checked too (`lvit.data.check.check_record_images`), as `lvit data
+    check` reads a file: `(records, problems, total)`, the problems in record order."""
+    from lvit.data.check import check_record_images
+    from lvit.data.reader import read_all
+
+    read = read_all(path)
+    records, image_problems = check_record_images(read, image_folder)
+    problems = sorted([*read.problems, *image_problems], key=lambda p: -1 if p.index is None else p.index)
+    return records, problems, read.total

@@ -125,12 +125,12 @@ def test_every_kind_of_run_chats(kind, tiny_runs, image):
 
 
 def test_cli_checks_the_image_before_the_model_loads(full_run, tmp_path, monkeypatch):
-    import lvit.runs
+    import lvit.infer.load
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model loaded before --image was checked")
 
-    monkeypatch.setattr(lvit.runs, "load_model", no_loading)
+    monkeypatch.setattr(lvit.infer.load, "load_model", no_loading)
     photo = tmp_path / "photo.jpg"
     photo.write_text("not a photo, a text file")
     for image, message in (
@@ -194,12 +194,12 @@ def test_two_images_match_plain_transformers(full_run, two_images):
 
 
 def test_cli_names_the_missing_second_image_before_the_model_loads(full_run, two_images, tmp_path, monkeypatch):
-    import lvit.runs
+    import lvit.infer.load
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model loaded before every --image was checked")
 
-    monkeypatch.setattr(lvit.runs, "load_model", no_loading)
+    monkeypatch.setattr(lvit.infer.load, "load_model", no_loading)
     missing = tmp_path / "after.png"
     result = CliRunner().invoke(
         app, ["chat", str(full_run), "--image", two_images[0], "--image", str(missing), "--prompt", "Colour?"]

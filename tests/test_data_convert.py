@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import save_llava_dataset
+from conftest import read_checked, save_llava_dataset
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -236,7 +236,7 @@ def test_scienceqa_conversion(tmp_path, answer_format):
     }
     assert "image" not in records[1] and records[1]["conversations"][0]["value"] == PROMPTS["6"] + suffix
     assert [r["conversations"][1]["value"] for r in records] == (["A", "B", "C"] if letter else list(ANSWERS.values()))
-    read, problems, _ = read_records(out, check_images=True, image_folder=tmp_path / "images" / "train")
+    read, problems, _ = read_checked(out, tmp_path / "images" / "train")
     assert [(p.id, p.kind) for p in problems] == [("7", "image_missing")]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_checked
 from conftest import save_llava_dataset
 from PIL import Image
 
@@ -467,10 +468,10 @@ def test_embedded_images_decode_when_loaded(hf_datasets):
 
 
 def test_hf_dataset_dict_with_image_paths_uses_the_train_split(hf_datasets):
-    records, problems, total = read_records(hf_datasets["paths"], image_folder=hf_datasets["images"], check_images=True)
+    records, problems, total = read_checked(hf_datasets["paths"], hf_datasets["images"])
     assert (problems, total) == ([], 3)
     assert [r.image for r in records] == ["red.png", "blue.png", None]
-    records, problems, _ = read_records(hf_datasets["paths"], check_images=True)  # no image folder: not found
+    records, problems, _ = read_checked(hf_datasets["paths"])  # no image folder: not found
     assert [(p.id, p.kind) for p in problems] == [("p0", "image_missing"), ("p1", "image_missing")]
 
 

@@ -25,7 +25,7 @@ def _collator_batch(recipe, n: int):
     loader = ImageLoader(AutoImageProcessor.from_pretrained(recipe.model.vision_tower), data.image_folder,
                          data.image_aspect_ratio)  # fmt: skip
     pad = encoder.tokenizer.pad_token_id
-    first_ids = [r.id for r in read_records(data.path, image_folder=data.image_folder)[0][:n]]
+    first_ids = [r.id for r in read_records(data.path)[0][:n]]
     by_id = {rows[i]["id"]: rows[i] for i in range(len(rows))}
     batch = LlavaCollator(encoder, loader, pad, data.max_length)([by_id[i] for i in first_ids])
     return first_ids, batch, pad

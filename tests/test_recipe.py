@@ -384,14 +384,14 @@ def test_every_shipped_recipe_loads(path):
 
 def test_without_training_check_every_lvit_section_is_still_validated(tmp_path, monkeypatch):
     """`check_training=False` (`lvit data check --recipe`) leaves `training:` as written and never asks TRL."""
-    import lvit.recipe
+    import lvit.recipe.fields
 
     def no_trl():
         raise AssertionError("training: was validated (TRL imported)")
 
     raw = with_("training", "not_an_sft_option", "anything")
     path = write(tmp_path, raw)
-    monkeypatch.setattr(lvit.recipe, "_sft_fields", no_trl)
+    monkeypatch.setattr(lvit.recipe.fields, "_sft_fields", no_trl)
     recipe = load_recipe(path, ["data.max_length=512"], check_training=False)
     assert recipe.training == raw["training"] and recipe.data.max_length == 512
     assert recipe.source == str(path) and recipe.stage == "finetune"

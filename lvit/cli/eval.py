@@ -55,7 +55,8 @@ def eval_scienceqa(
     reported side by side.
     """
     quiet_model_libraries()
-    from lvit.eval.metrics import scienceqa as sqa
+    from lvit.eval import scienceqa as sqa
+    from lvit.eval.scienceqa_score import format_table
     from lvit.infer.generation import GenerationSettings
 
     arbiter = None
@@ -85,7 +86,7 @@ def eval_scienceqa(
         answer_format=answer_format,
         arbiter=arbiter,
     )
-    typer.echo(sqa.format_table(result.scores, f"ScienceQA {split} ({result.scores['total']} problems)"))
+    typer.echo(format_table(result.scores, f"ScienceQA {split} ({result.scores['total']} problems)"))
     if "arbiter" in result.scores:
         from lvit.eval.arbiter import format_table
 
@@ -130,7 +131,7 @@ def eval_llava_bench(
     overall; the judge's reviews are saved, and a rerun judges only what is missing.
     """
     quiet_model_libraries()
-    from lvit.eval.metrics import llava_bench
+    from lvit.eval import llava_bench
     from lvit.infer.generation import GenerationSettings
 
     # temperature 0.2: LLaVA's judge requests (github.com/haotian-liu/LLaVA, llava/eval/eval_gpt_review_bench.py)
@@ -181,7 +182,7 @@ def eval_pope(
 ) -> None:
     """POPE: accuracy, precision, recall, F1 and yes-ratio per split (adversarial / popular / random)."""
     quiet_model_libraries()
-    from lvit.eval.metrics import pope
+    from lvit.eval import pope
     from lvit.infer.generation import GenerationSettings
 
     result = pope.run_eval(

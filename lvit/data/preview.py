@@ -39,7 +39,7 @@ def preview(recipe, n: int = 3) -> list[Sample]:
 
     data = recipe.data
     encoder = encoder_from_recipe(recipe)
-    records, _, _ = read_records(data.path, fmt=getattr(data, "format", "auto"), image_folder=data.image_folder)
+    records, _, _ = read_records(data.path, fmt=getattr(data, "format", "auto"))
     samples = []
     for record in records[:n]:
         try:

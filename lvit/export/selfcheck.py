@@ -132,7 +132,7 @@ def build_sample(run, processor, config) -> Sample:
 def _image_records(data) -> Iterator:
     """Image records of the run's data, in any format lvit reads (the same reader as training)."""
     try:
-        records, _, _ = read_records(data.path, fmt=data.format, image_folder=data.image_folder)
+        records, _, _ = read_records(data.path, fmt=data.format)
     except (LvitError, OSError, UnicodeDecodeError, ValueError):
         return
     yield from (r for r in records[:_MAX_RECORDS_SCANNED] if r.image is not None)
@@ -238,7 +238,7 @@ def check_chat_template_ids(run, processor, config) -> int:
 
 def _records(data) -> list:
     try:
-        records, _, _ = read_records(data.path, fmt=data.format, image_folder=data.image_folder)
+        records, _, _ = read_records(data.path, fmt=data.format)
     except (LvitError, OSError, UnicodeDecodeError, ValueError):
         return []
     return records[:_ID_CHECK_RECORDS]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lvit.errors import LvitError
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 _SUFFIXES = (".yaml", ".json")
 
 
