@@ -19,13 +19,13 @@ The code path is lvit's, as far as a benchmark can follow it
     1. The random parts are written as ordinary Hugging Face folders with `save_pretrained` (CLIP vision
        model + image processor; Llama LM in bf16 safetensors shards + a 32000-token tokenizer), in a
        child process, so the measuring process never held the 16-bit LM.
-    2. `lvit.model.assemble(ModelSection(...), quantize_lm=True, compute_dtype=...)`: the real loading,
+    2. `lvit.model.assemble.assemble(ModelSection(...), quantize_lm=True, compute_dtype=...)`: the real loading,
        i.e. `lvit.model.quant.load_lm_4bit` (NF4, double quantization, LM head kept 16-bit, bnb quantizing
        while `from_pretrained` streams the shards), tokenizer growth (+<image>, +<pad>), projector.
     3. `lvit.model.stages.apply_stage(model, "finetune", projector, train_lm=False)`,
        `lvit.model.adapters.add_lora(model, recipe.lora, projector)` with the recipe's r / alpha / dropout, and
        `lvit.train.precision.upcast_trainable(model)` (fp32 masters: the projector's trainable copy in fp32).
-    4. What `lvit.train.run.LlavaTrainer` (TRL `SFTTrainer` on transformers `Trainer`) then does, mirrored
+    4. What `lvit.train.trainer.LlavaTrainer` (TRL `SFTTrainer` on transformers `Trainer`) then does, mirrored
        by hand: move the model to the device (the assembled LLaVA model is not flagged as quantized, so
        Trainer calls `.to(device)`; CLIP and the projector were loaded on the CPU), activation
        checkpointing with `use_reentrant=False` and `enable_input_require_grads()`, TRL's bf16 cast of
@@ -482,7 +482,7 @@ def run(args) -> dict:
     # 3. lvit's stage freezing and adapters.
     apply_stage(model, "finetune", recipe.model.projector, train_lm=False)
     model = add_lora(model, recipe.lora, recipe.model.projector)
-    upcast_trainable(model)  # as lvit.train.run.build_model: fp32 masters for what trains
+    upcast_trainable(model)  # as lvit.train.build.build_model: fp32 masters for what trains
 
     # 4. What LlavaTrainer / SFTTrainer / Trainer do before the first step.
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):

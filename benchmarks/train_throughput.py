@@ -16,7 +16,7 @@ What it compares
       chat template is a vicuna_v1 template with `{% generation %}` markers around each answer and its
       `</s>` (`VICUNA_V1_GENERATION_TEMPLATE` below), and `assistant_only_loss=True`. Batching is random
       (TRL's default). The vision tower is frozen by hand, as the paper's stage 2 does.
-    - lvit: `lvit.train.run(recipe)`, what `lvit finetune` runs, with lvit's defaults for stage 2
+    - lvit: `lvit.train.run.run(recipe)`, what `lvit finetune` runs, with lvit's defaults for stage 2
       (`stage: finetune`, `method: full`): random batches (the baseline's samples in each step),
       padding-free packed rows (`data.packing`, rows of at most `data.max_length` tokens) and the
       compact LM head (`compact_head`: logits only at labelled positions).

@@ -40,7 +40,11 @@ def _tiny_chat_model(folder):
     tok = AutoTokenizer.from_pretrained(folder)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **TINY_TEXT)
+    # lvit's prompts (system text, few-shot examples, boxes) run to ~1,500 tokens in this tiny byte-level vocabulary;
+    # transformers serve (5.25 on) refuses a prompt plus max_tokens beyond the model's length with HTTP 400, as vLLM
+    # does (docs/stack-notes.md#transformers-serve), so the served model takes 4,096 (rotary positions: no weights).
+    text = {**TINY_TEXT, "max_position_embeddings": 4096}
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **text)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 

@@ -3,7 +3,7 @@
 User mistakes are raised as `LvitError` anywhere below a command; `LvitGroup.invoke` turns them into
 `error: <message>` on stderr and exit status 2, for every command and sub-command, whether the app
 runs from `main()` (the `lvit` script, `python -m lvit`) or is invoked directly (`typer.testing.CliRunner`).
-A training run stopped by SIGTERM / Ctrl-C after saving a checkpoint (`lvit.train.preemption.Preempted`) becomes
+A training run stopped by SIGTERM / Ctrl-C after saving a checkpoint (`lvit.errors.Preempted`) becomes
 `stopped by SIGTERM at step N; ...` and its own exit status (143 for SIGTERM, 130 for Ctrl-C).
 """
 

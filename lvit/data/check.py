@@ -23,11 +23,11 @@ from lvit.data.reader import ReadResult, read_all
 from lvit.data.records import Record, RecordError, where_of
 from lvit.data.report import CheckReport
 from lvit.errors import LvitError
+from lvit.model.encoder import conversation_encoder
 from lvit.model.hub import resolve_source
 from lvit.model.processor import load_tokenizer
-from lvit.model.towers import num_image_tokens, vision_config_of
-from lvit.templates.conversation import IMAGE_PLACEHOLDER, Lengths
-from lvit.templates.encoder import ConversationEncoder
+from lvit.model.towers import vision_config_of
+from lvit.templates.conversation import Lengths
 
 
 @dataclass
@@ -232,12 +232,7 @@ def encoder_from_recipe(recipe):
     vision = resolve_source(recipe.model.vision_tower, "model.vision_tower", recipe.source)
     tokenizer = load_tokenizer(lm)
     vision_config = vision_config_of(vision)
-    return ConversationEncoder(
-        recipe.data.template,
-        tokenizer,
-        tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-        num_image_tokens(vision_config),
-    )
+    return conversation_encoder(recipe.data.template, tokenizer, vision_config)
 
 
 def check_data(

@@ -20,7 +20,7 @@ How the batches are formed (lvit's own choices):
   the same whichever micro-batch it is in (see the note above `build_sft_config` in `lvit/train.py`).
 - One process only: with several, every rank must take the same number of steps, and accelerate's sharding
   would repeat micro-batches to even them out (docs/stack-notes.md#trainer-batch-sampler). Refused with a
-  message (`lvit.train.run.build_sft_config`).
+  message (`lvit.train.config.build_sft_config`).
 """
 
 from __future__ import annotations

@@ -173,7 +173,8 @@ def _export_model(run: RunFolder, tmp: Path, dtype, tolerance, max_shard_size, d
 
     trained_as = "4-bit base + adapter" if run.kind == "qlora" else run.kind
     log.info("[2/3] self-check: the run's model as trained (%s)", trained_as)
-    trained, _, _ = load_trained(run, device=device)
+    # QLoRA's as trained: the 4-bit base computes in its compute dtype, the projector copy in the recipe's dtype
+    trained, _, _ = load_trained(run, device=device, masters=run.kind != "qlora")
     if run.kind != "qlora":
         trained = trained.float()  # compare in fp32: a 16-bit run's weights upcast exactly
     ref = logits(trained, sample, device)
@@ -251,7 +252,7 @@ def _clean_config(config, dtype: torch.dtype) -> None:
 
 def _export_projector(run: RunFolder, tmp: Path, dtype, tolerance, device: str) -> ExportResult:
     log.info("[1/2] %s run %s: the trained projector", run.kind, run.path)
-    trained, processor, _ = load_trained(run, device=device)
+    trained, processor, _ = load_trained(run, device=device, masters=True)
     llava = trained.get_base_model() if hasattr(trained, "get_base_model") else trained
     projector = _unwrap_projector(llava.model.multi_modal_projector)
     trained_dtype = next(projector.parameters()).dtype

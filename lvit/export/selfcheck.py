@@ -17,12 +17,11 @@ import torch
 from lvit.data.images import ImageLoader
 from lvit.data.reader import read_records
 from lvit.errors import LvitError
+from lvit.model.encoder import conversation_encoder
 from lvit.model.hub import resolve_source
 from lvit.model.processor import load_tokenizer
-from lvit.model.towers import num_image_tokens
 from lvit.templates.builtin import CHAT_TEMPLATES
 from lvit.templates.conversation import Conversation, chat_messages
-from lvit.templates.encoder import ConversationEncoder
 
 # Self-check tolerances on the largest absolute logit difference (trained model vs written export).
 # Measured on the tests' tiny model (2+2 layers, 3-4 steps; its logits reach |1|):
@@ -101,9 +100,7 @@ def build_sample(run, processor, config) -> Sample:
     (its first exchange), else a synthetic image with a fixed question and answer."""
 
     data = run.recipe.data
-    encoder = ConversationEncoder(
-        data.template, processor.tokenizer, config.image_token_id, num_image_tokens(config.vision_config)
-    )
+    encoder = conversation_encoder(data.template, processor.tokenizer, config)
     loader = ImageLoader(processor.image_processor, data.image_folder, data.image_aspect_ratio)
     for record in _image_records(data):
         conv = Conversation(turns=record.conversation.turns[:2], has_image=True, system=record.conversation.system)
@@ -197,9 +194,7 @@ def check_chat_template_ids(run, processor, config) -> int:
 
     data = run.recipe.data
     tokenizer = load_tokenizer(resolve_source(run.recipe.model.language_model, "model.language_model", run.path))
-    encoder = ConversationEncoder(
-        data.template, tokenizer, config.image_token_id, num_image_tokens(config.vision_config)
-    )
+    encoder = conversation_encoder(data.template, tokenizer, config)
     image = synthetic_image(config.vision_config.image_size)  # only its size matters: the image token count
     # vicuna_v1 and auto (the LM's own template): the processor's; plain: passed explicitly
     chat_template = CHAT_TEMPLATES["plain"] if data.template == "plain" else None

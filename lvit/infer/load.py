@@ -18,10 +18,10 @@ from pathlib import Path
 from lvit.data.images import ImageLoader
 from lvit.errors import LvitError
 from lvit.model.assemble import assemble
+from lvit.model.encoder import conversation_encoder
 from lvit.model.processor import load_processor
 from lvit.model.projector import load_projector
-from lvit.model.quant import dequantize_4bit_layers, disable_cpu_repacking
-from lvit.model.towers import num_image_tokens
+from lvit.model.quant import LLAVA_SKIP, bnb_config, dequantize_4bit_layers, disable_cpu_repacking
 from lvit.runs.files import (
     BASE_MODEL_KEYS,
     BASE_MODEL_OPTION,
@@ -74,21 +74,27 @@ def _assemble_base(run: RunFolder):
     return model
 
 
-def load_trained(run: RunFolder | str | Path, device: str | None = None):
+def load_trained(run: RunFolder | str | Path, device: str | None = None, masters: bool = False):
     """The model as it trained (a 4-bit base + adapter for QLoRA), in eval mode.
 
     Returns `(model, processor, run)`; `model` is a `LlavaForConditionalGeneration` or a
     `PeftModel` around one. Stage 1 and adapters rebuild the frozen base from the recipe's `model`
     section (the same deterministic assembly the run used), so its parts must still be reachable.
+    The weights are in the recipe's `model.torch_dtype`, ready to compute with; with `masters` what trained is
+    loaded as the run saved it, its fp32 master weights unrounded (lvit.train.precision): a full run wholly in
+    fp32, the projector (and LoRA weights) of the other kinds in fp32 beside the base in its own dtype.
     """
+    import torch
     from transformers import LlavaForConditionalGeneration
 
     run = _open(run)
     processor = load_processor(run.path)
     if run.holds_whole_model:
-        model = LlavaForConditionalGeneration.from_pretrained(run.path)
+        model = LlavaForConditionalGeneration.from_pretrained(run.path, **({"dtype": torch.float32} if masters else {}))
     else:
         model = _assemble_base(run)
+        if masters:
+            model.model.multi_modal_projector.float()
         if run.kind == "align":
             load_projector(model, str(run.path), run.recipe.model.projector, str(run.path))
         else:
@@ -103,7 +109,7 @@ def load_trained(run: RunFolder | str | Path, device: str | None = None):
 
 def load_merged(run: RunFolder | str | Path, dtype=None):
     """A stock `LlavaForConditionalGeneration` holding the run's trained weights, adapters merged, in `dtype`
-    (default fp32).
+    (default fp32), from the run's fp32 master weights: an fp32 export holds them unrounded.
 
     LoRA merges into the 16-bit base. QLoRA merges into the *dequantized* 4-bit base: the exact
     values its adapters were trained against, never into re-quantized weights. Returns
@@ -114,7 +120,7 @@ def load_merged(run: RunFolder | str | Path, dtype=None):
     dtype = dtype or torch.float32
     run = _open(run)
     if run.kind not in ("lora", "qlora"):
-        model, processor, run = load_trained(run)
+        model, processor, run = load_trained(run, masters=True)
         return model.to(dtype), processor, run
 
     from peft import PeftModel
@@ -145,18 +151,10 @@ class LoadedModel:
     description: str
 
     def encoder(self) -> ConversationEncoder:
-        config = self.model.config
-        return ConversationEncoder(
-            self.template, self.processor.tokenizer, config.image_token_id, image_tokens_per_image(config)
-        )
+        return conversation_encoder(self.template, self.processor.tokenizer, self.model.config)
 
     def image_loader(self, image_folder: str | Path | None = None):
         return ImageLoader(self.processor.image_processor, image_folder, self.aspect_ratio)
-
-
-def image_tokens_per_image(config) -> int:
-    """How many image-token ids stand for one image in this LLaVA config."""
-    return num_image_tokens(config.vision_config, getattr(config, "vision_feature_select_strategy", "default"))
 
 
 def default_device() -> str:
@@ -215,7 +213,7 @@ def _load_llava_folder(path: Path, load_4bit: bool, device: str) -> LoadedModel:
         )
     kwargs: dict = {}
     if load_4bit:
-        kwargs.update(quantization_config=_bnb_config_for_llava(), device_map={"": 0 if device == "cuda" else device})
+        kwargs.update(quantization_config=bnb_config(skip=LLAVA_SKIP), device_map={"": 0 if device == "cuda" else device})
     try:
         processor = load_processor(path)
         model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
@@ -231,19 +229,4 @@ def _load_llava_folder(path: Path, load_4bit: bool, device: str) -> LoadedModel:
         template, aspect_ratio = data.get("template", template), data.get("image_aspect_ratio", aspect_ratio)
     return LoadedModel(
         model, processor, template, aspect_ratio, f"{path} (LLaVA folder{', 4-bit' if load_4bit else ''})"
-    )
-
-
-def _bnb_config_for_llava():
-    import torch
-    import transformers
-
-    # The language model in 4-bit NF4 (QLoRA's data type); CLIP, the projector and the LM head stay in 16/32 bit.
-    # llm_int8_skip_modules matches full paths (docs/stack-notes.md#bnb-skip-modules).
-    return transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"],
     )

@@ -13,6 +13,8 @@ import re
 
 import torch
 
+from lvit.model.projector import freeze_identity
+
 
 def lm_linear_targets(model) -> str:
     """A peft `target_modules` regex matching every linear layer of the LLaVA model's language model."""
@@ -43,9 +45,5 @@ def add_lora(model, lora, projector: str):
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
-    if projector == "linear":
-        # modules_to_save makes a trainable copy of the whole projector; its identity linear_2 stays frozen.
-        for name, param in peft_model.named_parameters():
-            if "multi_modal_projector" in name and ".linear_2." in name:
-                param.requires_grad_(False)
+    freeze_identity(peft_model, projector)  # modules_to_save made a trainable copy of the whole projector
     return peft_model

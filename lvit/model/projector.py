@@ -24,8 +24,19 @@ def new_projector(config, kind: str, dtype: torch.dtype):
         with torch.no_grad():
             projector.linear_2.weight.copy_(torch.eye(config.text_config.hidden_size, dtype=dtype))
             projector.linear_2.bias.zero_()
-        projector.linear_2.requires_grad_(False)
+    freeze_identity(projector, kind)
     return projector
+
+
+def freeze_identity(model, kind: str) -> None:
+    """`projector: linear` is LLaVA's one matrix W in the stock two-linear projector: its `linear_2` is the identity
+    and never trains. Freezes every `linear_2` of a projector in `model` (a projector, a LLaVA model, or a
+    `PeftModel` whose `modules_to_save` made a trainable copy of the projector); `mlp2x_gelu` trains both."""
+    if kind != "linear":
+        return
+    for name, module in model.named_modules():
+        if name == "linear_2" or ("multi_modal_projector" in name and name.endswith(".linear_2")):
+            module.requires_grad_(False)
 
 
 def load_projector(model, run_dir: str, kind: str, source: str = "<recipe>") -> None:

@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import torch
 
+# What stays out of 4-bit: the LM head (16-bit) and, in a whole LLaVA model, CLIP and the projector. The list
+# replaces bitsandbytes' default one and matches full module paths (docs/stack-notes.md#bnb-skip-modules).
+LM_SKIP = ("lm_head",)
+LLAVA_SKIP = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 
-def bnb_config(compute_dtype: torch.dtype):
+
+def bnb_config(compute_dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = LM_SKIP):
+    """The 4-bit config lvit loads with: QLoRA's (Dettmers et al., 2023) NF4 data type with double quantization,
+    computing in `compute_dtype`; the modules `skip` names stay in 16/32 bit (`LM_SKIP` for a language model
+    loaded on its own, `LLAVA_SKIP` for a whole LLaVA model)."""
     from transformers import BitsAndBytesConfig
 
-    # QLoRA (Dettmers et al., 2023): NF4 data type with double quantization, bf16 compute.
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
-        llm_int8_skip_modules=["lm_head"],  # replaces the default list: keep the LM head in 16-bit
+        llm_int8_skip_modules=list(skip),
     )
 
 

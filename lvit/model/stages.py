@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
+from lvit.model.projector import freeze_identity
+
 log = logging.getLogger(__name__)
 
 
@@ -29,8 +31,7 @@ def apply_stage(model, stage: str, projector: str, train_lm: bool = True) -> Non
     if stage == "finetune" and train_lm:
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
-    if projector == "linear":
-        model.model.multi_modal_projector.linear_2.requires_grad_(False)
+    freeze_identity(model, projector)
     # A frozen tower needs no dropout or train-mode behaviour; the Trainer calls model.train(),
     # and CLIP has no dropout by default, so this is only about intent.
     model.model.vision_tower.eval()

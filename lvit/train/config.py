@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from trl import SFTConfig
 
 from lvit.errors import LvitError
 from lvit.recipe.load import gradient_accumulation
@@ -28,10 +31,30 @@ TOKEN_BUDGET_ONE_PROCESS = (
 )
 
 
-def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_device: bool = True):
-    """The `SFTConfig` for a recipe: its `training:` section plus what lvit sets itself."""
-    from trl import SFTConfig
+@dataclass
+class LlavaSFTConfig(SFTConfig):
+    """`trl.SFTConfig` plus the knobs of `lvit.train.trainer.LlavaTrainer`, validated by the same config machinery.
 
+    A recipe sets them through its own keys (`projector_lr`, `compact_head`, `data.group_by_modality_length`,
+    `data.max_tokens_per_batch`: `build_sft_config`), never under `training:`; a library user sets them here.
+    """
+
+    projector_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the projector (None: the model's `learning_rate`)."}
+    )
+    compact_head: bool = field(
+        default=False, metadata={"help": "Compute the LM head only where a label is (lvit.train.loss)."}
+    )
+    group_by_modality: bool = field(
+        default=False, metadata={"help": "Every optimizer step only image records or only text-only ones."}
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None, metadata={"help": "Form micro-batches by a token budget (one process only)."}
+    )
+
+
+def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_device: bool = True) -> LlavaSFTConfig:
+    """The `LlavaSFTConfig` for a recipe: its `training:` section plus what lvit sets itself."""
     if num_processes is None:
         num_processes = int(os.environ.get("WORLD_SIZE", "1"))
     if recipe.data.max_tokens_per_batch is not None and num_processes > 1:
@@ -50,6 +73,12 @@ def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_dev
     # from 99% to 44%: a record's length follows its answer there, so such batches hold similar answers.
     kwargs.setdefault("train_sampling_strategy", "random")
     kwargs.update(
+        projector_lr=recipe.projector_lr,
+        compact_head=recipe.compact_head,
+        group_by_modality=recipe.data.group_by_modality_length,
+        max_tokens_per_batch=recipe.data.max_tokens_per_batch,
+    )
+    kwargs.update(
         remove_unused_columns=False,  # the collator needs the raw record columns
         dataset_kwargs={"skip_prepare_dataset": True},  # lvit tokenizes (exact masks) in its collator
         max_length=None,  # lvit enforces data.max_length itself, never cutting image tokens
@@ -59,6 +88,6 @@ def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_dev
         # A100s checked on a laptop): device-dependent flags are checked by the real run.
         kwargs.update(bf16=False, fp16=False, tf32=None, use_cpu=True)
     try:
-        return SFTConfig(**kwargs)
+        return LlavaSFTConfig(**kwargs)
     except (ValueError, TypeError) as exc:
         raise LvitError(f"{recipe.source}: the training section is not valid: {exc}") from None

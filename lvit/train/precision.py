@@ -19,7 +19,7 @@ lvit does the same in every stage, method and launcher:
 Under FSDP2, accelerate up-casts the trainable parameters as well, except for a model holding 4-bit
 weights (QLoRA), which lvit's own up-cast covers; the mixed-precision policy then computes in bf16.
 Under DeepSpeed, lvit leaves the dtypes to DeepSpeed, whose ZeRO optimizer keeps fp32 partitions
-(`lvit.train.run.build_model`). tests/test_launch_configs.py checks what the shipped launch configs say.
+(`lvit.train.build.build_model`). tests/test_launch_configs.py checks what the shipped launch configs say.
 """
 
 from __future__ import annotations

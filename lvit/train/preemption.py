@@ -17,7 +17,7 @@ import signal
 
 from transformers import TrainerCallback
 
-from lvit.errors import Preempted, exit_status  # noqa: F401 (lvit.train.preemption.Preempted is where one looks)
+from lvit.errors import Preempted, exit_status  # noqa: F401 (lvit.errors.Preempted is where one looks)
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,11 @@ from lvit.data.images import ImageLoader
 from lvit.data.shared import prepare_once
 from lvit.errors import LvitError
 from lvit.eval.callback import eval_callbacks
+from lvit.model.encoder import conversation_encoder
 from lvit.model.stages import format_report, report_modules
-from lvit.model.towers import num_image_tokens
 from lvit.recipe.schema import Recipe
 from lvit.runs.files import LOG_FILE, SKIPPED_FILE
 from lvit.runs.resume import resume_checkpoint, set_aside_incomplete
-from lvit.templates.encoder import ConversationEncoder
 from lvit.train import history
 from lvit.train.build import build_model, packing_options
 from lvit.train.checks import check_inputs
@@ -83,9 +82,7 @@ class TrainingRun:
             )
 
         tokenizer = processor.tokenizer
-        encoder = ConversationEncoder(
-            recipe.data.template, tokenizer, model.config.image_token_id, num_image_tokens(model.config.vision_config)
-        )
+        encoder = conversation_encoder(recipe.data.template, tokenizer, model.config)
         # the checks of `lvit data check`, on rank 0 only; every rank trains on the records rank 0 kept
         self.prepared = prepared = prepare_once(recipe.data, encoder, recipe.source)
         dataset, self.skipped_file = prepared.dataset, out / SKIPPED_FILE
@@ -130,10 +127,6 @@ class TrainingRun:
             train_dataset=dataset,
             data_collator=collator,
             processing_class=processor,
-            projector_lr=recipe.projector_lr,
-            group_by_modality=recipe.data.group_by_modality_length,
-            compact_head=recipe.compact_head,
-            max_tokens_per_batch=recipe.data.max_tokens_per_batch,
             callbacks=[
                 RunFilesCallback(recipe, processor),
                 self.stop,

@@ -32,22 +32,27 @@ class LlavaTrainer(SFTTrainer):
     `compute_loss_func`, an MoE aux loss) and for evaluation. The metrics TRL logs stay: `entropy`,
     `mean_token_accuracy` (both over the labelled tokens, as TRL's) and `num_tokens` (real tokens, padding
     and packed filler excluded).
+
+    Its knobs are fields of its config, `lvit.train.config.LlavaSFTConfig` (TRL's trainer/config pair); with a plain
+    `SFTConfig` it trains as `SFTTrainer` does, the projector at the model's learning rate.
     """
 
-    def __init__(
-        self,
-        *args,
-        projector_lr: float | None = None,
-        group_by_modality: bool = False,
-        compact_head: bool = False,
-        max_tokens_per_batch: int | None = None,
-        **kwargs,
-    ):
-        self.projector_lr = projector_lr
-        self.group_by_modality = group_by_modality
-        self.compact_head = compact_head
+    @property
+    def projector_lr(self) -> float | None:
+        return _knob(self.args, "projector_lr")
+
+    @property
+    def compact_head(self) -> bool:
+        return bool(_knob(self.args, "compact_head"))
+
+    @property
+    def group_by_modality(self) -> bool:
+        return bool(_knob(self.args, "group_by_modality"))
+
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_budget = None
+        max_tokens_per_batch = _knob(self.args, "max_tokens_per_batch")
         if max_tokens_per_batch is not None:  # data.max_tokens_per_batch (lvit/data/token_budget.py)
             if self.args.world_size > 1:
                 raise LvitError(TOKEN_BUDGET_ONE_PROCESS)
@@ -129,24 +134,23 @@ class LlavaTrainer(SFTTrainer):
         return loss
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        # transformers 5.24 writes LLaVA checkpoints with the legacy key names (`language_model.model.*`)
-        # but its resume path loads them with `load_state_dict(strict=False)` under the new names
-        # (`model.language_model.*`): nothing is loaded and training silently restarts from the
-        # initial weights. Map the keys back and load strictly. Adapters, DeepSpeed and FSDP keep
-        # their own loaders.
+        # docs/stack-notes.md#resume-legacy-keys: transformers 5.24 and 5.25 (checked) write LLaVA checkpoints with
+        # the legacy key names (`language_model.model.*`) but resume with `load_state_dict(strict=False)` under the
+        # new names (`model.language_model.*`): nothing loads and training silently restarts from the initial
+        # weights. Map the keys back and load strictly. Guarded: on a transformers without the conversion
+        # (`_legacy_key_map` is None) or one that saves the model's own names (the map renames nothing), the
+        # Trainer's loader runs. Adapters, DeepSpeed and FSDP keep their own loaders.
         model = model if model is not None else self.model
         folder = Path(resume_from_checkpoint)
         files = model_weight_files(folder)
-        if not files or self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(model, "peft_config"):
+        own, to_model_key = None, None
+        if files and not (self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(model, "peft_config")):
+            own = model.state_dict()
+            to_model_key = _legacy_key_map(model, own)
+        if not to_model_key:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from safetensors.torch import load_file
-        from transformers.core_model_loading import revert_weight_conversion
 
-        own = model.state_dict()
-        by_tensor = {}
-        for key, tensor in own.items():
-            by_tensor.setdefault(id(tensor), key)
-        to_model_key = {saved: by_tensor[id(t)] for saved, t in revert_weight_conversion(model, dict(own)).items()}
         state = {}
         for file in files:
             for key, tensor in load_file(str(file)).items():
@@ -195,3 +199,23 @@ class LlavaTrainer(SFTTrainer):
             param_groups.append(group)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+
+
+def _knob(args, name: str):
+    """A `LlavaSFTConfig` field, or its default (None / off) on a plain `SFTConfig`."""
+    return getattr(args, name, None)
+
+
+def _legacy_key_map(model, own: dict) -> dict[str, str] | None:
+    """Saved key -> the model's key, for the keys transformers saves under another name (legacy LLaVA names); None
+    where this transformers has no such conversion (`transformers.core_model_loading.revert_weight_conversion`,
+    5.x)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return None
+    by_tensor = {}
+    for key, tensor in own.items():
+        by_tensor.setdefault(id(tensor), key)
+    mapping = {saved: by_tensor[id(t)] for saved, t in revert_weight_conversion(model, dict(own)).items()}
+    return mapping if any(saved != key for saved, key in mapping.items()) else {}

@@ -1,0 +1,20 @@
+"""The conversation encoder of a LLaVA model: its template, its tokenizer, and as many image-token ids per image as
+its vision tower yields. The one place lvit builds a `ConversationEncoder` (training, the data checks, inference,
+export's self-check), so every one of them counts image tokens the same way."""
+
+from __future__ import annotations
+
+from lvit.model.towers import num_image_tokens
+from lvit.templates.conversation import IMAGE_PLACEHOLDER
+from lvit.templates.encoder import ConversationEncoder
+
+
+def conversation_encoder(template, tokenizer, config) -> ConversationEncoder:
+    """The encoder for `config`: a LLaVA config (a model's: its image token id and feature strategy), or a vision
+    tower's config before assembly (the tokenizer's `<image>` id, the tower's own strategy)."""
+    vision_config = getattr(config, "vision_config", config)
+    image_token_id = getattr(config, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    strategy = getattr(config, "vision_feature_select_strategy", None)
+    return ConversationEncoder(template, tokenizer, image_token_id, num_image_tokens(vision_config, strategy))
