@@ -19,9 +19,9 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from lvit.recipe.catalog import RECIPES_DIR
 from lvit.cli.app import LvitGroup, app
 from lvit.errors import LvitError
+from lvit.recipe.catalog import RECIPES_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
@@ -41,7 +41,8 @@ def lvit(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.
 
 def test_help_is_lazy():
     # `lvit --help` must not import the heavy stack (torch, transformers, trl)
-    code = "import sys; import lvit.cli.app; print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))"
+    heavy = "('torch', 'transformers', 'trl')"
+    code = f"import sys; import lvit.cli.app; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     result = lvit("--help")

@@ -107,7 +107,7 @@ def layer_problems(root: Path = PACKAGE) -> list[str]:
                     "the file (only lvit.cli defers them)"
                 )
             target_layer, target_package = _layer_of(target)
-            if target_package == package or target_package == module:
+            if target_package in (package, module):
                 continue
             if target_layer < layer:
                 problems.append(f"{where}:{line}: imports {target}, a layer above {package} (upward import)")

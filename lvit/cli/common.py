@@ -1,4 +1,5 @@
-"""What several commands share: the help texts of a model argument, quieting library notices, writing results to stdout."""
+"""What several commands share: the help texts of a model argument, quieting library notices, writing results to
+stdout."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ whole global batch, so the step's gradient does not depend on how its samples ar
 
 So every step of an epoch is single-modality except at most one, among the last two (the leftovers: image
 ones first, then text-only ones). The order depends only on (seed, epoch), so a resumed run draws the same
-batches as the run it continues (as `lvit.data.length_sampler.EpochSeededLengthGroupedSampler` does for length grouping).
+batches as the run it continues (as `lvit.data.length_sampler.EpochSeededLengthGroupedSampler` does for length
+grouping).
 
 Several processes: the sampler yields the global order; accelerate's data loader cuts it into per-device
 batches and gives batch k to rank k mod world size (`BatchSamplerShard`), so the per-device batches of

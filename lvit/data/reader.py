@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from lvit.data.normalise import is_image, normalise, normalise_chat
 from lvit.data.records import FORMATS, Record, RecordError, where_of
-from lvit.data.sources import EmbeddedImage, load_rows
+from lvit.data.sources import EmbeddedImage, HFSource, detect_format, is_hf_path, load_rows
 from lvit.errors import LvitError
 
 # ---------------------------------------------------------------------------------------------
@@ -87,3 +88,63 @@ def _image_field(raw: object, schema: str) -> str | EmbeddedImage | None:
     if isinstance(image, list) and len(image) == 1:
         image = image[0]
     return image if is_image(image) else None
+
+
+def first_records(path: str | Path, fmt: str = "auto", limit: int = 200, require_answer: bool = True) -> list[Record]:
+    """The valid records among the first `limit` rows of a data source, read no further than those rows need: the
+    first lines of a JSON Lines file, the first objects of a JSON list (the rest of the list is never parsed), a
+    dataset's first rows. Invalid rows are left out without a word: for a look at the data (export's self-check),
+    not for training, which reads every record (`read_all`)."""
+    path = Path(path)
+    if fmt == "hf" or is_hf_path(path):
+        source = HFSource(path, None if fmt in ("auto", "hf") else fmt)
+        source.dataset = source.dataset.select(range(min(limit, len(source.dataset))))
+        raws, lines, schema = source.read_rows(), [None] * limit, source.schema
+    else:
+        raws, lines = _first_json_rows(path, limit)
+        schema = fmt if fmt in ("llava", "chat") else detect_format(path, raws)
+    norm = normalise_chat if schema == "chat" else normalise
+    records = []
+    for index, (raw, line) in enumerate(zip(raws, lines, strict=False)):
+        if raw is None:
+            continue
+        try:
+            records.append(norm(raw, index, line, require_answer))
+        except RecordError:
+            continue
+    return records
+
+
+def _first_json_rows(path: Path, limit: int) -> tuple[list, list[int | None]]:
+    """The first `limit` rows of a JSON list or JSON Lines file (a row that does not parse is None), and their line
+    numbers (None in a JSON list)."""
+    raws: list = []
+    with path.open(encoding="utf-8") as f:
+        text = f.read(4096)
+        if text.lstrip().startswith("["):
+            text += f.read()
+            decoder, at = json.JSONDecoder(), text.index("[") + 1
+            while len(raws) < limit:
+                while at < len(text) and text[at] in " \t\r\n,":
+                    at += 1
+                if at >= len(text) or text[at] == "]":
+                    break
+                try:
+                    raw, at = decoder.raw_decode(text, at)
+                except json.JSONDecodeError:
+                    break
+                raws.append(raw)
+            return raws, [None] * len(raws)
+        f.seek(0)
+        lines: list[int | None] = []
+        for number, line in enumerate(f, 1):
+            if len(raws) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                raws.append(json.loads(line))
+            except json.JSONDecodeError:
+                raws.append(None)
+            lines.append(number)
+        return raws, lines

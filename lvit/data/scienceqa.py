@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 from lvit.errors import LvitError
+from lvit.llm.json_files import read_json
 
 OPTIONS = ("A", "B", "C", "D", "E")  # LLaVA's `options` default
 ANSWER_FORMATS = ("lecture-solution", "letter")
@@ -93,16 +94,6 @@ def to_record(pid: str, problem: dict, fmt: str = "lecture-solution") -> dict:
     return {"id": pid, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
 
 
-def _read_json(path: str | Path, what: str):
-    path = Path(path)
-    if not path.is_file():
-        raise LvitError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LvitError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); is it ScienceQA's {what}?") from None
-
-
 def convert_scienceqa(
     problems_path: str | Path,
     splits_path: str | Path,
@@ -118,8 +109,8 @@ def convert_scienceqa(
     and the image folder a recipe should use.
     """
     _check_format(answer_format)
-    problems = _read_json(problems_path, "problems.json")
-    splits = _read_json(splits_path, "pid_splits.json")
+    problems = read_json(problems_path, "problems.json", hint="; is it ScienceQA's problems.json?")
+    splits = read_json(splits_path, "pid_splits.json", hint="; is it ScienceQA's pid_splits.json?")
     if split not in splits:
         raise LvitError(f"{splits_path}: no split {split!r}; it has {', '.join(sorted(splits))}")
     missing_pids = [pid for pid in splits[split] if pid not in problems]

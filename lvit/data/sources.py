@@ -18,11 +18,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
 from lvit.errors import LvitError
+from lvit.llm.json_files import json_lines, parse_json, read_text
 
 HF_SUFFIXES = (".parquet", ".arrow")
 TEXT_COLUMNS = {"llava": "conversations", "chat": "messages"}
@@ -78,29 +78,18 @@ def read_json_rows(path: str | Path) -> tuple[list, list[int | None], list[tuple
     line that does not parse is one `broken` entry (its row is None), and the read goes on.
     """
     path = Path(path)
-    if not path.is_file():
-        raise LvitError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "data file")
     if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LvitError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
-        if not isinstance(data, list):
-            raise LvitError(f"{path}: expected a JSON list of records")
+        data = parse_json(text, path, list, "a JSON list of records")
         return data, [None] * len(data), []
     raws: list = []
     lines: list[int | None] = []
     broken: list[tuple[int, int, str]] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            raws.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raws.append(None)
-            broken.append((len(raws) - 1, lineno, exc.msg))
+    for lineno, raw, why in json_lines(text):
+        raws.append(raw)
         lines.append(lineno)
+        if why is not None:
+            broken.append((len(raws) - 1, lineno, why))
     return raws, lines, broken
 
 

@@ -14,17 +14,15 @@ as they come, so a rerun asks only what is missing. Answers are read with LLaVA'
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvit.console import stderr_is_tty
 from lvit.data.scienceqa import build_prompt
-from lvit.errors import Interrupted
 from lvit.eval.scienceqa_score import FAILED, parse_answer, predicted_index, score
-from lvit.llm.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
-from lvit.llm.jsonl_log import append, open_append, read_rows
-from lvit.llm.prompt_file import read_prompt_file
+from lvit.llm.endpoint import ChatClient, Endpoint
+from lvit.llm.job import run_requests, usage_summary
+from lvit.llm.jsonl_log import read_rows
+from lvit.llm.prompt_file import load_prompt
 
 log = logging.getLogger(__name__)
 ARBITER_PROMPT = Path(__file__).resolve().parent / "prompts" / "scienceqa_arbiter.yaml"
@@ -32,39 +30,26 @@ ARBITER_PROMPT = Path(__file__).resolve().parent / "prompts" / "scienceqa_arbite
 
 @dataclass
 class ArbiterPrompt:
+    """The arbiter's texts: its system message, the request for its own answer to a question, and the request
+    to decide between two answers (`prompts/scienceqa_arbiter.yaml`)."""
+
     system: str
     answer: str
     decide: str
 
 
 def load_arbiter_prompt(path: str | Path | None = None) -> ArbiterPrompt:
-    keys = ("system", "answer", "decide")
-    raw = read_prompt_file(path if path is not None else ARBITER_PROMPT, keys, ARBITER_PROMPT, "arbiter prompt")
-    return ArbiterPrompt(*(raw[k].strip() for k in keys))
+    return load_prompt(ArbiterPrompt, path, ARBITER_PROMPT, "arbiter prompt")
 
 
-def _ask_all(items: list, work, path: Path, what: str, concurrency: int, progress: bool) -> dict[str, dict]:
-    """Rows by id: those already in `path`, plus one per item not there yet (`work(item)` -> row)."""
-    from tqdm.auto import tqdm
-
+def _ask_all(pids: list[str], ask, path: Path, what: str, concurrency: int, progress: bool | None) -> dict[str, dict]:
+    """Rows by id: those already in `path`, plus one per pid not there yet (`ask(pid)` -> row)."""
     rows = read_rows(path)
-    todo = [item for item in items if item[0] not in rows]
-    bar = tqdm(total=len(todo), desc=what, unit="q", disable=not progress, file=sys.stderr)
-    try:
-        with open_append(path) as f:
-            for _item, row, error in run_concurrently(todo, work, concurrency):
-                if error is not None:
-                    raise error
-                append(f, row)
-                rows[row["id"]] = row
-                bar.update(1)
-    except KeyboardInterrupt:
-        bar.close()
-        raise Interrupted(f"{path} keeps {len(rows)} rows; run the same command again to continue") from None
-    except EndpointError as exc:
-        bar.close()
-        raise EndpointError(f"{exc}\n{path} keeps {len(rows)} rows; rerun to continue", exc.status) from None
-    bar.close()
+    todo = [pid for pid in pids if pid not in rows]
+    run_requests(
+        todo, ask, {path: rows}, kept=lambda: f"{path} keeps {len(rows)} rows", desc=what,
+        concurrency=concurrency, progress=progress,
+    )  # fmt: skip
     return rows
 
 
@@ -82,24 +67,19 @@ def arbitrate(
 
     prompt = prompt or load_arbiter_prompt()
     out_dir = Path(out_dir)
-    show = stderr_is_tty() if progress is None else progress
-    usage = Usage()
-    client = ChatClient(endpoint, usage)
+    client = ChatClient(endpoint)
 
     def question(pid: str) -> str:
         return build_prompt(problems[pid])
 
-    def own_answer(item):
-        pid = item[0]
+    def own_answer(pid: str) -> dict:
         messages = [
             {"role": "system", "content": prompt.system},
             {"role": "user", "content": f"{question(pid)}\n\n{prompt.answer}"},
         ]
         return {"id": pid, "answer": client.chat(messages).text}
 
-    llm = _ask_all(
-        [(pid,) for pid in pids], own_answer, out_dir / "arbiter_answers.jsonl", "text LLM", concurrency, show
-    )
+    llm = _ask_all(pids, own_answer, out_dir / "arbiter_answers.jsonl", "text LLM", concurrency, progress)
     llm_outputs = {pid: llm[pid]["answer"] for pid in pids}
 
     def valid(pid: str, text: str | None) -> str:
@@ -108,8 +88,7 @@ def arbitrate(
 
     disputed = [pid for pid in pids if valid(pid, model_outputs.get(pid)) != valid(pid, llm_outputs[pid])]
 
-    def decide(item):
-        pid = item[0]
+    def decide(pid: str) -> dict:
         content = (
             f"{question(pid)}\n\nFirst assistant's answer:\n{model_outputs.get(pid) or '(no answer)'}\n\n"
             f"Second assistant's answer:\n{llm_outputs[pid]}\n\n{prompt.decide}"
@@ -117,9 +96,7 @@ def arbitrate(
         messages = [{"role": "system", "content": prompt.system}, {"role": "user", "content": content}]
         return {"id": pid, "decision": client.chat(messages).text}
 
-    decisions = _ask_all(
-        [(pid,) for pid in disputed], decide, out_dir / "arbiter_decisions.jsonl", "arbiter", concurrency, show
-    )
+    decisions = _ask_all(disputed, decide, out_dir / "arbiter_decisions.jsonl", "arbiter", concurrency, progress)
     combined, fallback = {}, 0
     for pid in pids:
         if pid not in decisions:
@@ -138,7 +115,7 @@ def arbitrate(
         "combined": drop(score(problems, pids, combined)),
         "disagreements": len(disputed),
         "arbiter_unparsed_kept_model": fallback,
-        "arbiter": {"model": endpoint.model, "base_url": endpoint.base_url, **usage.to_json()},
+        "arbiter": usage_summary(client),
         "files": {
             "answers": str(out_dir / "arbiter_answers.jsonl"),
             "decisions": str(out_dir / "arbiter_decisions.jsonl"),

@@ -32,7 +32,7 @@ from lvit.errors import LvitError
 from lvit.eval.metrics import score_answers
 from lvit.infer.answers import answer_row
 from lvit.infer.generation import GenerationSettings, iter_answers
-from lvit.infer.questions import check_images, read_questions
+from lvit.infer.questions import Question, check_images, read_questions
 from lvit.model.quant import disable_cpu_repacking
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,12 @@ log = logging.getLogger(__name__)
 EVAL_DIR = "eval"
 
 
-def check_eval_inputs(recipe) -> None:
-    """The recipe's evaluation questions and images exist (checked before any model loads)."""
+def check_eval_inputs(recipe) -> list[Question] | None:
+    """The recipe's evaluation questions and images exist (checked before any model loads); returns the questions
+    (None without eval data), for `eval_callbacks`."""
     section = recipe.eval
     if section.data is None:
-        return
+        return None
     if not Path(section.data).is_file():
         raise LvitError(f"{recipe.source}: eval.data = {section.data!r}: file not found.")
     if section.every_n_steps is not None and section.every_n_steps < 1:
@@ -62,14 +63,16 @@ def check_eval_inputs(recipe) -> None:
             f"{recipe.source}: eval.data = {section.data!r}: {len(missing)} question(s) have no reference answer "
             f"(a final gpt/assistant turn) to score against, e.g. {missing[0]!r}."
         )
+    return questions
 
 
 def eval_image_folder(recipe):
     return recipe.eval.image_folder if recipe.eval.image_folder is not None else recipe.data.image_folder
 
 
-def eval_callbacks(recipe, processor, encoder, args) -> list[TrainerCallback]:
-    """`[EvalCallback]` when the recipe has an `eval:` section with data, else `[]`."""
+def eval_callbacks(recipe, processor, encoder, args, questions: list[Question] | None = None) -> list[TrainerCallback]:
+    """`[EvalCallback]` when the recipe has an `eval:` section with data, else `[]`; `questions`: the eval data as
+    `check_eval_inputs` read it (None: read it here)."""
     if recipe.eval.data is None:
         return []
     sharded = (
@@ -85,17 +88,16 @@ def eval_callbacks(recipe, processor, encoder, args) -> list[TrainerCallback]:
             "GPU), not FSDP / DeepSpeed. Remove the eval section and run `lvit generate` / `lvit eval` on the saved "
             "run."
         )
-    return [EvalCallback(recipe, processor, encoder)]
+    return [EvalCallback(recipe, processor, encoder, questions)]
 
 
 class EvalCallback(TrainerCallback):
     """Answers the recipe's evaluation questions with the model being trained and scores them."""
 
-    def __init__(self, recipe, processor, encoder):
-
+    def __init__(self, recipe, processor, encoder, questions: list[Question] | None = None):
         self.recipe = recipe
         self.section = recipe.eval
-        self.questions = read_questions(self.section.data)
+        self.questions = questions if questions is not None else read_questions(self.section.data)
         self.encoder = encoder
         self.loader = ImageLoader(processor.image_processor, eval_image_folder(recipe), recipe.data.image_aspect_ratio)
         self.settings = GenerationSettings(max_new_tokens=self.section.max_new_tokens)

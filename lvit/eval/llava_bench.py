@@ -24,15 +24,12 @@ asked again once, then recorded as a failure (`failures.jsonl`), counted and lef
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvit.console import stderr_is_tty
-from lvit.errors import Interrupted, LvitError
+from lvit.errors import LvitError
 from lvit.eval.predictions import (
     BenchmarkResult,
     answer_records,
@@ -40,9 +37,11 @@ from lvit.eval.predictions import (
     read_predictions,
     write_results,
 )
-from lvit.llm.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
-from lvit.llm.jsonl_log import append, open_append, read_rows
-from lvit.llm.prompt_file import read_prompt_file
+from lvit.llm.endpoint import ChatClient, Endpoint
+from lvit.llm.job import run_requests, usage_summary
+from lvit.llm.json_files import json_lines, read_text
+from lvit.llm.jsonl_log import read_rows
+from lvit.llm.prompt_file import load_prompt
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +62,22 @@ class BenchQuestion:
 
 @dataclass
 class JudgePrompt:
+    """The judge's texts: system message, scoring instruction, and the re-ask for a reply without scores."""
+
     system: str
     instruction: str
     reask: str
 
 
 def load_judge_prompt(path: str | Path | None = None) -> JudgePrompt:
-    keys = ("system", "instruction", "reask")
-    raw = read_prompt_file(path if path is not None else JUDGE_PROMPT, keys, JUDGE_PROMPT, "judge prompt")
-    return JudgePrompt(*(raw[k].strip() for k in keys))
+    return load_prompt(JudgePrompt, path, JUDGE_PROMPT, "judge prompt")
 
 
 def _jsonl(path: str | Path, what: str) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise LvitError(f"{what} not found: {path}")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LvitError(f"{path}:{n}: not valid JSON ({exc.msg}); is it LLaVA-Bench's {what}?") from None
+    for n, row, why in json_lines(read_text(path, what)):
+        if why is not None:
+            raise LvitError(f"{path}:{n}: not valid JSON ({why}); is it LLaVA-Bench's {what}?")
         if not isinstance(row, dict):
             raise LvitError(f"{path}:{n}: expected a JSON object")
         rows.append(row)
@@ -230,8 +222,6 @@ def judge(
     progress: bool | None = None,
 ) -> dict:
     """Review every question not reviewed yet into `out_dir/reviews.jsonl`; score all into `results.json`."""
-    from tqdm.auto import tqdm
-
     prompt = prompt or load_judge_prompt()
     out_dir = Path(out_dir)
     reviews_path, failures_path = out_dir / "reviews.jsonl", out_dir / "failures.jsonl"
@@ -241,44 +231,23 @@ def judge(
     todo = [q for q in questions if q.id not in skip and q.id in answers]
     if len(todo) < len(questions) - len(missing):
         log.info("%s: %d question(s) reviewed before; asking for the rest", reviews_path, len(questions) - len(todo))
-    usage = Usage()
-    client = ChatClient(endpoint, usage)
-    show = stderr_is_tty() if progress is None else progress
-    bar = tqdm(total=len(todo), desc="judging", unit="q", disable=not show, file=sys.stderr)
-    try:
-        with open_append(reviews_path) as f_rev, open_append(failures_path) as f_fail:
-            work = lambda q: judge_one(client, prompt, q, answers[q.id])  # noqa: E731
-            for _q, row, error in run_concurrently(todo, work, concurrency):
-                if error is not None:
-                    raise error
-                if "failed" in row:
-                    append(f_fail, row)
-                    failures[row["id"]] = row
-                else:
-                    append(f_rev, row)
-                    reviews[row["id"]] = row
-                bar.update(1)
-    except KeyboardInterrupt:
-        bar.close()
-        raise Interrupted(
-            f"{reviews_path} keeps {len(reviews)} reviews; run the same command again to review the rest"
-        ) from None
-    except EndpointError as exc:
-        bar.close()
-        raise EndpointError(
-            f"{exc}\n{reviews_path} keeps {len(reviews)} reviews; rerun to continue", exc.status
-        ) from None
-    bar.close()
+    client = ChatClient(endpoint)
+    run_requests(
+        todo, lambda q: judge_one(client, prompt, q, answers[q.id]), {reviews_path: reviews, failures_path: failures},
+        record=lambda _q, row, write: write(failures_path if "failed" in row else reviews_path, row),
+        kept=lambda: f"{reviews_path} keeps {len(reviews)} reviews", rest="review the rest", desc="judging",
+        concurrency=concurrency, progress=progress,
+    )  # fmt: skip
     scores = score(questions, reviews, failures)
     scores["missing_answers"] = len(missing)
-    scores["judge"] = {"model": endpoint.model, "base_url": endpoint.base_url, **usage.to_json()}
+    scores["judge"] = usage_summary(client)
 
     write_results("llava-bench", scores, out_dir / "results.json", reviews=str(reviews_path))
     return scores
 
 
 def bench_records(questions: list[BenchQuestion]) -> list[dict]:
-    """The questions as LLaVA-format question records (image placeholder first), for `lvit.eval.predictions.answer_records`."""
+    """The questions as LLaVA-format question records (image placeholder first), for `predictions.answer_records`."""
     return [
         {"id": q.id, "image": q.image, "conversations": [{"from": "human", "value": f"<image>\n{q.text}"}]}
         for q in questions

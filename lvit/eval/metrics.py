@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from lvit.eval.pope import pope_metrics
 from lvit.eval.scienceqa_score import score_against_references
 from lvit.infer.answers import exact_match
 
-if TYPE_CHECKING:
-    pass
 
 
 METRICS = ("exact_match", "scienceqa", "pope")

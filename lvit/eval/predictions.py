@@ -1,4 +1,5 @@
-"""A benchmark's inputs and outputs: answering its questions with a model, reading existing predictions, writing the scores."""
+"""A benchmark's inputs and outputs: answering its questions with a model, reading existing predictions, writing the
+scores."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from lvit.errors import LvitError
 from lvit.infer.answers import answer_questions
-from lvit.infer.questions import read_questions
+from lvit.infer.questions import questions_from_rows
 
 if TYPE_CHECKING:
     from lvit.infer.answers import AnswerFile
@@ -106,8 +107,9 @@ def answer_records(
     device: str | None = None,
     progress: bool = True,
 ) -> AnswerFile:
-    """Write benchmark `records` (LLaVA format) to `out_dir/questions.jsonl` and answer them into
-    `out_dir/answers.jsonl` (resumable; `lvit.infer.answers.answer_questions`). Returns the `AnswerFile`."""
+    """Answer benchmark `records` (LLaVA format) into `out_dir/answers.jsonl` (resumable;
+    `lvit.infer.answers.answer_questions`), with the questions asked beside it in `out_dir/questions.jsonl`.
+    Returns the `AnswerFile`."""
     import json
 
     out_dir = Path(out_dir)
@@ -116,7 +118,7 @@ def answer_records(
     questions_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return answer_questions(
         model_path,
-        read_questions(questions_path),
+        questions_from_rows(records, questions_path),
         out_dir / "answers.jsonl",
         image_folder,
         settings,

@@ -1,13 +1,13 @@
-"""ScienceQA scoring: the answer letter in a reply, per-category accuracy as LLaVA reports it, and the split's problems."""
+"""ScienceQA scoring: the answer letter in a reply, per-category accuracy as LLaVA reports it, the split's problems."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from lvit.data.scienceqa import OPTIONS, to_record
 from lvit.errors import LvitError
+from lvit.llm.json_files import read_json
 
 FAILED = "FAILED"
 # LLaVA's pattern, unescaped dot included: "The answer is B," matches as well.
@@ -115,8 +115,8 @@ def format_table(scores: dict, title: str = "ScienceQA") -> str:
 
 def load_split(problems_path: str | Path, splits_path: str | Path, split: str) -> tuple[dict, list[str]]:
     """`(problems, pids of split)`, with errors that name the file."""
-    problems = _read_json(problems_path, dict, "problems.json: problem id -> problem")
-    splits = _read_json(splits_path, dict, "pid_splits.json: split -> problem ids")
+    problems = read_json(problems_path, "problems.json", dict, "problems.json: problem id -> problem")
+    splits = read_json(splits_path, "pid_splits.json", dict, "pid_splits.json: split -> problem ids")
     if split not in splits:
         raise LvitError(f"{splits_path}: no split {split!r}; it has {', '.join(sorted(splits))}.")
     pids = [str(p) for p in splits[split]]
@@ -124,16 +124,3 @@ def load_split(problems_path: str | Path, splits_path: str | Path, split: str) -
     if unknown:
         raise LvitError(f"{splits_path}: {len(unknown)} {split} id(s) not in {problems_path}, e.g. {unknown[0]!r}.")
     return problems, pids
-
-
-def _read_json(path, kind, what: str):
-    path = Path(path)
-    if not path.is_file():
-        raise LvitError(f"file not found: {path} (expected {what})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LvitError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    if not isinstance(data, kind):
-        raise LvitError(f"{path}: expected {what}")
-    return data

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from lvit.data.images import ImageLoader
-from lvit.data.reader import read_records
+from lvit.data.reader import first_records
 from lvit.errors import LvitError
 from lvit.model.encoder import conversation_encoder
 from lvit.model.hub import resolve_source
@@ -129,10 +129,10 @@ def build_sample(run, processor, config) -> Sample:
 def _image_records(data) -> Iterator:
     """Image records of the run's data, in any format lvit reads (the same reader as training)."""
     try:
-        records, _, _ = read_records(data.path, fmt=data.format)
+        records = first_records(data.path, data.format, _MAX_RECORDS_SCANNED)
     except (LvitError, OSError, UnicodeDecodeError, ValueError):
         return
-    yield from (r for r in records[:_MAX_RECORDS_SCANNED] if r.image is not None)
+    yield from (r for r in records if r.image is not None)
 
 
 def synthetic_image(size: int = 224):
@@ -233,7 +233,6 @@ def check_chat_template_ids(run, processor, config) -> int:
 
 def _records(data) -> list:
     try:
-        records, _, _ = read_records(data.path, fmt=data.format)
+        return first_records(data.path, data.format, _ID_CHECK_RECORDS)
     except (LvitError, OSError, UnicodeDecodeError, ValueError):
         return []
-    return records[:_ID_CHECK_RECORDS]

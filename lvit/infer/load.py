@@ -213,7 +213,9 @@ def _load_llava_folder(path: Path, load_4bit: bool, device: str) -> LoadedModel:
         )
     kwargs: dict = {}
     if load_4bit:
-        kwargs.update(quantization_config=bnb_config(skip=LLAVA_SKIP), device_map={"": 0 if device == "cuda" else device})
+        kwargs.update(
+            quantization_config=bnb_config(skip=LLAVA_SKIP), device_map={"": 0 if device == "cuda" else device}
+        )
     try:
         processor = load_processor(path)
         model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvit.data.images import describe_image, image_exists, probe_image
+from lvit.data.normalise import normalise
 from lvit.data.reader import read_records
+from lvit.data.records import Record, RecordError
 from lvit.errors import LvitError
 from lvit.templates.conversation import Conversation
 
@@ -37,6 +39,22 @@ def read_questions(path: str | Path) -> list[Question]:
     Raises `LvitError` naming the records that cannot be used, and for an id that appears twice.
     """
     records, problems, _ = read_records(path, require_answer=False)
+    return _questions(records, problems, path)
+
+
+def questions_from_rows(rows: list[dict], where: str | Path) -> list[Question]:
+    """Questions from LLaVA-format rows already in memory (a benchmark's question records), checked as
+    `read_questions` checks a file; `where` names them in errors."""
+    records, problems = [], []
+    for index, raw in enumerate(rows):
+        try:
+            records.append(normalise(raw, index, require_answer=False))
+        except RecordError as exc:
+            problems.append(exc)
+    return _questions(records, problems, where)
+
+
+def _questions(records: list[Record], problems: list[RecordError], path) -> list[Question]:
     if problems:
         listed = "\n".join(f"  {p}" for p in problems[:5])
         more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""

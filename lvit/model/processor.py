@@ -1,4 +1,5 @@
-"""The tokenizer and image processor of a LLaVA lvit builds, and the processor that joins them with the chat template."""
+"""The tokenizer and image processor of a LLaVA lvit builds, and the processor that joins them with the chat
+template."""
 
 from __future__ import annotations
 

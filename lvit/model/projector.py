@@ -1,4 +1,5 @@
-"""The projector between the vision tower and the language model: LLaVA's linear W or LLaVA-1.5's mlp2x_gelu, in the stock two-linear module."""
+"""The projector between the vision tower and the language model: LLaVA's linear W or LLaVA-1.5's mlp2x_gelu, in the
+stock two-linear module."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The vision towers lvit takes (CLIP, SigLIP / SigLIP2 fixed resolution): their configs, CLS handling and image-token counts."""
+"""The vision towers lvit takes (CLIP, SigLIP / SigLIP2 fixed resolution): their configs, CLS handling and image-
+token counts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Typed recipe fields: lvit's sections built from raw YAML with every type checked, and the `training:` section checked against `trl.SFTConfig`."""
+"""Typed recipe fields: lvit's sections built from raw YAML with every type checked, and the `training:` section
+checked against `trl.SFTConfig`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Reading a recipe: the YAML file, `key=value` overrides, the rules between keys, and the accumulation that keeps the global batch."""
+"""Reading a recipe: the YAML file, `key=value` overrides, the rules between keys, and the accumulation that keeps
+the global batch."""
 
 from __future__ import annotations
 

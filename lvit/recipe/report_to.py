@@ -1,4 +1,5 @@
-"""`training.report_to`: the integrations transformers reports to and the packages each needs, checked before any model loads."""
+"""`training.report_to`: the integrations transformers reports to and the packages each needs, checked before any
+model loads."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""lvit's own templates (LLaVA's vicuna_v1 and plain): the pieces of a conversation, and the Jinja chat templates that render the same text in plain transformers."""
+"""lvit's own templates (LLaVA's vicuna_v1 and plain): the pieces of a conversation, and the Jinja chat templates
+that render the same text in plain transformers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The conversation encoder: one tokenization of the rendered text, labels from character offsets, and the lengths the data checks use."""
+"""The conversation encoder: one tokenization of the rendered text, labels from character offsets, and the lengths
+the data checks use."""
 
 from __future__ import annotations
 
@@ -194,8 +195,8 @@ def check_tokenizer(tokenizer, image_token_id: int) -> None:
     if got != [image_token_id] * 2:
         raise LvitError(
             f"tokenizer {name!r} reads {IMAGE_PLACEHOLDER * 2!r} as ids {got}, not twice the image token id "
-            f"{image_token_id}: {IMAGE_PLACEHOLDER} must be an added special token (lvit.model.processor.load_tokenizer "
-            "adds it)."
+            f"{image_token_id}: {IMAGE_PLACEHOLDER} must be an added special token "
+            "(lvit.model.processor.load_tokenizer adds it)."
         )
 
 

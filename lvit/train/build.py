@@ -1,4 +1,5 @@
-"""The model a recipe trains (assembled, frozen for its stage, adapters, fp32 masters) and the collator's packing options."""
+"""The model a recipe trains (assembled, frozen for its stage, adapters, fp32 masters) and the collator's packing
+options."""
 
 from __future__ import annotations
 

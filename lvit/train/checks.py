@@ -6,18 +6,21 @@ from pathlib import Path
 
 from lvit.errors import LvitError
 from lvit.eval.callback import check_eval_inputs
+from lvit.infer.questions import Question
 from lvit.recipe.report_to import check_report_to
 from lvit.recipe.schema import Recipe
 
 
-def check_inputs(recipe: Recipe) -> None:
-    """Everything that can be checked before a model loads: data files and folders, `training.report_to`."""
-    check_data_inputs(recipe)
+def check_inputs(recipe: Recipe) -> list[Question] | None:
+    """Everything that can be checked before a model loads: data files and folders, `training.report_to`. Returns
+    the evaluation questions (`eval.data`, read once), or None."""
+    questions = check_data_inputs(recipe)
     check_report_to(recipe)
+    return questions
 
 
-def check_data_inputs(recipe: Recipe) -> None:
-    """The data files and folders a recipe names (and the eval data)."""
+def check_data_inputs(recipe: Recipe) -> list[Question] | None:
+    """The data files and folders a recipe names (and the eval data); returns the evaluation questions, or None."""
     data = recipe.data
     if not Path(data.path).exists():  # a file, or a Hugging Face dataset folder
         raise LvitError(
@@ -31,5 +34,4 @@ def check_data_inputs(recipe: Recipe) -> None:
             f"{recipe.source}: model.projector_from = {recipe.model.projector_from!r}: folder not found; "
             "it should be the output folder of a finished stage-1 (align) run."
         )
-    if recipe.eval.data is not None:
-        check_eval_inputs(recipe)
+    return check_eval_inputs(recipe)

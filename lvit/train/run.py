@@ -58,7 +58,7 @@ class TrainingRun:
 
         recipe = self.recipe
         quiet_libraries()
-        check_inputs(recipe)
+        eval_questions = check_inputs(recipe)
         args = build_sft_config(recipe)
         self.main = main = args.process_index == 0
         _setup_logging(main)
@@ -130,7 +130,7 @@ class TrainingRun:
             callbacks=[
                 RunFilesCallback(recipe, processor),
                 self.stop,
-                *_eval_callbacks(recipe, processor, encoder, args),
+                *eval_callbacks(recipe, processor, encoder, args, eval_questions),
             ],
         )
         if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
@@ -185,14 +185,6 @@ def run(recipe: Recipe, resume: bool | None = None) -> Path:
     anything else is never written into.
     """
     return TrainingRun(recipe, resume).setup().train().save()
-
-
-def _eval_callbacks(recipe: Recipe, processor, encoder, args) -> list:
-    """Evaluation during training (a recipe's `eval:` section); see `lvit.eval.callback`."""
-    if recipe.eval.data is None:
-        return []
-
-    return eval_callbacks(recipe, processor, encoder, args)
 
 
 def _setup_logging(main: bool) -> None:

@@ -1,4 +1,5 @@
-"""`LlavaTrainer`: TRL's `SFTTrainer` with a projector learning rate, a compact LM head, modality-grouped steps and token-budget micro-batches."""
+"""`LlavaTrainer`: TRL's `SFTTrainer` with a projector learning rate, a compact LM head, modality-grouped steps and
+token-budget micro-batches."""
 
 from __future__ import annotations
 

@@ -18,12 +18,12 @@ any request is sent.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lvit.data.images import image_exists, resolve_image_path
 from lvit.errors import LvitError
+from lvit.llm.json_files import json_lines, read_json, read_text
 
 CAPTIONS_HEADER = "Captions:"
 BOXES_HEADER = "Objects (name: [x1, y1, x2, y2], coordinates from 0 to 1, origin at the top left):"
@@ -62,22 +62,17 @@ def _fail(problems: list[str], source: str) -> None:
         raise LvitError(f"{source}: {len(problems)} record(s) cannot be used:\n{listed}{more}")
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise LvitError(f"{what} not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LvitError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); is it COCO's {what}?") from None
+def _read_coco_json(path: Path, what: str) -> dict:
+    data = read_json(path, what, hint=f"; is it COCO's {what}?")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise LvitError(f"{path}: not a COCO {what} file (expected an object with 'images' and 'annotations')")
+        raise LvitError(f"{path}: not a COCO {what} (expected an object with 'images' and 'annotations')")
     return data
 
 
 def read_coco(captions_path: str | Path, instances_path: str | Path | None = None) -> list[ImageContext]:
     """Contexts from COCO caption (and instance) annotations, in the caption file's image order."""
     captions_path = Path(captions_path)
-    caps = _read_json(captions_path, "captions file")
+    caps = _read_coco_json(captions_path, "captions file")
     images = {}
     problems = []
     for img in caps.get("images") or []:
@@ -94,7 +89,7 @@ def read_coco(captions_path: str | Path, instances_path: str | Path | None = Non
     boxes: dict = {}
     if instances_path is not None:
         instances_path = Path(instances_path)
-        inst = _read_json(instances_path, "instances file")
+        inst = _read_coco_json(instances_path, "instances file")
         names = {c["id"]: c["name"] for c in inst.get("categories") or [] if isinstance(c, dict)}
         for ann in inst["annotations"]:
             image = images.get(ann.get("image_id")) if isinstance(ann, dict) else None
@@ -125,17 +120,11 @@ def read_coco(captions_path: str | Path, instances_path: str | Path | None = Non
 def read_jsonl(path: str | Path, image_folder: str | Path | None = None) -> list[ImageContext]:
     """Contexts from a JSON Lines file (one image per line, see the module's docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise LvitError(f"input file not found: {path}")
     out, problems, seen = [], [], set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, row, why in json_lines(read_text(path, "input file")):
         where = f"line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{where}: not valid JSON ({exc.msg})")
+        if why is not None:
+            problems.append(f"{where}: not valid JSON ({why})")
             continue
         if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
             problems.append(f'{where}: needs "image": the image\'s path (relative to --image-folder)')

@@ -15,18 +15,17 @@ asked again with `retry_rejects`), so nothing is written twice.
 from __future__ import annotations
 
 import logging
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lvit.console import stderr_is_tty
 from lvit.data.generate.contexts import ImageContext
 from lvit.data.generate.parse import Rejected, parse_reply
 from lvit.data.generate.prompts import KINDS, PromptSet
-from lvit.errors import Interrupted, LvitError
-from lvit.llm.endpoint import ChatClient, Endpoint, EndpointError, Usage, run_concurrently
-from lvit.llm.jsonl_log import append, open_append, read_rows
+from lvit.errors import LvitError
+from lvit.llm.endpoint import ChatClient, Endpoint, Usage
+from lvit.llm.job import run_requests
+from lvit.llm.jsonl_log import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -176,38 +175,28 @@ def generate(
     client = ChatClient(endpoint, summary.usage)
     log.info("generating %d records with %s, %d request(s) at a time", len(todo), endpoint.describe(), concurrency)
 
-    def work(task: Task):
+    def ask(task: Task):
         return client.chat(prompts[task.kind].messages(task.context.text()))
 
-    from tqdm.auto import tqdm
+    def record(task: Task, reply, write) -> None:
+        try:
+            pairs = parse_reply(task.kind, reply.text, reply.finish_reason)
+        except Rejected as exc:
+            row = {"id": task.id, "source_id": task.context.id, "kind": task.kind, "reason": exc.reason,
+                   "message": str(exc), "raw": reply.text}  # fmt: skip
+            write(rejects, row)
+            summary.rejected[exc.reason] += 1
+        else:
+            write(out, to_record(task, pairs, prompts))
+            summary.written[task.kind] += 1
+            summary.in_file[task.kind] += 1
 
-    show = stderr_is_tty() if progress is None else progress
-    bar = tqdm(total=len(todo), desc="generating", unit="rec", disable=not show, file=sys.stderr)
-    try:
-        with open_append(out) as f_out, open_append(rejects) as f_rej:
-            for task, reply, error in run_concurrently(todo, work, concurrency):
-                if error is not None:
-                    raise error
-                try:
-                    pairs = parse_reply(task.kind, reply.text, reply.finish_reason)
-                except Rejected as exc:
-                    row = {"id": task.id, "source_id": task.context.id, "kind": task.kind, "reason": exc.reason,
-                           "message": str(exc), "raw": reply.text}  # fmt: skip
-                    append(f_rej, row)
-                    summary.rejected[exc.reason] += 1
-                else:
-                    append(f_out, to_record(task, pairs, prompts))
-                    summary.written[task.kind] += 1
-                    summary.in_file[task.kind] += 1
-                bar.update(1)
-                bar.set_postfix(rejected=sum(summary.rejected.values()), refresh=False)
-    except KeyboardInterrupt:
-        bar.close()
-        raise Interrupted(f"{_kept(summary)}; run the same command again to generate the rest") from None
-    except EndpointError as exc:
-        bar.close()
-        raise EndpointError(f"{exc}\n{_kept(summary)}; the same command continues from there", exc.status) from None
-    bar.close()
+    run_requests(
+        todo, ask, {out: done, rejects: rejected_before}, record=record, kept=lambda: _kept(summary),
+        desc="generating", unit="rec", concurrency=concurrency, progress=progress,
+        postfix=lambda: {"rejected": sum(summary.rejected.values())},
+        rest="generate the rest", after_error="the same command continues from there",
+    )  # fmt: skip
     summary.cost = summary.usage.cost(price_input, price_output)
     return summary
 
