@@ -6,8 +6,6 @@ from lvit.eval.pope import pope_metrics
 from lvit.eval.scienceqa_score import score_against_references
 from lvit.infer.answers import exact_match
 
-
-
 METRICS = ("exact_match", "scienceqa", "pope")
 
 
