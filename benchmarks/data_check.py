@@ -106,8 +106,8 @@ def write_data(out: Path, n_records: int, n_images: int, seed: int = 0) -> tuple
 
 
 def write_parts(out: Path, words: list[str]) -> Path:
-    from lvit.templates.builtin import VICUNA_V1_SYSTEM
     from lvit.demo.tiny import build_tiny_parts, build_tokenizer
+    from lvit.templates.builtin import VICUNA_V1_SYSTEM
 
     corpus = [" ".join(words[i : i + 200]) for i in range(0, len(words), 200)] * 3
     vision_dir, lm_dir = build_tiny_parts(out / "parts", vision={"image_size": 224, "patch_size": 14})

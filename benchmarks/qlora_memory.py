@@ -415,11 +415,11 @@ def run(args) -> dict:
 
     from lvit.model.adapters import add_lora
     from lvit.model.assemble import assemble
-    from lvit.model.towers import num_image_tokens
-    from lvit.train.precision import upcast_trainable
-    from lvit.recipe.schema import ModelSection
-    from lvit.recipe.load import load_recipe
     from lvit.model.stages import apply_stage
+    from lvit.model.towers import num_image_tokens
+    from lvit.recipe.load import load_recipe
+    from lvit.recipe.schema import ModelSection
+    from lvit.train.precision import upcast_trainable
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lvit.infer.chat import ChatSession, interactive
 from lvit.cli.app import app
+from lvit.infer.chat import ChatSession, interactive
 from lvit.infer.generation import GenerationSettings, iter_answers
 from lvit.infer.load import load_model
 from lvit.templates.conversation import Conversation

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import trained_runs
 
-from lvit.model.processor import build_processor, load_tokenizer
 from lvit.export.selfcheck import synthetic_image
-from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation, chat_messages
+from lvit.model.processor import build_processor, load_tokenizer
 from lvit.templates.builtin import PLAIN_CHAT_TEMPLATE
+from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation, chat_messages
 from lvit.templates.encoder import ConversationEncoder
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llama2-tokenizer"

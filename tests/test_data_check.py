@@ -18,13 +18,13 @@ from lvit.data.check import check_data
 from lvit.data.collator import LlavaCollator
 from lvit.data.dataset import Skipped, prepare, tidy_skipped
 from lvit.data.images import ImageLoader
-from lvit.data.records import KINDS
 from lvit.data.normalise import normalise
+from lvit.data.records import KINDS
 from lvit.errors import LvitError
 from lvit.recipe.schema import DataSection
 from lvit.runs.files import SKIPPED_FILE
-from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation
 from lvit.templates.builtin import VICUNA_V1_SYSTEM
+from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation
 from lvit.templates.encoder import ConversationEncoder
 
 

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_checked
-from conftest import save_llava_dataset
+from conftest import read_checked, save_llava_dataset
 from PIL import Image
 
 from lvit.data.images import ImageLoader, load_rgb, mean_fill, probe_image
-from lvit.data.records import RecordError
 from lvit.data.normalise import normalise, normalise_chat
 from lvit.data.reader import read_records
+from lvit.data.records import RecordError
 from lvit.data.sources import detect_format, is_embedded
 from lvit.errors import LvitError
 
@@ -577,3 +576,14 @@ def test_collator_pickles_and_runs_in_two_workers(hf_datasets, encoder, tiny_par
     assert len(batches) == 2
     assert all(torch.equal(batches[0][k], direct[k]) for k in direct)
     assert "pixel_values" in batches[1] and batches[1]["pixel_values"].shape[0] == 1
+
+
+def test_first_records_of_a_dataset_reads_its_first_rows(hf_datasets):
+    from lvit.data.reader import first_records
+
+    for name in ("paths", "chat", "parquet"):
+        everything, _, _ = read_records(hf_datasets[name])
+        first = first_records(hf_datasets[name], limit=2)
+        assert [(r.id, r.image, r.conversation) for r in first] == [
+            (r.id, r.image, r.conversation) for r in everything[:2]
+        ]

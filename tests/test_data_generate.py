@@ -15,8 +15,8 @@ from lvit.data.check import check_data
 from lvit.data.generate import PAPER_MIX, generate, load_prompts, parse_reply, plan, read_coco, read_jsonl
 from lvit.data.generate import run as run_module
 from lvit.data.generate.contexts import ImageContext
-from lvit.llm.endpoint import Endpoint, EndpointError
 from lvit.errors import Interrupted, LvitError
+from lvit.llm.endpoint import Endpoint, EndpointError
 
 GOOD = {
     "conversation": "Question: What is in the image?\nAnswer: A red square on a white background.\n"

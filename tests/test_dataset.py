@@ -11,14 +11,14 @@ import torch
 from lvit.data.collator import LlavaCollator
 from lvit.data.dataset import prepare, write_skipped
 from lvit.data.images import ImageLoader
-from lvit.data.records import conversation_from_row
 from lvit.data.normalise import normalise
+from lvit.data.records import conversation_from_row
 from lvit.errors import LvitError
 from lvit.model.processor import load_tokenizer
 from lvit.model.towers import num_image_tokens
 from lvit.recipe.schema import DataSection
-from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from lvit.templates.builtin import VICUNA_V1_SYSTEM
+from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from lvit.templates.encoder import ConversationEncoder
 
 

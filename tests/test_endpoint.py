@@ -8,8 +8,8 @@ import time
 import pytest
 from scripted_server import Fault, ScriptedServer
 
-from lvit.llm.endpoint import ChatClient, Endpoint, EndpointError, retry_after_seconds, run_concurrently
 from lvit.errors import LvitError
+from lvit.llm.endpoint import ChatClient, Endpoint, EndpointError, retry_after_seconds, run_concurrently
 
 
 def _client(server, **kw) -> ChatClient:

@@ -9,11 +9,11 @@ import pytest
 from safetensors.torch import load_file
 
 import lvit.eval.callback
-from lvit.infer.answers import generate_file
 from lvit.errors import LvitError
+from lvit.infer.answers import generate_file
 from lvit.infer.generation import GenerationSettings
-from lvit.infer.questions import read_questions
 from lvit.infer.load import load_model
+from lvit.infer.questions import read_questions
 
 MAX_NEW = 4
 

@@ -10,10 +10,10 @@ from scripted_server import Fault, ScriptedServer
 from typer.testing import CliRunner
 
 from lvit.cli.app import app
-from lvit.llm.endpoint import Endpoint
 from lvit.errors import LvitError
 from lvit.eval.arbiter import arbitrate, load_arbiter_prompt
 from lvit.eval.llava_bench import judge, load_judge_prompt, parse_scores, read_bench
+from lvit.llm.endpoint import Endpoint
 
 
 def _write(path, rows):

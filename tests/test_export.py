@@ -26,9 +26,9 @@ from typer.testing import CliRunner
 
 from lvit.errors import LvitError
 from lvit.export.exporter import export, safetensors_keys
-from lvit.runs.files import EXPORT_INFO_FILE, PROJECTOR_FILE, RECIPE_FILE, RUN_INFO_FILE
-from lvit.infer.load import load_trained
 from lvit.export.selfcheck import default_tolerance
+from lvit.infer.load import load_trained
+from lvit.runs.files import EXPORT_INFO_FILE, PROJECTOR_FILE, RECIPE_FILE, RUN_INFO_FILE
 
 ADAPTER_MARKERS = ("lora_", "modules_to_save", "base_layer", "original_module")
 
@@ -264,8 +264,8 @@ def test_plain_transformers_logits_match_the_run(plain_load, exports, cli_export
 
 
 def test_image_processor_is_pil_in_training_inference_and_export(exports, full_run, tiny_recipe, tmp_path):
-    from lvit.model.assemble import assemble
     from lvit.infer.load import load_model
+    from lvit.model.assemble import assemble
 
     recipe = tiny_recipe("finetune", tmp_path / "run")
     _, processor = assemble(recipe.model, recipe.source)  # what training uses

@@ -20,13 +20,13 @@ import pytest
 import torch
 from conftest import TinyRecipes, trained_runs
 
+from lvit.demo.tiny import LM_FAMILIES, build_family_lm, build_tiny_parts, build_tiny_siglip, padded_rows
 from lvit.errors import LvitError
+from lvit.export.selfcheck import synthetic_image
 from lvit.model.processor import build_processor, load_tokenizer
 from lvit.model.towers import num_image_tokens, vision_config_of
-from lvit.export.selfcheck import synthetic_image
 from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation, chat_messages
 from lvit.templates.encoder import ConversationEncoder
-from lvit.demo.tiny import LM_FAMILIES, build_family_lm, build_tiny_parts, build_tiny_siglip, padded_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAMILIES = [*LM_FAMILIES, "llama3_1"]

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lvit.infer.answers import generate_file, read_answer_file
 from lvit.cli.app import app
 from lvit.errors import LvitError
+from lvit.infer.answers import generate_file, read_answer_file
 from lvit.infer.generation import GenerationSettings, iter_answers
-from lvit.infer.questions import read_questions
 from lvit.infer.load import load_model
+from lvit.infer.questions import read_questions
 
 MAX_NEW = 16
 

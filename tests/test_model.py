@@ -11,9 +11,9 @@ from transformers import (
 )
 
 from lvit.model.assemble import assemble
+from lvit.model.stages import apply_stage, report_modules
 from lvit.model.towers import num_image_tokens
 from lvit.recipe.schema import ModelSection
-from lvit.model.stages import apply_stage, report_modules
 
 
 def _assemble(tiny_parts, **kw):

@@ -16,13 +16,13 @@ import torch
 from conftest import trained_runs
 
 from lvit.data.check import inspect_data
-from lvit.data.records import RecordError
 from lvit.data.normalise import normalise, normalise_chat
+from lvit.data.records import RecordError
+from lvit.export.selfcheck import synthetic_image
 from lvit.model.processor import build_processor, load_tokenizer
 from lvit.model.towers import num_image_tokens
-from lvit.export.selfcheck import synthetic_image
-from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation, chat_messages
 from lvit.templates.builtin import PLAIN_CHAT_TEMPLATE
+from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation, chat_messages
 from lvit.templates.encoder import ConversationEncoder
 
 BEFORE_AFTER = {

@@ -88,13 +88,13 @@ _PREPARE = """
 import json, sys
 import torch.distributed as dist
 dist.init_process_group("gloo")
+import lvit.data.check as check_module
 import lvit.data.dataset as dataset_module
-import lvit.data.images as images_module
 from lvit.data.shared import prepare_once
 from lvit.errors import LvitError
-from lvit.model import load_tokenizer
-from lvit.recipe import DataSection
-from lvit.templates import ConversationEncoder
+from lvit.model.processor import load_tokenizer
+from lvit.recipe.schema import DataSection
+from lvit.templates.encoder import ConversationEncoder
 
 lm, path, images, out = sys.argv[1:]
 calls = {}
@@ -104,7 +104,7 @@ def counted(name, fn):
         return fn(*args, **kwargs)
     return wrapper
 dataset_module.inspect_data = counted("inspect", dataset_module.inspect_data)
-images_module.probe_image = counted("probe", images_module.probe_image)
+check_module.probe_image = counted("probe", check_module.probe_image)
 tokenizer = load_tokenizer(lm)
 encoder = ConversationEncoder("vicuna_v1", tokenizer, tokenizer.convert_tokens_to_ids("<image>"), 16)
 for on_bad in ("skip", "error"):

@@ -13,17 +13,17 @@ import torch.nn.functional as F
 from lvit.data.collator import LlavaCollator
 from lvit.data.dataset import prepare
 from lvit.data.images import ImageLoader
-from lvit.recipe.attention import check_attention
 from lvit.data.packing import pack, rows
 from lvit.data.records import conversation_from_row
 from lvit.errors import LvitError
-from lvit.train.loss import compact_loss
 from lvit.model.assemble import assemble
-from lvit.model.towers import num_image_tokens
-from lvit.recipe.schema import DataSection, ModelSection
 from lvit.model.stages import apply_stage
+from lvit.model.towers import num_image_tokens
+from lvit.recipe.attention import check_attention
+from lvit.recipe.schema import DataSection, ModelSection
 from lvit.templates.conversation import IGNORE_INDEX
 from lvit.templates.encoder import ConversationEncoder
+from lvit.train.loss import compact_loss
 
 # ---------------------------------------------------------------------------------------------
 # layout

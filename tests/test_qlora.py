@@ -181,8 +181,8 @@ def qlora_loaded(qlora_run):
     from lvit.data.collator import LlavaCollator
     from lvit.data.dataset import prepare
     from lvit.data.images import ImageLoader
-    from lvit.model.towers import num_image_tokens
     from lvit.infer.load import load_trained
+    from lvit.model.towers import num_image_tokens
     from lvit.templates.encoder import ConversationEncoder
 
     model, processor, run = load_trained(qlora_run.out / f"checkpoint-{MAX_STEPS}")

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from lvit.errors import LvitError
-from lvit.recipe.schema import STAGES
 from lvit.recipe.load import apply_override, gradient_accumulation, load_recipe, recipe_from_dict
+from lvit.recipe.schema import STAGES
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 

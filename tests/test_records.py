@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from lvit.data.records import RecordError
 from lvit.data.normalise import normalise
 from lvit.data.reader import read_records
+from lvit.data.records import RecordError
 from lvit.data.sources import read_json_rows
 from lvit.errors import LvitError
 from lvit.templates.conversation import IMAGE_PLACEHOLDER
@@ -257,3 +257,23 @@ def test_question_files_may_end_with_a_user_turn(tmp_path, suffix):
     records, problems, _ = read_records(chat_path, require_answer=False)
     assert problems == [] and records[0].conversation.turns == [("user", "Q?")]
     assert [p.kind for p in read_records(chat_path)[1]] == ["ends_with_user"]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_first_records_reads_no_further_than_the_rows_it_returns(tmp_path, suffix):
+    """Export's self-check looks at a run's first records only: `first_records` stops there. What follows them is
+    never parsed, so a broken tail (which `read_records` refuses, for a JSON list) does not matter."""
+    from lvit.data.reader import first_records
+
+    rows = [rec(f"<image>\nQuestion {i}?", f"Answer {i}.", rid=f"r{i}") for i in range(6)]
+    rows[1] = {"id": "bad", "conversations": []}  # invalid: left out, still counted as a row read
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".json":
+        path.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + ",\n{ this is not JSON")
+        with pytest.raises(LvitError, match="not valid JSON"):
+            read_records(path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{ this is not JSON\n")
+    assert [r.id for r in first_records(path, limit=4)] == ["r0", "r2", "r3"]
+    assert [r.id for r in first_records(path, limit=100)] == ["r0", "r2", "r3", "r4", "r5"]
+    assert first_records(path, limit=2)[0].conversation.turns[1] == ("assistant", "Answer 0.")

@@ -11,13 +11,13 @@ from lvit.errors import LvitError
 
 
 def test_a_missing_integration_stops_the_run_before_any_model_loads(tiny_recipe, tmp_path, monkeypatch):
-    import lvit.model
+    import lvit.train.build
     from lvit.train.run import TrainingRun
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before training.report_to was checked")
 
-    monkeypatch.setattr(lvit.model, "assemble", no_loading)
+    monkeypatch.setattr(lvit.train.build, "assemble", no_loading)
     find_spec = importlib.util.find_spec
     hidden = {"tensorboard", "tensorboardX"}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in hidden else find_spec(name, *a))

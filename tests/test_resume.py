@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from lvit.errors import LvitError
-from lvit.train.history import read_log
 from lvit.runs.files import LOG_FILE, PLOT_FILE
 from lvit.runs.resume import incomplete_reason, resume_checkpoint, set_aside_incomplete
+from lvit.train.history import read_log
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lvit.cli.app import app
-from lvit.train.history import read_log
 from lvit.runs.files import LOG_FILE, PLOT_FILE, RECIPE_FILE, RUN_INFO_FILE, SKIPPED_FILE
+from lvit.train.history import read_log
 
 REPO = Path(__file__).resolve().parent.parent
 

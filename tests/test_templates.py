@@ -10,8 +10,8 @@ from conftest import trained_runs
 
 from lvit.model.processor import build_processor, load_tokenizer
 from lvit.model.towers import num_image_tokens
-from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation
 from lvit.templates.builtin import VICUNA_V1_CHAT_TEMPLATE, VICUNA_V1_SYSTEM
+from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, Conversation
 from lvit.templates.encoder import ConversationEncoder, get_template
 
 # LLaVA's `conv_vicuna_v1.system` (llava/conversation.py), copied from there, not from lvit.

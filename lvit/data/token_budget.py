@@ -17,7 +17,7 @@ How the batches are formed (lvit's own choices):
 - An optimizer step is `gradient_accumulation_steps` micro-batches (the epoch's last step may have fewer). The
   loss stays a per-token mean over the whole step: transformers counts the trained tokens of all the step's
   micro-batches (`num_items_in_batch`) and TRL divides the summed token loss by that count, so a token weighs
-  the same whichever micro-batch it is in (see the note above `build_sft_config` in `lvit/train.py`).
+  the same whichever micro-batch it is in (see the note above `build_sft_config` in `lvit/train/`).
 - One process only: with several, every rank must take the same number of steps, and accelerate's sharding
   would repeat micro-batches to even them out (docs/stack-notes.md#trainer-batch-sampler). Refused with a
   message (`lvit.train.config.build_sft_config`).

@@ -54,8 +54,8 @@ class DataSection:
     the checker's report; `skip` trains on the rest and lists each skipped record with its reason in the run
     folder's `skipped_records.jsonl`."""
     template: Literal["vicuna_v1", "plain", "auto"] = "vicuna_v1"
-    """Conversation template; see `lvit/templates.py`. `auto`: the language model's own chat template (Llama 3,
-    Qwen, Mistral, Gemma...; `lvit/chat_template.py`), refused with the reason if lvit cannot split it exactly."""
+    """Conversation template; see `lvit/templates/`. `auto`: the language model's own chat template (Llama 3,
+    Qwen, Mistral, Gemma...; `lvit/templates/chat_template.py`), refused with the reason if lvit cannot split it exactly."""
     max_length: int = 2048
     """Longest sequence in tokens, image tokens included."""
     overlong: Literal["truncate", "drop", "error"] = "truncate"
@@ -132,7 +132,7 @@ class Recipe:
     projector_lr: float | None = None
     """A separate learning rate for the projector (LLaVA's `mm_projector_lr`); None: the main one."""
     compact_head: bool = True
-    """The training loss projects only the labelled positions onto the vocabulary (`lvit/loss.py`); the same
+    """The training loss projects only the labelled positions onto the vocabulary (`lvit/train/loss.py`); the same
     loss and gradients as scoring every position, less work. false: TRL's loss."""
     eval: EvalSection = field(default_factory=EvalSection)
     """Evaluation during training; off unless `eval.data` is set."""

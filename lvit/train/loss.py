@@ -6,7 +6,7 @@ positions only, through the public `logits_to_keep` argument of `LlavaForConditi
 with a boolean (batch, sequence) mask (docs/stack-notes.md#logits-to-keep-mask), and takes the
 cross-entropy there. The loss is the summed token loss divided by `num_items_in_batch` (the trained tokens
 of the whole optimizer step, counted by the Trainer), as TRL's `SFTTrainer.compute_loss` does
-(see lvit/train.py, the comment above `build_sft_config`), so a step's loss and gradients are those of full
+(see lvit/train/, the comment above `build_sft_config`), so a step's loss and gradients are those of full
 scoring. Calling the model itself (not its backbone) keeps DDP, DeepSpeed and FSDP wrappers in the path.
 """
 
