@@ -114,7 +114,7 @@ def layer_problems(root: Path = PACKAGE) -> list[str]:
             elif target_layer == layer:
                 problems.append(f"{where}:{line}: imports {target}; {package} and {target_package} are siblings")
     for cycle in _cycles(edges):
-        problems.append("import cycle: " + " -> ".join(cycle + cycle[:1]))
+        problems.append("import cycle among: " + ", ".join(cycle))
     return problems
 
 

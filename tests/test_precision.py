@@ -241,6 +241,7 @@ def _tensors(folder: Path, name: str = "*.safetensors") -> dict[str, torch.Tenso
     return out
 
 
+@pytest.mark.slow  # two runs and four exports, about 12 s
 @pytest.mark.parametrize("method", ["full", "align"])
 def test_fp32_and_projector_only_exports_keep_the_fp32_masters_bit_for_bit(tiny_recipe, tmp_path, method):
     """One bf16 step at lr 2e-5 moves every projector entry by about 2e-5, below bf16's resolution for most of them
