@@ -98,6 +98,7 @@ def cli_export(lora_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "lora"
     out.mkdir()
     (out / "stale.txt").write_text("from an earlier export")
+    (out / EXPORT_INFO_FILE).write_text("{}")  # what makes it an earlier export, which --overwrite may replace
     args = ["export", str(lora_run), "--out", str(out), "--dtype", "fp32", "--max-shard-size", "200KB", "--overwrite"]
     result = CliRunner().invoke(app, args)
     return result, out
@@ -483,6 +484,41 @@ def test_refuses_existing_folder_and_the_run_itself(full_run, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_replaces_only_an_earlier_export(full_run, tiny_runs, tmp_path):
+    """`--overwrite` never deletes what `lvit export` did not write: another run, a folder of runs, a checkpoint,
+    a folder of the user's, or an export with folders of the user's in it. Each is refused before any work, named,
+    and left byte for byte as it was."""
+    from lvit.cli.app import app
+
+    other_run = tiny_runs["align"].out
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with_folder = tmp_path / "export-with-data"
+    (with_folder / "data").mkdir(parents=True)
+    (with_folder / EXPORT_INFO_FILE).write_text("{}")
+    checkpoints = sorted(full_run.glob("checkpoint-*"))
+    cases = [
+        (other_run, "is a training run"),
+        (other_run.parent, "is not an lvit export"),
+        (mine, "is not an lvit export"),
+        (with_folder, "holds folders an export never writes \\(data\\)"),
+    ]
+    if checkpoints:
+        cases.append((checkpoints[-1], "is a training run|is not an lvit export"))
+    for out, reason in cases:
+        before = _tree(out)
+        result = CliRunner().invoke(app, ["export", str(full_run), "--out", str(out), "--overwrite"])
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.split())
+        assert re.search(reason, message) and str(out) in message, message
+        assert _tree(out) == before
+
+
 def test_failed_self_check_leaves_nothing(full_run, tmp_path, monkeypatch):
     import lvit.export.exporter as export_mod
 
@@ -504,6 +540,7 @@ def test_failed_self_check_leaves_nothing(full_run, tmp_path, monkeypatch):
     # with --overwrite, the folder that was there survives a failed export
     out.mkdir()
     (out / "keep.txt").write_text("previous export")
+    (out / EXPORT_INFO_FILE).write_text("{}")
     with pytest.raises(LvitError, match="self-check failed"):
         export(full_run, out, dtype="fp32", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["export"] and (out / "keep.txt").is_file()

@@ -21,10 +21,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
-import os
-import shutil
 import types
-from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +30,7 @@ import torch
 
 from lvit.errors import LvitError
 from lvit.export.card import model_card
+from lvit.export.folder import check_out_dir, move_into_place, temporary_folder
 from lvit.export.selfcheck import (
     build_sample,
     check_chat_template_ids,
@@ -44,7 +42,14 @@ from lvit.export.selfcheck import (
 )
 from lvit.infer.load import load_merged, load_trained
 from lvit.model.projector import load_projector, new_projector
-from lvit.runs.files import MODEL_CARD_FILE, RunFolder, copy_run_files, read_run, write_export_info, write_projector
+from lvit.runs.files import (
+    MODEL_CARD_FILE,
+    RunFolder,
+    copy_run_files,
+    read_run,
+    write_export_info,
+    write_projector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +126,13 @@ def export(
         raise LvitError(f"--tolerance must be a number >= 0, got {tolerance}.")
     target_dtype = parse_dtype(dtype) if dtype is not None else (None if projector_only else DTYPES[DEFAULT_DTYPE])
     _check_shard_size(max_shard_size)
-    _check_out_dir(out, run.path, overwrite)
+    check_out_dir(out, run.path, overwrite)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise LvitError(f"--device {device}: no CUDA GPU is visible here; leave --device out to use the CPU.")
 
-    with _temporary_folder(out) as tmp:
+    with temporary_folder(out) as tmp:
         with _quiet_transformers():
             if projector_only:
                 result = _export_projector(run, tmp, target_dtype, tolerance, device)
@@ -144,7 +149,7 @@ def export(
                 "difference without 16-bit rounding; otherwise the run's base parts may have changed since "
                 "training (the recipe's model.vision_tower / model.language_model must be the same weights)."
             )
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     result.path = out
     log.info("exported %s run %s -> %s (%s)", result.kind, run.path, out, result.dtype)
     return result
@@ -299,60 +304,6 @@ def _check_shard_size(max_shard_size) -> None:
         raise LvitError(
             f"--max-shard-size {max_shard_size!r} is not a size; use e.g. 5GB, 500MB or a number of bytes."
         ) from None
-
-
-def _check_out_dir(out: Path, run_path: Path, overwrite: bool) -> None:
-    resolved, run_resolved = out.resolve(), run_path.resolve()
-    if resolved == run_resolved or resolved in run_resolved.parents:
-        raise LvitError(
-            f"lvit export: --out {out} is the run folder {run_path} or holds it; exporting there would "
-            "destroy the run. Choose a folder outside it."
-        )
-    if out.exists() and not out.is_dir():
-        raise LvitError(f"lvit export: --out {out} exists and is a file; choose a folder path.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise LvitError(
-            f"lvit export: --out {out} exists and is not empty; lvit does not overwrite it. Choose another "
-            "folder, remove it yourself, or pass --overwrite to replace it (only once the new export has passed "
-            "its self-check)."
-        )
-
-
-@contextmanager
-def _temporary_folder(out: Path) -> Iterator[Path]:
-    """A fresh sibling of `out` to write the export into; on any failure it is removed, with the parent
-    folders it created."""
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted export of this same process id
-    created = [p for p in reversed(tmp.parents) if not p.exists()]  # parent folders this export creates
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in reversed(created):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the checked export to `out`; an existing `out` (--overwrite) is replaced only now."""
-    old = None
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

@@ -55,7 +55,8 @@ class DataSection:
     folder's `skipped_records.jsonl`."""
     template: Literal["vicuna_v1", "plain", "auto"] = "vicuna_v1"
     """Conversation template; see `lvit/templates/`. `auto`: the language model's own chat template (Llama 3,
-    Qwen, Mistral, Gemma...; `lvit/templates/chat_template.py`), refused with the reason if lvit cannot split it exactly."""
+    Qwen, Mistral, Gemma...; `lvit/templates/chat_template.py`), refused with the reason if lvit cannot split it
+    exactly."""
     max_length: int = 2048
     """Longest sequence in tokens, image tokens included."""
     overlong: Literal["truncate", "drop", "error"] = "truncate"
