@@ -3,7 +3,8 @@
 User mistakes are raised as `LvitError` anywhere below a command; `LvitGroup.invoke` turns them into
 `error: <message>` on stderr and exit status 2, for every command and sub-command, whether the app
 runs from `main()` (the `lvit` script, `python -m lvit`) or is invoked directly (`typer.testing.CliRunner`).
-A training run stopped by SIGTERM / Ctrl-C after saving a checkpoint (`lvit.errors.Preempted`) becomes
+A training run stopped after saving a checkpoint (`lvit.errors.Stopped`: by SIGTERM / Ctrl-C, or at a record it
+cannot read, exit status 3) becomes
 `stopped by SIGTERM at step N; ...` and its own exit status (143 for SIGTERM, 130 for Ctrl-C).
 """
 
@@ -20,12 +21,13 @@ from lvit.cli import export, infer, train
 from lvit.cli.data import data_app
 from lvit.cli.eval import eval_app
 from lvit.cli.recipes import recipes_app
-from lvit.errors import LvitError, Preempted
+from lvit.errors import LvitError, Stopped
 
 
 class LvitGroup(TyperGroup):
     """The top-level group: an `LvitError` from any command below it becomes a message and exit status 2; a
-    preempted run (`Preempted`) its message and its own status (143 SIGTERM, 130 Ctrl-C)."""
+    run stopped after saving a checkpoint (`Stopped`) its message and its own status (143 SIGTERM, 130 Ctrl-C, 3 a
+    record it cannot read)."""
 
     def invoke(self, ctx):
         try:
@@ -33,7 +35,7 @@ class LvitGroup(TyperGroup):
         except LvitError as exc:  # an `Interrupted` says so, and exits 130 as a shell does on Ctrl-C
             typer.secho(f"{getattr(exc, 'label', 'error')}: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(getattr(exc, "exit_code", 2)) from None
-        except Preempted as exc:
+        except Stopped as exc:
             typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(exc.exit_status) from None
 

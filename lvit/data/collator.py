@@ -22,7 +22,7 @@ from lvit.data.dataset import Skipped, append_skipped
 from lvit.data.images import ImageLoader
 from lvit.data.packing import pack
 from lvit.data.records import conversation_from_row
-from lvit.errors import LvitError
+from lvit.errors import UnreadableRecord
 from lvit.templates.conversation import IGNORE_INDEX
 from lvit.templates.encoder import ConversationEncoder
 
@@ -75,7 +75,7 @@ class LlavaCollator:
                 shown = repr(row["image_path"]) if len(paths) == 1 else f"among {paths!r}"
                 message = f"cannot read image {shown}: {exc}"
                 if self.skipped_file is None:
-                    raise LvitError(f"record {row['id']!r}: {message}") from exc
+                    raise UnreadableRecord(f"record {row['id']!r}: {message}") from exc
                 self._leave_out(row, message)
                 loaded = [stand_in_image() for _ in sources]
                 stand_ins.add(i)

@@ -16,7 +16,7 @@ from lvit.data.collator import LlavaCollator
 from lvit.data.dataset import tidy_skipped, write_skipped
 from lvit.data.images import ImageLoader
 from lvit.data.shared import prepare_once
-from lvit.errors import LvitError
+from lvit.errors import BAD_RECORD_FIXES, BadRecordStop, LvitError, UnreadableRecord
 from lvit.eval.callback import eval_callbacks
 from lvit.model.encoder import conversation_encoder
 from lvit.model.stages import format_report, report_modules
@@ -146,12 +146,34 @@ class TrainingRun:
     def train(self) -> TrainingRun:
         resume_from = str(self.resume_from) if self.resume_from else None
         started = time.monotonic()
-        self.metrics = self.trainer.train(resume_from_checkpoint=resume_from).metrics
+        try:
+            self.metrics = self.trainer.train(resume_from_checkpoint=resume_from).metrics
+        except UnreadableRecord as exc:
+            raise self._stop_at(exc) from None
         self.wall_s = time.monotonic() - started
         stop = self.stop
         if stop.stopped_at is not None:
             raise Preempted(stop.signal_name, stop.stopped_at, self.out / f"checkpoint-{stop.stopped_at}")
         return self
+
+    def _stop_at(self, problem: UnreadableRecord) -> Exception:
+        """A record the header check passed cannot be read (a file cut off after its header, under
+        `data.on_bad_record: error`): keep the steps done. The weights are those of the last complete step (an
+        optimizer step never ran on the bad micro-batch), so they are saved as its checkpoint, with the run files,
+        and the run stops with `BadRecordStop`; the same command resumes there once the record is fixed or
+        skipped. Under several processes the other ranks cannot join a save, so that error says what to do."""
+        trainer = self.trainer
+        self.stop.on_train_end(trainer.args, trainer.state, trainer.control)  # the signal handlers go back
+        step = trainer.state.global_step
+        if trainer.args.world_size > 1 or step == 0:
+            why = "nothing trained yet" if step == 0 else "no checkpoint is saved under several processes"
+            return LvitError(f"{problem.problem} ({why}); {BAD_RECORD_FIXES}.")
+        folder = self.out / f"checkpoint-{step}"
+        if not folder.is_dir():  # not already saved at this step by save_steps
+            trainer._save_checkpoint(trainer.model, trial=None)
+            trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+        log.warning("a record cannot be read: the %d complete step(s) are saved in %s", step, folder)
+        return BadRecordStop(problem.problem, step, folder)
 
     @property
     def resumed_step(self) -> int:

@@ -1,0 +1,101 @@
+"""Fault injection through the CLI: a run off the happy path keeps its work. Each test plays one failure, then
+checks the exit status, the one message a user sees, and the files before and after: nothing lost, nothing
+overwritten, and the same command (with the fix the message names) carries on from where the run stopped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lvit.cli.app import app
+from lvit.errors import BAD_RECORD_STATUS
+from lvit.runs.files import LOG_FILE, RECIPE_FILE, RUN_INFO_FILE, SKIPPED_FILE, TRAINER_STATE_FILE
+from lvit.train.history import read_log
+
+pytestmark = pytest.mark.slow  # whole runs through the CLI, about 15 s
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _data_with_a_cut_image(tmp: Path, shapes_data, n_good: int, at: int) -> Path:
+    """`n_good` image records of the shapes data and, at position `at`, one whose file is cut off after an intact
+    header: the default header check passes it, only a decode (the collator's, mid-run) finds it."""
+    images = tmp / "images"
+    images.mkdir()
+    good = [r for r in json.loads(shapes_data["instruct"].read_text()) if "image" in r][:n_good]
+    for r in good:
+        shutil.copy(shapes_data["images"] / r["image"], images / r["image"])
+    (images / "cut.png").write_bytes((images / good[0]["image"]).read_bytes()[:60])
+    data = good[:at] + [{**good[0], "id": "cut", "image": "cut.png"}] + good[at:]
+    path = tmp / "data.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_an_unreadable_image_mid_run_saves_the_steps_done_and_the_same_command_resumes(
+    tmp_path, tiny_recipe, shapes_data
+):
+    data = _data_with_a_cut_image(tmp_path, shapes_data, n_good=5, at=3)  # the fourth sample
+    out = tmp_path / "run"
+    recipe = tiny_recipe.write(
+        tmp_path / "recipe.yaml",
+        out_dir=out,
+        data={"path": str(data), "image_folder": str(tmp_path / "images")},  # on_bad_record: error (the default)
+        global_batch_size=1,
+        training={
+            "per_device_train_batch_size": 1,
+            "max_steps": ...,
+            "num_train_epochs": 1,
+            "train_sampling_strategy": "sequential",
+        },
+    )
+    inputs = _files(tmp_path / "images") | {"data.json": data.read_bytes(), "recipe.yaml": recipe.read_bytes()}
+
+    dry = CliRunner().invoke(app, ["finetune", str(recipe), "--dry-run"])
+    assert dry.exit_code == 0, dry.output  # the header check passes a file cut off after its header
+
+    stopped = CliRunner().invoke(app, ["finetune", str(recipe)])
+    assert stopped.exit_code == BAD_RECORD_STATUS, stopped.output
+    message = " ".join(stopped.output.split())
+    # the data loader reads one batch ahead, so the steps before the bad record's, or all but the last of them
+    (checkpoint,) = out.glob("checkpoint-*")
+    step = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["global_step"]
+    assert step in (2, 3) and checkpoint.name == f"checkpoint-{step}" and (checkpoint / RECIPE_FILE).is_file()
+    assert f"stopped at step {step}: record 'cut': cannot read image 'cut.png'" in message
+    assert "data.on_bad_record=skip" in message and "lvit data check --decode" in message
+    assert str(checkpoint) in message and "Traceback" not in stopped.output
+    assert not (out / RUN_INFO_FILE).exists()  # not finished, and not claimed to be
+    assert _files(tmp_path / "images") | {"data.json": data.read_bytes(), "recipe.yaml": recipe.read_bytes()} == (
+        inputs
+    )
+
+    resumed = CliRunner().invoke(app, ["finetune", str(recipe), "data.on_bad_record=skip"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming from" in resumed.output and checkpoint.name in resumed.output
+    assert (out / RUN_INFO_FILE).is_file()
+    assert [e["step"] for e in read_log(out / LOG_FILE)] == [1, 2, 3, 4, 5, 6]  # every record a step, none twice
+    assert [json.loads(line)["id"] for line in (out / SKIPPED_FILE).read_text().splitlines()] == ["cut"]
+
+
+def test_an_unreadable_image_before_the_first_step_says_what_to_do(tmp_path, tiny_recipe, shapes_data):
+    data = _data_with_a_cut_image(tmp_path, shapes_data, n_good=3, at=0)
+    out = tmp_path / "run"
+    recipe = tiny_recipe.write(
+        tmp_path / "recipe.yaml",
+        out_dir=out,
+        data={"path": str(data), "image_folder": str(tmp_path / "images")},
+        global_batch_size=1,
+        training={"per_device_train_batch_size": 1, "max_steps": 2, "train_sampling_strategy": "sequential"},
+    )
+    result = CliRunner().invoke(app, ["finetune", str(recipe)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "record 'cut': cannot read image 'cut.png'" in message and "nothing trained yet" in message
+    assert "data.on_bad_record=skip" in message and "Traceback" not in result.output
+    assert not list(out.glob("checkpoint-*"))
