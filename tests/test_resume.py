@@ -163,3 +163,17 @@ def test_output_folder_rules(tmp_path):
     with pytest.raises(LvitError, match="finished run"):
         resume_checkpoint(out, None, "r.yaml")
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_stopped_while_saving_its_first_checkpoint_starts_afresh(tmp_path):
+    """A second Ctrl-C (or a kill) while the first checkpoint is being written leaves lvit's log and a checkpoint
+    cut off: the same command sets it aside (kept, not deleted) and starts afresh, never "not empty"."""
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "model.safetensors").write_bytes(b"half")
+    (out / "lvit_log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    set_aside_incomplete(out)
+    assert resume_checkpoint(out, None, "r.yaml") is None
+    assert (out / "incomplete-checkpoint-2" / "model.safetensors").read_bytes() == b"half"
+    with pytest.raises(LvitError, match="no checkpoint to resume from"):
+        resume_checkpoint(out, True, "r.yaml")

@@ -10,6 +10,7 @@ rotation can never delete the newest complete checkpoint in its favour.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from lvit.errors import LvitError
@@ -23,6 +24,10 @@ from lvit.runs.files import (
 )
 
 log = logging.getLogger(__name__)
+
+INCOMPLETE_PREFIX = "incomplete-"
+INCOMPLETE_NAME = re.compile(r"^incomplete-checkpoint-\d+(\.\d+)?$")
+"""A checkpoint cut off while saving, set aside by `set_aside_incomplete`."""
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -48,10 +53,10 @@ def set_aside_incomplete(out: Path) -> None:
     for folder in checkpoints(out):
         reason = incomplete_reason(folder)
         if reason:
-            target = folder.with_name(f"incomplete-{folder.name}")
+            target = folder.with_name(f"{INCOMPLETE_PREFIX}{folder.name}")
             n = 1
             while target.exists():
-                target, n = folder.with_name(f"incomplete-{folder.name}.{n}"), n + 1
+                target, n = folder.with_name(f"{INCOMPLETE_PREFIX}{folder.name}.{n}"), n + 1
             folder.rename(target)
             log.warning("%s is incomplete (%s); skipped and kept as %s", folder, reason, target.name)
 
@@ -63,8 +68,9 @@ def resume_checkpoint(out: Path, resume: bool | None, source: str) -> Path | Non
     requires one; `False` refuses any non-empty folder. A folder holding a finished run, or files
     but no checkpoint, is never written into.
     """
-    # lvit's own logs and nothing else: a run stopped before its first checkpoint; it starts afresh
-    if not out.exists() or all(p.name in OWN_LOG_FILES for p in out.iterdir()):
+    # lvit's own logs and checkpoints set aside, nothing else: a run stopped before its first complete checkpoint
+    # (a kill, or a second Ctrl-C while the first was saving); it starts afresh, the set-aside ones kept
+    if not out.exists() or all(p.name in OWN_LOG_FILES or INCOMPLETE_NAME.match(p.name) for p in out.iterdir()):
         if resume:
             raise LvitError(f"--resume: {out} holds no checkpoint to resume from (training.output_dir in {source}).")
         return None
