@@ -99,3 +99,34 @@ def test_an_unreadable_image_before_the_first_step_says_what_to_do(tmp_path, tin
     assert "record 'cut': cannot read image 'cut.png'" in message and "nothing trained yet" in message
     assert "data.on_bad_record=skip" in message and "Traceback" not in result.output
     assert not list(out.glob("checkpoint-*"))
+
+
+def test_a_second_ctrl_c_while_the_first_checkpoint_saves_leaves_a_folder_the_same_command_resumes(
+    tmp_path, tiny_recipe, monkeypatch
+):
+    """The stop message invites a second Ctrl-C; pressed while the first checkpoint is being written, it cuts the
+    save off. The same command then sets that checkpoint aside (kept) and trains afresh; no card of TRL's or
+    anything else makes the folder look like someone else's."""
+    from transformers import Trainer
+
+    out = tmp_path / "run"
+    recipe = tiny_recipe.write(
+        tmp_path / "recipe.yaml", out_dir=out, training={"save_strategy": "steps", "save_steps": 1, "max_steps": 2}
+    )
+    real = Trainer._save_optimizer_and_scheduler
+
+    def cut_off(self, output_dir):  # the weights are written, then the second Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", cut_off)
+    interrupted = CliRunner().invoke(app, ["finetune", str(recipe)])
+    assert interrupted.exit_code == 130, interrupted.output
+    left = sorted(p.name for p in out.iterdir())
+    assert left == ["checkpoint-1", LOG_FILE], left  # lvit's log and the cut-off checkpoint, nothing else
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", real)
+
+    again = CliRunner().invoke(app, ["finetune", str(recipe)])
+    assert again.exit_code == 0, again.output
+    assert "checkpoint-1 is incomplete" in " ".join(again.output.split())
+    assert (out / "incomplete-checkpoint-1").is_dir() and (out / RUN_INFO_FILE).is_file()
+    assert [e["step"] for e in read_log(out / LOG_FILE)] == [1, 2]

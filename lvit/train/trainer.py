@@ -134,6 +134,12 @@ class LlavaTrainer(SFTTrainer):
         self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return loss
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """No TRL card: TRL writes one into the output folder at every checkpoint (a text model "fine-tuned from
+        None"), and a run stopped while saving its first checkpoint then left a folder that looked like another's
+        (`lvit.runs.resume`). lvit writes its own card into the run folder and each checkpoint
+        (`lvit.runs.files.run_card`)."""
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # docs/stack-notes.md#resume-legacy-keys: transformers 5.24 and 5.25 (checked) write LLaVA checkpoints with
         # the legacy key names (`language_model.model.*`) but resume with `load_state_dict(strict=False)` under the
