@@ -130,3 +130,38 @@ def test_a_second_ctrl_c_while_the_first_checkpoint_saves_leaves_a_folder_the_sa
     assert "checkpoint-1 is incomplete" in " ".join(again.output.split())
     assert (out / "incomplete-checkpoint-1").is_dir() and (out / RUN_INFO_FILE).is_file()
     assert [e["step"] for e in read_log(out / LOG_FILE)] == [1, 2]
+
+
+def test_a_resume_with_changed_settings_is_refused_before_the_model_loads_and_recorded_when_allowed(
+    tmp_path, tiny_recipe
+):
+    """A resume continues the checkpoint's optimizer, schedule and data order: another learning rate or batch size
+    is refused (dry run and run alike) with the list of changes; a logging change passes; `--allow-changed` lets a
+    change through, and the run folder records which segment ran with what."""
+    out = tmp_path / "run"
+    recipe = tiny_recipe.write(
+        tmp_path / "recipe.yaml",
+        out_dir=out,
+        training={"save_strategy": "steps", "save_steps": 1, "max_steps": 1},
+    )
+    assert CliRunner().invoke(app, ["finetune", str(recipe)]).exit_code == 0
+    (out / RUN_INFO_FILE).unlink()  # as if stopped after step 1: checkpoint-1 is where it resumes
+    (out / "model.safetensors").unlink()
+    for name in [p.name for p in out.iterdir() if p.is_file() and p.name not in (LOG_FILE,)]:
+        (out / name).unlink()
+    before = _files(out)
+    more = ["training.max_steps=2"]
+    for argv in (["--dry-run"], []):
+        result = CliRunner().invoke(app, ["finetune", str(recipe), *more, "training.learning_rate=1e-4", *argv])
+        message = " ".join(result.output.split())
+        assert result.exit_code == (1 if argv else 2), result.output
+        assert "training.learning_rate: 0.003 -> 0.0001" in message and "training.max_steps: 1 -> 2" in message
+        assert "--allow-changed" in message and "Traceback" not in result.output
+        assert _files(out) == before  # nothing written, nothing loaded
+
+    allowed = ["--allow-changed", "training.max_steps", "training.logging_steps=2"]
+    result = CliRunner().invoke(app, ["finetune", str(recipe), *more, *allowed])
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / RUN_INFO_FILE).read_text())
+    assert [(s["from_step"], s["to_step"]) for s in info["segments"]] == [(0, 1), (1, 2)]
+    assert info["segments"][1]["changed"] == {"training.logging_steps": [1, 2], "training.max_steps": [1, 2]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from lvit.errors import LvitError
-from lvit.runs.files import LOG_FILE, PLOT_FILE
+from lvit.runs.files import LOG_FILE, PLOT_FILE, RUN_INFO_FILE
 from lvit.runs.resume import incomplete_reason, resume_checkpoint, set_aside_incomplete
 from lvit.train.history import read_log
 
@@ -135,7 +136,12 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_recipe, tmp_path
     assert [e["step"] for e in entries] == list(range(1, 41))
     assert [e["loss"] for e in entries] == pytest.approx([e["loss"] for e in read_log(reference / LOG_FILE)], rel=1e-5)
     assert (out / PLOT_FILE).is_file()
-    assert f"(this part; resumed at step {step})" in again.stderr
+    assert f"(the whole run; resumed at step {step})" in again.stderr
+    # the headline loss is the whole run's, as the straight run's; each segment is on record
+    info, straight = (json.loads((folder / RUN_INFO_FILE).read_text()) for folder in (out, reference))
+    assert info["metrics"]["train_loss"] == pytest.approx(straight["metrics"]["train_loss"], rel=1e-4)
+    assert [(s["from_step"], s["to_step"]) for s in info["segments"]] == [(0, step), (step, 40)]
+    assert info["metrics"]["train_runtime"] == pytest.approx(sum(s["runtime_s"] for s in info["segments"]), abs=0.01)
 
 
 def test_output_folder_rules(tmp_path):

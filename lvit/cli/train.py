@@ -20,6 +20,13 @@ def finetune(
         "--resume/--no-resume",
         help="Continue from the newest complete checkpoint in the output folder (default: when there is one).",
     ),
+    allow_changed: list[str] = typer.Option(
+        None,
+        "--allow-changed",
+        metavar="KEY",
+        help="Resume although the recipe's KEY (e.g. training.learning_rate) differs from the checkpoint's; "
+        "repeat for several. Without it such a resume is refused with the list of changes.",
+    ),
 ) -> None:
     """Train one stage as described by RECIPE.
 
@@ -28,7 +35,9 @@ def finetune(
 
     Exit status: 0 trained; 1 --dry-run found problems; 2 an error (the message says what to fix); 143 stopped
     by SIGTERM (130: Ctrl-C) after saving a checkpoint at the end of the current step: run the same command to
-    resume from it (a scheduler may requeue on 143).
+    resume from it (a scheduler may requeue on 143); 3 stopped at a record it cannot read, the steps done saved:
+    fix the record or set data.on_bad_record=skip, and run the same command. A resume keeps the settings the run
+    trained with: a changed learning rate, batch size, data or model is refused unless --allow-changed names it.
     """
     from lvit.console import quiet_libraries
     from lvit.recipe.load import load_recipe
@@ -39,12 +48,12 @@ def finetune(
     if dry_run:
         from lvit.train.dry_run import dry_run as do_dry_run
 
-        result = do_dry_run(rec, resume=resume)
+        result = do_dry_run(rec, resume=resume, allow_changed=tuple(allow_changed or ()))
         _print_dry_run(result)
         raise typer.Exit(0 if result.ok else 1)
     from lvit.train.run import run
 
-    out = run(rec, resume=resume)
+    out = run(rec, resume=resume, allow_changed=tuple(allow_changed or ()))
     typer.echo(f"done: run saved in {out}")
 
 

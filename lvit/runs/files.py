@@ -187,7 +187,16 @@ def recipe_with_absolute_paths(recipe: Recipe) -> dict:
     return raw
 
 
-def run_info(recipe: Recipe, metrics: dict | None = None, skipped: int = 0) -> dict:
+def read_run_info(folder: str | Path) -> dict | None:
+    """The parsed `lvit_run.json` of a run folder or checkpoint, or None if it is missing or unreadable."""
+    path = Path(folder) / RUN_INFO_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def run_info(recipe: Recipe, metrics: dict | None = None, skipped: int = 0, segments: list | None = None) -> dict:
     """What `lvit_run.json` says about a run (also written into every checkpoint).
 
     Model and data paths are absolute (as in the saved recipe); `given_paths` holds the relative ones as the
@@ -208,6 +217,8 @@ def run_info(recipe: Recipe, metrics: dict | None = None, skipped: int = 0) -> d
         "recipe": recipe.source,
         "skipped_records": skipped,  # invalid (on_bad_record=skip), too long or undecodable: skipped_records.jsonl
         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        # the parts of a resumed run: the step each started at, when, the settings it changed, its time
+        "segments": segments or [],
     }
 
 

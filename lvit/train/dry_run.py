@@ -23,6 +23,7 @@ from lvit.recipe.schema import Recipe
 from lvit.runs.resume import resume_checkpoint
 from lvit.train.checks import check_data_inputs
 from lvit.train.config import build_sft_config
+from lvit.train.segments import check_resume
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,10 @@ class DryRun:
         return all(check.passed for check in self.checks)
 
 
-def dry_run(recipe: Recipe, resume: bool | None = None) -> DryRun:
+def dry_run(recipe: Recipe, resume: bool | None = None, allow_changed: tuple[str, ...] = ()) -> DryRun:
     """Check `recipe` (structure, training section, batch arithmetic, data, model sources, records, output
-    folder, reporting integrations); loads no model. `resume` as for `lvit.train.run`."""
+    folder and what a resume would change, reporting integrations); loads no model. `resume`, `allow_changed` as
+    for `lvit.train.run.run`."""
 
     result = DryRun(recipe)
 
@@ -108,7 +110,7 @@ def dry_run(recipe: Recipe, resume: bool | None = None) -> DryRun:
         _check_records(recipe, report)
     else:
         result.items.append("  note the records were not checked (the data or a model source is missing)")
-    _check_output_folder(recipe, args, resume, report)
+    _check_output_folder(recipe, args, resume, report, allow_changed)
     try:
         check_report_to(recipe)
         report(True, f"training.report_to: {recipe.training.get('report_to', 'none')}")
@@ -133,13 +135,16 @@ def _check_records(recipe: Recipe, report) -> None:
     )
 
 
-def _check_output_folder(recipe: Recipe, args, resume: bool | None, report) -> None:
-    """The output folder, by `resume_checkpoint`'s rules (which only read it)."""
+def _check_output_folder(recipe: Recipe, args, resume: bool | None, report, allow_changed=()) -> None:
+    """The output folder, by `resume_checkpoint`'s rules (which only read it), and a resume's settings
+    (`check_resume`), as the run checks them."""
     out = Path(args.output_dir if args is not None else recipe.training.get("output_dir", ""))
     if args is None and not str(out):
         return
     try:
         checkpoint = resume_checkpoint(out, resume, recipe.source)
+        if checkpoint is not None:
+            check_resume(recipe, checkpoint, allow_changed)
     except LvitError as exc:
         report(False, "output folder", str(exc))
         return

@@ -29,6 +29,7 @@ from lvit.train.checks import check_inputs
 from lvit.train.config import build_sft_config
 from lvit.train.preemption import GracefulStop, Preempted
 from lvit.train.save import RunFilesCallback, save_run
+from lvit.train.segments import check_resume, earlier_segments, whole_run_metrics
 from lvit.train.summary import summarize
 from lvit.train.trainer import LlavaTrainer
 
@@ -47,9 +48,10 @@ class TrainingRun:
     `run(recipe)` does all three.
     """
 
-    def __init__(self, recipe: Recipe, resume: bool | None = None):
+    def __init__(self, recipe: Recipe, resume: bool | None = None, allow_changed: tuple[str, ...] = ()):
         self.recipe = recipe
         self.resume = resume
+        self.allow_changed = tuple(allow_changed)
         self.trainer: LlavaTrainer | None = None
         self.out: Path | None = None
         self.resume_from: Path | None = None
@@ -70,6 +72,11 @@ class TrainingRun:
         args.distributed_state.wait_for_everyone()  # every rank decided before rank 0 writes anything
         if self.resume_from is not None:
             log.info("resuming from %s", self.resume_from)
+            # before any model loads: a resume trains on with the settings it trained with (lvit.train.segments)
+            segment = check_resume(recipe, self.resume_from, self.allow_changed)
+            self.segments = [*earlier_segments(self.resume_from), segment]
+        else:
+            self.segments = [{"from_step": 0, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": {}}]
 
         model, processor = build_model(recipe, args)
         if main:
@@ -128,7 +135,7 @@ class TrainingRun:
             data_collator=collator,
             processing_class=processor,
             callbacks=[
-                RunFilesCallback(recipe, processor),
+                RunFilesCallback(recipe, processor, self.segments),
                 self.stop,
                 *eval_callbacks(recipe, processor, encoder, args, eval_questions),
             ],
@@ -188,25 +195,30 @@ class TrainingRun:
         prepared = self.prepared
         # the final count, with images that failed to decode mid-run (skip): what skipped_records.jsonl lists
         left_out = tidy_skipped(self.skipped_file) if self.main else len(prepared.skipped)
-        save_run(self.trainer, self.recipe, self.processor, self.metrics, skipped=left_out)
+        steps, wall = self.trainer.state.global_step, getattr(self, "wall_s", 0.0)
+        self.segments[-1].update(to_step=steps, runtime_s=round(float(self.metrics.get("train_runtime", wall)), 3))
+        # the headline figures cover the whole run, its earlier segments included (lvit.train.segments)
+        self.metrics = whole_run_metrics(self.metrics, self.history_entries(), self.segments, self.resumed_step, steps)
+        save_run(self.trainer, self.recipe, self.processor, self.metrics, left_out, self.segments)
         if left_out and self.main:
             log.warning(
                 "%d of %d record(s) were left out of training (see %s)", left_out, prepared.total, self.skipped_file
             )
         if self.main:
             history.plot_history(self.history_entries(), self.out, title=str(self.out))
-            log.info("%s", summarize(self, getattr(self, "wall_s", 0.0), left_out or len(prepared.skipped)).format())
+            whole = sum(float(s.get("runtime_s") or 0.0) for s in self.segments)
+            log.info("%s", summarize(self, whole, left_out or len(prepared.skipped)).format())
         return self.out
 
 
-def run(recipe: Recipe, resume: bool | None = None) -> Path:
+def run(recipe: Recipe, resume: bool | None = None, allow_changed: tuple[str, ...] = ()) -> Path:
     """Train one recipe and save the run; returns the run folder (see `TrainingRun`).
 
     An output folder holding checkpoints of an unfinished run is resumed from its newest complete
     checkpoint (`resume=None`, the default; `True` requires one, `False` refuses). A folder holding
     anything else is never written into.
     """
-    return TrainingRun(recipe, resume).setup().train().save()
+    return TrainingRun(recipe, resume, allow_changed).setup().train().save()
 
 
 def _setup_logging(main: bool) -> None:

@@ -29,7 +29,7 @@ class RunSummary:
     def format(self) -> str:
         wall = _duration(self.wall_s)
         if self.resumed_from_step:
-            wall += f" (this part; resumed at step {self.resumed_from_step})"
+            wall += f" (the whole run; resumed at step {self.resumed_from_step})"
         parts = [f"{self.steps} steps", f"{self.samples:,} samples"]
         if self.tokens:
             parts.append(f"{self.tokens:,} tokens")
