@@ -140,7 +140,7 @@ def test_plain_template_rejects_two_captions(tmp_path, shapes_data, plain_encode
 
 def test_empty_data_file(tmp_path, shapes_data, encoder):
     path = write_records(tmp_path, [])
-    with pytest.raises(LvitError, match="no records"):
+    with pytest.raises(LvitError, match="holds no record"):
         prepare(data_section(path, shapes_data), encoder)
 
 
@@ -240,9 +240,14 @@ def test_sample_of_exactly_max_length_is_not_overlong(tmp_path, shapes_data, enc
 
 def test_every_record_dropped_is_an_error(overlong_case, shapes_data, encoder):
     path, enc, _ = overlong_case
-    too_small = min(len(e.input_ids) for e in enc.values()) - 1
-    with pytest.raises(LvitError, match=f"every record was dropped as too long for data.max_length={too_small}"):
+    lengths = [len(e.input_ids) for e in enc.values()]
+    too_small = min(lengths) - 1
+    with pytest.raises(LvitError) as info:
         prepare(data_section(path, shapes_data, max_length=too_small, overlong="drop"), encoder)
+    assert (
+        f"every trainable record is too long for data.max_length {too_small}; the shortest needs data.max_length >= "
+        f"{min(lengths)}, every record fits in {max(lengths)}"
+    ) in str(info.value)
 
 
 def test_write_skipped_writes_one_json_line_per_record(overlong_case, shapes_data, encoder, tmp_path):

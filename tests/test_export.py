@@ -158,8 +158,10 @@ def test_model_card_names_the_parts(exports, tiny_parts):
     vision, lm = tiny_parts
     _, result, _ = exports["qlora-checkpoint"]
     card = (result.path / "README.md").read_text()
-    for needed in (str(vision), str(lm), "QLoRA", "checkpoint-2", "projector", "linear", "vicuna_v1"):
+    for needed in (f".../{vision.name}", f".../{lm.name}", "QLoRA", "checkpoint-2", "projector", "linear", "vicuna_v1"):
         assert needed in card, needed
+    # no folder of the machine that trained it: the card travels with the export
+    assert str(vision.parent) not in card and str(result.path.parent) not in card
     assert "LlavaForConditionalGeneration.from_pretrained" in card and "apply_chat_template" in card
     assert f"{result.max_abs_diff:.3g}" in card
     assert "method: qlora" in card  # the recipe, embedded
@@ -367,7 +369,7 @@ def test_model_card_snippet_runs_as_written(exports, shapes_data, tmp_path, name
     snippet = blocks[0]
     folder = _bos_adding_copy(result.path, tmp_path / "export")
     image = _rotated_transparent_image(shapes_data, tmp_path / "image.png")
-    for old, new in ((f'path = "{result.path}"', f'path = "{folder}"'), ('"image.jpg"', f'"{image}"')):
+    for old, new in ((f'path = "path/to/{result.path.name}"', f'path = "{folder}"'), ('"image.jpg"', f'"{image}"')):
         assert snippet.count(old) == 1, old
         snippet = snippet.replace(old, new)
     pixels = tmp_path / "pixels.pt"
@@ -577,8 +579,19 @@ def test_run_folders_and_checkpoints_carry_lvits_run_card(tiny_runs, kind):
         card = (folder / "README.md").read_text()
         assert card.startswith(f"# {folder.name}\n") and what in card, card
         assert "library_name" not in card and "huggingface.co/None" not in card
-        assert f"lvit export {folder}" in card
-        assert str(tiny_runs[kind].recipe.model.language_model) in card
+        assert f"lvit export {folder.name}" in card
+        assert f".../{Path(tiny_runs[kind].recipe.model.language_model).name}" in card
+        assert str(folder.parent) not in card  # no folder of the machine that trained it
     if kind == "align":  # a stage-1 checkpoint holds the whole model; the finished run only the projector
         assert "projector.safetensors" in (out / "README.md").read_text()
         assert "the whole LLaVA model" in (out / "checkpoint-2" / "README.md").read_text()
+
+
+def test_cards_name_hub_models_and_no_local_folder(tmp_path):
+    """A card's `base_model:` lists Hub ids only; a local path is shown by its last part (no machine's folders)."""
+    from lvit.runs.files import is_hub_id, portable
+
+    assert is_hub_id("lmsys/vicuna-13b-v1.5") and is_hub_id("openai/clip-vit-large-patch14")
+    assert not is_hub_id(str(tmp_path)) and not is_hub_id("./parts/lm") and not is_hub_id("/gone/parts/lm")
+    assert portable("/home/me/models/vicuna-13b") == ".../vicuna-13b"
+    assert portable("lmsys/vicuna-13b-v1.5") == "lmsys/vicuna-13b-v1.5"

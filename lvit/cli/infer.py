@@ -30,7 +30,7 @@ def chat(
 ) -> None:
     """Talk to a trained model about an image (or several); answers stream as they are generated."""
     quiet_model_libraries()
-    from lvit.infer.chat import ChatSession, check_image, interactive
+    from lvit.infer.chat import ChatSession, check_image, check_placeholders, interactive
     from lvit.infer.generation import GenerationSettings
     from lvit.infer.load import load_model
     from lvit.runs.files import parse_base_model
@@ -39,6 +39,8 @@ def chat(
     settings.kwargs()  # check the values before the model loads
     images = list(image or [])
     check_image(images)  # and every image
+    if prompt is not None:
+        check_placeholders([prompt], len(images))
     loaded = load_model(model, load_4bit=load_4bit, device=device, base_model=parse_base_model(base_model))
     session = ChatSession(loaded, images, settings)
     if prompt is not None:

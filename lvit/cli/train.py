@@ -86,6 +86,8 @@ def demo(
     ),
 ) -> None:
     """Train a tiny LLaVA end to end on synthetic data (stage 1, then stage 2). Downloads nothing."""
+    from lvit.console import quiet_libraries
     from lvit.demo.run import format_summary, run_demo
 
+    quiet_libraries()  # as for finetune: library notices a user cannot act on stay off the console
     typer.echo(format_summary(run_demo(out, overwrite=overwrite, ablation=ablation, quick=quick)))

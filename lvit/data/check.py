@@ -56,6 +56,22 @@ class Inspection:
     def warnings(self) -> list[RecordError]:
         return [p for p in self.problems if p.severity != "error"]
 
+    @property
+    def trainable(self) -> int:
+        return len(self.usable) - (len(self.dropped) if self.overlong else 0)
+
+    def max_length_needed(self) -> tuple[int, int] | None:
+        """(the smallest data.max_length that keeps one record, the one that keeps every record) under the
+        over-long policy; None without measured lengths."""
+        lengths = self.lengths
+        if lengths is None or not lengths.total:
+            return None
+        if self.overlong == "truncate":  # the image whole and one answer token
+            need = [max(e, f + 1) for e, f in zip(lengths.image_end, lengths.first_trained, strict=True)]
+        else:
+            need = list(lengths.total)
+        return min(need), max(need)
+
 
 def inspect_data(
     path: str | Path,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from lvit.data.check import Inspection, inspect_data
 from lvit.data.records import Record
-from lvit.data.report import CheckReport
+from lvit.data.report import CheckReport, nothing_to_train
 from lvit.data.sources import is_embedded
 from lvit.errors import LvitError
 from lvit.runs.files import SKIPPED_FILE
@@ -111,12 +111,8 @@ def inspect_for_training(data, encoder: ConversationEncoder, source: str = "<rec
             f"data.overlong is 'error' (in {source}):\n  {shown}\n"
             "Raise data.max_length, or set data.overlong to 'truncate' or 'drop'."
         )
-    if insp.total == 0:
-        raise LvitError(f"{data.path}: no records (data.path in {source}).")
-    if len(insp.usable) == len(insp.dropped):  # the dropped are usable records too long to keep
-        if insp.dropped:
-            raise LvitError(f"{data.path}: every record was dropped as too long for data.max_length={data.max_length}.")
-        raise LvitError(f"{data.path}: no record can be trained on (data.path in {source}); see the problems above.")
+    if not insp.trainable:
+        raise LvitError(f"{data.path} (data.path in {source}): {nothing_to_train(insp)}.")
     if insp.warnings:
         kinds = Counter(p.kind for p in insp.warnings)
         log.info(

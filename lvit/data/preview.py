@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lvit.data.check import encoder_from_recipe
-from lvit.data.reader import read_records
+from lvit.data.check import check_record_images, encoder_from_recipe, overlong_reason
+from lvit.data.reader import ReadResult, read_all
 from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER
 
 
@@ -26,7 +26,9 @@ class Sample:
     length: int
     """Tokens before the cut at data.max_length."""
     refused: str | None = None
+    """Why training would leave this record out (then it is no sample)."""
     image_token_id: int | None = None
+    index: int = 0
 
     def to_json(self) -> dict:
         if self.refused is not None:
@@ -35,18 +37,31 @@ class Sample:
 
 
 def preview(recipe, n: int = 3) -> list[Sample]:
-    """The first `n` records of the recipe's data as samples (a record the template refuses is listed with why)."""
+    """The first `n` records of the recipe's data as samples, in file order. A record training would leave out is
+    listed with why, never shown as a sample: an invalid record, a missing or unreadable image, a record the
+    template refuses, one too long for `data.max_length` under `data.overlong`."""
 
     data = recipe.data
     encoder = encoder_from_recipe(recipe)
-    records, _, _ = read_records(data.path, fmt=getattr(data, "format", "auto"))
+    read = read_all(data.path, getattr(data, "format", "auto"))
+    first = [r for r in read.records if r.index < n]
+    head = ReadResult(read.format, first, [], read.total, {})
+    records, image_problems = check_record_images(head, data.image_folder)
+    left_out = {p.index: str(p) for p in [*read.problems, *image_problems] if p.index is not None and p.index < n}
     samples = []
-    for record in records[:n]:
+    for record in sorted([*records], key=lambda r: r.index):
+        if record.index in left_out:
+            continue
         try:
             rendered = encoder.render(record.conversation)
             enc = encoder.encode(record.conversation)
         except ValueError as exc:
-            samples.append(Sample(record.id, [], [], "", [], 0, refused=str(exc)))
+            left_out[record.index] = f"{record.where}: refused by the template: {exc}"
+            continue
+        total = len(enc.input_ids)
+        reason = overlong_reason(total, enc.image_end, enc.first_trained, data.max_length, data.overlong)
+        if reason is not None:
+            left_out[record.index] = f"{record.where}: too long ({reason}; data.overlong: {data.overlong})"
             continue
         ids, labels = enc.input_ids[: data.max_length], enc.labels[: data.max_length]
         samples.append(
@@ -56,11 +71,19 @@ def preview(recipe, n: int = 3) -> list[Sample]:
                 labels,
                 _marked_text(rendered, encoder.num_image_tokens),
                 encoder.tokenizer.convert_ids_to_tokens(ids),
-                len(enc.input_ids),
+                total,
                 image_token_id=encoder.image_token_id,
+                index=record.index,
             )
         )
-    return samples
+    samples += [Sample(_id_of(why), [], [], "", [], 0, refused=why, index=i) for i, why in left_out.items()]
+    return sorted(samples, key=lambda sample: sample.index)
+
+
+def _id_of(why: str) -> str:
+    """The record's id as a problem names it (`record #3 (id 'x')`), else its place."""
+    start = why.find("(id ")
+    return why[start + 5 : why.index("'", start + 5)] if start >= 0 else why.split(":", 1)[0]
 
 
 def _marked_text(rendered, n_image: int) -> str:
@@ -87,7 +110,7 @@ def _marked_text(rendered, n_image: int) -> str:
 def format_sample(sample: Sample, max_length: int | None = None) -> str:
     """The sample as text: a header, the text with [trained spans], one row per token (image tokens: one row)."""
     if sample.refused is not None:
-        return f"record {sample.id!r}: refused by the template: {sample.refused}"
+        return f"left out of training: {sample.refused}"
     trained = sum(label != IGNORE_INDEX for label in sample.labels)
     cut = f", cut to data.max_length {max_length}" if sample.length > len(sample.input_ids) else ""
     lines = [

@@ -38,7 +38,9 @@ def read_all(path: str | Path, fmt: str = "auto", require_answer: bool = True) -
     problems = [
         RecordError(
             where_of(index, None, line),
-            f"not valid JSON ({message}); each line of a .jsonl file is one complete record",
+            message
+            if "not UTF-8" in message
+            else f"not valid JSON ({message}); each line of a .jsonl file is one complete record",
             "invalid_json",
             index=index,
             line=line,
@@ -101,7 +103,7 @@ def first_records(path: str | Path, fmt: str = "auto", limit: int = 200, require
         source.dataset = source.dataset.select(range(min(limit, len(source.dataset))))
         raws, lines, schema = source.read_rows(), [None] * limit, source.schema
     else:
-        raws, lines = _first_json_rows(path, limit)
+        raws, lines = first_json_rows(path, limit)
         schema = fmt if fmt in ("llava", "chat") else detect_format(path, raws)
     norm = normalise_chat if schema == "chat" else normalise
     records = []
@@ -115,11 +117,11 @@ def first_records(path: str | Path, fmt: str = "auto", limit: int = 200, require
     return records
 
 
-def _first_json_rows(path: Path, limit: int) -> tuple[list, list[int | None]]:
+def first_json_rows(path: Path, limit: int) -> tuple[list, list[int | None]]:
     """The first `limit` rows of a JSON list or JSON Lines file (a row that does not parse is None), and their line
     numbers (None in a JSON list)."""
     raws: list = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig", errors="replace") as f:  # a look at the data: a bad byte is a bad row
         text = f.read(4096)
         if text.lstrip().startswith("["):
             text += f.read()

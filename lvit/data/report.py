@@ -46,7 +46,8 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        return not self.inspection.errors
+        """No error, and something to train on."""
+        return not self.inspection.errors and self.inspection.trainable > 0
 
     def summary(self) -> dict:
         insp = self.inspection
@@ -58,7 +59,7 @@ class CheckReport:
             "recipe": self.recipe,
             "ok": self.ok,
             "records": insp.total,
-            "trainable": len(insp.usable) - (len(insp.dropped) if insp.overlong else 0),
+            "trainable": insp.trainable,
             "images": len(with_image),
             "unique_images": len({i for r in with_image for i in r.images}),
             "text_only": len(insp.parsed) - len(with_image),
@@ -145,9 +146,25 @@ class CheckReport:
             if errors
             else "no errors"
         )
+        if not self.inspection.trainable:
+            lines.append(nothing_to_train(self.inspection))
         return "\n".join(lines)
 
 
 def format_problem(p: RecordError) -> str:
     tag = p.kind if p.severity == "error" else f"{p.kind}, warning"
     return f"{p.where}: {p.reason} [{tag}]"
+
+
+def nothing_to_train(insp: Inspection) -> str:
+    """Why no record would train, and what would change that."""
+    if not insp.total:
+        return "nothing to train on: the data holds no record"
+    needed = insp.max_length_needed()
+    if insp.dropped and needed is not None:
+        least, every = needed
+        return (
+            f"nothing to train on: every trainable record is too long for data.max_length {insp.max_length}; the "
+            f"shortest needs data.max_length >= {least}, every record fits in {every}"
+        )
+    return "nothing to train on: no record is free of errors"

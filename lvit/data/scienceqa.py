@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from lvit.errors import LvitError
-from lvit.llm.json_files import read_json
+from lvit.textfiles import read_json
 
 OPTIONS = ("A", "B", "C", "D", "E")  # LLaVA's `options` default
 ANSWER_FORMATS = ("lecture-solution", "letter")

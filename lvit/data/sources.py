@@ -18,11 +18,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import NamedTuple
 
 from lvit.errors import LvitError
-from lvit.llm.json_files import json_lines, parse_json, read_text
+from lvit.textfiles import BOM, decode, json_lines, parse_json, read_text
 
 HF_SUFFIXES = (".parquet", ".arrow")
 TEXT_COLUMNS = {"llava": "conversations", "chat": "messages"}
@@ -78,19 +79,40 @@ def read_json_rows(path: str | Path) -> tuple[list, list[int | None], list[tuple
     line that does not parse is one `broken` entry (its row is None), and the read goes on.
     """
     path = Path(path)
-    text = read_text(path, "data file")
-    if text.lstrip().startswith("["):
-        data = parse_json(text, path, list, "a JSON list of records")
-        return data, [None] * len(data), []
+    if not path.is_file():
+        read_text(path, "data file")  # the error that names it
+    data = path.read_bytes()
+    start = data.lstrip().removeprefix(BOM.encode()).lstrip()[:1]
+    if start in (b"[", b"{") and not _one_object_per_line(data):
+        parsed = parse_json(decode(data, path), path, list, _NOT_A_LIST)
+        return parsed, [None] * len(parsed), []
     raws: list = []
     lines: list[int | None] = []
     broken: list[tuple[int, int, str]] = []
-    for lineno, raw, why in json_lines(text):
+    for lineno, raw, why in json_lines(data, path):
         raws.append(raw)
         lines.append(lineno)
         if why is not None:
             broken.append((len(raws) - 1, lineno, why))
     return raws, lines, broken
+
+
+_NOT_A_LIST = (
+    "a JSON list of records ([{...}, {...}]) or JSON Lines (one record per line); a file holding one object is "
+    "neither: wrap it in [ ] or put each record on its own line"
+)
+
+
+def _one_object_per_line(data: bytes) -> bool:
+    """Whether a file that starts with `{` is JSON Lines (its first line is a whole object), not one object."""
+    first = data.lstrip().removeprefix(BOM.encode()).lstrip().split(b"\n", 1)[0]
+    if not first.startswith(b"{"):
+        return False
+    try:
+        json.loads(first)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

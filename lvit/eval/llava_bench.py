@@ -39,9 +39,9 @@ from lvit.eval.predictions import (
 )
 from lvit.llm.endpoint import ChatClient, Endpoint
 from lvit.llm.job import run_requests, usage_summary
-from lvit.llm.json_files import json_lines, read_text
 from lvit.llm.jsonl_log import read_rows
 from lvit.llm.prompt_file import load_prompt
+from lvit.textfiles import json_lines, read_text
 
 log = logging.getLogger(__name__)
 

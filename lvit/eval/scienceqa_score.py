@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lvit.data.scienceqa import OPTIONS, to_record
 from lvit.errors import LvitError
-from lvit.llm.json_files import read_json
+from lvit.textfiles import read_json
 
 FAILED = "FAILED"
 # LLaVA's pattern, unescaped dot included: "The answer is B," matches as well.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lvit.runs.files import RUN_INFO_FILE
+from lvit.runs.files import PATH_KEYS, RECIPE_FILE, RUN_INFO_FILE, is_hub_id, portable
 
 _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -58,7 +58,7 @@ def model_card(run, result, out: Path) -> str:
     stage = "stage 1 (align: only the projector trained)" if recipe.stage == "align" else "stage 2 (finetune)"
     method = {"align": "projector only", "full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA (4-bit NF4 base)"}
     checkpoint = run.path.name if run.is_checkpoint else None
-    hub_ids = [m for m in (recipe.model.vision_tower, recipe.model.language_model) if not Path(m).exists()]
+    hub_ids = [m for m in (recipe.model.vision_tower, recipe.model.language_model) if is_hub_id(m)]
     front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [llava, lvit]"]
     if hub_ids and not result.projector_only:
         front.append("base_model: [" + ", ".join(hub_ids) + "]")
@@ -74,15 +74,16 @@ def model_card(run, result, out: Path) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| vision tower | `{recipe.model.vision_tower}` (feature layer {recipe.model.vision_feature_layer}) |",
-        f"| language model | `{recipe.model.language_model}` |",
+        f"| vision tower | `{portable(recipe.model.vision_tower)}` "
+        f"(feature layer {recipe.model.vision_feature_layer}) |",
+        f"| language model | `{portable(recipe.model.language_model)}` |",
         f"| projector | `{recipe.model.projector}`"
-        + (f", initialised from `{recipe.model.projector_from}`" if recipe.model.projector_from else "")
+        + (f", initialised from `{portable(recipe.model.projector_from)}`" if recipe.model.projector_from else "")
         + " |",
         f"| stage / method | {stage} / {method[run.kind]} |",
         f"| template | `{recipe.data.template}` |",
-        f"| data | `{recipe.data.path}` (images: `{recipe.data.image_folder}`) |",
-        f"| source run | `{run.path.resolve()}`"
+        f"| data | `{portable(recipe.data.path)}` (images: `{portable(recipe.data.image_folder)}`) |",
+        f"| source run | `{portable(run.path.resolve())}`"
         + (f" ({checkpoint}, an intermediate checkpoint)" if checkpoint else "")
         + " |",
         f"| weights | {result.dtype}" + ("" if result.projector_only else ", safetensors") + " |",
@@ -135,10 +136,10 @@ def model_card(run, result, out: Path) -> str:
             "",
             "```yaml",
             "model:",
-            f"  vision_tower: {recipe.model.vision_tower}",
-            f"  language_model: {recipe.model.language_model}",
+            f"  vision_tower: {portable(recipe.model.vision_tower)}",
+            f"  language_model: {portable(recipe.model.language_model)}",
             f"  projector: {recipe.model.projector}",
-            f"  projector_from: {out}",
+            f"  projector_from: path/to/{out.name}",
             "```",
         ]
     else:
@@ -149,9 +150,18 @@ def model_card(run, result, out: Path) -> str:
             "torchvision is installed, and its pixels differ from the PIL ones the model was trained on.",
             "",
             "```python",
-            _LOAD_SNIPPET.format(path=str(out), dtype=_TORCH_DTYPE[result.dtype], prompt=prompt).strip(),
+            _LOAD_SNIPPET.format(path=f"path/to/{out.name}", dtype=_TORCH_DTYPE[result.dtype], prompt=prompt).strip(),
             "```",
         ]
-    recipe_path = run.recipe_path
-    lines += ["", "## Recipe", "", f"`{recipe_path}`:", "", "```yaml", recipe_path.read_text().rstrip(), "```", ""]
+    recipe_text = run.recipe_path.read_text(encoding="utf-8").rstrip()
+    for value in sorted({str(v) for v in _local_paths(recipe)}, key=len, reverse=True):
+        recipe_text = recipe_text.replace(value, portable(value))
+    lines += ["", "## Recipe", "", f"The run's `{RECIPE_FILE}`, local paths shortened:", "", "```yaml", recipe_text]
+    lines += ["```", ""]
     return "\n".join(lines)
+
+
+def _local_paths(recipe) -> list[str]:
+    """The recipe's model and data values that are local paths (what `portable` shortens)."""
+    values = [getattr(getattr(recipe, section), key) for section, key in PATH_KEYS]
+    return [v for v in values if v and portable(v) != v]

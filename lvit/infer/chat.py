@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TextIO
 
 from lvit.data.images import probe_image
+from lvit.data.normalise import inline_placeholders
 from lvit.errors import LvitError
 from lvit.infer.generation import GenerationSettings, eval_mode, generate_batch
 from lvit.infer.load import LoadedModel
@@ -53,6 +54,18 @@ def check_image(images: str | Path | list[str | Path]) -> None:
             raise LvitError(f"{_which(image, k, len(paths))}: {found[2]}")
 
 
+def check_placeholders(texts: list[str], n_images: int) -> int:
+    """How many `<image>` placeholders the user turns `texts` hold: none (the images then open the first turn), or
+    one per image, each standing where its image goes; any other count is an `LvitError` before the model runs."""
+    found = sum(text.count(IMAGE_PLACEHOLDER) for text in texts)
+    if found and found != n_images:
+        raise LvitError(
+            f"the prompt holds {found} {IMAGE_PLACEHOLDER} placeholder(s) for {n_images} image(s): write one per "
+            f"--image, in their order, or none (the images then open the first turn)"
+        )
+    return found
+
+
 class ChatSession:
     """One conversation about no image, one image or several (all in the first user turn, in order)."""
 
@@ -91,7 +104,12 @@ class ChatSession:
         With several images the first user turn opens with one `<image>` placeholder per image, as a record
         with several images whose placeholders start its first turn (`lvit.data.normalise.inline_placeholders`)."""
         turns = [*self.turns, ("user", text)]
-        if len(self.images) > 1:
+        placed = check_placeholders([t for role, t in turns if role == "user"], len(self.images))
+        if placed and len(self.images) == 1:  # one image: where the template puts it, as training did
+            turns = [(role, inline_placeholders(t).replace(IMAGE_PLACEHOLDER + "\n", "").strip()) for role, t in turns]
+        elif placed:  # several images, each where its placeholder stands
+            turns = [(role, inline_placeholders(t) if role == "user" else t) for role, t in turns]
+        elif len(self.images) > 1:
             role, first = turns[0]
             turns[0] = (role, f"{IMAGE_PLACEHOLDER}\n" * len(self.images) + first)
         return Conversation(turns=turns, has_image=self.has_image)

@@ -211,6 +211,13 @@ def _load_llava_folder(path: Path, load_4bit: bool, device: str) -> LoadedModel:
             f"{path} is neither an lvit run folder (no {RUN_INFO_FILE}) nor a Hugging Face model folder "
             "(no config.json)."
         )
+    model_type = _model_type(path)
+    if model_type != "llava":
+        raise LvitError(
+            f"{path} holds a {model_type or 'non-LLaVA'} model, not a LLaVA model: pass an lvit run folder or "
+            "checkpoint, an `lvit export` folder, or a LLaVA model folder (a vision tower or a language model alone "
+            "is a part a recipe joins: model.vision_tower, model.language_model)."
+        )
     kwargs: dict = {}
     if load_4bit:
         kwargs.update(
@@ -232,3 +239,13 @@ def _load_llava_folder(path: Path, load_4bit: bool, device: str) -> LoadedModel:
     return LoadedModel(
         model, processor, template, aspect_ratio, f"{path} (LLaVA folder{', 4-bit' if load_4bit else ''})"
     )
+
+
+def _model_type(path: Path) -> str | None:
+    """The `model_type` of a model folder's `config.json`, or None when it has none (or is not JSON)."""
+    import json
+
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from lvit.data.images import describe_image, image_exists, probe_image
 from lvit.data.normalise import normalise
-from lvit.data.reader import read_records
+from lvit.data.reader import first_json_rows, read_records
 from lvit.data.records import Record, RecordError
+from lvit.data.sources import is_hf_path, read_json_rows
 from lvit.errors import LvitError
-from lvit.templates.conversation import Conversation
+from lvit.templates.conversation import IMAGE_PLACEHOLDER, Conversation
 
 
 @dataclass
@@ -38,8 +39,31 @@ def read_questions(path: str | Path) -> list[Question]:
 
     Raises `LvitError` naming the records that cannot be used, and for an id that appears twice.
     """
+    if _is_llava_question_file(path):
+        raws, _, _ = read_json_rows(Path(path))
+        return questions_from_rows([_llava_question(raw) for raw in raws], path)
     records, problems, _ = read_records(path, require_answer=False)
     return _questions(records, problems, path)
+
+
+def _is_llava_question_file(path) -> bool:
+    """LLaVA's own question files (its `model_vqa*.py` inputs, LLaVA-Bench's `questions.jsonl`): one
+    `{"question_id", "image", "text"}` per line, no conversation."""
+    path = Path(path)
+    if not path.is_file() or is_hf_path(path):
+        return False
+    first = next((r for r in first_json_rows(path, 1)[0] if isinstance(r, dict)), None)
+    return bool(first) and {"question_id", "text"} <= first.keys() and not {"conversations", "messages"} & first.keys()
+
+
+def _llava_question(raw):
+    """One row of a LLaVA question file as a LLaVA record: the image (when it names one) opens the question."""
+    if not isinstance(raw, dict):
+        return raw  # the record check names it
+    text, image = str(raw.get("text", "")), raw.get("image")
+    value = f"{IMAGE_PLACEHOLDER}\n{text}" if image and IMAGE_PLACEHOLDER not in text else text
+    record = {"id": str(raw.get("question_id")), "conversations": [{"from": "human", "value": value}]}
+    return {**record, "image": image} if image else record
 
 
 def questions_from_rows(rows: list[dict], where: str | Path) -> list[Question]:

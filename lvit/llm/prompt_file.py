@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from lvit.errors import LvitError
-from lvit.llm.json_files import read_text
+from lvit.textfiles import read_text
 
 T = TypeVar("T")
 

@@ -13,6 +13,7 @@ from lvit.recipe.attention import check_attention
 from lvit.recipe.catalog import resolve_recipe
 from lvit.recipe.fields import build_section, validate_training
 from lvit.recipe.schema import Recipe
+from lvit.textfiles import read_text
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -45,14 +46,22 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
             "(`lvit recipes ls` lists them)."
         )
     try:
-        raw = _yaml(path.read_text())
+        raw = _yaml(read_text(path, "recipe file"))
     except yaml.YAMLError as exc:
         raise LvitError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise LvitError(f"{path}: a recipe is a YAML mapping (key: value), got {type(raw).__name__}.")
     for item in overrides:
         apply_override(raw, item, str(path))
-    return recipe_from_dict(raw, str(path), check_training)
+    try:
+        return recipe_from_dict(raw, str(path), check_training)
+    except LvitError as exc:  # a key set on the command line: say so, not that the file has it
+        text = str(exc)
+        for item in overrides:
+            key = item.partition("=")[0].strip()
+            if key and (f"'{key}'" in text or f" {key} " in text or f" {key}:" in text or f" {key}=" in text):
+                raise LvitError(f"{text} (set by the command-line override {item!r}, not in {path.name})") from None
+        raise
 
 
 def apply_override(raw: dict, item: str, source: str) -> None:
@@ -102,6 +111,7 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
             f"{source}: method {recipe.method!r} needs stage 'finetune' (stage 'align' trains only the "
             "projector, so there is nothing to adapt)."
         )
+    _check_amounts(recipe, training, source)
     if recipe.data.max_length < 2:
         raise LvitError(f"{source}: data.max_length must be at least 2, got {recipe.data.max_length}.")
     strategy = training.get("train_sampling_strategy", "random")
@@ -137,6 +147,47 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
             "unset (it defaults to data.max_length)."
         )
     return recipe
+
+
+def _check_amounts(recipe: Recipe, training: dict, source: str) -> None:
+    """Learning rates, batch sizes and lengths a run can train with; else an error before any model loads (the
+    Trainer would take a negative learning rate, and fail on a batch of 0 or train no step only after loading)."""
+
+    def number(value):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None  # the type check names it
+
+    rules = [
+        ("training.learning_rate", training.get("learning_rate"), lambda v: v > 0, "a positive number, e.g. 2e-5"),
+        ("projector_lr", recipe.projector_lr, lambda v: v > 0, "a positive number, or null for the learning rate"),
+        (
+            "training.per_device_train_batch_size",
+            training.get("per_device_train_batch_size"),
+            lambda v: v >= 1,
+            "1 or more",
+        ),
+        (
+            "training.gradient_accumulation_steps",
+            training.get("gradient_accumulation_steps"),
+            lambda v: v >= 1,
+            "1 or more",
+        ),
+        (
+            "training.max_steps",
+            training.get("max_steps"),
+            lambda v: v != 0,
+            "a number of steps, or -1 to train by epochs",
+        ),
+    ]
+    max_steps = number(training.get("max_steps", -1))
+    if max_steps is None or max_steps < 0:  # the epochs decide how long it trains
+        rules.append(("training.num_train_epochs", training.get("num_train_epochs"), lambda v: v > 0, "more than 0"))
+    for key, value, ok, expected in rules:
+        v = number(value)
+        if value is not None and v is not None and not ok(v):
+            raise LvitError(f"{source}: {key} = {value!r} would train nothing (or diverge); it must be {expected}.")
 
 
 def gradient_accumulation(recipe: Recipe, num_processes: int) -> int:

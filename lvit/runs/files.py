@@ -196,7 +196,13 @@ def read_run_info(folder: str | Path) -> dict | None:
         return None
 
 
-def run_info(recipe: Recipe, metrics: dict | None = None, skipped: int = 0, segments: list | None = None) -> dict:
+def run_info(
+    recipe: Recipe,
+    metrics: dict | None = None,
+    skipped: int = 0,
+    segments: list | None = None,
+    facts: dict | None = None,
+) -> dict:
     """What `lvit_run.json` says about a run (also written into every checkpoint).
 
     Model and data paths are absolute (as in the saved recipe); `given_paths` holds the relative ones as the
@@ -219,6 +225,8 @@ def run_info(recipe: Recipe, metrics: dict | None = None, skipped: int = 0, segm
         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)},
         # the parts of a resumed run: the step each started at, when, the settings it changed, its time
         "segments": segments or [],
+        # a finished run: steps, records, final loss, times, versions, command line (lvit.train.run)
+        **(facts or {}),
     }
 
 
@@ -245,6 +253,21 @@ _HOLDS = {
 }
 
 
+def is_hub_id(value) -> bool:
+    """Whether a model source names a Hugging Face Hub repository (`owner/name`), not a local folder."""
+    text = str(value or "")
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", text)) and not text.startswith(".") and not Path(text).exists()
+
+
+def portable(value) -> str:
+    """How a card names a model or data source: a Hub id as it is, a local path by its last part alone
+    (`.../vicuna-13b`), so no card shows the folders of the machine that trained it."""
+    text = str(value)
+    if text.startswith(("/", "~")) or Path(text).is_absolute() or Path(text).exists():
+        return f".../{Path(text).name}"
+    return text
+
+
 def run_card(folder: str | Path, info: dict) -> str:
     """The `README.md` of a run folder or checkpoint: what it holds, what it was trained from, how to use it."""
     folder = Path(folder)
@@ -258,19 +281,20 @@ def run_card(folder: str | Path, info: dict) -> str:
         f"This folder is {where} (stage `{info['stage']}`, method `{info['method']}`). It holds {holds}, with "
         f"the processor, the recipe (`{RECIPE_FILE}`) and what the run is (`{RUN_INFO_FILE}`).",
         "",
-        f"- vision tower: `{info['vision_tower']}`",
-        f"- language model: `{info['language_model']}`",
-        f"- template: `{info['template']}`; data: `{info['data']}`",
+        f"- vision tower: `{portable(info['vision_tower'])}`",
+        f"- language model: `{portable(info['language_model'])}`",
+        f"- template: `{info['template']}`; data: `{portable(info['data'])}`",
     ]
     if info.get("metrics"):
         lines.append("- metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in info["metrics"].items()))
-    lines += ["", "Use it with lvit:", "", "```bash"]
+    lines += ["", "Use it with lvit, from the folder that holds it:", "", "```bash"]
+    name = folder.name
     if kind == "align":
-        lines.append(f"lvit finetune RECIPE model.projector_from={folder}   # stage 2 from this projector")
-        lines.append(f"lvit export {folder} --out EXPORT --projector-only")
+        lines.append(f"lvit finetune RECIPE model.projector_from={name}   # stage 2 from this projector")
+        lines.append(f"lvit export {name} --out EXPORT --projector-only")
     else:
-        lines.append(f"lvit chat {folder} --image IMAGE --prompt 'Describe the image.'")
-        lines.append(f"lvit export {folder} --out EXPORT   # a stock LLaVA folder for plain transformers and vLLM")
+        lines.append(f"lvit chat {name} --image IMAGE --prompt 'Describe the image.'")
+        lines.append(f"lvit export {name} --out EXPORT   # a stock LLaVA folder for plain transformers and vLLM")
     lines += ["```", ""]
     return "\n".join(lines)
 

@@ -97,7 +97,8 @@ def dry_run(recipe: Recipe, resume: bool | None = None, allow_changed: tuple[str
         report(True, f"data: {recipe.data.path}")
     except LvitError as exc:
         data_found = False
-        report(False, "data", str(exc))
+        text = str(exc)
+        report(False, next((k for k in ("model.projector_from", "eval.data") if k in text), "data"), text)
     models_found = True
     for key in ("vision_tower", "language_model"):
         try:

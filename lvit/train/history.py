@@ -105,9 +105,12 @@ def install(trainer, path: str | Path, progress_bar: bool) -> TrainingLog:
     return history
 
 
-def plot_history(entries: list[dict], out: str | Path, title: str = "") -> Path | None:
+def plot_history(
+    entries: list[dict], out: str | Path, title: str = "", resumed_at: tuple[int, ...] = ()
+) -> Path | None:
     """Training loss per step (eval loss on the same axes, learning rate on a second axis) as a PNG; None when
-    there is nothing to draw."""
+    there is nothing to draw. Steps are whole numbers, the last one is marked, and so is each step a resumed run
+    continued from (`resumed_at`)."""
     train = [(e["step"], e["loss"]) for e in entries if isinstance(e.get("loss"), (int, float))]
     evals = [(e["step"], e["eval_loss"]) for e in entries if isinstance(e.get("eval_loss"), (int, float))]
     lrs = [(e["step"], e["learning_rate"]) for e in entries if isinstance(e.get("learning_rate"), (int, float))]
@@ -125,6 +128,15 @@ def plot_history(entries: list[dict], out: str | Path, title: str = "") -> Path 
         ax.plot(*zip(*train, strict=True), label="training loss", color="tab:blue", marker=marker)
     if evals:
         ax.plot(*zip(*evals, strict=True), label="eval loss", color="tab:orange", marker="o")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for k, step in enumerate(resumed_at):
+        ax.axvline(step, color="tab:red", linestyle=":", linewidth=1, label="resumed" if k == 0 else None)
+    if train:
+        last_step, last_loss = train[-1]
+        ax.annotate(f"step {last_step}: {last_loss:.4g}", (last_step, last_loss), textcoords="offset points",
+                    xytext=(-8, 10), ha="right", fontsize=8)  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

@@ -8,6 +8,8 @@ TRL; `save()` writes the run folder. `run(recipe)` does all three.
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -182,6 +184,20 @@ class TrainingRun:
         log.warning("a record cannot be read: the %d complete step(s) are saved in %s", step, folder)
         return BadRecordStop(problem.problem, step, folder)
 
+    def _facts(self) -> dict:
+        """What `lvit_run.json` says of a finished run beside its recipe and metrics."""
+        losses = [e["loss"] for e in self.history_entries() if isinstance(e.get("loss"), (int, float))]
+        return {
+            "steps": self.trainer.state.global_step,
+            "records_trained": len(self.prepared.dataset),
+            "final_loss": losses[-1] if losses else None,
+            "started": self.segments[0].get("started"),
+            "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "train_runtime_s": round(sum(float(s.get("runtime_s") or 0.0) for s in self.segments), 3),
+            "command": shlex.join(sys.argv),
+            "versions": library_versions(),
+        }
+
     @property
     def resumed_step(self) -> int:
         """The step this run resumed at (0: it started afresh)."""
@@ -199,13 +215,14 @@ class TrainingRun:
         self.segments[-1].update(to_step=steps, runtime_s=round(float(self.metrics.get("train_runtime", wall)), 3))
         # the headline figures cover the whole run, its earlier segments included (lvit.train.segments)
         self.metrics = whole_run_metrics(self.metrics, self.history_entries(), self.segments, self.resumed_step, steps)
-        save_run(self.trainer, self.recipe, self.processor, self.metrics, left_out, self.segments)
+        save_run(self.trainer, self.recipe, self.processor, self.metrics, left_out, self.segments, self._facts())
         if left_out and self.main:
             log.warning(
                 "%d of %d record(s) were left out of training (see %s)", left_out, prepared.total, self.skipped_file
             )
         if self.main:
-            history.plot_history(self.history_entries(), self.out, title=str(self.out))
+            resumed = tuple(s["from_step"] for s in self.segments if s.get("from_step"))
+            history.plot_history(self.history_entries(), self.out, title=self.out.name, resumed_at=resumed)
             whole = sum(float(s.get("runtime_s") or 0.0) for s in self.segments)
             log.info("%s", summarize(self, whole, left_out or len(prepared.skipped)).format())
         return self.out
@@ -224,3 +241,16 @@ def run(recipe: Recipe, resume: bool | None = None, allow_changed: tuple[str, ..
 def _setup_logging(main: bool) -> None:
     """Progress from the main process only; where messages go is the caller's choice (the CLI: stderr)."""
     logging.getLogger("lvit").setLevel(logging.INFO if main else logging.WARNING)
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of lvit and the libraries a run depends on, as installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("lvit", "torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out

@@ -37,7 +37,9 @@ class RunFilesCallback(TrainerCallback):
                 self.processor.save_pretrained(folder)
 
 
-def save_run(trainer, recipe: Recipe, processor, metrics: dict, skipped: int = 0, segments: list | None = None) -> None:
+def save_run(
+    trainer, recipe: Recipe, processor, metrics: dict, skipped: int = 0, segments: list | None = None, facts=None
+) -> None:
     """Write the run folder: weights (stage 2) or projector (stage 1), processor, recipe, summary."""
     out = Path(trainer.args.output_dir)
     if recipe.stage == "align":
@@ -54,5 +56,5 @@ def save_run(trainer, recipe: Recipe, processor, metrics: dict, skipped: int = 0
         trainer.save_model(str(out))
     if trainer.args.should_save:
         processor.save_pretrained(out)
-        write_run_files(out, recipe, run_info(recipe, metrics, skipped, segments))
+        write_run_files(out, recipe, run_info(recipe, metrics, skipped, segments, facts))
         log.info("run saved to %s", out)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lvit.data.images import image_exists, resolve_image_path
 from lvit.errors import LvitError
-from lvit.llm.json_files import json_lines, read_json, read_text
+from lvit.textfiles import json_lines, read_json, read_text
 
 CAPTIONS_HEADER = "Captions:"
 BOXES_HEADER = "Objects (name: [x1, y1, x2, y2], coordinates from 0 to 1, origin at the top left):"
