@@ -18,6 +18,8 @@ and prints the wall time of each.
 
     python benchmarks/data_check.py                    # 600K records
     python benchmarks/data_check.py --records 50000    # quicker
+    python benchmarks/data_check.py --records 20000 --images 2000 --image-size 640 --image-format jpg --decode
+                                      # photo-sized JPEGs: the header check against a full decode
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ def sentence(rng: random.Random, words: list[str], cum: list[float], lo: int, hi
 VQA_SUFFIX = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
 
 
-def write_data(out: Path, n_records: int, n_images: int, seed: int = 0) -> tuple[Path, Path, list[str]]:
+def write_data(
+    out: Path, n_records: int, n_images: int, seed: int = 0, size: int = 24, fmt: str = "png"
+) -> tuple[Path, Path, list[str]]:
     """Records shaped mostly like LLaVA-CC3M-Pretrain-595K (the paper's 600K stage-1 set) with some
     stage-2 data mixed in: 85% captions (an instruction and a 8-20 word caption), 12% short-answer
     VQA conversations (1-3 questions, as VQAv2/GQA in llava_v1_5_mix665k), 3% long conversations
@@ -64,16 +68,21 @@ def write_data(out: Path, n_records: int, n_images: int, seed: int = 0) -> tuple
     rng = random.Random(seed)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
+    noise = None
     for i in range(n_images):
-        name = images / f"{i:05d}.png"
+        name = images / f"{i:05d}.{fmt}"
         if not name.exists():
-            Image.new("RGB", (24, 24), tuple(rng.randrange(256) for _ in range(3))).save(name)
+            if size <= 64:
+                Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3))).save(name)
+            else:  # photo-sized: noise, so the encoder (JPEG's as a camera's) cannot make the decode trivial
+                noise = noise or Image.effect_noise((size, size * 3 // 4), 64).convert("RGB")
+                noise.rotate(rng.randrange(360)).save(name, quality=90) if fmt == "jpg" else noise.save(name)
     words = vocabulary(rng)
     cum = zipf_cum_weights(len(words))
     records = []
     for i in range(n_records):
         kind = rng.random()
-        image = f"{rng.randrange(n_images):05d}.png"
+        image = f"{rng.randrange(n_images):05d}.{fmt}"
         if kind < 0.85:
             instruction = rng.choice(INSTRUCTIONS)
             q = f"{instruction}\n<image>" if rng.random() < 0.5 else f"<image>\n{instruction}"
@@ -97,7 +106,7 @@ def write_data(out: Path, n_records: int, n_images: int, seed: int = 0) -> tuple
             record["id"] = f"txt-{i}"
         records.append(record)
     # a few broken records, so the report has something to say
-    records[10]["image"] = "missing/00000.png"
+    records[10]["image"] = f"missing/00000.{fmt}"
     records[20]["conversations"].insert(1, {"from": "human", "value": "And?"})
     records[30]["id"] = records[31]["id"]
     data = out / "data.json"
@@ -143,13 +152,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/lvit-data-check-bench"))
     parser.add_argument("--records", type=int, default=600_000)
     parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--image-size", type=int, default=24, help="Image width in pixels (height 3/4 above 64).")
+    parser.add_argument("--image-format", choices=("png", "jpg"), default="png")
+    parser.add_argument("--decode", action="store_true", help="Also time `lvit data check --decode`.")
     parser.add_argument("--skip-write", action="store_true", help="Reuse the data already under --out.")
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     if not args.skip_write:
         start = time.perf_counter()
-        data, images, words = write_data(out, args.records, args.images)
+        data, images, words = write_data(out, args.records, args.images, size=args.image_size, fmt=args.image_format)
         write_parts(out, words)
         mib = data.stat().st_size / 2**20
         took = time.perf_counter() - start
@@ -157,7 +169,10 @@ def main() -> None:
     data, images, recipe = out / "data.json", out / "images", out / "recipe.yaml"
     base = [sys.executable, "-m", "lvit", "data", "check", str(data), "--image-folder", str(images), "--json"]
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} before the runs")
-    for name, cmd in (("check", base), ("check --recipe", [*base, "--recipe", str(recipe)])):
+    runs = [("check", base), ("check --recipe", [*base, "--recipe", str(recipe)])]
+    if args.decode:
+        runs.append(("check --decode", [*base, "--decode"]))
+    for name, cmd in runs:
         report = out / f"report-{name.replace(' ', '').replace('--', '-')}.json"
         seconds, cpu, rc = timed(cmd, report)
         s = json.loads(report.read_text())
