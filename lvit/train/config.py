@@ -69,8 +69,9 @@ def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_dev
     # step's size and drawn at random; github.com/haotian-liu/LLaVA, llava/train/llava_trainer.py,
     # `get_modality_length_grouped_indices`). It never forms batches of similar length. Resume keeps the order:
     # accelerate's seedable sampler draws from (seed, epoch). A recipe may set "group_by_length" (less padding,
-    # seeded per epoch by EpochSeededLengthGroupedSampler), which on lvit's tiny task lowered held-out accuracy
-    # from 99% to 44%: a record's length follows its answer there, so such batches hold similar answers.
+    # seeded per epoch by EpochSeededLengthGroupedSampler), which on lvit's tiny task lowered held-out place
+    # accuracy from 94% to 35% (benchmarks/RESULTS.md): a record's length follows its answer there, so such batches
+    # hold similar answers.
     kwargs.setdefault("train_sampling_strategy", "random")
     kwargs.update(
         projector_lr=recipe.projector_lr,
