@@ -96,6 +96,41 @@ def test_read_questions_chat_format(tmp_path):
     assert (c.reference, c.image, c.conversation.turns) == (None, None, [("user", "Hi?")])
 
 
+def test_read_questions_llava_question_format(tmp_path):
+    """LLaVA's own question files (`model_vqa.py`'s input, LLaVA-Bench's questions.jsonl): one
+    `{"question_id", "image", "text"}` per line; `lvit generate` answers them as it answers LLaVA records."""
+    path = tmp_path / "llava_questions.jsonl"
+    rows = [
+        {"question_id": 0, "image": "00001.png", "text": "What colour is the shape?", "category": "conv"},
+        {"question_id": 1, "text": "What colours can a shape have here?"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = read_questions(path)
+    assert (a.id, a.image, a.prompt, a.reference, a.conversation.has_image) == (
+        "0",
+        "00001.png",
+        "What colour is the shape?",
+        None,
+        True,
+    )
+    assert (b.id, b.image, b.prompt, b.conversation.has_image) == (
+        "1",
+        None,
+        "What colours can a shape have here?",
+        False,
+    )
+    llava = tmp_path / "as_llava.json"
+    first = [{"from": "human", "value": "<image>\nWhat colour is the shape?"}]
+    rows = [
+        {"id": "0", "image": "00001.png", "conversations": first},
+        {"id": "1", "conversations": [{"from": "human", "value": question}]},
+    ]
+    llava.write_text(json.dumps(rows))
+    assert [(q.id, q.conversation, q.image) for q in read_questions(llava)] == [
+        (q.id, q.conversation, q.image) for q in (a, b)
+    ]
+
+
 def test_read_questions_errors(tmp_path):
     path = tmp_path / "q.json"
     path.write_text(json.dumps([{"id": "a", "conversations": [{"from": "human", "value": "x"}]}] * 2))
