@@ -123,7 +123,7 @@ def test_read_questions_llava_question_format(tmp_path):
     first = [{"from": "human", "value": "<image>\nWhat colour is the shape?"}]
     rows = [
         {"id": "0", "image": "00001.png", "conversations": first},
-        {"id": "1", "conversations": [{"from": "human", "value": question}]},
+        {"id": "1", "conversations": [{"from": "human", "value": "What colours can a shape have here?"}]},
     ]
     llava.write_text(json.dumps(rows))
     assert [(q.id, q.conversation, q.image) for q in read_questions(llava)] == [
