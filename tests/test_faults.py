@@ -165,3 +165,47 @@ def test_a_resume_with_changed_settings_is_refused_before_the_model_loads_and_re
     info = json.loads((out / RUN_INFO_FILE).read_text())
     assert [(s["from_step"], s["to_step"]) for s in info["segments"]] == [(0, 1), (1, 2)]
     assert info["segments"][1]["changed"] == {"training.logging_steps": [1, 2], "training.max_steps": [1, 2]}
+
+
+def test_an_unreadable_image_mid_run_on_two_processes_stops_every_rank_with_the_steps_saved(
+    tmp_path, tiny_recipe, shapes_data
+):
+    """The rank whose batch holds the record says so at the step's start; every rank stops there and the steps done
+    are saved, instead of the other rank waiting in an all-reduce forever. The same command with skip finishes."""
+    import os
+    import subprocess
+    import sys
+
+    data = _data_with_a_cut_image(tmp_path, shapes_data, n_good=7, at=5)  # 8 records: 4 steps of 2 (1 per rank)
+    out = tmp_path / "run"
+    recipe = tiny_recipe.write(
+        tmp_path / "ddp.yaml",
+        out_dir=out,
+        data={"path": str(data), "image_folder": str(tmp_path / "images")},
+        global_batch_size=2,
+        training={
+            "per_device_train_batch_size": 1,
+            "max_steps": ...,
+            "num_train_epochs": 1,
+            "train_sampling_strategy": "sequential",
+        },
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lvit"]
+
+    def finetune(*more):  # a rank left waiting would hang: the timeout catches that
+        return subprocess.run(
+            [*command, "finetune", str(recipe), *more], cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+
+    stopped = finetune()
+    assert stopped.returncode != 0
+    (checkpoint,) = out.glob("checkpoint-*")
+    step = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["global_step"]
+    assert 1 <= step <= 2 and (checkpoint / RECIPE_FILE).is_file(), stopped.stderr[-3000:]
+    assert stopped.stderr.count(f"stopped at step {step}: record 'cut'") == 2  # both ranks, the same step
+    resumed = finetune("data.on_bad_record=skip")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [e["step"] for e in read_log(out / LOG_FILE)] == [1, 2, 3, 4]

@@ -170,15 +170,16 @@ class TrainingRun:
         `data.on_bad_record: error`): keep the steps done. The weights are those of the last complete step (an
         optimizer step never ran on the bad micro-batch), so they are saved as its checkpoint, with the run files,
         and the run stops with `BadRecordStop`; the same command resumes there once the record is fixed or
-        skipped. Under several processes the other ranks cannot join a save, so that error says what to do."""
+        skipped. Under several processes every rank stops at the same step (`LlavaTrainer.get_batch_samples`)."""
         trainer = self.trainer
         self.stop.on_train_end(trainer.args, trainer.state, trainer.control)  # the signal handlers go back
         step = trainer.state.global_step
-        if trainer.args.world_size > 1 or step == 0:
-            why = "nothing trained yet" if step == 0 else "no checkpoint is saved under several processes"
-            return LvitError(f"{problem.problem} ({why}); {BAD_RECORD_FIXES}.")
+        if step == 0:
+            return LvitError(f"{problem.problem} (nothing trained yet); {BAD_RECORD_FIXES}.")
         folder = self.out / f"checkpoint-{step}"
-        if not folder.is_dir():  # not already saved at this step by save_steps
+        saved = folder.is_dir()  # already saved at this step by save_steps; every rank looks before any writes
+        trainer.args.distributed_state.wait_for_everyone()
+        if not saved:
             trainer._save_checkpoint(trainer.model, trial=None)
             trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
         log.warning("a record cannot be read: the %d complete step(s) are saved in %s", step, folder)

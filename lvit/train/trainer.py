@@ -14,7 +14,7 @@ from lvit.data.length_sampler import EpochSeededLengthGroupedSampler
 from lvit.data.modality_sampler import ModalityGroupedSampler
 from lvit.data.packing import real_tokens
 from lvit.data.token_budget import TokenBudgetBatchSampler
-from lvit.errors import LvitError
+from lvit.errors import LvitError, UnreadableRecord
 from lvit.runs.files import model_weight_files
 from lvit.train.config import TOKEN_BUDGET_ONE_PROCESS
 from lvit.train.loss import compact_loss
@@ -172,6 +172,29 @@ class LlavaTrainer(SFTTrainer):
                 f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})."
             )
         model.load_state_dict(state, strict=False)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's, with a record it cannot read made every process's stop: the process whose batch holds it
+        says so at this step's start (before any forward), all agree on the message, and all raise it, so
+        `lvit.train.run.TrainingRun` saves the steps done on every rank instead of the others waiting forever."""
+        batches, problem = [], None
+        try:
+            for _ in range(num_batches):
+                try:
+                    batches.append(next(epoch_iterator))
+                except StopIteration:
+                    break
+        except UnreadableRecord as exc:
+            problem = exc.problem
+        if self.args.world_size > 1:
+            import torch.distributed as dist
+
+            said = [None] * dist.get_world_size()
+            dist.all_gather_object(said, problem)
+            problem = next((p for p in said if p is not None), None)
+        if problem is not None:
+            raise UnreadableRecord(problem)
+        return batches, self._get_num_items_in_batch(batches, device)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.group_by_modality:  # data.group_by_modality_length: LLaVA-1.5's single-modality steps
