@@ -58,7 +58,8 @@ def test_an_unreadable_image_mid_run_saves_the_steps_done_and_the_same_command_r
     inputs = _files(tmp_path / "images") | {"data.json": data.read_bytes(), "recipe.yaml": recipe.read_bytes()}
 
     dry = CliRunner().invoke(app, ["finetune", str(recipe), "--dry-run"])
-    assert dry.exit_code == 0, dry.output  # the header check passes a file cut off after its header
+    assert dry.exit_code == 0, dry.output  # the header check passes a file cut off after its header, and says so
+    assert "`lvit data check --decode` finds such files now" in " ".join(dry.output.split())
 
     stopped = CliRunner().invoke(app, ["finetune", str(recipe)])
     assert stopped.exit_code == BAD_RECORD_STATUS, stopped.output
@@ -164,6 +165,11 @@ def test_a_resume_with_changed_settings_is_refused_before_the_model_loads_and_re
     assert result.exit_code == 0, result.output
     info = json.loads((out / RUN_INFO_FILE).read_text())
     assert [(s["from_step"], s["to_step"]) for s in info["segments"]] == [(0, 1), (1, 2)]
+    assert (info["steps"], info["records_trained"]) == (2, 53) and isinstance(info["final_loss"], float)
+    assert info["started"] < info["ended"]
+    said = f"lvit finetune {recipe} training.max_steps=2 training.logging_steps=2 --allow-changed=training.max_steps"
+    assert info["command"] == said
+    assert {"lvit", "torch", "transformers", "trl", "peft", "accelerate"} <= info["versions"].keys()
     assert info["segments"][1]["changed"] == {"training.logging_steps": [1, 2], "training.max_steps": [1, 2]}
 
 

@@ -24,7 +24,8 @@ LAYERS = [
     ["lvit.model"],
     ["lvit.templates", "lvit.runs"],
     ["lvit.llm", "lvit.recipe"],
-    ["lvit.console", "lvit.errors", "lvit.textfiles"],
+    ["lvit.console", "lvit.textfiles"],
+    ["lvit.errors"],
     ["lvit"],
 ]
 LOCAL_IMPORTS_ALLOWED = ("lvit.cli",)  # `lvit --help` stays fast: commands import what they run when they run

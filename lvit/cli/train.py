@@ -51,9 +51,14 @@ def finetune(
         result = do_dry_run(rec, resume=resume, allow_changed=tuple(allow_changed or ()))
         _print_dry_run(result)
         raise typer.Exit(0 if result.ok else 1)
+    import shlex
+
     from lvit.train.run import run
 
-    out = run(rec, resume=resume, allow_changed=tuple(allow_changed or ()))
+    said = ["lvit", "finetune", str(recipe), *(overrides or [])]
+    said += [f"--allow-changed={key}" for key in allow_changed or ()]
+    said += [] if resume is None else ["--resume" if resume else "--no-resume"]
+    out = run(rec, resume=resume, allow_changed=tuple(allow_changed or ()), command=shlex.join(said))
     typer.echo(f"done: run saved in {out}")
 
 

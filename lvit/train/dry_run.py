@@ -108,7 +108,7 @@ def dry_run(recipe: Recipe, resume: bool | None = None, allow_changed: tuple[str
             models_found = False
             report(False, f"model.{key}", str(exc))
     if data_found and models_found:
-        _check_records(recipe, report)
+        _check_records(recipe, report, result.items)
     else:
         result.items.append("  note the records were not checked (the data or a model source is missing)")
     _check_output_folder(recipe, args, resume, report, allow_changed)
@@ -120,7 +120,7 @@ def dry_run(recipe: Recipe, resume: bool | None = None, allow_changed: tuple[str
     return result
 
 
-def _check_records(recipe: Recipe, report) -> None:
+def _check_records(recipe: Recipe, report, notes: list) -> None:
     """Every record, as training checks them before its first step (data.on_bad_record, data.overlong)."""
 
     try:
@@ -134,6 +134,11 @@ def _check_records(recipe: Recipe, report) -> None:
         f"records: {insp.total - left_out} of {insp.total} trainable"
         + (f" ({left_out} left out, listed in the run's skipped_records.jsonl)" if left_out else ""),
     )
+    if not insp.decoded and any(r.image is not None for r in insp.usable):
+        notes.append(
+            "  note images were checked by their header, as the run checks them: a file cut off after it stops the "
+            "run where it is met, the steps done saved (exit 3); `lvit data check --decode` finds such files now"
+        )
 
 
 def _check_output_folder(recipe: Recipe, args, resume: bool | None, report, allow_changed=()) -> None:

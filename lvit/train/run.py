@@ -50,8 +50,15 @@ class TrainingRun:
     `run(recipe)` does all three.
     """
 
-    def __init__(self, recipe: Recipe, resume: bool | None = None, allow_changed: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        recipe: Recipe,
+        resume: bool | None = None,
+        allow_changed: tuple[str, ...] = (),
+        command: str | None = None,
+    ):
         self.recipe = recipe
+        self.command = command if command is not None else shlex.join(sys.argv)  # what lvit_run.json records
         self.resume = resume
         self.allow_changed = tuple(allow_changed)
         self.trainer: LlavaTrainer | None = None
@@ -195,7 +202,7 @@ class TrainingRun:
             "started": self.segments[0].get("started"),
             "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "train_runtime_s": round(sum(float(s.get("runtime_s") or 0.0) for s in self.segments), 3),
-            "command": shlex.join(sys.argv),
+            "command": self.command,
             "versions": library_versions(),
         }
 
@@ -229,14 +236,16 @@ class TrainingRun:
         return self.out
 
 
-def run(recipe: Recipe, resume: bool | None = None, allow_changed: tuple[str, ...] = ()) -> Path:
+def run(
+    recipe: Recipe, resume: bool | None = None, allow_changed: tuple[str, ...] = (), command: str | None = None
+) -> Path:
     """Train one recipe and save the run; returns the run folder (see `TrainingRun`).
 
     An output folder holding checkpoints of an unfinished run is resumed from its newest complete
     checkpoint (`resume=None`, the default; `True` requires one, `False` refuses). A folder holding
     anything else is never written into.
     """
-    return TrainingRun(recipe, resume, allow_changed).setup().train().save()
+    return TrainingRun(recipe, resume, allow_changed, command).setup().train().save()
 
 
 def _setup_logging(main: bool) -> None:
