@@ -141,13 +141,12 @@ class CheckReport:
             lines.append("")
         lines += self.format_summary()
         errors = len(self.inspection.errors)
-        lines.append(
-            f"{errors} error(s): fix or remove these records (or train with data.on_bad_record: skip)"
-            if errors
-            else "no errors"
-        )
+        if errors:
+            lines.append(f"{errors} error(s): fix or remove these records (or train with data.on_bad_record: skip)")
         if not self.inspection.trainable:
             lines.append(nothing_to_train(self.inspection))
+        elif not errors:
+            lines.append("no errors")
         return "\n".join(lines)
 
 
