@@ -62,9 +62,10 @@ def check_resume(recipe: Recipe, checkpoint: Path, allow_changed: tuple[str, ...
     before = flat(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {})
     now = flat(recipe_with_absolute_paths(recipe))
     paths = {f"{section}.{key}" for section, key in PATH_KEYS}
-    changed = {
-        k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)
-    }
+    # a key lvit added since the checkpoint was written holds its default there: compared only where it was saved;
+    # `training:` holds what the user set, so a key set or removed there counts
+    keys = sorted(k for k in before.keys() | now.keys() if k in before or k.startswith("training."))
+    changed = {k: (before.get(k), now.get(k)) for k in keys if before.get(k) != now.get(k)}
     refused, noted = {}, {}
     for key, (old, new) in changed.items():
         moved = key in paths and isinstance(old, str) and old.startswith("/") and not Path(old).exists()
@@ -111,10 +112,14 @@ def whole_run_metrics(metrics: dict, entries: list[dict], segments: list[dict], 
     if isinstance(metrics.get("train_loss"), (int, float)) and covered + mine:
         out["train_loss"] = (total + metrics["train_loss"] * mine) / (covered + mine)
     earlier = sum(float(s.get("runtime_s") or 0.0) for s in segments[:-1])
-    if isinstance(metrics.get("train_runtime"), (int, float)):
-        out["train_runtime"] = earlier + metrics["train_runtime"]
+    runtime = metrics.get("train_runtime")
+    if isinstance(runtime, (int, float)):
+        out["train_runtime"] = earlier + runtime
         if out["train_runtime"] > 0:
             out["train_steps_per_second"] = steps / out["train_runtime"]
+            rate = metrics.get("train_samples_per_second")
+            if isinstance(rate, (int, float)) and mine > 0:  # this segment's samples a step, over the whole run
+                out["train_samples_per_second"] = rate * runtime / mine * steps / out["train_runtime"]
     return out
 
 
