@@ -357,6 +357,7 @@ def _rotated_transparent_image(shapes_data, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a fresh Python per card, importing transformers: about 6 s each
 @pytest.mark.parametrize("name", ["align", "full", "qlora"])
 def test_model_card_snippet_runs_as_written(exports, shapes_data, tmp_path, name):
     """The card's Python block, run with plain transformers: one BOS, and the pixels lvit trains on."""
