@@ -131,3 +131,24 @@ def test_batches_are_random_by_default_and_length_grouping_stays_seeded(tiny_rec
     assert list(sampler) == first and sorted(first) == list(range(len(first)))  # the same order each time
     sampler.set_epoch(1)
     assert list(sampler) != first
+
+
+def test_the_trainers_knobs_are_fields_of_its_config(tiny_recipe, tmp_path):
+    """TRL's trainer/config pair: `LlavaTrainer`'s knobs live in `LlavaSFTConfig`, set from the recipe's own keys;
+    a library user sets them on the config, and a plain `SFTConfig` trains as SFTTrainer does."""
+    from trl import SFTConfig
+
+    from lvit.train.config import LlavaSFTConfig, build_sft_config
+
+    recipe = tiny_recipe(projector_lr=1e-4, compact_head=False, data={"group_by_modality_length": True})
+    args = build_sft_config(recipe)
+    assert isinstance(args, LlavaSFTConfig) and isinstance(args, SFTConfig)
+    assert (args.projector_lr, args.compact_head, args.group_by_modality, args.max_tokens_per_batch) == (
+        1e-4,
+        False,
+        True,
+        None,
+    )
+    plain = LlavaSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+    assert (plain.projector_lr, plain.compact_head, plain.group_by_modality) == (None, False, False)
+    assert "projector_lr" in plain.to_dict()  # saved with the run's training arguments like any other field
