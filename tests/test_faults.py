@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lvit.cli.app import app
@@ -177,7 +179,8 @@ def test_an_unreadable_image_mid_run_on_two_processes_stops_every_rank_with_the_
     tmp_path, tiny_recipe, shapes_data
 ):
     """The rank whose batch holds the record says so at the step's start; every rank stops there and the steps done
-    are saved, instead of the other rank waiting in an all-reduce forever. The same command with skip finishes."""
+    are saved, instead of the other rank waiting in an all-reduce forever. The same command with skip finishes, as
+    a run under skip does on two processes (this replaces test_run_story's two-process skip test)."""
     import os
     import subprocess
     import sys
@@ -212,6 +215,10 @@ def test_an_unreadable_image_mid_run_on_two_processes_stops_every_rank_with_the_
     step = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["global_step"]
     assert 1 <= step <= 2 and (checkpoint / RECIPE_FILE).is_file(), stopped.stderr[-3000:]
     assert stopped.stderr.count(f"stopped at step {step}: record 'cut'") == 2  # both ranks, the same step
+    # the rest under skip on two processes: the record is listed, its place trains nothing, both ranks take every step
     resumed = finetune("data.on_bad_record=skip")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [json.loads(line)["id"] for line in (out / SKIPPED_FILE).read_text().splitlines()] == ["cut"]
     assert [e["step"] for e in read_log(out / LOG_FILE)] == [1, 2, 3, 4]
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
