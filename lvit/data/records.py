@@ -16,10 +16,11 @@ Formats (`data.format`, detected when `auto`):
 - `hf`: a Hugging Face `datasets` dataset (`save_to_disk` folder, parquet or arrow files) whose rows
   are in either schema, with images as paths or embedded (`lvit.data.sources.EmbeddedImage`).
 
-`read_records` is the one entry point (training, `lvit data check`, `lvit data convert`, question
-files): every record comes back as a `Record` or as a `RecordError` that names it (index, id, line)
-and says how to fix it. Training data must end each conversation with an answer; question files
-need not (`require_answer=False`).
+This module holds what a record is (`Record`, `RecordError`, the problem `KINDS`); `lvit.data.normalise` turns
+one raw row into one, and `lvit.data.reader` (`read_all`, `read_records`) is the one entry point that reads a
+source (training, `lvit data check`, `lvit data convert`, question files): every record comes back as a `Record`
+or as a `RecordError` that names it (index, id, line) and says how to fix it. Training data must end each
+conversation with an answer; question files need not (`require_answer=False`).
 """
 
 from __future__ import annotations

@@ -19,11 +19,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import NamedTuple
 
 from lvit.errors import LvitError
-from lvit.textfiles import BOM, decode, json_lines, parse_json, read_text
+from lvit.textfiles import decode, json_lines, parse_json, read_text
 
 HF_SUFFIXES = (".parquet", ".arrow")
 TEXT_COLUMNS = {"llava": "conversations", "chat": "messages"}
@@ -82,8 +83,8 @@ def read_json_rows(path: str | Path) -> tuple[list, list[int | None], list[tuple
     if not path.is_file():
         read_text(path, "data file")  # the error that names it
     data = path.read_bytes()
-    start = data.lstrip().removeprefix(BOM.encode()).lstrip()[:1]
-    if start in (b"[", b"{") and not _one_object_per_line(data):
+    at = _LEAD.match(data).end()  # past a byte-order mark and white space, without copying the file
+    if data[at : at + 1] in (b"[", b"{") and not _one_object_per_line(data, at):
         parsed = parse_json(decode(data, path), path, list, _NOT_A_LIST)
         return parsed, [None] * len(parsed), []
     raws: list = []
@@ -103,9 +104,14 @@ _NOT_A_LIST = (
 )
 
 
-def _one_object_per_line(data: bytes) -> bool:
-    """Whether a file that starts with `{` is JSON Lines (its first line is a whole object), not one object."""
-    first = data.lstrip().removeprefix(BOM.encode()).lstrip().split(b"\n", 1)[0]
+_LEAD = re.compile(rb"(?:\xef\xbb\xbf)?\s*")
+
+
+def _one_object_per_line(data: bytes, at: int) -> bool:
+    """Whether a file whose text starts with `{` at `at` is JSON Lines (its first line is a whole object), not one
+    object."""
+    end = data.find(b"\n", at)
+    first = data[at : end if end >= 0 else len(data)]
     if not first.startswith(b"{"):
         return False
     try:
