@@ -4,10 +4,15 @@ Each POST to `/v1/chat/completions` is answered by `responder(body, n)` (n: the 
 which returns one of:
 
 - a string: a completion with that text (usage: 10 prompt tokens, 5 completion tokens);
-- `Fault("429", retry_after="1")`, `Fault("500")`, `Fault("401")`, `Fault("404")`: that status;
+- `Fault("429", retry_after="1")`, `Fault("500")`, `Fault("401")`, `Fault("404")`, `Fault("400", text=...)`: that
+  status (with `text` as the error's message, in OpenAI's `{"error": {"message": ...}}`);
 - `Fault("slow", seconds=2, text=...)`: the completion after a delay (a client timeout shorter than it fires);
 - `Fault("drop")`: the connection is closed without an answer;
 - `Fault("length", text=...)`: a completion cut off at the token limit (`finish_reason: length`).
+
+`GET /v1/models` lists the model `scripted` (with `max_model_len` when the server is given one); with a
+`tokenize(body)` function, `POST /tokenize` answers `{"count": tokenize(body), "max_model_len": ...}` as vLLM does,
+else 404.
 
 Every request is recorded (`server.requests`: parsed body, headers, the time it arrived), so tests can count
 what was sent and check what a retry waited.
@@ -40,8 +45,9 @@ class Request:
 
 
 class ScriptedServer:
-    def __init__(self, responder):
+    def __init__(self, responder, max_model_len: int | None = None, tokenize=None):
         self.responder = responder
+        self.max_model_len, self.tokenize = max_model_len, tokenize
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         server = self
@@ -53,11 +59,20 @@ class ScriptedServer:
                 pass
 
             def do_GET(self):
-                self._json(200, {"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+                model = {"id": "scripted", "object": "model"}
+                if server.max_model_len is not None:
+                    model["max_model_len"] = server.max_model_len
+                self._json(200, {"object": "list", "data": [model]})
 
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
+                if self.path.rstrip("/") == "/tokenize":
+                    if server.tokenize is None:
+                        self._json(404, {"detail": "Not Found"})
+                    else:
+                        self._json(200, {"count": server.tokenize(body), "max_model_len": server.max_model_len})
+                    return
                 with server._lock:
                     n = len(server.requests)
                     server.requests.append(Request(body, dict(self.headers), time.monotonic()))
@@ -78,7 +93,8 @@ class ScriptedServer:
                     self._completion(out.text, "length")
                 else:
                     headers = {"Retry-After": out.retry_after} if out.retry_after is not None else {}
-                    self._json(int(out.kind), {"error": {"message": f"scripted {out.kind}"}}, headers)
+                    message = out.text or f"scripted {out.kind}"
+                    self._json(int(out.kind), {"error": {"message": message}}, headers)
 
             def _completion(self, text, finish):
                 payload = {

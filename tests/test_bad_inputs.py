@@ -90,9 +90,15 @@ def test_data_check_fails_when_nothing_would_train(tmp_path, shapes_data, tiny_r
 
     recipe = tiny_recipe.write(tmp_path / "r.yaml", data={"overlong": "drop"})
     result, message = _invoke(
-        "data", "check", shapes_data["instruct"], "--image-folder", shapes_data["images"], "--recipe", recipe,
-        "-o", "data.max_length=8",
-    )  # fmt: skip
+        "data",
+        "check",
+        shapes_data["instruct"],
+        "data.max_length=8",
+        "--image-folder",
+        shapes_data["images"],
+        "--recipe",
+        recipe,
+    )  # fmt: skip (a key=value after DATA overrides the recipe, as for `lvit finetune`)
     assert result.exit_code == 1, result.output
     assert "every trainable record is too long for data.max_length 8; the shortest needs data.max_length >=" in message
 

@@ -222,7 +222,8 @@ def test_one_handler_covers_nested_sub_apps():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["data", "check", "x.json", "-o", "a=1"], "--override changes the recipe given with --recipe"),
+        (["data", "check", "x.json", "-o", "a=1"], "'a=1' overrides a key of the recipe given with --recipe"),
+        (["data", "check", "x.json", "a=1"], "'a=1' overrides a key of the recipe given with --recipe; there is none"),
         (["data", "convert", "x.json"], "pass OUT, the file to write"),
         (["recipes", "cp", "nope", "."], "no shipped recipe named 'nope'"),
         (["finetune", "no_such_recipe"], "recipe file not found: no_such_recipe"),

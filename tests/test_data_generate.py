@@ -59,12 +59,36 @@ def _ids(path) -> list[str]:
 
 
 def test_the_plan_follows_the_mix_and_a_longer_plan_extends_a_shorter_one():
-    contexts = [ImageContext(f"c{i}", f"{i}.png", ["x"]) for i in range(10)]
-    tasks = plan(contexts, PAPER_MIX, 158)
+    contexts = [ImageContext(f"c{i}", f"{i}.png", ["x"]) for i in range(200)]
+    tasks = plan(contexts, PAPER_MIX, 158)  # one pass over the images: the smooth round robin exactly
     assert Counter(t.kind for t in tasks) == {"conversation": 58, "detail": 23, "complex": 77}
-    assert len({t.id for t in tasks}) == 158
+    assert len({t.id for t in tasks}) == 158 and all(t.variant == 0 for t in tasks)
+    contexts = contexts[:10]
+    tasks = plan(contexts, PAPER_MIX, 158)
     assert [t.id for t in plan(contexts, PAPER_MIX, 40)] == [t.id for t in tasks[:40]]
-    assert tasks[10].context.id == "c0" and tasks[10].id.endswith("-1")  # the second pass over the images
+    assert tasks[10].context.id == "c0" and tasks[10].kind != tasks[0].kind  # the second pass: another kind
+    assert len({t.id for t in tasks}) == 158
+    for n in range(1, 159):  # every prefix within three records of the mix
+        counts = Counter(t.kind for t in tasks[:n])
+        assert all(abs(counts[k] - n * w / 158) <= 3 for k, w in PAPER_MIX.items()), (n, counts)
+
+
+@pytest.mark.parametrize("mix", [PAPER_MIX, {"conversation": 1.0, "detail": 1.0, "complex": 1.0}])
+def test_later_rounds_never_repeat_a_request(mix):
+    """--records = 3 x images: an image gets a kind it has not had where the mix allows, and a forced repeat
+    (the paper's mix holds more complex records than images) asks for another variant: no request twice."""
+    contexts = [ImageContext(f"c{i}", f"{i}.png", [f"caption {i}"]) for i in range(20)]
+    tasks = plan(contexts, mix, 60)
+    requests = [json.dumps(t.messages(PROMPTS)) for t in tasks]
+    assert len(set(requests)) == 60
+    repeats = Counter((t.context.id, t.kind) for t in tasks)
+    forced = sum(max(0, n - 20) for n in Counter(t.kind for t in tasks).values())
+    assert sum(n - 1 for n in repeats.values()) == sum(t.variant > 0 for t in tasks) >= forced
+    if len(set(mix.values())) == 1:
+        assert max(repeats.values()) == 1  # an even mix: every image gets each kind once
+    else:
+        assert sum(t.variant > 0 for t in tasks) <= forced + 10
+        assert "Write variant 2" in next(r for r, t in zip(requests, tasks, strict=True) if t.variant == 1)
 
 
 def test_coco_boxes_become_normalised_corners_with_category_names(tmp_path):
@@ -116,7 +140,7 @@ def test_pixel_boxes_are_divided_by_the_image_size(tmp_path):
         ("conversation", "Question: hi\x00\nAnswer: x", "stop", "unreadable"),
         ("conversation", "v\ufffdef\ufffden{z", "stop", "unreadable"),
         ("conversation", "Just some words about the picture.", "stop", "no_turns"),
-        ("conversation", "Sure! Here it is.\nQuestion: a?\nAnswer: b.", "stop", "text_outside_turns"),
+        ("conversation", "A scene.\nA dog runs.\nIt is sunny.\nQuestion: a?\nAnswer: b.", "stop", "text_outside_turns"),
         ("conversation", "Question: a?\nQuestion: b?\nAnswer: c.", "stop", "not_alternating"),
         ("conversation", "Question: a?\nAnswer: b.\nQuestion: c?", "stop", "not_alternating"),
         ("conversation", "Question: a?\nAnswer:\nQuestion: c?\nAnswer: d.", "stop", "empty_turn"),
@@ -138,12 +162,13 @@ def test_bad_replies_are_rejected_with_their_reason(kind, text, finish, reason):
 
 
 def test_good_replies_parse_into_alternating_turns():
-    assert parse_reply("conversation", GOOD["conversation"]) == [
+    assert parse_reply("conversation", GOOD["conversation"]).pairs == [
         ("What is in the image?", "A red square on a white background."),
         ("Where is the square?", "It sits in the middle of the picture."),
     ]
-    assert parse_reply("complex", "**Question:** Why?\n**Answer:** Because.") == [("Why?", "Because.")]
-    assert parse_reply("detail", GOOD["detail"]) == [("", GOOD["detail"])]
+    assert parse_reply("complex", "**Question:** Why?\n**Answer:** Because.").pairs == [("Why?", "Because.")]
+    assert parse_reply("detail", GOOD["detail"]).pairs == [("", GOOD["detail"])]
+    assert parse_reply("detail", GOOD["detail"]).cleaned == ()
 
 
 def test_a_run_through_faults_loses_and_duplicates_nothing_and_its_output_checks(tmp_path):
@@ -188,11 +213,11 @@ def test_ctrl_c_keeps_what_was_written_and_the_rerun_completes_without_duplicate
     calls = []
     real_parse = run_module.parse_reply
 
-    def parse_then_interrupt(*args):
+    def parse_then_interrupt(*args, **kwargs):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real_parse(*args)
+        return real_parse(*args, **kwargs)
 
     monkeypatch.setattr(run_module, "parse_reply", parse_then_interrupt)
     with (

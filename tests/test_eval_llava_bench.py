@@ -186,6 +186,14 @@ def test_cli_scienceqa_with_an_arbiter_reports_three_columns(tmp_path):
         saved["arbiter"]["combined"]["correct"] == 3
         and (tmp_path / "preds_arbiter" / "arbiter_decisions.jsonl").is_file()
     )
+    with ScriptedServer(arbiter_responder) as server:  # --out: a folder holding the results and the arbiter's files
+        args[-3] = server.base_url
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "sqa")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "sqa" / "results.json").read_text())["arbiter"]["combined"]["correct"] == 3
+    assert (tmp_path / "sqa" / "arbiter_decisions.jsonl").is_file() and (
+        tmp_path / "sqa" / "arbiter_answers.jsonl"
+    ).is_file()
     result = CliRunner().invoke(app, [*args[:-4], "--arbiter-model", "m"])
     assert result.exit_code == 2 and "--arbiter-base-url" in result.output
 

@@ -94,8 +94,13 @@ def test_scoring_only_cli(tmp_path):
     row = next(line.split() for line in result.output.splitlines() if line.startswith("adversarial"))
     assert row == ["adversarial", "66.67", "66.67", "66.67", "66.67", "50.00", "6"]
     # a folder of split files works the same
-    again = CliRunner().invoke(app, [*args, "--annotations", str(tmp_path), "--out", str(tmp_path / "r.json")])
-    assert again.exit_code == 0 and json.loads((tmp_path / "r.json").read_text())["splits"] == saved["splits"]
+    again = CliRunner().invoke(app, [*args, "--annotations", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert again.exit_code == 0
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["splits"] == saved["splits"]
+    # --out is a folder, as its help says: an existing file there is refused, before anything is scored
+    file_out = str(tmp_path / "answers_results.json")
+    refused = CliRunner().invoke(app, [*args, "--annotations", str(tmp_path), "--out", file_out])
+    assert refused.exit_code == 2 and "is a file; --out names the folder" in refused.output
 
 
 def test_llava_answer_file_for_one_split(tmp_path):

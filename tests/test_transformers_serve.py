@@ -101,6 +101,9 @@ def test_generate_through_transformers_serve_rejects_the_garbage_and_resumes(ser
         rows.append(
             {"image": f"{i}.png", "captions": ["A dark square."], "boxes": [{"label": "square", "bbox": [0, 0, 1, 1]}]}
         )
+    # one image whose captions alone overflow the model's 4,096 positions: the server refuses that request (400)
+    Image.new("RGB", (16, 16)).save(folder / "long.png")
+    rows.append({"image": "long.png", "id": "long", "captions": ["A very long caption about a dark square. " * 300]})
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tasks = plan(read_jsonl(data, folder), PAPER_MIX, 6)
@@ -110,11 +113,15 @@ def test_generate_through_transformers_serve_rejects_the_garbage_and_resumes(ser
     written = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
     assert sorted(r["id"] for r in rejects + written) == sorted(t.id for t in tasks)
     assert rejects, "a random model's replies should not pass the checks"
+    (long,) = [row for row in rejects if row["source_id"] == "long"]
+    assert long["reason"] == "endpoint_refused" and "the endpoint answered 400" in long["message"]
+    assert "lower --max-tokens" in long["message"] and summary.too_long == 1  # transformers serve's wording is read
     for row in rejects:
         assert row["reason"] in {"truncated", "empty", "unreadable", "no_turns", "text_outside_turns", "too_short",
-                                 "not_alternating", "empty_turn", "wrong_count", "leftover_prompt"}  # fmt: skip
+                                 "not_alternating", "empty_turn", "wrong_count", "leftover_prompt", "refusal",
+                                 "mentions_source", "other_language", "endpoint_refused"}  # fmt: skip
         assert row["message"] and "raw" in row
-    assert summary.usage.requests == 6 and summary.usage.completion_tokens > 0 and summary.usage.prompt_tokens > 0
+    assert summary.usage.requests == 5 and summary.usage.completion_tokens > 0 and summary.usage.prompt_tokens > 0
     if written:
         assert check_data(out, image_folder=folder).ok
     again = generate(tasks, out, served, load_prompts(), progress=False)  # everything is on file

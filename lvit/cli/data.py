@@ -18,8 +18,11 @@ data_app = typer.Typer(
 
 @data_app.command("check")
 def check(
-    data: str = typer.Argument(
-        None, help="A JSON/JSONL file or a Hugging Face dataset (folder, .parquet, .arrow). Default: the recipe's."
+    args: list[str] = typer.Argument(
+        None,
+        metavar="[DATA] [KEY=VALUE]...",
+        help="A JSON/JSONL file or a Hugging Face dataset (folder, .parquet, .arrow); default: the recipe's. "
+        "With --recipe, dotted.key=value overrides of it follow (as for `lvit finetune`).",
     ),
     image_folder: Path = typer.Option(None, "--image-folder", help="Folder relative image paths are resolved against."),
     recipe: Path = typer.Option(
@@ -46,19 +49,29 @@ def check(
     """
     from lvit.data.check import check_data
 
+    data, positional = _data_and_overrides(args or [])
+    overrides = [*positional, *(overrides or [])]
     rec = None
     if recipe is not None:
         from lvit.recipe.load import load_recipe
 
-        rec = load_recipe(recipe, overrides or [], check_training=False)
+        rec = load_recipe(recipe, overrides, check_training=False)
     elif overrides:
-        raise LvitError("--override changes the recipe given with --recipe; there is none")
+        raise LvitError(f"{overrides[0]!r} overrides a key of the recipe given with --recipe; there is none")
     report = check_data(data, fmt, image_folder, recipe=rec, decode=decode)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=1))
     else:
         typer.echo(report.format_text())
     raise typer.Exit(0 if report.ok else 1)
+
+
+def _data_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
+    """`[DATA] [KEY=VALUE]...`: an argument with `=` that is not an existing path is an override."""
+    data = [a for a in args if "=" not in a or Path(a).exists()]
+    if len(data) > 1:
+        raise LvitError(f"one DATA at a time, got {len(data)}: {', '.join(data)}")
+    return (data[0] if data else None), [a for a in args if a not in data]
 
 
 @data_app.command("preview")
@@ -172,6 +185,9 @@ def generate(
         None, "--prompts", help="A folder with your own conversation.yaml / detail.yaml / complex.yaml."
     ),
     prompt: list[str] = typer.Option(None, "--prompt", help="KIND=FILE: your own prompt file for one kind."),
+    max_boxes: int = typer.Option(
+        None, "--max-boxes", help="Send at most this many boxes per image (the largest): shorter prompts."
+    ),
     concurrency: int = llm_options.concurrency(),
     timeout: float = llm_options.timeout(),
     retries: int = llm_options.retries(),
@@ -197,6 +213,13 @@ def generate(
         raise LvitError("pass either INPUT (JSON Lines) or --coco-captions FILE (with --coco-instances FILE)")
     if coco_instances is not None and coco_captions is None:
         raise LvitError("--coco-instances goes with --coco-captions")
+    llm_options.check_concurrency(concurrency)
+    if max_boxes is not None and max_boxes < 0:
+        raise LvitError(f"--max-boxes must be 0 or more, got {max_boxes}")
+    for flag, path in (("--out", out), ("--rejects", rejects)):
+        if path is not None and path.is_dir():
+            example = path / "instruct.jsonl"
+            raise LvitError(f"{flag} {path} is a folder; give the JSON Lines file to write, e.g. {example}")
     endpoint = llm_options.make_endpoint(
         base_url, model, api_key_env, timeout, retries, max_tokens=max_tokens, temperature=temperature
     )
@@ -216,6 +239,7 @@ def generate(
         dry_run=dry_run,
         price_input=price_input,
         price_output=price_output,
+        max_boxes=max_boxes,
         echo=typer.echo,
     )
     if not dry_run:

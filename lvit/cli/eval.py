@@ -63,6 +63,7 @@ def eval_scienceqa(
     if arbiter_base_url or arbiter_model:
         if not (arbiter_base_url and arbiter_model):
             raise LvitError("the arbiter needs both --arbiter-base-url and --arbiter-model")
+        llm_options.check_concurrency(concurrency)
         from lvit.eval.arbiter import load_arbiter_prompt
 
         endpoint = llm_options.make_endpoint(
@@ -134,6 +135,7 @@ def eval_llava_bench(
     from lvit.eval import llava_bench
     from lvit.infer.generation import GenerationSettings
 
+    llm_options.check_concurrency(concurrency)
     # temperature 0.2: LLaVA's judge requests (github.com/haotian-liu/LLaVA, llava/eval/eval_gpt_review_bench.py)
     endpoint = llm_options.make_endpoint(base_url, judge_model, api_key_env, timeout, retries, temperature=0.2)
     result = llava_bench.run_eval(

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import typer
 
+from lvit.errors import LvitError
+
 
 def _flag(prefix: str, name: str) -> str:
     return f"--{prefix}-{name}" if prefix else f"--{name}"
@@ -48,6 +50,12 @@ def retries(prefix: str = ""):
 
 def concurrency():
     return typer.Option(4, "--concurrency", help="Requests in flight at once.")
+
+
+def check_concurrency(value: int) -> None:
+    """Before any input is read: `--concurrency` must be 1 or more."""
+    if value < 1:
+        raise LvitError(f"--concurrency must be at least 1, got {value}")
 
 
 def make_endpoint(base_url, model, api_key_env=None, timeout=120.0, retries=5, **extra):

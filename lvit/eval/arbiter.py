@@ -42,13 +42,17 @@ def load_arbiter_prompt(path: str | Path | None = None) -> ArbiterPrompt:
     return load_prompt(ArbiterPrompt, path, ARBITER_PROMPT, "arbiter prompt")
 
 
-def _ask_all(pids: list[str], ask, path: Path, what: str, concurrency: int, progress: bool | None) -> dict[str, dict]:
-    """Rows by id: those already in `path`, plus one per pid not there yet (`ask(pid)` -> row)."""
+def _ask_all(
+    pids: list[str], ask, path: Path, what: str, concurrency: int, progress: bool | None, key: str
+) -> dict[str, dict]:
+    """Rows by id: those already in `path`, plus one per pid not there yet (`ask(pid)` -> row). A request the
+    endpoint refuses gives an empty `key` with the refusal beside it: no answer, so the model's stands."""
     rows = read_rows(path)
     todo = [pid for pid in pids if pid not in rows]
     run_requests(
         todo, ask, {path: rows}, kept=lambda: f"{path} keeps {len(rows)} rows", desc=what,
-        concurrency=concurrency, progress=progress,
+        concurrency=concurrency, progress=progress, name=lambda pid: f"problem {pid}",
+        refused=lambda pid, error, write: write(path, {"id": pid, key: "", "refused": str(error)}),
     )  # fmt: skip
     return rows
 
@@ -79,7 +83,7 @@ def arbitrate(
         ]
         return {"id": pid, "answer": client.chat(messages).text}
 
-    llm = _ask_all(pids, own_answer, out_dir / "arbiter_answers.jsonl", "text LLM", concurrency, progress)
+    llm = _ask_all(pids, own_answer, out_dir / "arbiter_answers.jsonl", "text LLM", concurrency, progress, "answer")
     llm_outputs = {pid: llm[pid]["answer"] for pid in pids}
 
     def valid(pid: str, text: str | None) -> str:
@@ -96,7 +100,9 @@ def arbitrate(
         messages = [{"role": "system", "content": prompt.system}, {"role": "user", "content": content}]
         return {"id": pid, "decision": client.chat(messages).text}
 
-    decisions = _ask_all(disputed, decide, out_dir / "arbiter_decisions.jsonl", "arbiter", concurrency, progress)
+    decisions = _ask_all(
+        disputed, decide, out_dir / "arbiter_decisions.jsonl", "arbiter", concurrency, progress, "decision"
+    )
     combined, fallback = {}, 0
     for pid in pids:
         if pid not in decisions:

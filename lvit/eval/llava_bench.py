@@ -37,6 +37,7 @@ from lvit.eval.predictions import (
     read_predictions,
     write_results,
 )
+from lvit.llm.context import probe
 from lvit.llm.endpoint import ChatClient, Endpoint
 from lvit.llm.job import run_requests, usage_summary
 from lvit.llm.jsonl_log import read_rows
@@ -235,6 +236,9 @@ def judge(
     run_requests(
         todo, lambda q: judge_one(client, prompt, q, answers[q.id]), {reviews_path: reviews, failures_path: failures},
         record=lambda _q, row, write: write(failures_path if "failed" in row else reviews_path, row),
+        refused=lambda q, error, write: write(failures_path, {"id": q.id, "question_id": q.id, "category": q.category,
+                                                              "failed": f"endpoint_refused: {error}", "raw": []}),
+        name=lambda q: f"question {q.id}",
         kept=lambda: f"{reviews_path} keeps {len(reviews)} reviews", rest="review the rest", desc="judging",
         concurrency=concurrency, progress=progress,
     )  # fmt: skip
@@ -269,7 +273,8 @@ def run_eval(
     **generation,
 ):
     """`lvit eval llava-bench`: answer with MODEL (or read --predictions), then judge and score."""
-    check_model_or_predictions(model, predictions)
+    check_model_or_predictions(model, predictions, out)
+    probe(endpoint)  # nothing listening is said now, not after the answers are generated
     questions = read_bench(questions_path, context_path, references_path)
     if limit is not None:
         questions = questions[:limit]

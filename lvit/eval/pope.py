@@ -183,12 +183,12 @@ def annotation_files(paths: list[str | Path]) -> list[Path]:
 def run_eval(model, annotations: list[str | Path], predictions=None, out=None, **options):
     """`lvit eval pope`: score `predictions` (existing outputs), or generate with `model` and score.
 
-    `annotations`: split files or folders holding them. Results go to `out` (default:
+    `annotations`: split files or folders holding them. Results go to the folder `out` (default:
     `<predictions stem>_results.json` beside the predictions, or `MODEL/eval/pope/` with the
     answers). `options`: `evaluate`'s (image_folder, limit, prompt_suffix, settings, batch_size, ...),
     used when generating. Returns a `BenchmarkResult`.
     """
-    check_model_or_predictions(model, predictions)
+    check_model_or_predictions(model, predictions, out)
     files = annotation_files(annotations)
     if predictions is not None:
         return scored_predictions("pope", score(read_splits(files), read_predictions(predictions)), predictions, out)

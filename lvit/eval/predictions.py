@@ -82,16 +82,24 @@ class BenchmarkResult:
     path: Path
 
 
-def check_model_or_predictions(model, predictions) -> None:
-    """A benchmark runs on a model (generate, then score) or on existing outputs, not both, not neither."""
+def check_model_or_predictions(model, predictions, out=None) -> None:
+    """A benchmark runs on a model (generate, then score) or on existing outputs, not both, not neither; `--out`,
+    where given, is a folder (what each benchmark writes goes in it), never an existing file."""
     if (model is None) == (predictions is None):
         raise LvitError("pass either MODEL (generate, then score) or --predictions FILE (score existing outputs)")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise LvitError(
+            f"--out {out} is a file; --out names the folder the results (results.json and the files beside it) "
+            "are written to: give a folder, e.g. --out " + str(Path(out).with_suffix("")) + "_eval"
+        )
 
 
 def scored_predictions(benchmark: str, scores: dict, predictions, out=None, **extra) -> BenchmarkResult:
-    """Write the scores of an existing predictions file to `out` (default: `<stem>_results.json` beside it)."""
+    """Write the scores of an existing predictions file to `out/results.json` (default: `<stem>_results.json`
+    beside the predictions)."""
     predictions = Path(predictions)
-    target = Path(out) if out is not None else predictions.with_name(f"{predictions.stem}_results.json")
+    beside = predictions.with_name(f"{predictions.stem}_results.json")
+    target = Path(out) / "results.json" if out is not None else beside
     write_results(benchmark, scores, target, predictions=str(predictions), **extra)
     return BenchmarkResult(scores, target)
 

@@ -30,6 +30,7 @@ from lvit.eval.predictions import (
     write_results,
 )
 from lvit.eval.scienceqa_score import load_split, question_records, score
+from lvit.llm.context import probe
 
 
 def evaluate(
@@ -77,22 +78,23 @@ def run_eval(
 ):
     """`lvit eval scienceqa`: score `predictions` (existing outputs), or generate with `model` and score.
 
-    Results go to `out` (default: `<predictions stem>_results.json` beside the predictions, or
-    `MODEL/eval/scienceqa-<split>/` with the answers). `options`: `evaluate`'s (image_folder, limit,
+    Results go to the folder `out` (`results.json`, and the arbiter's files; default: `<predictions
+    stem>_results.json` and `<stem>_arbiter/` beside the predictions, or `MODEL/eval/scienceqa-<split>/` with
+    the answers). `options`: `evaluate`'s (image_folder, limit,
     answer_format, settings, batch_size, ...), used when generating. `arbiter`: the text LLM's endpoint and
     options (`lvit.eval.arbiter.arbitrate`): its answers, and its call where it and the model disagree, are
     scored beside the model's (`scores["arbiter"]`). Returns a `BenchmarkResult`.
     """
-    check_model_or_predictions(model, predictions)
+    check_model_or_predictions(model, predictions, out)
+    if arbiter is not None:
+        probe(arbiter["endpoint"])  # nothing listening is said now, not after the answers are generated
     if predictions is not None:
         problems, pids = load_split(problems_path, splits_path, split)
         outputs = read_predictions(predictions)
         scores = score(problems, pids, outputs)
         if arbiter is not None:
-            where = Path(out).parent if out is not None else Path(predictions).parent
-            scores["arbiter"] = arbitrate(
-                problems, pids, outputs, where / f"{Path(predictions).stem}_arbiter", **arbiter
-            )
+            where = Path(out) if out is not None else Path(predictions).with_name(f"{Path(predictions).stem}_arbiter")
+            scores["arbiter"] = arbitrate(problems, pids, outputs, where, **arbiter)
         return scored_predictions("scienceqa", scores, predictions, out, split=split)
     folder = Path(out) if out is not None else Path(model) / "eval" / f"scienceqa-{split}"
     scores = evaluate(model, problems_path, splits_path, folder, split=split, arbiter=arbiter, **options)

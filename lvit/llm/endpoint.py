@@ -10,6 +10,8 @@ retry rules below are lvit's own and explicit:
 - 429 (rate limited): wait what `Retry-After` says (seconds, or an HTTP date), else back off, and retry;
 - 5xx, a timeout (`timeout` per request) or a dropped connection: back off and retry;
 - back-off: `backoff * 2**attempt` seconds, at most `max_backoff`; at most `retries` retries;
+- 400/413/422 (this request is refused: too long for the model's context, a bad parameter): `RequestRefused`,
+  with the endpoint's own message, at once; callers that ask for many records reject that record and go on;
 - 401/403 (the key) and 404 (the URL or the model name): stop at once with what to fix; other 4xx stop too.
 
 The API key is read from the environment variable the user names (`api_key_env`); it is sent in the
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -43,6 +46,30 @@ class EndpointError(LvitError):
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
+
+
+# Refusals of one request, not of the client: the next request may well pass.
+REFUSED_STATUSES = (400, 413, 422)
+# How endpoints say a prompt does not fit: vLLM, OpenAI and SGLang ("This model's maximum context length is
+# ...", "... longer than the model's context length"), transformers serve ("... the model takes at most N,
+# prompt and answer (`--max-model-len`)").
+_TOO_LONG = re.compile(
+    r"context[ _](length|window)|maximum context|max[_-]model[_-]len|max_position|takes at most|"
+    r"too (long|many tokens)|exceeds? (the )?(model'?s? )?(max|context|limit)",
+    re.IGNORECASE,
+)
+
+
+class RequestRefused(EndpointError):
+    """One request refused (HTTP 400/413/422), with the endpoint's message (`detail`); `sent` is False when lvit
+    refused it itself before sending (a prompt counted too long for the context). `too_long`: the refusal says
+    the prompt and the reply do not fit in the model's context."""
+
+    def __init__(self, detail: str, status: int | None = None, sent: bool = True, too_long: bool | None = None):
+        who = f"the endpoint answered {status}" if sent else "not sent"
+        super().__init__(f"{who}: {detail}", status)
+        self.detail, self.sent = detail, sent
+        self.too_long = bool(_TOO_LONG.search(detail)) if too_long is None else too_long
 
 
 @dataclass
@@ -156,9 +183,10 @@ class Usage:
 
 
 class _Retryable(Exception):
-    def __init__(self, what: str, wait: float | None = None):
+    def __init__(self, what: str, wait: float | None = None, fix: str | None = None):
         super().__init__(what)
         self.what, self.wait = what, wait
+        self.fix = fix or "Raise --retries or --timeout, or lower --concurrency."
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -208,8 +236,7 @@ class ChatClient:
             except _Retryable as exc:
                 if attempt >= ep.retries:
                     raise EndpointError(
-                        f"{ep.url}: gave up after {attempt + 1} attempt(s); last: {exc.what}. "
-                        "Raise --retries or --timeout, or lower --concurrency."
+                        f"{ep.url}: gave up after {attempt + 1} attempt(s); last: {exc.what}. {exc.fix}"
                     ) from None
                 delay = exc.wait if exc.wait is not None else min(ep.max_backoff, ep.backoff * 2**attempt)
                 log.debug("%s; retrying in %.2f s (attempt %d of %d)", exc.what, delay, attempt + 2, ep.retries + 1)
@@ -218,34 +245,71 @@ class ChatClient:
 
     def _post(self, body: bytes) -> Reply:
         ep = self.endpoint
-        parts = urlsplit(ep.url)
-        conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = conn_cls(parts.hostname, parts.port, timeout=ep.timeout)
-        path = parts.path + (f"?{parts.query}" if parts.query else "")
         try:
-            conn.request("POST", path, body=body, headers=ep.headers())
-            response = conn.getresponse()
-            status, data = response.status, response.read()
-            retry_after = response.getheader("Retry-After")
+            status, data, retry_after = http_request(ep, "POST", ep.url, body)
         except TimeoutError:
             raise _Retryable(f"no answer within --timeout {ep.timeout:g} s") from None
+        except ConnectionRefusedError:
+            raise _Retryable("connection refused", fix=nothing_listens(ep)) from None
         except (ConnectionError, http.client.HTTPException, OSError) as exc:
             raise _Retryable(f"connection failed ({type(exc).__name__}: {exc})") from None
-        finally:
-            conn.close()
         if status == 429:
             raise _Retryable("429 rate limited", retry_after_seconds(retry_after))
         if status >= 500:
             raise _Retryable(f"{status} server error: {_snippet(data)}")
+        if status in REFUSED_STATUSES:
+            raise RequestRefused(error_message(data), status)
         if status >= 400:
             fix = _FIXES.get(status, "the endpoint rejected the request").replace("{base}", ep.base_url.rstrip("/"))
             raise EndpointError(f"{ep.url} answered {status} ({_snippet(data)}): {fix}", status)
         return _parse_reply(data, ep.url)
 
 
+def http_request(
+    endpoint: Endpoint, method: str, url: str, body: bytes | None = None, timeout: float | None = None
+) -> tuple[int, bytes, str | None]:
+    """One HTTP exchange with the endpoint's headers: (status, body, Retry-After). Connection errors propagate."""
+    parts = urlsplit(url)
+    conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = conn_cls(parts.hostname, parts.port, timeout=timeout or endpoint.timeout)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    try:
+        conn.request(method, path, body=body, headers=endpoint.headers())
+        response = conn.getresponse()
+        return response.status, response.read(), response.getheader("Retry-After")
+    finally:
+        conn.close()
+
+
+def nothing_listens(endpoint: Endpoint) -> str:
+    parts = urlsplit(endpoint.base_url)
+    return (
+        f"Nothing accepts connections at {parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}: "
+        "start the server, or check --base-url (its host and port)."
+    )
+
+
 def _snippet(data: bytes, n: int = 200) -> str:
     text = data.decode("utf-8", "replace").strip().replace("\n", " ")
     return text[:n] + ("..." if len(text) > n else "")
+
+
+def error_message(data: bytes) -> str:
+    """The message of an error body, whichever shape the server gives it (OpenAI's `error.message`, vLLM's
+    `message`, FastAPI's `detail`), else the body's start."""
+    try:
+        payload = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _snippet(data, 400)
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        for value in (error.get("message") if isinstance(error, dict) else error, payload.get("message"),
+                      payload.get("detail")):  # fmt: skip
+            if isinstance(value, str) and value.strip():
+                return " ".join(value.split())[:400]
+            if value:
+                return json.dumps(value, ensure_ascii=False)[:400]
+    return _snippet(data, 400)
 
 
 def _parse_reply(data: bytes, url: str) -> Reply:

@@ -6,7 +6,12 @@ each row to its crash-safe JSON Lines file as its reply comes (`lvit.llm.jsonl_l
 terminal only. The caller says what to ask, which row to write and what was kept; the rest is here:
 
 - Ctrl-C stops the run with `Interrupted` (the CLI exits 130): `<kept>; run the same command again to <rest>`;
-- an `EndpointError` (a refusal retrying cannot fix) is raised again with `<kept>; <after_error>` added;
+- an `EndpointError` (a refusal retrying cannot fix) is raised again naming the item it was asking for, with
+  `<kept>; <after_error>` added;
+- with a `refused` handler, a `RequestRefused` (the endpoint refused that one request: HTTP 400/413/422, or a
+  prompt counted too long before sending) becomes that item's row and the run goes on. Only when the first
+  `REFUSAL_RULE` answers of a run are all refusals is the fault not one item's: the run stops, naming the
+  cause, and writes no row for those items, so the same command asks for them again once the cause is fixed;
 - either way the rows written stay, and the same command, which skips them, continues from there.
 
 `ask` sends its requests with the caller's `ChatClient`, whose `Usage` counts requests and tokens;
@@ -23,10 +28,12 @@ from typing import Any
 
 from lvit.console import stderr_is_tty
 from lvit.errors import Interrupted
-from lvit.llm.endpoint import ChatClient, EndpointError, run_concurrently
+from lvit.llm.endpoint import ChatClient, EndpointError, RequestRefused, run_concurrently
 from lvit.llm.jsonl_log import append, open_append
 
 Write = Callable[[Path, dict], None]
+REFUSAL_RULE = 8
+TOO_LONG_FIX = "lower --max-tokens, serve the model with a longer context (vLLM: --max-model-len), or send less context"
 
 
 def run_requests(
@@ -43,6 +50,8 @@ def run_requests(
     postfix: Callable[[], dict] | None = None,
     rest: str = "continue",
     after_error: str = "rerun to continue",
+    refused: Callable[[Any, RequestRefused, Write], None] | None = None,
+    name: Callable[[Any], str] = str,
 ) -> None:
     """Ask for every item and write a row for each; returns nothing: the rows are in `files` and on disk.
 
@@ -53,6 +62,8 @@ def run_requests(
       (append to `path`, one of `files`); without it, `result` is the row and goes to the only file;
     - `kept()`: what the files hold now, for the message that stops a run (see the module's docstring),
       with `rest` and `after_error`;
+    - `refused(item, error, write)`: the row(s) of an item whose request was refused (see the module's
+      docstring); without it a refusal stops the run like any `EndpointError`; `name(item)` names the item;
     - `desc`, `unit`, `postfix()`: the progress bar's label, unit and extra counts (shown on a terminal, or
       with `progress=True`).
     """
@@ -71,19 +82,54 @@ def run_requests(
             if record is None:
                 (only,) = files
                 record = lambda _item, row, write: write(only, row)  # noqa: E731
+            held: list | None = []  # refusals before the first answer: None once one answer came
             for item, result, error in run_concurrently(items, ask, concurrency):
-                if error is not None:
-                    raise error
-                record(item, result, write)
+                if error is not None and not (refused is not None and isinstance(error, RequestRefused)):
+                    raise _naming(error, name(item))
+                if error is not None and held is not None:
+                    held.append((item, error))
+                    if len(held) >= REFUSAL_RULE:
+                        raise _refusals_are_the_rule(held, name)
+                elif error is not None:
+                    refused(item, error, write)
+                else:
+                    for earlier in held or []:
+                        refused(*earlier, write)
+                    held = None
+                    record(item, result, write)
                 bar.update(1)
                 if postfix is not None:
                     bar.set_postfix(postfix(), refresh=False)
+            for earlier in held or []:
+                refused(*earlier, write)
     except KeyboardInterrupt:
         raise Interrupted(f"{kept()}; run the same command again to {rest}") from None
     except EndpointError as exc:
         raise EndpointError(f"{exc}\n{kept()}; {after_error}", exc.status) from None
     finally:
         bar.close()
+
+
+def _naming(error: BaseException, item_name: str) -> BaseException:
+    if isinstance(error, EndpointError):
+        return EndpointError(f"{error} (asking for {item_name})", error.status)
+    return error
+
+
+def _refusals_are_the_rule(held: list, name) -> EndpointError:
+    item, error = held[-1]
+    too_long = sum(e.too_long for _, e in held)
+    cause = (
+        f"{too_long} of them too long for the model's context: {TOO_LONG_FIX}"
+        if too_long
+        else "check the model name and the options sent (--max-tokens, --temperature) against what the server accepts"
+    )
+    return EndpointError(
+        f"the endpoint refused each of the first {len(held)} requests, so the fault is not one record's; the last, "
+        f"for {name(item)}: {error}. {cause}. Nothing was written for these {len(held)}; the same command asks for "
+        "them again once that is fixed",
+        error.status,
+    )
 
 
 def usage_summary(client: ChatClient) -> dict:

@@ -6,8 +6,14 @@ Two inputs:
 
 - COCO annotation files: captions (`captions_*.json`: `images` with `id`, `file_name`, `width`, `height`;
   `annotations` with `image_id`, `caption`) and, optionally, instances (`instances_*.json`: `annotations`
-  with `image_id`, `bbox` as pixel `[x, y, width, height]`, `category_id`; `categories` with `id`, `name`).
-  Boxes become normalised `[x1, y1, x2, y2]` with their category names, as the paper fed them.
+  with `image_id`, `bbox` as pixel `[x, y, width, height]`, `category_id`, `iscrowd`; `categories` with `id`,
+  `name`). Boxes become normalised `[x1, y1, x2, y2]` with their category names, as the paper fed them.
+  The paper (Sec. 3) reads a box as one object: "each box encodes the object concept and its spatial
+  location". A COCO crowd annotation (`iscrowd: 1`) is one box around many objects (a crowd of people, a row
+  of cars), so sent as a plain `person` it is counted as one more person; it is sent as `person (a group)`,
+  which keeps where the group is and says it is not one object. Images of the captions file without a
+  caption are left out and counted; instances that match no captioned image at all (files from different
+  splits) are an error, and many captioned images without boxes a warning.
 - JSON Lines, one image per line: `{"image": path, "captions": [str] | str, "boxes": [{"label", "bbox"}],
   "id"?: str}`. `bbox` is `[x1, y1, x2, y2]`, normalised (all within 0..1) or in pixels (then divided by the
   image's size, read from its header). `id` defaults to the image path.
@@ -18,6 +24,7 @@ any request is sent.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +32,11 @@ from lvit.data.images import image_exists, resolve_image_path
 from lvit.errors import LvitError
 from lvit.textfiles import json_lines, read_json, read_text
 
+log = logging.getLogger(__name__)
 CAPTIONS_HEADER = "Captions:"
+GROUP_SUFFIX = " (a group)"
+# Above this share of captioned images without a box, the instances file is probably not the captions' split.
+MANY_WITHOUT_BOXES = 0.1
 BOXES_HEADER = "Objects (name: [x1, y1, x2, y2], coordinates from 0 to 1, origin at the top left):"
 
 
@@ -37,6 +48,9 @@ class Box:
     def text(self) -> str:
         return f"{self.label}: [{', '.join(f'{v:.3f}' for v in self.bbox)}]"
 
+    def area(self) -> float:
+        return (self.bbox[2] - self.bbox[0]) * (self.bbox[3] - self.bbox[1])
+
 
 @dataclass
 class ImageContext:
@@ -47,11 +61,16 @@ class ImageContext:
     captions: list[str]
     boxes: list[Box] = field(default_factory=list)
 
-    def text(self) -> str:
-        """The context block sent to the LLM (captions, then boxes when there are any)."""
+    def text(self, max_boxes: int | None = None) -> str:
+        """The context block sent to the LLM (captions, then boxes when there are any); with `max_boxes`, only
+        that many boxes, the largest, in their order."""
         lines = [CAPTIONS_HEADER, *self.captions]
-        if self.boxes:
-            lines += ["", BOXES_HEADER, *(b.text() for b in self.boxes)]
+        boxes = self.boxes
+        if max_boxes is not None and len(boxes) > max_boxes:
+            keep = set(sorted(range(len(boxes)), key=lambda i: -boxes[i].area())[:max_boxes])
+            boxes = [b for i, b in enumerate(boxes) if i in keep]
+        if boxes:
+            lines += ["", BOXES_HEADER, *(b.text() for b in boxes)]
         return "\n".join(lines)
 
 
@@ -87,14 +106,16 @@ def read_coco(captions_path: str | Path, instances_path: str | Path | None = Non
             continue
         texts.setdefault(ann["image_id"], []).append(" ".join(str(ann["caption"]).split()))
     boxes: dict = {}
+    elsewhere = 0
     if instances_path is not None:
         instances_path = Path(instances_path)
         inst = _read_coco_json(instances_path, "instances file")
         names = {c["id"]: c["name"] for c in inst.get("categories") or [] if isinstance(c, dict)}
         for ann in inst["annotations"]:
             image = images.get(ann.get("image_id")) if isinstance(ann, dict) else None
-            if image is None:
-                continue  # instances of images without captions: not used
+            if image is None or ann.get("image_id") not in texts:
+                elsewhere += 1  # instances of images without captions: not used
+                continue
             bbox, cat = ann.get("bbox"), ann.get("category_id")
             if cat not in names or not (isinstance(bbox, list) and len(bbox) == 4):
                 problems.append(
@@ -105,8 +126,14 @@ def read_coco(captions_path: str | Path, instances_path: str | Path | None = Non
             _, w, h = image
             x, y, bw, bh = (float(v) for v in bbox)
             norm = (x / w, y / h, (x + bw) / w, (y + bh) / h)
-            boxes.setdefault(ann["image_id"], []).append(Box(names[cat], tuple(min(1.0, max(0.0, v)) for v in norm)))
+            label = names[cat] + (GROUP_SUFFIX if ann.get("iscrowd") else "")
+            boxes.setdefault(ann["image_id"], []).append(Box(label, tuple(min(1.0, max(0.0, v)) for v in norm)))
     _fail(problems, str(captions_path))
+    uncaptioned = len(images) - len(texts)
+    if uncaptioned:
+        log.warning("%s: %d of %d images have no caption and are left out", captions_path, uncaptioned, len(images))
+    if instances_path is not None and texts:
+        _check_split(captions_path, instances_path, len(texts), len(boxes), elsewhere)
     out = [
         ImageContext(str(image_id), images[image_id][0], texts[image_id], boxes.get(image_id, []))
         for image_id in images
@@ -115,6 +142,22 @@ def read_coco(captions_path: str | Path, instances_path: str | Path | None = Non
     if not out:
         raise LvitError(f"{captions_path}: no image has a caption; is it COCO's captions_*.json?")
     return out
+
+
+def _check_split(captions_path, instances_path, captioned: int, with_boxes: int, elsewhere: int) -> None:
+    if with_boxes == 0:
+        raise LvitError(
+            f"{instances_path}: none of its {elsewhere} annotations is of an image captioned in {captions_path}: "
+            "are the two files from the same split (e.g. captions_train2017.json with instances_train2017.json)?"
+        )
+    without = captioned - with_boxes
+    if without > MANY_WITHOUT_BOXES * captioned:
+        log.warning(
+            "%s: %d of %d captioned images have no box in %s and are sent with captions only; are the two files "
+            "from the same split?", captions_path, without, captioned, instances_path,
+        )  # fmt: skip
+    elif without:
+        log.info("%d of %d captioned images have no box in %s (captions only)", without, captioned, instances_path)
 
 
 def read_jsonl(path: str | Path, image_folder: str | Path | None = None) -> list[ImageContext]:

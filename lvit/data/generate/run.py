@@ -2,11 +2,22 @@
 
 Plan: record i is about image `i mod N` (N images, in input order) and its kind comes from a smooth weighted
 round robin over the mix, so any prefix of the plan follows the mix as closely as whole records allow and a
-larger `--records` only adds records. A record's id is `<image id>-<kind>`, plus `-<round>` from the second
-pass over the images on; the plan is the same on every run of the same command.
+larger `--records` only adds records. From the second pass over the images on, an image gets a kind it has not
+had yet wherever the mix allows it (a kind whose share is not more than half a record ahead of the mix); where
+it cannot (a kind's share is more than one record per image), the request says which variant it is, so no two
+requests are the same and, even at temperature 0, no record copies another. A record's id is
+`<image id>-<kind>`, plus `-<n>` for the image's n-th further record of that kind. The plan is the same on
+every run of the same command. `--retry-rejects` asks again with a note naming why the last reply was
+rejected, so a deterministic endpoint does not send the same reply back.
 
-Files: the output (LLaVA JSON Lines, each row with `kind` and `source_id` besides LLaVA's keys) and the rejects
-file (`id`, `source_id`, `kind`, `reason`, `message`, `raw`). A row is appended, flushed and fsynced only once
+The endpoint is asked first what it serves (`lvit.llm.context`): nothing listening is an error before any work,
+and where it tells its context length and counts tokens (vLLM), a prompt that cannot fit is rejected
+(`prompt_too_long`) without being sent. A request the endpoint refuses (HTTP 400/413/422) rejects that record
+(`endpoint_refused`, with the endpoint's message) and the job goes on (`lvit.llm.job`).
+
+Files: the output (LLaVA JSON Lines, each row with `kind` and `source_id` besides LLaVA's keys, and `cleaned`, the
+chat debris removed from the reply, when there was any: `lvit.data.generate.parse`) and the rejects file (`id`,
+`source_id`, `kind`, `reason`, `message`, `raw`, `attempt`). A row is appended, flushed and fsynced only once
 its reply is complete and parsed, so a crash loses at most the requests in flight; a cut-off last line (a
 crash mid-write) is removed on the next run. A rerun skips the ids already in either file (rejected ones are
 asked again with `retry_rejects`), so nothing is written twice.
@@ -20,10 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lvit.data.generate.contexts import ImageContext
-from lvit.data.generate.parse import Rejected, parse_reply
+from lvit.data.generate.parse import Parsed, Rejected, parse_reply
 from lvit.data.generate.prompts import KINDS, PromptSet
 from lvit.errors import LvitError
-from lvit.llm.endpoint import ChatClient, Endpoint, Usage
+from lvit.llm.context import PromptCounter, probe
+from lvit.llm.endpoint import ChatClient, Endpoint, RequestRefused, Usage
 from lvit.llm.job import run_requests
 from lvit.llm.jsonl_log import read_rows
 
@@ -33,11 +45,40 @@ log = logging.getLogger(__name__)
 PAPER_MIX = {"conversation": 58.0, "detail": 23.0, "complex": 77.0}
 
 
+# A later record's share may run this far ahead of the mix (in records' worth of credit) to give its image a
+# kind the image has not had: the realised mix stays within three records of the asked one.
+NEW_KIND_SLACK = 0.5
+TOO_LONG_FIX = (
+    "lower --max-tokens, serve the model with a longer context (vLLM: --max-model-len), or send fewer boxes "
+    "(--max-boxes)"
+)
+
+
 @dataclass
 class Task:
     id: str
     kind: str
     context: ImageContext
+    variant: int = 0  # how many records of this kind its image had before this one
+    retry: dict | None = None  # the earlier rejection, when `--retry-rejects` asks again
+
+    def messages(self, prompts: dict[str, PromptSet], max_boxes: int | None = None) -> list[dict]:
+        """The request: the kind's prompt over the image's context, plus a note on a repeat or a retry."""
+        notes = []
+        if self.variant:
+            notes.append(
+                f"This image already has {self.variant} earlier {self.kind} record(s). Write variant "
+                f"{self.variant + 1}: a new one about other objects, details or aspects of the scene."
+            )
+        if self.retry:
+            notes.append(
+                f"An earlier reply for this image could not be used ({self.retry.get('reason')}; attempt "
+                f"{self.retry.get('attempt', 1)}). Reply again, keeping exactly to the format asked for."
+            )
+        messages = prompts[self.kind].messages(self.context.text(max_boxes))
+        if notes:
+            messages[-1] = {**messages[-1], "content": messages[-1]["content"] + "\n\n" + " ".join(notes)}
+        return messages
 
 
 def parse_mix(text: str | None) -> dict[str, float]:
@@ -70,28 +111,41 @@ def plan(contexts: list[ImageContext], mix: dict[str, float], records: int | Non
         raise LvitError(f"--records must be at least 1, got {n}")
     total = sum(mix.values())
     current = dict.fromkeys(KINDS, 0.0)
+    had = [Counter() for _ in contexts]
     tasks = []
     for i in range(n):
         for k in KINDS:
             current[k] += mix.get(k, 0.0)
-        kind = max(KINDS, key=lambda k: (current[k], -KINDS.index(k)))
+        seen = had[i % len(contexts)]
+        allowed = [k for k in KINDS if mix.get(k, 0.0) > 0 and current[k] > -NEW_KIND_SLACK * total]
+        kind = min(allowed, key=lambda k: (seen[k], -current[k], KINDS.index(k)))
         current[kind] -= total
         ctx = contexts[i % len(contexts)]
-        rnd = i // len(contexts)
-        tasks.append(Task(f"{ctx.id}-{kind}" + (f"-{rnd}" if rnd else ""), kind, ctx))
+        variant = seen[kind]
+        seen[kind] += 1
+        tasks.append(Task(f"{ctx.id}-{kind}" + (f"-{variant}" if variant else ""), kind, ctx, variant))
     return tasks
 
 
-def to_record(task: Task, pairs: list[tuple[str, str]], prompts: dict[str, PromptSet]) -> dict:
-    """A LLaVA-format record (the image placeholder before the first question), with its kind and source id."""
+def to_record(task: Task, parsed: Parsed, prompts: dict[str, PromptSet]) -> dict:
+    """A LLaVA-format record (the image placeholder before the first question), with its kind and source id,
+    and what was cleaned from the reply (`cleaned`) when anything was."""
+    pairs = parsed.pairs
     if task.kind == "detail":
         pairs = [(prompts["detail"].question_for(task.id), pairs[0][1])]
     turns = []
     for i, (question, answer) in enumerate(pairs):
         turns.append({"from": "human", "value": f"<image>\n{question}" if i == 0 else question})
         turns.append({"from": "gpt", "value": answer})
-    return {"id": task.id, "image": task.context.image, "conversations": turns, "kind": task.kind,
-            "source_id": task.context.id}  # fmt: skip
+    row = {"id": task.id, "image": task.context.image, "conversations": turns, "kind": task.kind,
+           "source_id": task.context.id}  # fmt: skip
+    if parsed.cleaned:
+        row["cleaned"] = list(parsed.cleaned)
+    return row
+
+
+def _prompt_text(messages: list[dict]) -> str:
+    return "\n".join(str(m.get("content", "")) for m in messages)
 
 
 @dataclass
@@ -103,6 +157,9 @@ class Summary:
     written: Counter = field(default_factory=Counter)
     rejected: Counter = field(default_factory=Counter)
     in_file: Counter = field(default_factory=Counter)
+    cleaned: Counter = field(default_factory=Counter)
+    too_long: int = 0
+    max_tokens: int | None = None
     usage: Usage = field(default_factory=Usage)
     cost: float | None = None
 
@@ -114,6 +171,8 @@ class Summary:
             "skipped_done_before": self.skipped,
             "written": dict(self.written),
             "rejected": dict(self.rejected),
+            "too_long_for_context": self.too_long,
+            "cleaned": dict(self.cleaned),
             "records_in_file": dict(self.in_file),
             **self.usage.to_json(),
             "cost": self.cost,
@@ -123,14 +182,20 @@ class Summary:
         per_kind = ", ".join(f"{k} {self.written.get(k, 0)}" for k in KINDS)
         in_file = ", ".join(f"{k} {self.in_file.get(k, 0)}" for k in KINDS)
         reasons = ", ".join(f"{r} {n}" for r, n in self.rejected.most_common()) or "none"
+        cleaned = ", ".join(f"{r} {n}" for r, n in self.cleaned.most_common()) or "nothing"
         lines = [
             f"written this run: {sum(self.written.values())} ({per_kind})",
             f"rejected this run: {sum(self.rejected.values())} ({reasons}) -> {self.rejects}",
+            f"cleaned this run: {cleaned} (named in each record's `cleaned`)",
             f"done before (skipped): {self.skipped} of {self.planned} planned",
             f"records in {self.out}: {sum(self.in_file.values())} ({in_file})",
             f"requests: {self.usage.requests} ({self.usage.retries} retries); tokens: {self.usage.prompt_tokens} "
             f"prompt + {self.usage.completion_tokens} completion",
         ]
+        if self.too_long:
+            now = f" (now {self.max_tokens})" if self.max_tokens else ""
+            fix = TOO_LONG_FIX.replace("--max-tokens", f"--max-tokens{now}")
+            lines.insert(2, f"  of which {self.too_long} too long for the model's context: {fix}")
         if self.cost is not None:
             lines.append(f"cost: {self.cost:.6g} (at the prices given per 1M tokens)")
         return "\n".join(lines)
@@ -148,6 +213,7 @@ def generate(
     progress: bool | None = None,
     price_input: float | None = None,
     price_output: float | None = None,
+    max_boxes: int | None = None,
     echo=print,
 ) -> Summary:
     """Ask the endpoint for every task not done yet; write records and rejects as they complete."""
@@ -158,13 +224,15 @@ def generate(
     if dry_run:
         first = tasks[0]
         echo(f"dry run: {len(tasks)} records planned; the first request ({first.id}, {first.kind}), not sent:")
-        echo(endpoint.dry_run_text(prompts[first.kind].messages(first.context.text())))
+        echo(endpoint.dry_run_text(first.messages(prompts, max_boxes)))
         return Summary(out, rejects, planned=len(tasks))
     done = read_rows(out)
     rejected_before = read_rows(rejects)
     skip = set(done) | (set() if retry_rejects else set(rejected_before))
     todo = [t for t in tasks if t.id not in skip]
-    summary = Summary(out, rejects, planned=len(tasks), skipped=len(tasks) - len(todo))
+    for task in todo:
+        task.retry = rejected_before.get(task.id)
+    summary = Summary(out, rejects, planned=len(tasks), skipped=len(tasks) - len(todo), max_tokens=endpoint.max_tokens)
     summary.in_file.update(row.get("kind", "?") for row in done.values())
     if summary.skipped:
         log.info(
@@ -173,26 +241,41 @@ def generate(
             summary.skipped - sum(t.id in done for t in tasks),
         )  # fmt: skip
     client = ChatClient(endpoint, summary.usage)
+    counter = PromptCounter(endpoint, probe(endpoint)) if todo else None
     log.info("generating %d records with %s, %d request(s) at a time", len(todo), endpoint.describe(), concurrency)
 
     def ask(task: Task):
-        return client.chat(prompts[task.kind].messages(task.context.text()))
+        messages = task.messages(prompts, max_boxes)
+        counter.check(messages)
+        return client.chat(messages), messages
 
-    def record(task: Task, reply, write) -> None:
+    def reject(task: Task, reason: str, message: str, raw: str, write) -> None:
+        attempt = (task.retry or {}).get("attempt", 1) + 1 if task.retry else 1
+        row = {"id": task.id, "source_id": task.context.id, "kind": task.kind, "reason": reason,
+               "message": message, "raw": raw, "attempt": attempt}  # fmt: skip
+        write(rejects, row)
+        summary.rejected[reason] += 1
+
+    def record(task: Task, result, write) -> None:
+        reply, messages = result
         try:
-            pairs = parse_reply(task.kind, reply.text, reply.finish_reason)
+            parsed = parse_reply(task.kind, reply.text, reply.finish_reason, prompt=_prompt_text(messages))
         except Rejected as exc:
-            row = {"id": task.id, "source_id": task.context.id, "kind": task.kind, "reason": exc.reason,
-                   "message": str(exc), "raw": reply.text}  # fmt: skip
-            write(rejects, row)
-            summary.rejected[exc.reason] += 1
+            reject(task, exc.reason, str(exc), reply.text, write)
         else:
-            write(out, to_record(task, pairs, prompts))
+            write(out, to_record(task, parsed, prompts))
             summary.written[task.kind] += 1
             summary.in_file[task.kind] += 1
+            summary.cleaned.update(parsed.cleaned)
+
+    def refused(task: Task, error: RequestRefused, write) -> None:
+        summary.too_long += error.too_long
+        fix = f"; {TOO_LONG_FIX}" if error.too_long else ""
+        reject(task, "endpoint_refused" if error.sent else "prompt_too_long", f"{error}{fix}", "", write)
 
     run_requests(
-        todo, ask, {out: done, rejects: rejected_before}, record=record, kept=lambda: _kept(summary),
+        todo, ask, {out: done, rejects: rejected_before}, record=record, refused=refused, name=lambda t: t.id,
+        kept=lambda: _kept(summary),
         desc="generating", unit="rec", concurrency=concurrency, progress=progress,
         postfix=lambda: {"rejected": sum(summary.rejected.values())},
         rest="generate the rest", after_error="the same command continues from there",
