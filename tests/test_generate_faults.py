@@ -16,7 +16,7 @@ from test_data_generate import GOOD, PROMPTS, _endpoint, _ids, _images, kind_of
 from typer.testing import CliRunner
 
 from lvit.cli.app import app
-from lvit.data.generate import PAPER_MIX, generate, plan, read_coco, read_jsonl
+from lvit.data.generate import generate, plan, read_coco, read_jsonl
 from lvit.data.generate.contexts import Box, ImageContext
 from lvit.errors import LvitError
 from lvit.llm.endpoint import EndpointError
@@ -75,15 +75,15 @@ def test_a_prompt_counted_too_long_is_rejected_without_being_sent(tmp_path):
     """vLLM tells its context length (/v1/models) and counts tokens (/tokenize): lvit does not pay for what
     cannot fit. A server that does not count is simply sent everything."""
     data, folder = _images(tmp_path, 4)
-    tasks = plan(read_jsonl(data, folder), PAPER_MIX, 4)
     out = tmp_path / "instruct.jsonl"
 
     def count(body):
         return 1900 if "number 2." in body["messages"][-1]["content"] else 800
 
     with ScriptedServer(lambda body, n: GOOD[kind_of(body)], max_model_len=2048, tokenize=count) as server:
-        summary = generate(tasks, out, _endpoint(server, max_tokens=512), PROMPTS, progress=False)
+        result = _cli(server, data, folder, out, "--max-tokens", "512")
         sent = server.user_texts()
+    assert result.exit_code == 0, result.output
     assert len(sent) == 3 and not any("number 2." in text for text in sent)
     (reject,) = [json.loads(line) for line in out.with_name("instruct.rejects.jsonl").read_text().splitlines()]
     assert reject["id"].startswith("img2.png-") and reject["reason"] == "prompt_too_long"
@@ -91,11 +91,11 @@ def test_a_prompt_counted_too_long_is_rejected_without_being_sent(tmp_path):
         "not sent: the prompt is 1900 tokens plus --max-tokens 512, more than the model's context of 2048"
         in (reject["message"])
     )
-    assert summary.too_long == 1 and summary.usage.requests == 3
-    out.unlink()
+    assert "rejected this run: 1 (prompt_too_long 1)" in result.output and "requests: 3 " in result.output
+    assert "lower --max-tokens (now 512)" in result.output
     with ScriptedServer(lambda body, n: GOOD[kind_of(body)], max_model_len=2048) as server:  # no /tokenize
-        generate(tasks, out, _endpoint(server, max_tokens=512), PROMPTS, retry_rejects=True, progress=False)
-        assert len(server.requests) == 4
+        result = _cli(server, data, folder, out, "--max-tokens", "512", "--retry-rejects")
+        assert result.exit_code == 0 and len(server.requests) == 1 and len(_ids(out)) == 4
 
 
 def test_nothing_listening_is_said_at_once(tmp_path):
@@ -123,11 +123,11 @@ def test_retry_rejects_asks_differently_each_time(tmp_path):
     """At temperature 0 the same request gets the same reply: a retried record says why the last was rejected
     and which attempt this is, so the request (and the reply) changes."""
     data, folder = _images(tmp_path, 3)
-    tasks = plan(read_jsonl(data, folder), {"conversation": 1.0}, 3)
     out = tmp_path / "instruct.jsonl"
+    args = ["--mix", "conversation=1", "--temperature", "0"]
     with ScriptedServer(lambda body, n: "Nothing useful here.") as server:
-        generate(tasks, out, _endpoint(server), PROMPTS, progress=False)
-        generate(tasks, out, _endpoint(server), PROMPTS, retry_rejects=True, progress=False)
+        assert _cli(server, data, folder, out, *args).exit_code == 0
+        assert _cli(server, data, folder, out, *args, "--retry-rejects").exit_code == 0
         texts = server.user_texts()
     assert len(texts) == 6 and len(set(texts)) == 6
     assert all("could not be used (no_turns; attempt 1)" in t for t in texts[3:])
@@ -136,8 +136,8 @@ def test_retry_rejects_asks_differently_each_time(tmp_path):
         return GOOD["conversation"] if "attempt 2" in body["messages"][-1]["content"] else "Still nothing."
 
     with ScriptedServer(answer_when_asked_again) as server:
-        summary = generate(tasks, out, _endpoint(server), PROMPTS, retry_rejects=True, progress=False)
-    assert sum(summary.written.values()) == 3 and sorted(_ids(out)) == sorted(t.id for t in tasks)
+        result = _cli(server, data, folder, out, *args, "--retry-rejects")
+    assert "written this run: 3 (conversation 3" in result.output and len(_ids(out)) == 3
 
 
 def _coco(tmp_path, images, captions, instances, categories=None):
@@ -168,6 +168,11 @@ def test_instances_of_another_split_are_an_error_and_many_images_without_boxes_a
     caps, inst = _coco(tmp_path, [_img(1), _img(2), _img(3), _img(4)], captions, elsewhere)
     with pytest.raises(LvitError, match=r"none of its 1 annotations is of an image captioned in .* same split"):
         read_coco(caps, inst)
+    args = ["data", "generate", "--coco-captions", str(caps), "--coco-instances", str(inst), "--out"]
+    result = CliRunner().invoke(
+        app, [*args, str(tmp_path / "o.jsonl"), "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    )
+    assert result.exit_code == 2 and "are the two files from the same split" in result.output  # before any request
     one = [{"id": 1, "image_id": 1, "bbox": [0, 0, 5, 5], "category_id": 1}]
     caps, inst = _coco(tmp_path, [_img(1), _img(2), _img(3), _img(4)], captions, one)
     with caplog.at_level(logging.INFO, logger="lvit"):
@@ -210,7 +215,7 @@ def test_a_401_still_stops_the_run_and_names_the_record(tmp_path):
     assert "(asking for img0.png-conversation)" in str(info.value) and "--api-key-env" in str(info.value)
 
 
-def test_cli_images_of_several_sizes_from_coco(tmp_path):
+def test_cli_sends_crowd_boxes_as_groups_from_coco(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in (1, 2):
