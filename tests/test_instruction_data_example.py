@@ -41,7 +41,7 @@ def test_the_example_runs_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    assert "$ lvit data generate" in out and "written this run: 24 (conversation 9, detail 3, complex 12)" in out
+    assert "$ lvit data generate" in out and "written this run: 24 (conversation 9, detail 4, complex 11)" in out
     assert "no errors" in out and "$ lvit finetune" in out and "$ lvit eval llava-bench" in out
     results = json.loads((work / "bench" / "results.json").read_text())
     assert results["questions"] == 16 and results["failed"] == 0
