@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from lvit.data.collator import LlavaCollator
 from lvit.data.dataset import prepare
 from lvit.data.images import ImageLoader
-from lvit.data.packing import pack, rows
+from lvit.data.packing import LONGEST, pack, rows
 from lvit.data.records import conversation_from_row
 from lvit.errors import LvitError
 from lvit.model.assemble import assemble
+from lvit.model.packed_attention import PACKED_SDPA, use_packed_sdpa
 from lvit.model.stages import apply_stage
 from lvit.model.towers import num_image_tokens
 from lvit.recipe.attention import check_attention
@@ -35,8 +36,7 @@ def test_rows_fewest_then_even_never_split():
     assert rows([4, 4, 4, 4], 8) == [[0, 1], [2, 3]]
     assert rows([7, 1, 1, 7], 8) == [[0, 1], [2, 3]]  # evening out would not fit: first fit's layout
     assert rows([5, 4, 3], None) == [[0, 1, 2]]
-    with pytest.raises(ValueError, match="does not fit"):
-        rows([9], 8)
+    assert rows([9, 2], 8) == [[0], [1]]  # a sample longer than the budget gets a row of its own
 
 
 def test_rows_even_out_what_the_longest_first_spread_leaves_uneven():
@@ -66,7 +66,7 @@ def test_pack_positions_restart_labels_and_filler():
 
 
 def test_unsupported_attention_is_refused():
-    for ok in ("sdpa", "eager", "flash_attention_2"):
+    for ok in ("sdpa", "eager", "flash_attention_2", "lvit_packed_sdpa"):
         check_attention(ok, "here")
     with pytest.raises(LvitError, match="flex_attention.*data.packing=false"):
         check_attention("flex_attention", "recipe.yaml: model.attn_implementation")
@@ -78,9 +78,34 @@ def test_recipe_with_unsupported_attention_is_refused_before_loading(tiny_recipe
     tiny_recipe(model={"attn_implementation": "flex_attention"}, data__packing=False)  # padded rows: any attention
 
 
-def test_max_tokens_per_row_below_max_length_is_refused(tiny_recipe):
-    with pytest.raises(LvitError, match="max_tokens_per_row = 100 is below data.max_length = 256"):
-        tiny_recipe(data__max_tokens_per_row=100)
+def test_rows_may_be_narrower_than_max_length_and_always_hold_their_longest_sample(tiny_recipe):
+    assert tiny_recipe(data__max_tokens_per_row=100).data.max_tokens_per_row == 100  # below max_length 256
+    with pytest.raises(LvitError, match="max_tokens_per_row = 0; it must be 1 or more"):
+        tiny_recipe(data__max_tokens_per_row=0)
+    assert rows([150, 50, 40, 30], 100) == [[0], [1, 2, 3]]  # the budget rises to the longest sample, 150
+    assert rows([90, 50, 40, 30], 100) == [[0], [1, 2], [3]] or rows([90, 50, 40, 30], 100) == [[0], [1, 3], [2]]
+    assert rows([150, 50, 40, 30], LONGEST) == rows([150, 50, 40, 30], 150)  # the micro-batch's longest sample
+    assert rows([150, 50, 40, 30], None) == [[0, 1, 2, 3]]
+
+
+def test_the_row_layout_follows_the_attention_kernel(tiny_recipe):
+    """sdpa -> lvit's packed sdpa and one row; eager -> rows no longer than the longest sample; flash -> one row;
+    data.max_tokens_per_row overrides (except under flash, whose varlen kernel needs one row)."""
+    from types import SimpleNamespace
+
+    from lvit.train.build import packing_options
+
+    def options(attn, **data):
+        text = SimpleNamespace(_attn_implementation=attn)
+        model = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text))
+        return packing_options(tiny_recipe(**{f"data__{k}": v for k, v in data.items()}), model)["max_tokens_per_row"]
+
+    assert options("lvit_packed_sdpa") is None and options("flash_attention_2") is None
+    assert options("eager") == LONGEST and options("sdpa") == LONGEST  # sdpa the packed kernel could not take
+    assert (
+        options("eager", max_tokens_per_row=300) == 300 and options("lvit_packed_sdpa", max_tokens_per_row=300) == 300
+    )
+    assert options("flash_attention_2", max_tokens_per_row=300) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +139,11 @@ def parts(tiny_parts, shapes_data):
 
     def model(dtype="float32", attn=None):
         torch.manual_seed(0)
+        packed_sdpa = attn == PACKED_SDPA
+        attn = "sdpa" if packed_sdpa else attn
         m, _ = assemble(ModelSection(str(vision), str(lm), torch_dtype=dtype, attn_implementation=attn), on_cpu=True)
+        if packed_sdpa:
+            assert use_packed_sdpa(m, 256) is None
         apply_stage(m, "finetune", "linear")
         return m.train()  # dropout is 0 in the tiny configs; train mode as in training
 
@@ -169,13 +198,19 @@ def test_packed_batch_holds_the_samples_and_images_in_reading_order(parts):
     assert torch.equal(b["pixel_values"], expected)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_compact_step_equals_padded_full_step_fp32(parts, attn):
+@pytest.mark.parametrize(
+    ("attn", "budget"), [("sdpa", "fixture"), ("eager", "fixture"), ("eager", LONGEST), (PACKED_SDPA, None)]
+)
+def test_packed_compact_step_equals_padded_full_step_fp32(parts, attn, budget):
+    """Every layout and kernel that ships: rows under a budget (sdpa and eager with the block-diagonal mask),
+    rows of the longest sample (eager's default), one row with lvit's packed sdpa (sdpa's default)."""
     build, picked, padded, packed = parts
+    if budget != "fixture":
+        packed = LlavaCollator(padded.encoder, padded.image_loader, 0, 256, packing=True, max_tokens_per_row=budget)
     a, b = padded(picked), packed(picked)
     count = trained_count(a)
-    ref = build(attn=attn)
-    new = copy.deepcopy(ref)
+    ref = build(attn="sdpa" if attn == PACKED_SDPA else attn)
+    new = build(attn=attn)
     start = {n: p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad}
     loss_ref = full_loss(ref, a, count)
     loss_ref.backward()
@@ -269,16 +304,47 @@ def test_packed_samples_do_not_see_each_other(parts):
     assert not torch.equal(logits(ids, running)[third], logits(changed, running)[third])
 
 
+def test_packed_sdpa_gives_each_sample_its_own_attention_and_leaves_the_rest_to_sdpa(parts):
+    """lvit's packed sdpa on one row equals each sample run alone; padded batches and generation (a padding
+    mask, a KV cache) are sdpa's own; what is saved names no custom kernel."""
+    import tempfile
+    from pathlib import Path
+
+    build, picked, padded, _ = parts
+    plain, packed_model = build(attn="sdpa").eval(), build(attn=PACKED_SDPA).eval()
+    assert packed_model.config.get_text_config()._attn_implementation == PACKED_SDPA
+    assert packed_model.config.vision_config._attn_implementation == "sdpa"  # the tower keeps its own
+    enc = padded.encoder
+    ids = [e.input_ids for e in enc.encode_many([conversation_from_row(r) for r in picked[3:5]])]  # text-only
+    batch, _ = pack(ids, ids, None, 0)
+    with torch.no_grad():
+        together = packed_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        alone = [plain(input_ids=torch.tensor([x]), use_cache=False).logits[0] for x in ids]
+        assert torch.allclose(together.logits[0], torch.cat(alone), atol=1e-5, rtol=1e-5)
+        a = padded(picked)
+        inputs = {k: v for k, v in a.items() if k != "labels"}
+        assert torch.allclose(packed_model(**inputs).logits, plain(**inputs).logits, atol=1e-6)
+        prompt = torch.tensor([ids[0][:20]])
+        assert torch.equal(
+            packed_model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False),
+            plain.generate(input_ids=prompt, max_new_tokens=6, do_sample=False),
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        packed_model.save_pretrained(folder)
+        assert PACKED_SDPA not in Path(folder, "config.json").read_text()
+
+
 def test_packed_bf16_step_close_to_padded(parts):
     """bf16 weights and activations: the packed, compact step against the padded, full one. Measured on this tiny
     model (2026-11-30, three sample sets): loss rel. difference 1.6e-6 to 1.3e-5, smallest gradient cosine
     0.999992 (the layouts reduce in different orders, and bf16 keeps 8 bits of mantissa); the bounds leave 8x
     room."""
-    build, picked, padded, packed = parts
+    build, picked, padded, _ = parts
+    packed = LlavaCollator(padded.encoder, padded.image_loader, 0, 256, packing=True)  # one row: sdpa's default
     a, b = padded(picked), packed(picked)
     count = trained_count(a)
-    ref = build("bfloat16")
-    new = copy.deepcopy(ref)
+    ref = build("bfloat16", attn="sdpa")
+    new = build("bfloat16", attn=PACKED_SDPA)
     loss_ref = full_loss(ref, a, count)
     loss_ref.backward()
     loss_new, _ = compact_loss(new, model_inputs(b), count)

@@ -7,7 +7,8 @@ sample (docs/stack-notes.md#packed-position-ids). The samples are those of the u
 changes the layout, never which samples a step sees.
 
 - `rows(lengths, budget)`: which samples share a row: as few rows as hold them at `budget` tokens a row,
-  filled as evenly as it can (a sample is never split).
+  filled as evenly as it can (a sample is never split). A row always holds the micro-batch's longest sample:
+  the budget is at least its length, and `LONGEST` is that length exactly; None is one row.
 - Rows shorter than the longest one end in a filler segment (pad ids, labels -100, positions from 0): a
   sample of its own, which no real token can see (attention is causal and confined to a sample).
 - The first label of every sample is set to -100. An unpacked batch never scores it (a causal LM predicts
@@ -22,8 +23,12 @@ import torch
 
 from lvit.templates.conversation import IGNORE_INDEX
 
+# A row budget of the micro-batch's longest sample: no row's attention costs more than one row of the padded
+# batch (what `lvit.train.build.packing_options` picks for attention that computes masked blocks, eager).
+LONGEST = "longest"
 
-def rows(lengths: list[int], budget: int | None) -> list[list[int]]:
+
+def rows(lengths: list[int], budget: int | str | None) -> list[list[int]]:
     """Sample indices per row (each row in data order, rows by their first sample): as few rows as hold the
     samples at `budget` tokens a row (None: one row), and of those layouts the one with the shortest longest
     row, since every row is filled up to the longest.
@@ -36,8 +41,7 @@ def rows(lengths: list[int], budget: int | None) -> list[list[int]]:
         return []
     if budget is None:
         return [list(range(len(lengths)))]
-    if max(lengths) > budget:
-        raise ValueError(f"a sample of {max(lengths)} tokens does not fit a row of {budget} (data.max_tokens_per_row)")
+    budget = max(lengths) if budget == LONGEST else max(budget, max(lengths))
     first_fit: list[list[int]] = []
     room: list[int] = []
     for i, n in enumerate(lengths):
@@ -93,7 +97,9 @@ def _even_out(layout: list[list[int]], lengths: list[int], budget: int) -> list[
         load[other] += moved
 
 
-def pack(ids: list[list[int]], labels: list[list[int]], budget: int | None, pad_token_id: int) -> tuple[dict, list]:
+def pack(
+    ids: list[list[int]], labels: list[list[int]], budget: int | str | None, pad_token_id: int
+) -> tuple[dict, list]:
     """`(batch, layout)`: the packed tensors and, per row, the sample indices in it (left to right).
 
     Images go with their samples: the caller stacks a batch's images in the layout's reading order, which

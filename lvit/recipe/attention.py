@@ -7,11 +7,13 @@ from lvit.errors import LvitError
 # builds; the flash-attention kernels through their varlen path, which needs the whole batch in one row.
 MASKED_ATTENTION = ("eager", "sdpa")
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+# lvit's own per-sample sdpa (`lvit.model.packed_attention.PACKED_SDPA`), set by lvit on a model that packs.
+PACKED_SDPA = "lvit_packed_sdpa"
 
 
 def check_attention(attn_implementation: str | None, where: str) -> None:
     """Refuse an attention implementation that packed rows would let attend across samples."""
-    if attn_implementation in MASKED_ATTENTION + VARLEN_ATTENTION:
+    if attn_implementation in (*MASKED_ATTENTION, *VARLEN_ATTENTION, PACKED_SDPA):
         return
     raise LvitError(
         f"{where}: data.packing needs attention that keeps packed samples apart; the model uses "

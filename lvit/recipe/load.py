@@ -140,12 +140,8 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
     if recipe.data.packing and recipe.model.attn_implementation is not None:
         check_attention(recipe.model.attn_implementation, f"{source}: model.attn_implementation")
     row = recipe.data.max_tokens_per_row
-    if row is not None and row < recipe.data.max_length:
-        raise LvitError(
-            f"{source}: data.max_tokens_per_row = {row} is below data.max_length = {recipe.data.max_length}: "
-            "a sample is never split across rows, so a row must hold the longest sample. Raise it or leave it "
-            "unset (it defaults to data.max_length)."
-        )
+    if row is not None and row < 1:
+        raise LvitError(f"{source}: data.max_tokens_per_row = {row}; it must be 1 or more, or null (lvit chooses)")
     return recipe
 
 

@@ -69,13 +69,17 @@ class DataSection:
     """Each optimizer step draws only image records or only text-only records (LLaVA-1.5's
     `--group_by_modality_length`; `lvit/data/modality_sampler.py`). False: random batches."""
     packing: bool = True
-    """Padding-free batches (`lvit/data/packing.py`): each micro-batch's samples laid end to end in as few rows
-    as fit `max_tokens_per_row`, positions restarting at 0 per sample, attention confined to each sample. The
-    samples of a step are those of the unpacked run; only the layout changes (loss and gradients equal).
-    Needs `model.attn_implementation` eager, sdpa or flash_attention_2/3 (None picks sdpa or eager)."""
+    """Padding-free batches (`lvit/data/packing.py`): each micro-batch's samples laid end to end in rows,
+    positions restarting at 0 per sample, attention confined to each sample. The samples of a step are those of
+    the unpacked run; only the layout changes (loss and gradients equal). With sdpa the language model runs
+    lvit's packed sdpa (`lvit/model/packed_attention.py`: each sample's attention alone, no mask) and the
+    micro-batch is one row. Needs `model.attn_implementation` eager, sdpa or flash_attention_2/3 (None picks
+    sdpa or eager)."""
     max_tokens_per_row: int | None = None
-    """packing: the most tokens in one packed row (None: `max_length`); at least `max_length`. With
-    flash attention the whole micro-batch is one row (its varlen kernel reads sample bounds from one row)."""
+    """packing: the most tokens in one packed row; a row always holds the longest sample it gets, so it may be
+    below `max_length`. None: lvit chooses for the attention kernel (one row with sdpa and flash attention;
+    rows no longer than the micro-batch's longest sample with eager). With flash attention the whole
+    micro-batch is always one row (its varlen kernel reads sample bounds from one row)."""
     max_tokens_per_batch: int | None = None
     """Token-budget micro-batches (`lvit/data/token_budget.py`): each micro-batch takes samples, in shuffled
     order, while their tokens (image tokens included) stay within this many; `per_device_train_batch_size`

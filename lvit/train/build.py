@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 
+from lvit.data.packing import LONGEST
 from lvit.model.adapters import add_lora
 from lvit.model.assemble import assemble
+from lvit.model.packed_attention import PACKED_SDPA, use_packed_sdpa
 from lvit.model.stages import apply_stage
 from lvit.recipe.attention import VARLEN_ATTENTION, check_attention
 from lvit.recipe.schema import Recipe
@@ -16,17 +18,30 @@ log = logging.getLogger(__name__)
 
 
 def packing_options(recipe: Recipe, model) -> dict:
-    """The collator's packing arguments for this recipe and model; refuses attention that would mix samples."""
+    """The collator's packing arguments for this recipe and model; refuses attention that would mix samples.
+
+    The row layout follows the attention kernel (benchmarks/RESULTS.md, "Packing at max_length 2048"):
+    - flash-attention varlen and lvit's packed sdpa (`lvit.model.packed_attention`) cost each sample its own
+      attention wherever it sits: one row per micro-batch, no filler (flash reads sample bounds from one row
+      only, so it always gets one);
+    - eager (and sdpa where the packed kernel cannot run) computes every masked block of a row: rows no longer
+      than the micro-batch's longest sample, so no row costs more attention than a row of the padded batch;
+    - `data.max_tokens_per_row` overrides both (a row still holds the longest sample it gets)."""
     data = recipe.data
     if not data.packing:
         return {}
 
-    # the implementation the language model runs with (transformers sets it on every sub-config)
+    # the implementation the language model runs with
     attn = model.config.get_text_config()._attn_implementation
     check_attention(attn, f"{recipe.source}: model.attn_implementation")
-    one_row = attn in VARLEN_ATTENTION  # flash varlen reads sample bounds only from a single row
-    row = None if one_row else (data.max_tokens_per_row or data.max_length)
-    log.info("packing: padding-free rows of at most %s tokens (%s attention)", row or "all the batch's", attn)
+    if attn in VARLEN_ATTENTION:
+        row = None
+    elif data.max_tokens_per_row is not None:
+        row = data.max_tokens_per_row
+    else:
+        row = None if attn == PACKED_SDPA else LONGEST
+    shown = {None: "the whole micro-batch in one row", LONGEST: "rows of at most the micro-batch's longest sample"}
+    log.info("packing: %s (%s attention)", shown.get(row, f"rows of at most {row} tokens"), attn)
     return {"packing": True, "max_tokens_per_row": row}
 
 
@@ -47,6 +62,10 @@ def build_model(recipe: Recipe, args):
         on_cpu=args.use_cpu,
         template=recipe.data.template,
     )
+    if recipe.data.packing:
+        blocker = use_packed_sdpa(model, recipe.data.max_length)
+        if blocker is not None:
+            log.info("packing: the language model keeps its attention (%s); rows are budgeted instead", blocker)
     apply_stage(model, recipe.stage, recipe.model.projector, train_lm=recipe.method == "full")
     if recipe.method != "full":
         model = add_lora(model, recipe.lora, recipe.model.projector)
