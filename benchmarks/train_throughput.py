@@ -18,8 +18,9 @@ What it compares
       (TRL's default). The vision tower is frozen by hand, as the paper's stage 2 does.
     - lvit: `lvit.train.run.run(recipe)`, what `lvit finetune` runs, with lvit's defaults for stage 2
       (`stage: finetune`, `method: full`): random batches (the baseline's samples in each step),
-      padding-free packed rows (`data.packing`, rows of at most `data.max_length` tokens) and the
-      compact LM head (`compact_head`: logits only at labelled positions).
+      padding-free packed rows (`data.packing`: with sdpa, each micro-batch in one row and lvit's packed
+      sdpa, which runs each sample's attention alone, `lvit/model/packed_attention.py`) and the compact LM
+      head (`compact_head`: logits only at labelled positions).
     Both get the same hyperparameters: learning rate, batch size, one epoch over the same records,
     cosine schedule with 3% warmup, no weight decay, seed, data.max_length = SFTConfig.max_length, and
     no bf16 on the CPU. Activation checkpointing is off on the CPU and on on the GPU, for both. The
@@ -32,12 +33,19 @@ What it compares
       TRL's fused head scoring every position on the CPU). The reference for "each lever alone";
     - `packing`: `plain` + packing; `compact_head`: `plain` + the compact head;
     - `one_row`: the default with no row budget (`data.max_tokens_per_row` huge): each micro-batch in
-      one row, no filler, attention over the whole row (sdpa does not skip the masked blocks on the CPU);
+      one row (the default layout since lvit's packed sdpa; before it, one row meant attention over the
+      whole row);
+    - `masked_rows`: lvit's default before its packed sdpa: transformers' sdpa with the block-diagonal mask,
+      which computes every masked block, and rows of at most `data.max_length` tokens;
     - `group_by_length`: the default with length-grouped batches (changes the samples of each step);
     - `workers1`: `training.dataloader_num_workers=1`. In lock-step its worker also prefetches while
       the other runs hold the turn: off its clock, on theirs.
 
 What it reports, per run and per method
+    The fraction of the machine's matmul peak reached on real tokens (`mfu`): 6 x P x real tokens / time /
+    peak, P the LM's parameters without the input embedding plus the projector, the peak measured in the
+    same run with a large matmul (CPU: fp32 2048^3 at the runs' thread count; GPU: bf16 8192^3).
+
     samples/s and tokens/s over the training loop only, with every step timed. In lock-step a run's time
     is the sum of its own steps: from being given the turn, which comes before the step's batch is
     fetched, to its `on_step_end`. In sequential mode it is the window from the end of `on_train_begin`
@@ -136,12 +144,13 @@ from common import (
 # (random batches, padded rows, every position scored); `packing` and `compact_head` are `plain` plus that
 # one lever; `one_row`: packing with no row budget (the whole micro-batch in one row); `group_by_length`:
 # lvit's default with length-grouped batches; `workers1`: one data-loader worker.
-LEVERS = ("plain", "packing", "compact_head", "one_row", "group_by_length", "workers1")
+LEVERS = ("plain", "packing", "compact_head", "one_row", "masked_rows", "group_by_length", "workers1")
 LEVER_CHANGES = {
     "plain": {"packing": False, "compact_head": False},
     "packing": {"packing": True, "compact_head": False},
     "compact_head": {"packing": False, "compact_head": True},
     "one_row": {"row_budget": 1 << 20},
+    "masked_rows": {"masked_rows": True},
     "group_by_length": {"sampling": "group_by_length"},
     "workers1": {"workers": 1},
 }
@@ -563,13 +572,16 @@ class Meter:
             import socket
 
             self.token = socket.socket(fileno=token_fd)
-            original_batches = SFTTrainer.get_batch_samples
+            from lvit.train.trainer import LlavaTrainer  # it fetches its batches itself (lvit.train.trainer)
 
-            def get_batch_samples(trainer, *args, **kwargs):
-                meter.wait_token()  # the step's data fetch (and accelerate's prefetch of the next batch) is timed
-                return original_batches(trainer, *args, **kwargs)
+            for cls in (SFTTrainer, LlavaTrainer):
+                original_batches = cls.get_batch_samples
 
-            SFTTrainer.get_batch_samples = get_batch_samples
+                def get_batch_samples(trainer, *args, _original=original_batches, **kwargs):
+                    meter.wait_token()  # the step's data fetch (and accelerate's prefetch of the next batch) is timed
+                    return _original(trainer, *args, **kwargs)
+
+                cls.get_batch_samples = get_batch_samples
 
         original_fetch = fetch._MapDatasetFetcher.fetch
 
@@ -702,6 +714,11 @@ def run_lvit(spec: dict) -> dict:
     packing = {"packing": spec.get("packing", True)}
     if spec.get("row_budget"):
         packing["max_tokens_per_row"] = spec["row_budget"]
+    if spec.get("masked_rows"):  # lvit before its packed sdpa: sdpa's block mask, rows of max_length
+        import lvit.train.build
+
+        lvit.train.build.use_packed_sdpa = lambda model, max_length: "the masked_rows lever"
+        packing["max_tokens_per_row"] = spec["max_length"]
     raw = {
         "stage": "finetune",
         "method": "full",
@@ -848,6 +865,27 @@ def check_labels(spec: dict) -> dict:
         "trained_tokens_trl_lvit": trained,
         "real_tokens_trl_lvit": real,
     }
+
+
+def fp32_cpu_peak_tflops(threads: int | None) -> float:
+    """The CPU's fp32 matmul rate (2048^3 `torch.mm`, best of 5) at the runs' thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    torch.set_num_threads(before)
+    return 2 * n**3 / best / 1e12
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def bf16_peak_tflops() -> float:
@@ -1044,6 +1082,7 @@ def summarize(results: list[dict], mfu: dict | None) -> dict:
         out["heldout_loss_rel_diff"] = (lv["heldout_loss"] - b["heldout_loss"]) / b["heldout_loss"]
         out["goal_1_6x"] = out["ratio"] >= 1.6
         out["goal_padding_under_1pct"] = lv["padding_fraction"] < 0.01
+        out["goal_padding_under_3pct"] = lv["padding_fraction"] < 0.03
     return out
 
 
@@ -1064,6 +1103,11 @@ def main() -> None:
         help="instruct: LLaVA-Instruct-158K-like lengths; vqa: mostly one-line answers, a tail of long descriptions",
     )
     parser.add_argument("--lever-rounds", type=int, default=1, help="rounds in which the lever runs are made")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        help="data.max_length / SFTConfig.max_length (default: CPU 1024, GPU 2048); the data stays the same",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -1108,8 +1152,10 @@ def main() -> None:
         load_start = os.getloadavg()
         log(f"{stamp}  {info}  load {os.getloadavg()}")
         image_size = shape["vision"]["image_size"]
-        # max_words keeps every sample under max_length (about 1.25 tokens per word, plus image and prompt)
+        # max_words keeps every sample under the shape's max_length (about 1.25 tokens per word, plus image and
+        # prompt); --max-length changes only the recipe's, so the data is the same at 1024 and 2048
         max_words = int((shape["max_length"] - (image_size // shape["vision"]["patch_size"]) ** 2 - 80) / 1.5)
+        max_length = args.max_length or shape["max_length"]
         data = write_data(work / "data", records, args.held_out, image_size, max_words, args.seed, args.data_shape)
         vision_dir, lm_dir = build_parts(work / "parts", data["corpus"], data["words"], args.gpu_7b_layers)
         model_cfg = model_section(vision_dir, lm_dir, gpu)
@@ -1125,7 +1171,7 @@ def main() -> None:
             "batch": batch,
             "lr": lr,
             "seed": args.seed,
-            "max_length": shape["max_length"],
+            "max_length": max_length,
             "max_words": max_words,
             "data_shape": args.data_shape,
             "schedule": schedule,
@@ -1139,10 +1185,12 @@ def main() -> None:
         log(f"training data (tokens per sample, image tokens included): {lengths}")
         full_scale = simulated_padding(base, batch)
         log(f"padding at full-dataset scale, samplers only (no training): {full_scale}")
-        mfu = None
         if gpu:
             mfu = {"peak_tflops": bf16_peak_tflops(), "params": lm_flop_params(str(ckpt))}
             log(f"bf16 peak {mfu['peak_tflops']:.0f} TFLOPS (8192^3 matmul); P = {mfu['params'] / 1e9:.3f}B")
+        else:
+            mfu = {"peak_tflops": fp32_cpu_peak_tflops(args.threads), "params": lm_flop_params(str(ckpt))}
+            log(f"fp32 peak {mfu['peak_tflops'] * 1e3:.1f} GFLOP/s (2048^3 matmul); P = {mfu['params'] / 1e6:.2f}M")
 
         results = []
         for rnd in range(1, args.rounds + 1):
@@ -1251,21 +1299,25 @@ def simulated_padding(spec: dict, batch: int, n: int = 4000) -> dict:
             padded += max(b) * len(b)
         return 1 - real / padded, padded / usable
 
-    def packed(order: list[int]) -> tuple[float, float]:
+    def packed(order: list[int], budget) -> tuple[float, float]:
         from lvit.data.packing import rows
 
         real = positions = 0
         usable = len(order) - len(order) % batch
         for i in range(0, usable, batch):
             b = [lengths[j] for j in order[i : i + batch]]
-            layout = rows(b, spec["max_length"])
+            layout = rows(b, budget)
             real += sum(b)
             positions += len(layout) * max(sum(b[k] for k in row) for row in layout)
         return 1 - real / positions, positions / usable
 
     seeds = range(5)
     rand = [padding(torch.randperm(n, generator=torch.Generator().manual_seed(s)).tolist()) for s in seeds]
-    pack = [packed(torch.randperm(n, generator=torch.Generator().manual_seed(s)).tolist()) for s in seeds]
+    pack = [
+        packed(torch.randperm(n, generator=torch.Generator().manual_seed(s)).tolist(), spec["max_length"])
+        for s in seeds
+    ]
+    longest = [packed(torch.randperm(n, generator=torch.Generator().manual_seed(s)).tolist(), "longest") for s in seeds]
     grouped = [
         padding(get_length_grouped_indices(lengths, batch, generator=torch.Generator().manual_seed(s))) for s in seeds
     ]
@@ -1276,6 +1328,7 @@ def simulated_padding(spec: dict, batch: int, n: int = 4000) -> dict:
         "random_padding": statistics.fmean(x[0] for x in rand),
         "random_packed_padding": statistics.fmean(x[0] for x in pack),
         "random_packed_positions_per_sample": statistics.fmean(x[1] for x in pack),
+        "random_packed_longest_rows_padding": statistics.fmean(x[0] for x in longest),
         "grouped_padding": statistics.fmean(x[0] for x in grouped),
         "random_positions_per_sample": statistics.fmean(x[1] for x in rand),
         "grouped_positions_per_sample": statistics.fmean(x[1] for x in grouped),
@@ -1287,15 +1340,15 @@ def print_summary(report: dict, log) -> None:
     log("")
     log(
         f"{'method':<13} {'samples/s':>10} {'tokens/s':>9} {'samp/cpu-s':>10} {'padding':>8} {'s/step':>7} "
-        f"{'data s/step':>11} {'collate':>8} {'peak GiB':>8} {'train loss':>10} {'held-out':>9}"
-        + ("  MFU" if report["mfu"] else "")
+        f"{'data s/step':>11} {'collate':>8} {'peak GiB':>8} {'train loss':>12} {'held-out':>10}"
+        + ("  of peak" if report["mfu"] else "")
     )
     for label, m in s["methods"].items():
         log(
             f"{label:<13} {m['samples_per_s']:10.3f} {m['tokens_per_s']:9.1f} {m['samples_per_cpu_s']:10.3f} "
             f"{m['padding_fraction']:8.1%} {m['seconds_per_step']:7.2f} {m['data_s_per_step']:11.3f} "
-            f"{m['collate_s_per_step']:8.3f} {m['peak_mem_gib']:8.2f} {m['mean_train_loss']:10.4f} "
-            f"{m['heldout_loss']:9.4f}" + (f"  {m['mfu']:.1%}" if "mfu" in m else "")
+            f"{m['collate_s_per_step']:8.3f} {m['peak_mem_gib']:8.2f} {m['mean_train_loss']:12.8f} "
+            f"{m['heldout_loss']:10.7f}" + (f"  {m['mfu']:.1%}" if "mfu" in m else "")
         )
     if "ratio" in s:
         per_round = ", ".join(f"{x:.2f}" for x in s["ratio_rounds"])
@@ -1327,8 +1380,10 @@ def print_summary(report: dict, log) -> None:
     f = report["full_scale_padding_simulated"]
     log(
         f"padding at full-dataset scale ({f['records']} records, batch {f['batch']}, samplers only): random "
-        f"{f['random_padding']:.1%}, length-grouped {f['grouped_padding']:.1%}, random + packed (rows of at most "
-        f"max_length) {f['random_packed_padding']:.1%}; positions per sample "
+        f"{f['random_padding']:.1%}, length-grouped {f['grouped_padding']:.1%}, random + packed in rows of at most "
+        f"max_length {f['random_packed_padding']:.1%}, of the longest sample (eager's default) "
+        f"{f['random_packed_longest_rows_padding']:.1%}, in one row (sdpa's and flash's default) 0%; positions per "
+        "sample "
         f"{f['random_positions_per_sample']:.0f} vs {f['grouped_positions_per_sample']:.0f} "
         f"({f['random_positions_per_sample'] / f['grouped_positions_per_sample']:.2f}x)"
     )
