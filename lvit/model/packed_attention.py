@@ -13,7 +13,8 @@ an unpadded batch) under `PACKED_SDPA`, and set on the language model only (`use
 not a batch of whole unpadded rows (a padding mask, a KV cache, no position ids) goes to transformers' own sdpa
 unchanged, so generation and padded evaluation behave exactly as with `sdpa`. Models whose attention sdpa does not
 express per sample (a sliding window shorter than `data.max_length`, logit soft-capping) keep `sdpa` and its mask.
-Sample bounds are where the position ids stop counting up by one (as transformers' own packed detection reads
+How transformers takes a custom kernel: docs/stack-notes.md#custom-attention-interface. Sample bounds are where the
+position ids stop counting up by one (as transformers' own packed detection reads
 them, `masking_utils.find_packed_sequence_indices`). Checked against sdpa with the mask in `tests/test_packing.py`.
 """
 
