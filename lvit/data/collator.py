@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 class LlavaCollator:
     """Turns dataset rows into a batch: input_ids, attention_mask, labels, pixel_values (padded rows), or with
     `packing` input_ids, labels, position_ids, row_lengths, pixel_values (padding-free rows, `lvit.data.packing`:
-    samples end to end, at most `max_tokens_per_row` tokens a row, None: one row).
+    samples end to end, at most `max_tokens_per_row` tokens a row or the longest sample's length, `LONGEST`:
+    rows of the longest sample, None: one row).
 
     Images are read and decoded here, in the data-loader workers. An image that fails to decode
     stops training with the record named, unless `skipped_file` is given (data.on_bad_record:
@@ -54,7 +55,7 @@ class LlavaCollator:
         max_length: int,
         skipped_file: str | Path | None = None,
         packing: bool = False,
-        max_tokens_per_row: int | None = None,
+        max_tokens_per_row: int | str | None = None,
     ):
         self.encoder = encoder
         self.image_loader = image_loader
