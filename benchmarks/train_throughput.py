@@ -37,6 +37,8 @@ What it compares
       whole row);
     - `masked_rows`: lvit's default before its packed sdpa: transformers' sdpa with the block-diagonal mask,
       which computes every masked block, and rows of at most `data.max_length` tokens;
+    - `eager`: `model.attn_implementation: eager`, with lvit's layout for it (rows no longer than the
+      micro-batch's longest sample); `eager_rows`: eager with rows of at most `data.max_length` tokens;
     - `group_by_length`: the default with length-grouped batches (changes the samples of each step);
     - `workers1`: `training.dataloader_num_workers=1`. In lock-step its worker also prefetches while
       the other runs hold the turn: off its clock, on theirs.
@@ -144,13 +146,25 @@ from common import (
 # (random batches, padded rows, every position scored); `packing` and `compact_head` are `plain` plus that
 # one lever; `one_row`: packing with no row budget (the whole micro-batch in one row); `group_by_length`:
 # lvit's default with length-grouped batches; `workers1`: one data-loader worker.
-LEVERS = ("plain", "packing", "compact_head", "one_row", "masked_rows", "group_by_length", "workers1")
+LEVERS = (
+    "plain",
+    "packing",
+    "compact_head",
+    "one_row",
+    "masked_rows",
+    "eager",
+    "eager_rows",
+    "group_by_length",
+    "workers1",
+)
 LEVER_CHANGES = {
     "plain": {"packing": False, "compact_head": False},
     "packing": {"packing": True, "compact_head": False},
     "compact_head": {"packing": False, "compact_head": True},
     "one_row": {"row_budget": 1 << 20},
     "masked_rows": {"masked_rows": True},
+    "eager": {"attn": "eager"},
+    "eager_rows": {"attn": "eager", "row_budget": "max_length"},
     "group_by_length": {"sampling": "group_by_length"},
     "workers1": {"workers": 1},
 }
@@ -713,7 +727,11 @@ def run_lvit(spec: dict) -> dict:
         training["train_sampling_strategy"] = spec["sampling"]
     packing = {"packing": spec.get("packing", True)}
     if spec.get("row_budget"):
-        packing["max_tokens_per_row"] = spec["row_budget"]
+        budget = spec["row_budget"]
+        packing["max_tokens_per_row"] = spec["max_length"] if budget == "max_length" else budget
+    model = dict(spec["model"])
+    if spec.get("attn"):
+        model["attn_implementation"] = spec["attn"]
     if spec.get("masked_rows"):  # lvit before its packed sdpa: sdpa's block mask, rows of max_length
         import lvit.train.build
 
@@ -722,7 +740,7 @@ def run_lvit(spec: dict) -> dict:
     raw = {
         "stage": "finetune",
         "method": "full",
-        "model": spec["model"],
+        "model": model,
         "data": {
             "path": spec["data"],
             "image_folder": spec["images"],

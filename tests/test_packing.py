@@ -304,6 +304,15 @@ def test_packed_samples_do_not_see_each_other(parts):
     assert not torch.equal(logits(ids, running)[third], logits(changed, running)[third])
 
 
+def test_the_recipes_attention_reaches_the_assembled_model(parts):
+    """model.attn_implementation is what the LM and the tower run (LlavaForConditionalGeneration's own resolution
+    would otherwise put sdpa on both), so the eager parity above runs eager."""
+    build = parts[0]
+    for attn in ("eager", "sdpa"):
+        config = build(attn=attn).config
+        assert config.get_text_config()._attn_implementation == attn == config.vision_config._attn_implementation
+
+
 def test_packed_sdpa_gives_each_sample_its_own_attention_and_leaves_the_rest_to_sdpa(parts):
     """lvit's packed sdpa on one row equals each sample run alone; padded batches and generation (a padding
     mask, a KV cache) are sdpa's own; what is saved names no custom kernel."""

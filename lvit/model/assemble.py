@@ -105,6 +105,10 @@ def assemble(
     model.generation_config = lm.generation_config
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.dtype = dtype
+    if model_cfg.attn_implementation:
+        # LlavaForConditionalGeneration(config) resolves its own attention (sdpa) onto every sub-config, the LM's
+        # and the tower's included (the same config objects): the recipe's choice is set again here
+        model.set_attn_implementation(model_cfg.attn_implementation)
     leftover = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if leftover:
         raise RuntimeError(f"lvit bug: parameters left on the meta device after assembly: {leftover[:5]}")
