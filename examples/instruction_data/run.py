@@ -70,9 +70,8 @@ def start_stand_in() -> tuple[subprocess.Popen, str]:
     base = f"http://127.0.0.1:{port}/v1"
     for _ in range(100):
         try:
-            urllib.request.urlopen(urllib.request.Request(f"{base}/x", data=b"{}"), timeout=1)
-        except urllib.error.HTTPError:
-            break  # it answers
+            with urllib.request.urlopen(f"{base}/models", timeout=1):
+                break  # it answers
         except OSError:
             time.sleep(0.1)
     return proc, base

@@ -56,17 +56,26 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def do_GET(self):  # /v1/models: what lvit asks first, and what the example waits for
+        self._json(200, {"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
+
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        if not isinstance(body.get("messages"), list):
+            self._json(400, {"error": {"message": "expected a chat request with messages"}})
+            return
         text = reply(body["messages"])
         time.sleep(self.delay)
-        data = json.dumps({
+        self._json(200, {
             "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": sum(len(m["content"].split()) for m in body["messages"]),
                       "completion_tokens": len(text.split())},
-        }).encode()  # fmt: skip
-        self.send_response(200)
+        })  # fmt: skip
+
+    def _json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
