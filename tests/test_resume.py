@@ -101,17 +101,17 @@ def test_sigkill_then_same_command_resumes_to_the_same_weights(tiny_recipe, tmp_
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_recipe, tmp_path):
     reference = tmp_path / "reference"
-    _run(_write(tiny_recipe, tmp_path, "full", reference, max_steps=40, save_steps=1000))
+    _run(_write(tiny_recipe, tmp_path, "full", reference, max_steps=16, save_steps=1000))
 
     out = tmp_path / "preempted"
-    recipe = _write(tiny_recipe, tmp_path, "full", out, max_steps=40, save_steps=1000)
+    recipe = _write(tiny_recipe, tmp_path, "full", out, max_steps=16, save_steps=1000)
     proc = subprocess.Popen(
         _command(recipe), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     lines = []
     for line in proc.stdout:  # lvit logs every step (logging_steps 1): stop after the first
         lines.append(line)
-        if "step 1/40  loss " in line:
+        if "step 1/16  loss " in line:
             proc.send_signal(signal.SIGTERM)
             break
     rest, _ = proc.communicate(timeout=300)
@@ -121,7 +121,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_recipe, tmp_path
     saved = list(out.glob("checkpoint-*"))
     assert len(saved) == 1 and incomplete_reason(saved[0]) is None
     step = int(saved[0].name.split("-")[1])
-    assert 1 <= step < 40
+    assert 1 <= step < 16
     assert "SIGTERM received" in output
     assert (
         f"stopped by SIGTERM at step {step}; checkpoint saved in {saved[0]}; run the same command to resume" in output
@@ -133,14 +133,14 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_recipe, tmp_path
     _assert_same_weights(reference, out, "model.safetensors")
     # the log of the resumed run covers the whole run, once per step, and the plot is drawn from it
     entries = read_log(out / LOG_FILE)
-    assert [e["step"] for e in entries] == list(range(1, 41))
+    assert [e["step"] for e in entries] == list(range(1, 17))
     assert [e["loss"] for e in entries] == pytest.approx([e["loss"] for e in read_log(reference / LOG_FILE)], rel=1e-5)
     assert (out / PLOT_FILE).is_file()
     assert f"(the whole run; resumed at step {step})" in again.stderr
     # the headline loss is the whole run's, as the straight run's; each segment is on record
     info, straight = (json.loads((folder / RUN_INFO_FILE).read_text()) for folder in (out, reference))
     assert info["metrics"]["train_loss"] == pytest.approx(straight["metrics"]["train_loss"], rel=1e-4)
-    assert [(s["from_step"], s["to_step"]) for s in info["segments"]] == [(0, step), (step, 40)]
+    assert [(s["from_step"], s["to_step"]) for s in info["segments"]] == [(0, step), (step, 16)]
     assert info["metrics"]["train_runtime"] == pytest.approx(sum(s["runtime_s"] for s in info["segments"]), abs=0.01)
 
 
