@@ -64,8 +64,8 @@ def build_model(recipe: Recipe, args):
     )
     if recipe.data.packing:
         blocker = use_packed_sdpa(model, recipe.data.max_length)
-        if blocker is not None:
-            log.info("packing: the language model keeps its attention (%s); rows are budgeted instead", blocker)
+        if blocker is not None and model.config.get_text_config()._attn_implementation not in VARLEN_ATTENTION:
+            log.info("packing: lvit's packed sdpa is not used (%s); rows are budgeted instead", blocker)
     apply_stage(model, recipe.stage, recipe.model.projector, train_lm=recipe.method == "full")
     if recipe.method != "full":
         model = add_lora(model, recipe.lora, recipe.model.projector)
