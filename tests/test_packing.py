@@ -89,7 +89,8 @@ def test_rows_may_be_narrower_than_max_length_and_always_hold_their_longest_samp
 
 
 def test_the_row_layout_follows_the_attention_kernel(tiny_recipe):
-    """sdpa -> lvit's packed sdpa and one row; eager -> rows no longer than the longest sample; flash -> one row;
+    """sdpa -> lvit's packed sdpa and one row (or, where it does not run, rows of max_length); eager -> rows no
+    longer than the longest sample; flash -> one row;
     data.max_tokens_per_row overrides (except under flash, whose varlen kernel needs one row)."""
     from types import SimpleNamespace
 
@@ -101,7 +102,8 @@ def test_the_row_layout_follows_the_attention_kernel(tiny_recipe):
         return packing_options(tiny_recipe(**{f"data__{k}": v for k, v in data.items()}), model)["max_tokens_per_row"]
 
     assert options("lvit_packed_sdpa") is None and options("flash_attention_2") is None
-    assert options("eager") == LONGEST and options("sdpa") == LONGEST  # sdpa the packed kernel could not take
+    assert options("eager") == LONGEST
+    assert options("sdpa") == 256  # sdpa the packed kernel did not take: rows of max_length under the block mask
     assert (
         options("eager", max_tokens_per_row=300) == 300 and options("lvit_packed_sdpa", max_tokens_per_row=300) == 300
     )
@@ -142,8 +144,8 @@ def parts(tiny_parts, shapes_data):
         packed_sdpa = attn == PACKED_SDPA
         attn = "sdpa" if packed_sdpa else attn
         m, _ = assemble(ModelSection(str(vision), str(lm), torch_dtype=dtype, attn_implementation=attn), on_cpu=True)
-        if packed_sdpa:
-            assert use_packed_sdpa(m, 256) is None
+        if packed_sdpa:  # the tiny model is below MIN_HIDDEN_SIZE: forced, to test the kernel itself
+            assert use_packed_sdpa(m, 256, min_hidden_size=0) is None
         apply_stage(m, "finetune", "linear")
         return m.train()  # dropout is 0 in the tiny configs; train mode as in training
 
@@ -302,6 +304,23 @@ def test_packed_samples_do_not_see_each_other(parts):
     # the check can fail: one running sequence (positions 0..n-1) lets the last sample see the changed one
     running = torch.arange(sum(map(len, ids)))[None]
     assert not torch.equal(logits(ids, running)[third], logits(changed, running)[third])
+
+
+def test_the_packed_kernel_is_used_where_it_is_exact_and_pays():
+    from types import SimpleNamespace
+
+    from lvit.model.packed_attention import packed_sdpa_blocker
+
+    def config(**kw):
+        return SimpleNamespace(**{"_attn_implementation": "sdpa", "hidden_size": 4096, "sliding_window": None, **kw})
+
+    assert packed_sdpa_blocker(config(), 2048) is None
+    assert packed_sdpa_blocker(config(sliding_window=4096), 2048) is None  # no sample reaches past the window
+    assert "sliding window (1024)" in packed_sdpa_blocker(config(sliding_window=1024), 2048)
+    assert packed_sdpa_blocker(config(sliding_window=1024, use_sliding_window=False), 2048) is None  # Qwen2's off
+    assert "soft-caps" in packed_sdpa_blocker(config(attn_logit_softcapping=50.0), 2048)
+    assert "hidden size 64" in packed_sdpa_blocker(SimpleNamespace(_attn_implementation="sdpa", hidden_size=64), 2048)
+    assert "'eager'" in packed_sdpa_blocker(SimpleNamespace(_attn_implementation="eager", hidden_size=4096), 2048)
 
 
 def test_the_recipes_attention_reaches_the_assembled_model(parts):

@@ -1,4 +1,6 @@
-"""Kills, preemption and resume, through the real CLI in a subprocess, as a user would meet them."""
+"""Kills, preemption and resume, through the real CLI in a subprocess, as a user would meet them. The uninterrupted
+reference run each result is compared with trains in this process (`lvit.train.run.run`, what `lvit finetune`
+calls), which spares a process start-up per test."""
 
 from __future__ import annotations
 
@@ -55,6 +57,14 @@ def _write(tiny_recipe, tmp: Path, method: str, out: Path, max_steps: int, save_
     )
 
 
+def _reference(recipe: Path) -> None:
+    """The same recipe trained straight through, in this process."""
+    from lvit.recipe.load import load_recipe
+    from lvit.train.run import run
+
+    run(load_recipe(recipe))
+
+
 def _run(recipe: Path) -> subprocess.CompletedProcess:
     result = subprocess.run(_command(recipe), capture_output=True, text=True, cwd=REPO, env=_env(), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -71,7 +81,7 @@ def _assert_same_weights(a: Path, b: Path, name: str) -> None:
 @pytest.mark.parametrize("method", ["full", "qlora"])
 def test_sigkill_then_same_command_resumes_to_the_same_weights(tiny_recipe, tmp_path, method):
     reference = tmp_path / "reference"
-    _run(_write(tiny_recipe, tmp_path, method, reference, max_steps=16, save_steps=4))
+    _reference(_write(tiny_recipe, tmp_path, method, reference, max_steps=16, save_steps=4))
 
     out = tmp_path / "killed"
     recipe = _write(tiny_recipe, tmp_path, method, out, max_steps=16, save_steps=4)
@@ -101,7 +111,7 @@ def test_sigkill_then_same_command_resumes_to_the_same_weights(tiny_recipe, tmp_
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_recipe, tmp_path):
     reference = tmp_path / "reference"
-    _run(_write(tiny_recipe, tmp_path, "full", reference, max_steps=16, save_steps=1000))
+    _reference(_write(tiny_recipe, tmp_path, "full", reference, max_steps=16, save_steps=1000))
 
     out = tmp_path / "preempted"
     recipe = _write(tiny_recipe, tmp_path, "full", out, max_steps=16, save_steps=1000)

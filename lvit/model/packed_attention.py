@@ -12,7 +12,8 @@ It is registered with transformers' `AttentionInterface` (the kernel) and `Atten
 an unpadded batch) under `PACKED_SDPA`, and set on the language model only (`use_packed_sdpa`). Anything that is
 not a batch of whole unpadded rows (a padding mask, a KV cache, no position ids) goes to transformers' own sdpa
 unchanged, so generation and padded evaluation behave exactly as with `sdpa`. Models whose attention sdpa does not
-express per sample (a sliding window shorter than `data.max_length`, logit soft-capping) keep `sdpa` and its mask.
+express per sample (a sliding window shorter than `data.max_length`, logit soft-capping) keep `sdpa` and its mask,
+and so do toy models (hidden size below `MIN_HIDDEN_SIZE`), where a call per sample costs more than it saves.
 How transformers takes a custom kernel: docs/stack-notes.md#custom-attention-interface. Sample bounds are where the
 position ids stop counting up by one (as transformers' own packed detection reads
 them, `masking_utils.find_packed_sequence_indices`). Checked against sdpa with the mask in `tests/test_packing.py`.
@@ -21,6 +22,10 @@ them, `masking_utils.find_packed_sequence_indices`). Checked against sdpa with t
 from __future__ import annotations
 
 PACKED_SDPA = "lvit_packed_sdpa"
+# Below this hidden size a layer's attention is too little work for one sdpa call per sample to pay for its
+# overhead (about 0.1 ms a call, forward and backward, on 2 CPU cores): the tests' 64-wide model trained 40%
+# slower with it, the 512-wide benchmark model 1.3x faster (benchmarks/RESULTS.md, "Packing at max_length 2048").
+MIN_HIDDEN_SIZE = 256
 _registered = False
 
 
@@ -78,10 +83,13 @@ def register() -> None:
     _registered = True
 
 
-def packed_sdpa_blocker(text_config, max_length: int) -> str | None:
-    """Why the language model cannot use `PACKED_SDPA` (None: it can)."""
+def packed_sdpa_blocker(text_config, max_length: int, min_hidden_size: int = MIN_HIDDEN_SIZE) -> str | None:
+    """Why the language model cannot use `PACKED_SDPA`, or would not gain from it (None: it can)."""
     if text_config._attn_implementation != "sdpa":
         return f"it runs {text_config._attn_implementation!r} attention, not sdpa"
+    hidden = getattr(text_config, "hidden_size", None)
+    if hidden is not None and hidden < min_hidden_size:
+        return f"its hidden size {hidden} is below {min_hidden_size}: too little attention work to gain from it"
     window = getattr(text_config, "sliding_window", None)
     if window and getattr(text_config, "use_sliding_window", True) and window < max_length:
         return f"its sliding window ({window}) is shorter than data.max_length ({max_length})"
@@ -90,10 +98,10 @@ def packed_sdpa_blocker(text_config, max_length: int) -> str | None:
     return None
 
 
-def use_packed_sdpa(model, max_length: int) -> str | None:
+def use_packed_sdpa(model, max_length: int, min_hidden_size: int = MIN_HIDDEN_SIZE) -> str | None:
     """Switch the language model of a LLaVA model from sdpa to `PACKED_SDPA`; returns why not (None: switched)."""
     text_config = model.config.get_text_config()
-    blocker = packed_sdpa_blocker(text_config, max_length)
+    blocker = packed_sdpa_blocker(text_config, max_length, min_hidden_size)
     if blocker is None:
         register()
         model.set_attn_implementation({"text_config": PACKED_SDPA})
