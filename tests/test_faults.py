@@ -40,16 +40,13 @@ def _data_with_a_cut_image(tmp: Path, shapes_data, n_good: int, at: int) -> Path
     return path
 
 
-def test_an_unreadable_image_mid_run_saves_the_steps_done_and_the_same_command_resumes(
-    tmp_path, tiny_recipe, shapes_data
-):
-    data = _data_with_a_cut_image(tmp_path, shapes_data, n_good=5, at=3)  # the fourth sample
-    out = tmp_path / "run"
-    recipe = tiny_recipe.write(
-        tmp_path / "recipe.yaml",
-        out_dir=out,
-        data={"path": str(data), "image_folder": str(tmp_path / "images")},  # on_bad_record: error (the default)
-        global_batch_size=1,
+def _cut_image_recipe(tmp: Path, tiny_recipe, data: Path, name: str, batch: int) -> Path:
+    """A recipe over `data` that reads it in order, one epoch, one sample per process a step, `batch` a step."""
+    return tiny_recipe.write(
+        tmp / name,
+        out_dir=tmp / "run",
+        data={"path": str(data), "image_folder": str(tmp / "images")},  # on_bad_record: error (the default)
+        global_batch_size=batch,
         training={
             "per_device_train_batch_size": 1,
             "max_steps": ...,
@@ -57,6 +54,14 @@ def test_an_unreadable_image_mid_run_saves_the_steps_done_and_the_same_command_r
             "train_sampling_strategy": "sequential",
         },
     )
+
+
+def test_an_unreadable_image_mid_run_saves_the_steps_done_and_the_same_command_resumes(
+    tmp_path, tiny_recipe, shapes_data
+):
+    data = _data_with_a_cut_image(tmp_path, shapes_data, n_good=5, at=3)  # the fourth sample
+    out = tmp_path / "run"
+    recipe = _cut_image_recipe(tmp_path, tiny_recipe, data, "recipe.yaml", batch=1)
     inputs = _files(tmp_path / "images") | {"data.json": data.read_bytes(), "recipe.yaml": recipe.read_bytes()}
 
     dry = CliRunner().invoke(app, ["finetune", str(recipe), "--dry-run"])
@@ -187,18 +192,7 @@ def test_an_unreadable_image_mid_run_on_two_processes_stops_every_rank_with_the_
 
     data = _data_with_a_cut_image(tmp_path, shapes_data, n_good=7, at=5)  # 8 records: 4 steps of 2 (1 per rank)
     out = tmp_path / "run"
-    recipe = tiny_recipe.write(
-        tmp_path / "ddp.yaml",
-        out_dir=out,
-        data={"path": str(data), "image_folder": str(tmp_path / "images")},
-        global_batch_size=2,
-        training={
-            "per_device_train_batch_size": 1,
-            "max_steps": ...,
-            "num_train_epochs": 1,
-            "train_sampling_strategy": "sequential",
-        },
-    )
+    recipe = _cut_image_recipe(tmp_path, tiny_recipe, data, "ddp.yaml", batch=2)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lvit"]

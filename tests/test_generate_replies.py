@@ -47,6 +47,13 @@ def test_the_language_check_needs_the_prompt_and_follows_it():
     assert parse_reply("detail", french["reply"], prompt=own).pairs  # a French prompt takes a French reply
 
 
+def test_each_cleaning_is_named_once_however_often_it_applies():
+    reply = "Sure! Here you go:\n```\n### Conversation\nQuestion: What is it?\nAnswer: Sure! A **red** bus.\n```"
+    parsed = parse_reply("conversation", reply)
+    assert parsed.pairs == [("What is it?", "A red bus.")]
+    assert parsed.cleaned == ("fence", "preamble", "markdown")
+
+
 def test_a_run_on_chatty_replies_writes_clean_records_named_as_cleaned(tmp_path):
     """Replies with openers, fences, reasoning blocks, bold and sign-offs, through the CLI: each record's
     `cleaned` names what was cut, the summary counts it, and the file holds no debris and checks."""

@@ -201,11 +201,13 @@ def test_packed_batch_holds_the_samples_and_images_in_reading_order(parts):
 
 
 @pytest.mark.parametrize(
-    ("attn", "budget"), [("sdpa", "fixture"), ("eager", "fixture"), ("eager", LONGEST), (PACKED_SDPA, None)]
+    ("attn", "budget"),
+    [("sdpa", "fixture"), ("eager", "fixture"), ("eager", LONGEST), (PACKED_SDPA, None), (PACKED_SDPA, "fixture")],
 )
 def test_packed_compact_step_equals_padded_full_step_fp32(parts, attn, budget):
-    """Every layout and kernel that ships: rows under a budget (sdpa and eager with the block-diagonal mask),
-    rows of the longest sample (eager's default), one row with lvit's packed sdpa (sdpa's default)."""
+    """Every layout and kernel that ships: rows under a budget (sdpa and eager with the block-diagonal mask, and
+    the packed sdpa under `data.max_tokens_per_row`), rows of the longest sample (eager's default), one row with
+    lvit's packed sdpa (sdpa's default)."""
     build, picked, padded, packed = parts
     if budget != "fixture":
         packed = LlavaCollator(padded.encoder, padded.image_loader, 0, 256, packing=True, max_tokens_per_row=budget)
@@ -304,6 +306,26 @@ def test_packed_samples_do_not_see_each_other(parts):
     # the check can fail: one running sequence (positions 0..n-1) lets the last sample see the changed one
     running = torch.arange(sum(map(len, ids)))[None]
     assert not torch.equal(logits(ids, running)[third], logits(changed, running)[third])
+
+
+def test_a_training_model_gets_the_packed_kernel_and_one_row_when_it_is_wide_enough(tiny_recipe, monkeypatch):
+    """build_model switches the LM to the packed sdpa (here forced: the tiny LM is below MIN_HIDDEN_SIZE) and the
+    collator then packs one row; without it the tiny model keeps sdpa and rows of max_length."""
+    import functools
+    from types import SimpleNamespace
+
+    import lvit.train.build as build
+
+    recipe = tiny_recipe()
+    args = SimpleNamespace(seed=0, use_cpu=True, deepspeed_plugin=None)
+    model, _ = build.build_model(recipe, args)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert build.packing_options(recipe, model)["max_tokens_per_row"] == recipe.data.max_length
+    monkeypatch.setattr(build, "use_packed_sdpa", functools.partial(use_packed_sdpa, min_hidden_size=0))
+    model, _ = build.build_model(recipe, args)
+    assert model.config.get_text_config()._attn_implementation == PACKED_SDPA
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert build.packing_options(recipe, model)["max_tokens_per_row"] is None
 
 
 def test_the_packed_kernel_is_used_where_it_is_exact_and_pays():

@@ -52,6 +52,7 @@ def run_requests(
     after_error: str = "rerun to continue",
     refused: Callable[[Any, RequestRefused, Write], None] | None = None,
     name: Callable[[Any], str] = str,
+    too_long_fix: str = TOO_LONG_FIX,
 ) -> None:
     """Ask for every item and write a row for each; returns nothing: the rows are in `files` and on disk.
 
@@ -64,6 +65,7 @@ def run_requests(
       with `rest` and `after_error`;
     - `refused(item, error, write)`: the row(s) of an item whose request was refused (see the module's
       docstring); without it a refusal stops the run like any `EndpointError`; `name(item)` names the item;
+      `too_long_fix`: what the message that stops a run says to do about prompts too long for the context;
     - `desc`, `unit`, `postfix()`: the progress bar's label, unit and extra counts (shown on a terminal, or
       with `progress=True`).
     """
@@ -89,7 +91,7 @@ def run_requests(
                 if error is not None and held is not None:
                     held.append((item, error))
                     if len(held) >= REFUSAL_RULE:
-                        raise _refusals_are_the_rule(held, name)
+                        raise _refusals_are_the_rule(held, name, too_long_fix)
                 elif error is not None:
                     refused(item, error, write)
                 else:
@@ -116,11 +118,11 @@ def _naming(error: BaseException, item_name: str) -> BaseException:
     return error
 
 
-def _refusals_are_the_rule(held: list, name) -> EndpointError:
+def _refusals_are_the_rule(held: list, name, too_long_fix: str) -> EndpointError:
     item, error = held[-1]
     too_long = sum(e.too_long for _, e in held)
     cause = (
-        f"{too_long} of them too long for the model's context: {TOO_LONG_FIX}"
+        f"{too_long} of them too long for the model's context: {too_long_fix}"
         if too_long
         else "check the model name and the options sent (--max-tokens, --temperature) against what the server accepts"
     )

@@ -21,7 +21,8 @@ them, `masking_utils.find_packed_sequence_indices`). Checked against sdpa with t
 
 from __future__ import annotations
 
-PACKED_SDPA = "lvit_packed_sdpa"
+from lvit.recipe.attention import PACKED_SDPA
+
 # Below this hidden size a layer's attention is too little work for one sdpa call per sample to pay for its
 # overhead (about 0.1 ms a call, forward and backward, on 2 CPU cores): the tests' 64-wide model trained 40%
 # slower with it, the 512-wide benchmark model 1.3x faster (benchmarks/RESULTS.md, "Packing at max_length 2048").
@@ -42,10 +43,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    positions = position_ids.expand(query.shape[0], -1)
     rows = []
-    for b in range(query.shape[0]):
-        starts = [0, *((torch.diff(positions[b]) != 1).nonzero().flatten() + 1).tolist(), length]
+    for b, starts in enumerate(_sample_bounds(position_ids, query.shape[0])):
         spans = [
             torch.nn.functional.scaled_dot_product_attention(
                 query[b : b + 1, :, s:e],
@@ -60,6 +59,22 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         rows.append(spans[0] if len(spans) == 1 else torch.cat(spans, dim=2))
     out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous(), None
+
+
+_bounds: tuple = (None, None)  # (the position ids last read, their bounds): every layer of a forward gets the same
+
+
+def _sample_bounds(position_ids, batch: int) -> list[list[int]]:
+    """Per row, where each sample starts (and the row's end), read from the position ids once per forward: every
+    layer gets the same tensor, so the device-to-host read is not repeated per layer."""
+    global _bounds
+    import torch
+
+    if _bounds[0] is not position_ids:
+        positions, length = position_ids.expand(batch, -1), position_ids.shape[-1]
+        starts = [[0, *((torch.diff(row) != 1).nonzero().flatten() + 1).tolist(), length] for row in positions]
+        _bounds = (position_ids, starts)
+    return _bounds[1]
 
 
 def _packed_sdpa_mask(*args, attention_mask=None, **kwargs):

@@ -7,7 +7,8 @@ from lvit.errors import LvitError
 # builds; the flash-attention kernels through their varlen path, which needs the whole batch in one row.
 MASKED_ATTENTION = ("eager", "sdpa")
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
-# lvit's own per-sample sdpa (`lvit.model.packed_attention.PACKED_SDPA`), set by lvit on a model that packs.
+# lvit's own per-sample sdpa (`lvit.model.packed_attention`), which lvit sets on a model that packs; its name is
+# defined here, below the model layer, so the recipe check and the kernel share it.
 PACKED_SDPA = "lvit_packed_sdpa"
 
 

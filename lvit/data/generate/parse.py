@@ -79,10 +79,14 @@ class _Cleaning:
     def __init__(self):
         self.names: list[str] = []
 
+    def note(self, name: str) -> None:
+        if name not in self.names:
+            self.names.append(name)
+
     def apply(self, name: str, result):
         text, changed = result
-        if changed and name not in self.names:
-            self.names.append(name)
+        if changed:
+            self.note(name)
         return text
 
 
@@ -105,7 +109,7 @@ def parse_reply(kind: str, text: str, finish_reason: str | None = None, prompt: 
     check_language(text, prompt)
     before, body, after, fenced = unfence(text)
     if fenced:
-        clean.names.append("fence")
+        clean.note("fence")
     if kind == "detail":
         return _detail(before, body, after, clean)
     pairs = _pairs(before, body, after, clean)
@@ -119,11 +123,11 @@ def _outside(before: str, after: str, clean: _Cleaning) -> None:
     if before.strip():
         if not is_preamble(before):
             raise Rejected("text_outside_turns", f"text before the reply's body: {before.strip()[:60]!r}")
-        clean.names.append("preamble")
+        clean.note("preamble")
     if after.strip():
         if not is_closing(after):
             raise Rejected("text_outside_turns", f"text after the reply's body: {after.strip()[:60]!r}")
-        clean.names.append("epilogue")
+        clean.note("epilogue")
 
 
 def _detail(before: str, body: str, after: str, clean: _Cleaning) -> Parsed:
@@ -150,7 +154,7 @@ def _pairs(before: str, body: str, after: str, clean: _Cleaning) -> list[tuple[s
     if opener:
         if not is_preamble(opener):
             raise Rejected("text_outside_turns", f"text before the first turn: {opener[:60]!r}")
-        clean.names.append("preamble")
+        clean.note("preamble")
     turns = []
     for i, m in enumerate(markers):
         end = markers[i + 1].start() if i + 1 < len(markers) else len(text)

@@ -275,6 +275,7 @@ def generate(
 
     run_requests(
         todo, ask, {out: done, rejects: rejected_before}, record=record, refused=refused, name=lambda t: t.id,
+        too_long_fix=TOO_LONG_FIX,
         kept=lambda: _kept(summary),
         desc="generating", unit="rec", concurrency=concurrency, progress=progress,
         postfix=lambda: {"rejected": sum(summary.rejected.values())},
