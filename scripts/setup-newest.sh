@@ -11,5 +11,6 @@ rm -rf .venv-newest
 .venv-newest/bin/python -m pip install -q --upgrade pip
 .venv-newest/bin/python -m pip install -q -c constraints-cpu.txt torch
 .venv-newest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c constraints-cpu.txt -e ".[dev]"
+bash scripts/get_llama_cpp.sh .venv-newest
 .venv-newest/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|trl|peft|accelerate|bitsandbytes|datasets|typer) '
 .venv-newest/bin/python -m pytest -q "$@"

@@ -10,4 +10,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q pip==26.3
 .venv/bin/python -m pip install -q -c constraints.txt torch
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+bash scripts/get_llama_cpp.sh  # llama.cpp's converter, for lvit export --gguf and its tests
 echo "lvit is installed in .venv with the tested stack (activate with: . .venv/bin/activate)"

@@ -30,7 +30,9 @@ import torch
 
 from lvit.errors import LvitError
 from lvit.export.card import model_card
+from lvit.export.compat import write_for_older_loaders
 from lvit.export.folder import check_out_dir, move_into_place, temporary_folder
+from lvit.export.gguf.build import check_gguf_options, write_gguf
 from lvit.export.selfcheck import (
     build_sample,
     check_chat_template_ids,
@@ -88,6 +90,20 @@ class ExportResult:
     """What the self-check ran on."""
     image_processor: str | None = None
     """The image processor class written with a whole-model export (and used by its self-check)."""
+    gguf: dict | None = None
+    """With --gguf: the GGUF files written and, with --verify-gguf, llama.cpp's agreement per file."""
+
+
+@dataclass
+class GgufOptions:
+    """What `--gguf` writes (see `lvit.export.gguf.build`)."""
+
+    dtype: str = "f16"
+    quant: str | None = None
+    verify: bool = False
+    llama_cpp: str | None = None
+    converter: Path | None = None
+    quants: list[str] | None = None
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -108,8 +124,10 @@ def export(
     max_shard_size: str | int = "5GB",
     device: str | None = None,
     base_model: dict[str, str] | None = None,
+    gguf: GgufOptions | None = None,
 ) -> ExportResult:
     """Export the run or checkpoint `run_dir` to `out`; returns what was written and the self-check.
+    `gguf`: also write the GGUF files llama.cpp and Ollama load (`lvit.export.gguf.build`).
 
     Raises `LvitError` (and leaves `out` untouched) if the run cannot be read, `out` is in the way,
     or the self-check fails.
@@ -131,6 +149,10 @@ def export(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise LvitError(f"--device {device}: no CUDA GPU is visible here; leave --device out to use the CPU.")
+    if gguf is not None:
+        if projector_only:
+            raise LvitError("--gguf writes a whole model; it does not go with --projector-only.")
+        gguf.converter, gguf.quants = check_gguf_options(gguf.dtype, gguf.quant, gguf.verify, gguf.llama_cpp)
 
     with temporary_folder(out) as tmp:
         with _quiet_transformers():
@@ -138,7 +160,6 @@ def export(
                 result = _export_projector(run, tmp, target_dtype, tolerance, device)
             else:
                 result = _export_model(run, tmp, target_dtype, tolerance, max_shard_size, device)
-        _describe(tmp, run, result, out)
         if not result.max_abs_diff <= result.tolerance:  # NaN fails too
             raise LvitError(
                 f"lvit export: self-check failed for {run.path}: the export's "
@@ -149,6 +170,9 @@ def export(
                 "difference without 16-bit rounding; otherwise the run's base parts may have changed since "
                 "training (the recipe's model.vision_tower / model.language_model must be the same weights)."
             )
+        if gguf is not None:
+            result.gguf = write_gguf(tmp, run, gguf.dtype, gguf.quants, gguf.converter, gguf.verify)
+        _describe(tmp, run, result, out)
         move_into_place(tmp, out)
     result.path = out
     log.info("exported %s run %s -> %s (%s)", result.kind, run.path, out, result.dtype)
@@ -169,6 +193,7 @@ def _export_model(run: RunFolder, tmp: Path, dtype, tolerance, max_shard_size, d
     config = copy.deepcopy(merged.config)
     merged.save_pretrained(tmp, max_shard_size=max_shard_size)
     processor.save_pretrained(tmp)
+    write_for_older_loaders(tmp, processor.image_token)
     del merged
     gc.collect()
     _assert_no_adapter_keys(tmp)
