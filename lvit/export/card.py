@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lvit.export.serving import serving_lines
 from lvit.runs.files import PATH_KEYS, RECIPE_FILE, RUN_INFO_FILE, is_hub_id, portable
 
 _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -152,6 +153,7 @@ def model_card(run, result, out: Path) -> str:
             "```python",
             _LOAD_SNIPPET.format(path=f"path/to/{out.name}", dtype=_TORCH_DTYPE[result.dtype], prompt=prompt).strip(),
             "```",
+            *serving_lines(out.name, recipe, result.gguf),
         ]
     recipe_text = run.recipe_path.read_text(encoding="utf-8").rstrip()
     for value in sorted({str(v) for v in _local_paths(recipe)}, key=len, reverse=True):
