@@ -33,7 +33,8 @@ def write_for_older_loaders(folder: Path, image_token: str) -> None:
     _rope_theta(folder / "config.json")
 
 
-def _renamed(key: str) -> str:
+def tower_weight_name(key: str) -> str:
+    """`key` as transformers 4.x and vLLM name it: a tower weight under `vision_tower.vision_model.`."""
     if key.startswith(_TOWER) and not key.startswith(_NESTED):
         return _NESTED + key[len(_TOWER) :]
     return key
@@ -46,15 +47,15 @@ def _nest_tower_weights(folder: Path) -> None:
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
-            if all(_renamed(k) == k for k in keys):
+            if all(tower_weight_name(k) == k for k in keys):
                 continue
             metadata = f.metadata() or {"format": "pt"}
-            tensors = {_renamed(k): f.get_tensor(k) for k in keys}
+            tensors = {tower_weight_name(k): f.get_tensor(k) for k in keys}
         save_file(tensors, str(path), metadata=metadata)
     index = folder / _INDEX
     if index.is_file():
         data = json.loads(index.read_text())
-        data["weight_map"] = {_renamed(k): v for k, v in data["weight_map"].items()}
+        data["weight_map"] = {tower_weight_name(k): v for k, v in data["weight_map"].items()}
         index.write_text(json.dumps(data, indent=2) + "\n")
 
 
