@@ -18,11 +18,12 @@ from lvit.model.projector import freeze_identity
 log = logging.getLogger(__name__)
 
 
-def apply_stage(model, stage: str, projector: str, train_lm: bool = True) -> None:
+def apply_stage(model, stage: str, projector: str, train_lm: bool = True, train_tower: bool = False) -> None:
     """Set `requires_grad` for `stage` ("align" or "finetune") on an assembled LLaVA model.
 
     `train_lm=False` (LoRA, QLoRA) keeps the language model's own weights frozen in `finetune`:
-    its adapters, added afterwards, are what trains.
+    its adapters, added afterwards, are what trains. `train_tower` (a recipe's `vision_tower_lr`) trains the
+    vision tower in `finetune` too, up to its feature layer (`tower_unused`).
     """
     if stage not in ("align", "finetune"):
         raise ValueError(f"unknown stage {stage!r}")
@@ -31,10 +32,28 @@ def apply_stage(model, stage: str, projector: str, train_lm: bool = True) -> Non
     if stage == "finetune" and train_lm:
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
+    if stage == "finetune" and train_tower:
+        tower = model.model.vision_tower
+        tower.requires_grad_(True)
+        for name in tower_unused(tower, model.config):
+            tower.get_submodule(name).requires_grad_(False)
     freeze_identity(model, projector)
-    # A frozen tower needs no dropout or train-mode behaviour; the Trainer calls model.train(),
-    # and CLIP has no dropout by default, so this is only about intent.
+    # CLIP and SigLIP have no dropout by default: eval mode changes nothing in their forward, trained or not.
     model.model.vision_tower.eval()
+
+
+def tower_unused(tower, config) -> list[str]:
+    """The tower's submodules whose output never reaches the projector: the encoder layers after the feature layer
+    (LLaVA's -2: the last one), the post-layernorm and SigLIP's pooling head (`hidden_states[k]` is taken before
+    them). Training them would give them no gradient, which multi-GPU DDP refuses."""
+    inner = getattr(tower, "vision_model", tower)
+    prefix = "vision_model." if inner is not tower else ""
+    layers = inner.encoder.layers
+    chosen = config.vision_feature_layer
+    deepest = max(chosen) if isinstance(chosen, list | tuple) else chosen
+    used = deepest if deepest >= 0 else len(layers) + 1 + deepest  # hidden_states[k] is after k layers
+    unused = [f"{prefix}encoder.layers.{i}" for i in range(used, len(layers))]
+    return unused + [f"{prefix}{n}" for n in ("post_layernorm", "head") if hasattr(inner, n)]
 
 
 class ModuleRow(NamedTuple):

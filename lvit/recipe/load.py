@@ -112,6 +112,13 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
             "projector, so there is nothing to adapt)."
         )
     _check_amounts(recipe, training, source)
+    if recipe.vision_tower_lr is not None and (recipe.stage != "finetune" or recipe.method != "full"):
+        raise LvitError(
+            f"{source}: vision_tower_lr trains the vision tower in a stage-2 full fine-tune (stage 'finetune', "
+            f"method 'full'); this recipe is stage {recipe.stage!r}, method {recipe.method!r}. Remove "
+            "vision_tower_lr, or use method 'full' (a LoRA run saves only its adapters, so a trained tower would "
+            "not be kept)."
+        )
     if recipe.data.max_length < 2:
         raise LvitError(f"{source}: data.max_length must be at least 2, got {recipe.data.max_length}.")
     strategy = training.get("train_sampling_strategy", "random")
@@ -158,6 +165,7 @@ def _check_amounts(recipe: Recipe, training: dict, source: str) -> None:
     rules = [
         ("training.learning_rate", training.get("learning_rate"), lambda v: v > 0, "a positive number, e.g. 2e-5"),
         ("projector_lr", recipe.projector_lr, lambda v: v > 0, "a positive number, or null for the learning rate"),
+        ("vision_tower_lr", recipe.vision_tower_lr, lambda v: v > 0, "a positive number, or null to keep it frozen"),
         (
             "training.per_device_train_batch_size",
             training.get("per_device_train_batch_size"),

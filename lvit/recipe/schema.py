@@ -136,6 +136,10 @@ class Recipe:
     from it (global = per-device batch x accumulation x processes) so it holds on any GPU count."""
     projector_lr: float | None = None
     """A separate learning rate for the projector (LLaVA's `mm_projector_lr`); None: the main one."""
+    vision_tower_lr: float | None = None
+    """Stage 2 only: train the vision tower too, at this learning rate (LLaVA-NeXT's stage 2 uses 2e-6: its
+    `mm_vision_tower_lr`); None: the tower stays frozen, as in LLaVA and LLaVA-1.5. The tower's layers after the
+    feature layer (and its post-layernorm) never reach the language model and stay frozen."""
     compact_head: bool = True
     """The training loss projects only the labelled positions onto the vocabulary (`lvit/train/loss.py`); the same
     loss and gradients as scoring every position, less work. false: TRL's loss."""

@@ -68,7 +68,13 @@ def build_model(recipe: Recipe, args):
         blocker = use_packed_sdpa(model, recipe.data.max_length)
         if blocker is not None and model.config.get_text_config()._attn_implementation not in VARLEN_ATTENTION:
             log.info("packing: lvit's packed sdpa is not used (%s); rows are budgeted instead", blocker)
-    apply_stage(model, recipe.stage, recipe.model.projector, train_lm=recipe.method == "full")
+    apply_stage(
+        model,
+        recipe.stage,
+        recipe.model.projector,
+        train_lm=recipe.method == "full",
+        train_tower=recipe.vision_tower_lr is not None,
+    )
     if recipe.method != "full":
         model = add_lora(model, recipe.lora, recipe.model.projector)
     if args.deepspeed_plugin is None:
@@ -77,4 +83,7 @@ def build_model(recipe: Recipe, args):
         # bf16) and its ZeRO optimizer holds fp32 partitions of the weights and Adam state (DeepSpeed
         # source: deepspeed/runtime/engine.py, `_configure_distributed_model`; docs/code-docs/source/zero3.rst).
         upcast_trainable(model)
+        if recipe.vision_tower_lr is not None:
+            # the tower's frozen last layer still runs, on the fp32 output of its trained layers: one dtype for all
+            model.model.vision_tower.float()
     return model, processor

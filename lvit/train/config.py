@@ -42,6 +42,9 @@ class LlavaSFTConfig(SFTConfig):
     projector_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the projector (None: the model's `learning_rate`)."}
     )
+    vision_tower_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the vision tower when it trains (None: the model's)."}
+    )
     compact_head: bool = field(
         default=False, metadata={"help": "Compute the LM head only where a label is (lvit.train.loss)."}
     )
@@ -75,6 +78,7 @@ def build_sft_config(recipe: Recipe, num_processes: int | None = None, check_dev
     kwargs.setdefault("train_sampling_strategy", "random")
     kwargs.update(
         projector_lr=recipe.projector_lr,
+        vision_tower_lr=recipe.vision_tower_lr,
         compact_head=recipe.compact_head,
         group_by_modality=recipe.data.group_by_modality_length,
         max_tokens_per_batch=recipe.data.max_tokens_per_batch,

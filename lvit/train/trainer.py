@@ -43,6 +43,10 @@ class LlavaTrainer(SFTTrainer):
         return _knob(self.args, "projector_lr")
 
     @property
+    def vision_tower_lr(self) -> float | None:
+        return _knob(self.args, "vision_tower_lr")
+
+    @property
     def compact_head(self) -> bool:
         return bool(_knob(self.args, "compact_head"))
 
@@ -213,19 +217,23 @@ class LlavaTrainer(SFTTrainer):
         return sampler
 
     def create_optimizer(self, model=None):
-        if self.projector_lr is None or self.optimizer is not None:
+        """Parameter groups by part (projector, vision tower, the rest) and weight decay; the projector's and the
+        tower's take their own learning rates when the recipe sets them."""
+        lrs = {"multi_modal_projector": self.projector_lr, "vision_tower": self.vision_tower_lr}
+        if all(lr is None for lr in lrs.values()) or self.optimizer is not None:
             return super().create_optimizer(model) if model is not None else super().create_optimizer()
         model = model if model is not None else self.model
         decay = set(self.get_decay_parameter_names(model))
-        groups: dict[tuple[bool, bool], list] = {}
+        groups: dict[tuple[str | None, bool], list] = {}
         for name, param in model.named_parameters():
             if param.requires_grad:
-                groups.setdefault(("multi_modal_projector" in name, name in decay), []).append(param)
+                part = next((p for p in lrs if f"{p}." in name), None)
+                groups.setdefault((part, name in decay), []).append(param)
         param_groups = []
-        for (is_projector, decays), params in groups.items():
+        for (part, decays), params in groups.items():
             group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
-            if is_projector:
-                group["lr"] = self.projector_lr
+            if part is not None and lrs[part] is not None:
+                group["lr"] = lrs[part]
             param_groups.append(group)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
