@@ -12,6 +12,8 @@ through `llama-cpp-python`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -131,7 +133,8 @@ def set_space_prefix(path: Path, value: bool) -> None:
     if alignment is not None:
         writer.data_alignment = alignment.contents()
     new = {gguf.Keys.Tokenizer.ADD_PREFIX: MetadataDetails(gguf.GGUFValueType.BOOL, value)}
-    copy_with_new_metadata(reader, writer, new, [])
+    with contextlib.redirect_stderr(io.StringIO()):  # its byte progress bar; the export logs its own steps
+        copy_with_new_metadata(reader, writer, new, [])
     del reader
     tmp.replace(path)
 
