@@ -112,12 +112,13 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
             "projector, so there is nothing to adapt)."
         )
     _check_amounts(recipe, training, source)
-    if recipe.vision_tower_lr is not None and (recipe.stage != "finetune" or recipe.method != "full"):
+    tower_trains = recipe.method == "full" or recipe.lora.vision_tower
+    if recipe.vision_tower_lr is not None and (recipe.stage != "finetune" or not tower_trains):
         raise LvitError(
-            f"{source}: vision_tower_lr trains the vision tower in a stage-2 full fine-tune (stage 'finetune', "
-            f"method 'full'); this recipe is stage {recipe.stage!r}, method {recipe.method!r}. Remove "
-            "vision_tower_lr, or use method 'full' (a LoRA run saves only its adapters, so a trained tower would "
-            "not be kept)."
+            f"{source}: vision_tower_lr trains the vision tower in stage 2 (stage 'finetune'): the whole tower with "
+            f"method 'full', or its adapters with lora.vision_tower: true; this recipe is stage {recipe.stage!r}, "
+            f"method {recipe.method!r}. Remove vision_tower_lr, or set lora.vision_tower: true (a LoRA run saves only "
+            "its adapters, so a tower trained outside them would not be kept)."
         )
     if recipe.data.max_length < 2:
         raise LvitError(f"{source}: data.max_length must be at least 2, got {recipe.data.max_length}.")

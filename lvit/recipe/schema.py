@@ -101,6 +101,9 @@ class LoraSection:
     dropout: float = 0.05
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """qlora only: the dtype the 4-bit layers compute in (QLoRA paper: bf16)."""
+    vision_tower: bool = False
+    """Adapters on the vision tower's linear layers too, up to its feature layer (the tower is never quantized);
+    `vision_tower_lr` sets their learning rate. false: the tower stays frozen, as in LLaVA-1.5's LoRA recipe."""
 
 
 @dataclass

@@ -83,7 +83,7 @@ def build_model(recipe: Recipe, args):
         # bf16) and its ZeRO optimizer holds fp32 partitions of the weights and Adam state (DeepSpeed
         # source: deepspeed/runtime/engine.py, `_configure_distributed_model`; docs/code-docs/source/zero3.rst).
         upcast_trainable(model)
-        if recipe.vision_tower_lr is not None:
+        if recipe.vision_tower_lr is not None and recipe.method == "full":
             # the tower's frozen last layer still runs, on the fp32 output of its trained layers: one dtype for all
             model.model.vision_tower.float()
     return model, processor
