@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from lvit.export.exporter import GgufOptions, export
-    from lvit.export.gguf.verify import check_prompts, compare, references
+    from lvit.export.gguf.verify import check_prompts, compare, load_export, references
     from lvit.runs.files import read_run
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,8 +61,9 @@ def main() -> None:
         run_dir = args.run or _train(root, args.steps)
         out = root / "export"
         result = export(run_dir, out, gguf=GgufOptions("f16", args.quant, True, args.llama_cpp))
-        prompts = check_prompts(read_run(run_dir), out)
-        refs, side = references(out, prompts, ignore_eos=True)
+        model, processor = load_export(out)
+        prompts = check_prompts(read_run(run_dir), processor, model.config.vision_config.image_size)
+        refs, side = references(model, processor, prompts, ignore_eos=True)
         print("| file | to the end of turn: answers equal | top-1 | 16 tokens: answers equal | first differences "
               "| top-1 | image rows |")  # fmt: skip
         print("|---|---|---|---|---|---|---|")

@@ -196,7 +196,7 @@ def siglip_export(gguf_runs, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @needs_llama_cpp
 def test_vicuna_siglip_gguf_answers_as_transformers_token_for_token(gguf_runs, siglip_export):
-    from lvit.export.gguf.verify import check_prompts, compare, references
+    from lvit.export.gguf.verify import check_prompts, compare, load_export, references
     from lvit.runs.files import read_run
 
     out = siglip_export
@@ -208,9 +208,12 @@ def test_vicuna_siglip_gguf_answers_as_transformers_token_for_token(gguf_runs, s
     assert f16["model"] == "model-f16.gguf" and f16["exact_required"] and f16["ok"]
     assert f16["prompts"] == f16["prompt_ids_equal"] == f16["answers_equal"] == 8
     assert f16["image_difference"] < 0.02 and not q8["exact_required"] and 0 <= q8["top1_agreement"] <= 1
+    assert q8["image_difference"] == f16["image_difference"]  # one mmproj: its rows compared once
+    _assert_modelfile_follows_the_chat_template(out)  # vicuna_v1's template
     # the same prompts, 16 tokens each whatever the end of turn: every greedy token equal at f16
-    prompts = check_prompts(read_run(gguf_runs("vicuna-siglip")), out)
-    refs, side = references(out, prompts, ignore_eos=True)
+    model, processor = load_export(out)
+    prompts = check_prompts(read_run(gguf_runs("vicuna-siglip")), processor, model.config.vision_config.image_size)
+    refs, side = references(model, processor, prompts, ignore_eos=True)
     longer = compare(out / "model-f16.gguf", out / "mmproj-f16.gguf", prompts, refs, side, exact=True)
     assert longer.ok and longer.answers_equal == 8 and all(len(r.tokens) == 16 for r in refs)
     assert len({tuple(r.prompt_ids) for r in refs}) > 1  # the prompts differ (questions of the run's data)
@@ -227,6 +230,11 @@ def test_mistral_auto_template_linear_projector_gguf_is_verified(gguf_runs, tmp_
     assert info["mmproj"]["projector"] == "linear" and info["mmproj"]["shift"] >= 16
     (check,) = info["checks"]
     assert check["ok"] and check["answers_equal"] == check["prompt_ids_equal"] == 8
+    _assert_modelfile_follows_the_chat_template(out)
+
+
+def _assert_modelfile_follows_the_chat_template(out: Path) -> None:
+    """The Modelfile's template, cut from the export's chat template, rebuilds that template's text."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(out)
@@ -234,7 +242,7 @@ def test_mistral_auto_template_linear_projector_gguf_is_verified(gguf_runs, tmp_
     turns = [("user", "What is it?"), ("assistant", "A red square."), ("user", "Where?")]
     messages = [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in turns]
     expected = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert processor.tokenizer.bos_token + render(parts, turns) == expected  # the Modelfile's cut of the template
+    assert processor.tokenizer.bos_token + render(parts, turns) == expected
     modelfile = (out / "Modelfile").read_text()
     assert template(parts) in modelfile and "FROM ./model-f16.gguf" in modelfile
     assert 'PARAMETER stop "</s>"' in modelfile
@@ -270,7 +278,8 @@ def test_canary_llama_cpp_puts_clips_class_token_after_the_patches(gguf_runs, si
     clip_export = tmp_path / "clip"
     export(gguf_runs("vicuna-clip"), clip_export, dtype="fp32")
     processor = AutoProcessor.from_pretrained(clip_export)
-    write_mmproj(clip_export, processor.image_processor.to_dict(), tmp_path / "clip-mmproj.gguf", "f32")
+    settings = vision_settings(clip_export)
+    write_mmproj(clip_export, settings, processor.image_processor.to_dict(), tmp_path / "clip-mmproj.gguf", "f32")
     model = LlavaForConditionalGeneration.from_pretrained(clip_export, dtype=torch.float32).eval()
     image = Image.new("RGB", (32, 32), "white")
     image.paste((200, 30, 30), (4, 4, 20, 20))

@@ -108,7 +108,12 @@ def test_an_export_meets_vllms_llava_loader_but_for_the_linear_projectors_activa
     assert vllm_problems(exported) == ["projector_hidden_act 'linear'"]
     card = (exported / "README.md").read_text()
     assert "vllm serve" in card and json.dumps(VLLM_LINEAR_OVERRIDE) in card  # served with the identity instead
-    assert "gelu" in VLLM_ACTIVATIONS  # mlp2x_gelu exports need no override
+    tokenizer = json.loads((exported / "tokenizer_config.json").read_text())  # as transformers 4.x reads it too
+    assert tokenizer["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert tokenizer["extra_special_tokens"] == {"image_token": "<image>"}
+    assert tokenizer["model_input_names"] == ["input_ids", "attention_mask"]
+    text = json.loads((exported / "config.json").read_text())["text_config"]
+    assert text["rope_theta"] == text["rope_parameters"]["rope_theta"]
 
 
 def test_the_checker_sees_what_vllm_refuses(exported, tmp_path):

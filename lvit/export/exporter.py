@@ -102,8 +102,6 @@ class GgufOptions:
     quant: str | None = None
     verify: bool = False
     llama_cpp: str | None = None
-    converter: Path | None = None
-    quants: list[str] | None = None
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -152,7 +150,7 @@ def export(
     if gguf is not None:
         if projector_only:
             raise LvitError("--gguf writes a whole model; it does not go with --projector-only.")
-        gguf.converter, gguf.quants = check_gguf_options(gguf.dtype, gguf.quant, gguf.verify, gguf.llama_cpp)
+        converter, quants = check_gguf_options(gguf.dtype, gguf.quant, gguf.verify, gguf.llama_cpp)
 
     with temporary_folder(out) as tmp:
         with _quiet_transformers():
@@ -171,7 +169,7 @@ def export(
                 "training (the recipe's model.vision_tower / model.language_model must be the same weights)."
             )
         if gguf is not None:
-            result.gguf = write_gguf(tmp, run, gguf.dtype, gguf.quants, gguf.converter, gguf.verify)
+            result.gguf = write_gguf(tmp, run, gguf.dtype, quants, converter, gguf.verify)
         _describe(tmp, run, result, out)
         move_into_place(tmp, out)
     result.path = out

@@ -102,7 +102,7 @@ def build_sample(run, processor, config) -> Sample:
     data = run.recipe.data
     encoder = conversation_encoder(data.template, processor.tokenizer, config)
     loader = ImageLoader(processor.image_processor, data.image_folder, data.image_aspect_ratio)
-    for record in _image_records(data):
+    for record in image_records(data):
         conv = Conversation(turns=record.conversation.turns[:2], has_image=True, system=record.conversation.system)
         if len(record.images) > 1 and not conv.images_inline:  # its images are all in later turns
             continue
@@ -126,7 +126,7 @@ def build_sample(run, processor, config) -> Sample:
     )
 
 
-def _image_records(data) -> Iterator:
+def image_records(data) -> Iterator:
     """Image records of the run's data, in any format lvit reads (the same reader as training)."""
     try:
         records = first_records(data.path, data.format, _MAX_RECORDS_SCANNED)

@@ -55,7 +55,7 @@ def add_lora(model, lora, projector: str):
     from peft import LoraConfig, get_peft_model
 
     targets = lm_linear_targets(model)
-    if getattr(lora, "vision_tower", False):
+    if lora.vision_tower:
         targets = f"(?:{targets})|(?:{tower_linear_targets(model)})"
     config = LoraConfig(
         r=lora.r,

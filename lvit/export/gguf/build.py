@@ -14,7 +14,6 @@ written, in the export's dtype), so they hold what the Hugging Face folder holds
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -32,8 +31,8 @@ from lvit.export.gguf.language import (
 )
 from lvit.export.gguf.mmproj import linear_shift, vision_settings, write_mmproj
 from lvit.export.gguf.modelfile import write_modelfile
-from lvit.export.gguf.runtime import require_bindings
-from lvit.export.gguf.verify import check_prompts, compare, references
+from lvit.export.gguf.runtime import bindings
+from lvit.export.gguf.verify import check_prompts, compare, image_rows, load_export, references
 
 log = logging.getLogger(__name__)
 
@@ -55,27 +54,32 @@ def check_gguf_options(dtype: str, quant: str | None, verify: bool, llama_cpp) -
     converter = find_converter(llama_cpp)
     quants = parse_quants(quant)
     if quants or verify:
-        require_bindings()
+        bindings()
     return converter, quants
 
 
 def write_gguf(folder: Path, run, dtype: str, quants: list[str], converter: Path, verify: bool) -> dict:
     """Write the GGUF files into the export `folder` (already written and self-checked); returns what was written
-    and checked, for `lvit_export.json`."""
-    from transformers import AutoProcessor
+    and checked, for `lvit_export.json`. transformers' side of the check (and a `linear` projector's shift) is
+    computed first, from one load of the export, which is released before llama.cpp loads anything."""
+    from transformers import AutoProcessor, GenerationConfig
 
     settings = vision_settings(folder)  # refuses an unsupported tower or projector first
     processor = AutoProcessor.from_pretrained(folder)
-    image_processor = processor.image_processor
-    prompts = None
-    if verify or settings["projector"] == "linear":
-        prompts = check_prompts(run, folder)
+    prompts = refs = side = None
     shift = 0.0
-    if settings["projector"] == "linear":
-        shift = linear_shift(_pre_activations(folder, prompts))
+    if verify or settings["projector"] == "linear":
+        model, _ = load_export(folder)
+        prompts = check_prompts(run, processor, model.config.vision_config.image_size)
+        if settings["projector"] == "linear":
+            shift = linear_shift(_pre_activations(model, processor, prompts))
+        if verify:
+            refs, side = references(model, processor, prompts)
+        del model
     model_file, mmproj_file = f"model-{dtype}.gguf", f"mmproj-{dtype}.gguf"
     log.info("gguf: %s (vision tower + %s projector, gguf writer)", mmproj_file, settings["projector"])
-    info = {"mmproj": write_mmproj(folder, image_processor.to_dict(), folder / mmproj_file, dtype, shift)}
+    image_processor = processor.image_processor.to_dict()
+    info = {"mmproj": write_mmproj(folder, settings, image_processor, folder / mmproj_file, dtype, shift)}
     work = folder / ".gguf-language-model"
     try:
         log.info("gguf: %s (language model, llama.cpp's converter %s)", model_file, converter)
@@ -90,22 +94,26 @@ def write_gguf(folder: Path, run, dtype: str, quants: list[str], converter: Path
         log.info("gguf: model-%s.gguf (llama.cpp's quantizer)", q)
         quantize(folder / model_file, folder / f"model-{q}.gguf", q)
         files.append(f"model-{q}.gguf")
-    stop = _stop_tokens(folder, processor)
+    eos = GenerationConfig.from_pretrained(folder).eos_token_id
+    stop = [processor.tokenizer.convert_ids_to_tokens(i) for i in (eos if isinstance(eos, list) else [eos])]
     write_modelfile(folder, model_file, mmproj_file, processor, stop, max(2048, run.recipe.data.max_length))
     files.append("Modelfile")
     info.update(files=files, dtype=dtype, converter=str(converter))
     if verify:
-        info["checks"] = _verify(folder, [f for f in files if f.startswith("model-")], mmproj_file, prompts, settings)
+        models = [f for f in files if f.startswith("model-")]
+        info["checks"] = _verify(folder, models, mmproj_file, prompts, refs, side, settings["tower"])
     return info
 
 
-def _verify(folder, models: list[str], mmproj_file: str, prompts, settings) -> list[dict]:
-    """Each language-model file with the mmproj in llama.cpp against transformers; the first (f16/f32) must agree."""
-    refs, side = references(folder, prompts)
+def _verify(folder, models: list[str], mmproj_file: str, prompts, refs, side, tower: str) -> list[dict]:
+    """Each language-model file with the mmproj in llama.cpp against transformers; the first (f16/f32) must agree.
+    The image rows come from the mmproj alone: compared with the first file, the same for the others."""
     rows = []
     for name in models:
         exact = name == models[0]
-        got = compare(folder / name, folder / mmproj_file, prompts, refs, side, exact)
+        got = compare(folder / name, folder / mmproj_file, prompts, refs, side, exact, images=exact)
+        if not exact:
+            got.image_difference = rows[0]["image_difference"]
         log.info(
             "gguf check %s: prompt ids equal %d/%d, answers equal %d/%d, top-1 agreement %.3f, image rows within "
             "%.2g%% %s",
@@ -124,35 +132,24 @@ def _verify(folder, models: list[str], mmproj_file: str, prompts, settings) -> l
             raise LvitError(
                 f"lvit export --verify-gguf: llama.cpp does not answer as transformers does with {name}: prompt ids "
                 f"equal on {got.prompt_ids_equal}/{got.prompts} prompts, greedy answers on {got.answers_equal}/"
-                f"{got.prompts} (first differing: {', '.join(where[:3]) or 'none'}), image rows differ by up to "
+                f"{got.prompts} (first differing: {', '.join(where[:3]) or 'none'}; transformers' smallest gap "
+                f"between its two likeliest tokens: {min(r.margin for r in refs):.3g}), image rows differ by up to "
                 f"{100 * got.image_difference:.3g}% of their size; nothing was written."
-                + (f"\n{_CLIP_NOTE}." if settings["tower"] == "clip" else "")
+                + (f"\n{_CLIP_NOTE}." if tower == "clip" else "")
             )
     return rows
 
 
-def _pre_activations(folder: Path, prompts) -> np.ndarray:
+def _pre_activations(model, processor, prompts) -> np.ndarray:
     """The linear projector's `linear_1` outputs on the check images (what `linear_shift` is chosen from)."""
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(folder)
     seen = []
     hook = model.model.multi_modal_projector.linear_1.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
     try:
         with torch.no_grad():
             for prompt in prompts:
-                pixels = processor.image_processor(prompt.images, return_tensors="pt")["pixel_values"]
-                model.model.get_image_features(pixel_values=pixels)
+                image_rows(model, processor.image_processor(prompt.images, return_tensors="pt")["pixel_values"])
     finally:
         hook.remove()
     return torch.cat([s.flatten() for s in seen]).numpy() if seen else np.zeros(0)
-
-
-def _stop_tokens(folder: Path, processor) -> list[str]:
-    path = folder / "generation_config.json"
-    config = json.loads(path.read_text()) if path.exists() else {}
-    eos = config.get("eos_token_id", processor.tokenizer.eos_token_id)
-    ids = eos if isinstance(eos, list) else [eos]
-    return [processor.tokenizer.convert_ids_to_tokens(i) for i in ids if i is not None]

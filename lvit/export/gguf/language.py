@@ -139,8 +139,8 @@ def set_space_prefix(path: Path, value: bool) -> None:
     tmp.replace(path)
 
 
-# llama.cpp's quantized types by name (llama.h's LLAMA_FTYPE_MOSTLY_*), those `--quant` takes.
-QUANT_TYPES = {"Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "Q4_0": 2}
+# The quantized types `--quant` takes: llama.h's LLAMA_FTYPE_MOSTLY_<name>.
+QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 
 
 def parse_quants(text: str | None) -> list[str]:
@@ -158,7 +158,7 @@ def quantize(src: Path, dst: Path, qtype: str) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANT_TYPES[qtype]
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
     params.nthread = max(1, os.cpu_count() or 1)
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0 or not dst.is_file():
         raise LvitError(f"lvit export --gguf: llama.cpp could not quantize {src.name} to {qtype}.")

@@ -119,13 +119,15 @@ def linear_shift(pre_activations: np.ndarray) -> float:
     return max(16.0, 2.0 * (_GELU_IDENTITY_FROM - low))
 
 
-def write_mmproj(folder: Path, image_processor: dict, path: Path, dtype: str = "f16", shift: float = 0.0) -> dict:
-    """Write the mmproj GGUF of the export in `folder` to `path`. `image_processor`: the export's image processor
-    settings (`image_mean`, `image_std`); `dtype`: "f16" or "f32" for the matrices (norms, biases and embeddings
-    stay f32); `shift`: for a `linear` projector, `linear_shift`'s constant. Returns what was written."""
+def write_mmproj(
+    folder: Path, settings: dict, image_processor: dict, path: Path, dtype: str = "f16", shift: float = 0.0
+) -> dict:
+    """Write the mmproj GGUF of the export in `folder` to `path`. `settings`: its `vision_settings`;
+    `image_processor`: the export's image processor settings (`image_mean`, `image_std`); `dtype`: "f16" or "f32"
+    for the matrices (norms, biases and embeddings stay f32); `shift`: for a `linear` projector, `linear_shift`'s
+    constant. Returns what was written."""
     import gguf
 
-    settings = vision_settings(folder)
     vision = settings["vision"]
     tower = read_tensors(folder, _TOWER_PREFIXES)
     projector = read_tensors(folder, _PROJECTOR_PREFIXES)

@@ -55,7 +55,7 @@ def render(parts: dict[str, str], turns: list[tuple[str, str]]) -> str:
 
 def _go(text: str) -> str:
     """`text` as literal Go-template output (braces are the only characters Go templates treat specially)."""
-    return text.replace("{{", '{{ "{{" }}') if "{{" in text else text
+    return text.replace("{{", '{{ "{{" }}')
 
 
 def template(parts: dict[str, str]) -> str:

@@ -11,6 +11,7 @@ transformers' ids.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import io
 import os
@@ -27,7 +28,9 @@ _RECENT = collections.deque(maxlen=20)  # llama.cpp's last log lines, for error 
 _LOGGER = None  # the ctypes callback, kept alive while llama.cpp may call it
 
 
-def _bindings():
+def bindings():
+    """`(llama_cpp, mtmd_cpp)`, llama.cpp's logging captured; the install advice when llama-cpp-python is missing
+    (called before any work by `lvit export --gguf` when it will need them)."""
     global _LOGGER
     try:
         import llama_cpp
@@ -39,11 +42,6 @@ def _bindings():
         llama_cpp.llama_log_set(_LOGGER, ctypes.c_void_p(0))
         mtmd_cpp.mtmd_helper_log_set(_LOGGER, ctypes.c_void_p(0))
     return llama_cpp, mtmd_cpp
-
-
-def require_bindings() -> None:
-    """Raise the install advice now, before any work, when llama-cpp-python is missing."""
-    _bindings()
 
 
 def recent_log() -> str:
@@ -64,7 +62,7 @@ class LlamaCpp:
     """A loaded GGUF pair; `generate` answers one prompt. Use as a context manager (frees the model)."""
 
     def __init__(self, model_path, mmproj_path, n_ctx: int = 2048, threads: int | None = None):
-        llama_cpp, mtmd = _bindings()
+        llama_cpp, mtmd = bindings()
         self._lib, self._mtmd = llama_cpp, mtmd
         threads = threads or max(1, min(8, os.cpu_count() or 1))
         self.llm = llama_cpp.Llama(
@@ -110,23 +108,11 @@ class LlamaCpp:
         lib, mtmd = self._lib, self._mtmd
         lctx = self.llm._ctx.ctx
         lib.llama_memory_clear(lib.llama_get_memory(lctx), True)
-        bitmaps = [self._bitmap(image) for image in images]
-        chunks = mtmd.mtmd_input_chunks_init()
-        try:
-            encoded = text.encode()
-            inp = mtmd.mtmd_input_text()
-            inp.text, inp.text_len, inp.add_special, inp.parse_special = encoded, len(encoded), add_special, True
-            array = (mtmd.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
-            if mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(inp), array, len(bitmaps)) != 0:
-                raise LvitError("llama.cpp could not tokenize the prompt with its images.")
+        with self._chunks(text, images, add_special) as chunks:
             prompt = self._prompt_ids(chunks, image_token_id)
             n_past = lib.llama_pos(0)
             if mtmd.mtmd_helper_eval_chunks(self.ctx, lctx, chunks, 0, 0, self.llm.n_batch, True, ctypes.byref(n_past)):
                 raise LvitError("llama.cpp could not evaluate the prompt.")
-        finally:
-            mtmd.mtmd_input_chunks_free(chunks)
-            for bitmap in bitmaps:
-                mtmd.mtmd_bitmap_free(bitmap)
         after_prompt = self._snapshot()
         tokens: list[int] = []
         logits = after_prompt
@@ -150,15 +136,7 @@ class LlamaCpp:
     def image_embeddings(self, image) -> np.ndarray:
         """What the mmproj makes of one image: the rows the language model receives, (tokens, hidden)."""
         mtmd = self._mtmd
-        bitmap = self._bitmap(image)
-        chunks = mtmd.mtmd_input_chunks_init()
-        try:
-            marker = self.marker().encode()
-            inp = mtmd.mtmd_input_text()
-            inp.text, inp.text_len, inp.add_special, inp.parse_special = marker, len(marker), False, True
-            array = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            if mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(inp), array, 1) != 0:
-                raise LvitError("llama.cpp could not tokenize an image of the check.")
+        with self._chunks(self.marker(), [image], add_special=False) as chunks:
             for i in range(mtmd.mtmd_input_chunks_size(chunks)):
                 chunk = mtmd.mtmd_input_chunks_get(chunks, i)
                 if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
@@ -169,10 +147,27 @@ class LlamaCpp:
                 width = self._lib.llama_model_n_embd(self.llm.model)
                 rows = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(self.ctx), shape=(n * width,))
                 return rows.reshape(n, width).copy()
-            raise LvitError("llama.cpp made no image chunk of an image of the check.")
+        raise LvitError("llama.cpp made no image chunk of an image of the check.")
+
+    @contextlib.contextmanager
+    def _chunks(self, text: str, images: list, add_special: bool):
+        """`text` (the media marker where each image goes) and `images` tokenized by `mtmd_tokenize`, as a llama.cpp
+        server does; freed on exit."""
+        mtmd = self._mtmd
+        bitmaps = [self._bitmap(image) for image in images]
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            encoded = text.encode()
+            inp = mtmd.mtmd_input_text()
+            inp.text, inp.text_len, inp.add_special, inp.parse_special = encoded, len(encoded), add_special, True
+            array = (mtmd.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
+            if mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(inp), array, len(bitmaps)) != 0:
+                raise LvitError("llama.cpp could not tokenize the prompt with its images.")
+            yield chunks
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
-            mtmd.mtmd_bitmap_free(bitmap)
+            for bitmap in bitmaps:
+                mtmd.mtmd_bitmap_free(bitmap)
 
     def _bitmap(self, image):
         buf = io.BytesIO()

@@ -16,17 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lvit.data.images import ImageLoader
-from lvit.data.reader import first_records
-from lvit.errors import LvitError
 from lvit.export.gguf.runtime import LlamaCpp
-from lvit.export.selfcheck import SYNTHETIC_QUESTION, synthetic_image
+from lvit.export.selfcheck import SYNTHETIC_QUESTION, image_records, synthetic_image
 from lvit.templates.conversation import Conversation, chat_messages
 
 log = logging.getLogger(__name__)
 
 PROMPTS = 8
 MAX_NEW_TOKENS = 16
-_SCANNED = 200
 # The largest difference between llama.cpp's and transformers' image rows, relative to their largest value, that
 # the check accepts at f16/f32. llama.cpp computes GELU from an fp16 table (its CPU code), the tanh form in the
 # projector, and the matrices in f16: 0.45% was measured on the tests' tiny SigLIP model. A wrong tower or
@@ -74,21 +71,23 @@ class Agreement:
         return {**asdict(self), "ok": self.ok}
 
 
-def check_prompts(run, export: Path, n: int = PROMPTS) -> list[Prompt]:
-    """Up to `n` image prompts: the first user turn of the run's image records (their images as training loads
-    them), else one synthetic image and question."""
-    from transformers import AutoProcessor
+def load_export(folder: Path):
+    """`(model, processor)`: the export as written, in fp32, as plain transformers loads it."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(folder)
+
+
+def check_prompts(run, processor, image_size: int, n: int = PROMPTS) -> list[Prompt]:
+    """Up to `n` image prompts: the first user turn of the run's one-image records (their images as training loads
+    them), else a synthetic image of `image_size` pixels and a fixed question."""
     data = run.recipe.data
-    processor = AutoProcessor.from_pretrained(export)
     loader = ImageLoader(processor.image_processor, data.image_folder, data.image_aspect_ratio)
     prompts = []
-    try:
-        records = first_records(data.path, data.format, _SCANNED)
-    except (LvitError, OSError, UnicodeDecodeError, ValueError):
-        records = []
-    for record in records:
-        if record.image is None or len(record.images) != 1 or not record.conversation.turns:
+    for record in image_records(data):
+        if len(record.images) != 1 or not record.conversation.turns:
             continue
         conv = Conversation(turns=record.conversation.turns[:1], has_image=True, system=record.conversation.system)
         try:
@@ -99,24 +98,20 @@ def check_prompts(run, export: Path, n: int = PROMPTS) -> list[Prompt]:
         if len(prompts) == n:
             break
     if not prompts:
-        size = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size
-        image = synthetic_image(size.get("height") or size.get("shortest_edge") or 224)
+        image = synthetic_image(image_size)
         conv = Conversation(turns=[("user", SYNTHETIC_QUESTION)], has_image=True)
         prompts.append(Prompt("a synthetic image", chat_messages(conv, image), [image]))
     return prompts
 
 
 def references(
-    export: Path, prompts: list[Prompt], max_new_tokens: int = MAX_NEW_TOKENS, ignore_eos: bool = False
+    model, processor, prompts: list[Prompt], max_new_tokens: int = MAX_NEW_TOKENS, ignore_eos: bool = False
 ) -> tuple[list, dict]:
-    """transformers' greedy answers (the export as written, fp32) and what the llama.cpp side needs to build the
-    same prompts: the template's text per prompt, the image token id, the stop ids, the BOS text. `ignore_eos`:
-    every answer runs `max_new_tokens` long, past the end of turn (a longer comparison of the same computation)."""
+    """transformers' greedy answers (`load_export`'s model) and what the llama.cpp side needs to build the same
+    prompts: the template's text per prompt, the image token id, the stop ids, the BOS text. `ignore_eos`: every
+    answer runs `max_new_tokens` long, past the end of turn (a longer comparison of the same computation)."""
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    processor = AutoProcessor.from_pretrained(export)
-    model = LlavaForConditionalGeneration.from_pretrained(export, dtype=torch.float32).eval()
     eos = model.generation_config.eos_token_id
     stop = set() if ignore_eos else set(eos if isinstance(eos, list) else [eos])
     refs, texts = [], []
@@ -134,7 +129,7 @@ def references(
                 pad_token_id=processor.tokenizer.pad_token_id,
                 eos_token_id=sorted(stop) or None,
             )
-            features = _image_rows(model, inputs["pixel_values"])
+            features = image_rows(model, inputs["pixel_values"])
         new = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
         margins = [float(torch.topk(s[0].float(), 2).values.diff().abs()) for s in out.scores]
         refs.append(Reference(inputs["input_ids"][0].tolist(), new, min(margins) if margins else 0.0, features))
@@ -149,7 +144,7 @@ def references(
     return refs, side
 
 
-def _image_rows(model, pixel_values) -> list:
+def image_rows(model, pixel_values) -> list:
     """Per image, the projector's output rows: what the language model receives in place of its tokens."""
     out = model.model.get_image_features(pixel_values=pixel_values)
     out = getattr(out, "pooler_output", out)
@@ -157,8 +152,9 @@ def _image_rows(model, pixel_values) -> list:
     return [r.reshape(-1, r.shape[-1]).float().numpy() for r in rows]
 
 
-def compare(model_path: Path, mmproj: Path, prompts, refs, side, exact: bool) -> Agreement:
-    """llama.cpp's answers with `model_path` + `mmproj` against transformers' (`references`)."""
+def compare(model_path: Path, mmproj: Path, prompts, refs, side, exact: bool, images: bool = True) -> Agreement:
+    """llama.cpp's answers with `model_path` + `mmproj` against transformers' (`references`); `images`: also compare
+    the image rows (they depend on the mmproj only, so once per mmproj is enough)."""
     agreement = Agreement(model_path.name, exact)
     forced_total = forced_same = 0
     with LlamaCpp(model_path, mmproj) as llm:
@@ -178,7 +174,7 @@ def compare(model_path: Path, mmproj: Path, prompts, refs, side, exact: bool) ->
             if diff is None and len(got.tokens) != len(ref.tokens):
                 diff = min(len(got.tokens), len(ref.tokens))
             agreement.first_difference.append(diff)
-            for image, rows in zip(prompt.images, ref.features, strict=False):
+            for image, rows in zip(prompt.images, ref.features if images else [], strict=False):
                 mine = llm.image_embeddings(image)
                 scale = float(abs(rows).max()) or 1.0
                 gap = float(abs(mine - rows).max()) / scale if mine.shape == rows.shape else float("inf")
