@@ -56,9 +56,15 @@ class LlavaCollator:
         skipped_file: str | Path | None = None,
         packing: bool = False,
         max_tokens_per_row: int | str | None = None,
+        by_source: list[tuple[ConversationEncoder, ImageLoader, bool]] | None = None,
+        source_names: list[str] | None = None,
     ):
         self.encoder = encoder
         self.image_loader = image_loader
+        self.by_source = by_source
+        """A mixture: each source's encoder, image loader and whether it skips a bad record (its `on_bad_record`),
+        by the rows' `source` column."""
+        self.source_names = source_names
         self.pad_token_id = pad_token_id
         self.max_length = max_length
         self.skipped_file = None if skipped_file is None else str(skipped_file)
@@ -69,20 +75,21 @@ class LlavaCollator:
         per_record, stand_ins = [], set()
         for i, row in enumerate(rows):
             sources = images_of(row)
+            loader = self.image_loader if self.by_source is None else self.by_source[row["source"]][1]
             try:
-                loaded = [self.image_loader.load(source) for source in sources]
+                loaded = [loader.load(source) for source in sources]
             except Exception as exc:  # a corrupt file found mid-run: say which record
                 paths = row.get("image_paths") or [row["image_path"]]
                 shown = repr(row["image_path"]) if len(paths) == 1 else f"among {paths!r}"
                 message = f"cannot read image {shown}: {exc}"
-                if self.skipped_file is None:
+                if self.skipped_file is None or not self._skips(row):
                     raise UnreadableRecord(f"record {row['id']!r}: {message}") from exc
                 self._leave_out(row, message)
                 loaded = [stand_in_image() for _ in sources]
                 stand_ins.add(i)
             per_record.append(loaded)
         images = [image for loaded in per_record for image in loaded]
-        encoded = self.encoder.encode_many([conversation_from_row(r) for r in rows])
+        encoded = self._encode(rows)
         ids = [e.input_ids[: self.max_length] for e in encoded]
         labels = [
             [IGNORE_INDEX] * len(x) if i in stand_ins else e.labels[: self.max_length]
@@ -93,6 +100,8 @@ class LlavaCollator:
             if images:
                 packed = [image for row in layout for i in row for image in per_record[i]]
                 batch["pixel_values"] = self.image_loader.pixel_values(packed)
+            if self.by_source is not None:
+                self._add_sources(batch, rows, [[(i, len(ids[i])) for i in row] for row in layout])
             return batch
         width = max(len(x) for x in ids)
         batch = {
@@ -102,7 +111,40 @@ class LlavaCollator:
         }
         if images:
             batch["pixel_values"] = self.image_loader.pixel_values(images)
+        if self.by_source is not None:
+            self._add_sources(batch, rows, [[(i, len(x))] for i, x in enumerate(ids)])
         return batch
+
+    def _skips(self, row: dict) -> bool:
+        return self.by_source is None or self.by_source[row["source"]][2]
+
+    def _encode(self, rows: list[dict]) -> list:
+        """Each row encoded with its source's encoder (the recipe's for one source), in one call per encoder."""
+        if self.by_source is None:
+            return self.encoder.encode_many([conversation_from_row(r) for r in rows])
+        encoded: list = [None] * len(rows)
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(id(self.by_source[row["source"]][0]), []).append(i)
+        for members in groups.values():
+            encoder = self.by_source[rows[members[0]]["source"]][0]
+            conversations = [conversation_from_row(rows[i]) for i in members]
+            for i, e in zip(members, encoder.encode_many(conversations), strict=True):
+                encoded[i] = e
+        return encoded
+
+    @staticmethod
+    def _add_sources(batch: dict, rows: list[dict], layout: list[list[tuple[int, int]]]) -> None:
+        """A mixture's batch says where each token and sample comes from: `label_sources` (the labels' shape: each
+        position's source, -1 for filler) and `sample_sources` (each sample's source), for the loss per source
+        (`lvit.train.source_stats`); neither reaches the model."""
+        width = batch["labels"].size(1)
+        per_row = []
+        for row in layout:
+            line = [rows[i]["source"] for i, n in row for _ in range(n)]
+            per_row.append(line + [-1] * (width - len(line)))
+        batch["label_sources"] = torch.tensor(per_row)
+        batch["sample_sources"] = torch.tensor([row["source"] for row in rows])
 
     def _leave_out(self, row: dict, message: str) -> None:
         """List a record whose image fails in the skipped file and warn, once per record: the record comes up again
@@ -117,7 +159,8 @@ class LlavaCollator:
             message,
             self.skipped_file,
         )
-        append_skipped(Skipped(row["id"], row.get("index"), "image_unreadable", message), self.skipped_file)
+        source = None if self.source_names is None else self.source_names[row["source"]]
+        append_skipped(Skipped(row["id"], row.get("index"), "image_unreadable", message, source), self.skipped_file)
         _listed.add(key)
 
 

@@ -48,6 +48,14 @@ class Skipped:
     index: int | None
     kind: str
     reason: str
+    source: str | None = None
+    """The source it belongs to, in a mixture (`data.sources`)."""
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        if out["source"] is None:
+            out.pop("source")
+        return out
 
 
 @dataclass
@@ -59,7 +67,9 @@ class Prepared:
     skipped: list[Skipped]
     """Every record left out: invalid ones (data.on_bad_record: skip) and the `dropped` ones."""
     total: int
-    report: CheckReport
+    report: CheckReport | None
+    plan: object = None
+    """A mixture's `lvit.data.mixture.Plan` (what each epoch draws from each source); None for one source."""
 
 
 def prepare(data, encoder: ConversationEncoder, source: str = "<recipe>") -> Prepared:
@@ -207,12 +217,12 @@ def write_skipped(skipped: list[Skipped], path: Path, append: bool = False) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a" if append else "w", encoding="utf-8") as f:
         for s in skipped:
-            f.write(json.dumps(asdict(s)) + "\n")
+            f.write(json.dumps(s.to_json()) + "\n")
 
 
 def append_skipped(skipped: Skipped, path: str | Path) -> None:
     """Append one line (one `write`, O_APPEND: safe from several data-loader workers)."""
-    line = (json.dumps(asdict(skipped)) + "\n").encode("utf-8")
+    line = (json.dumps(skipped.to_json()) + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)

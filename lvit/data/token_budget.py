@@ -18,6 +18,8 @@ How the batches are formed (lvit's own choices):
   loss stays a per-token mean over the whole step: transformers counts the trained tokens of all the step's
   micro-batches (`num_items_in_batch`) and TRL divides the summed token loss by that count, so a token weighs
   the same whichever micro-batch it is in (see the note above `build_sft_config` in `lvit/train/`).
+- A mixture (`lvit.data.mixture`): the micro-batches are formed from its first epoch's draws, and each epoch visits
+  those (the draws are made once for the run, since the Trainer needs the same count every epoch).
 - One process only: with several, every rank must take the same number of steps, and accelerate's sharding
   would repeat micro-batches to even them out (docs/stack-notes.md#trainer-batch-sampler). Refused with a
   message (`lvit.train.config.build_sft_config`).
@@ -53,10 +55,11 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
     an order drawn from (seed, epoch). `lengths[i]` and `ids[i]`: record i's tokens and id (for the error on a
     record longer than the budget). A batch sampler: pass it as a `DataLoader`'s `batch_sampler`."""
 
-    def __init__(self, lengths: list[int], ids: list[str], budget: int, seed: int):
+    def __init__(self, lengths: list[int], ids: list[str], budget: int, seed: int, pool: list[int] | None = None):
         if budget < 1:
             raise LvitError(f"data.max_tokens_per_batch must be at least 1, got {budget}.")
-        over = [(ids[i], n) for i, n in enumerate(lengths) if n > budget]
+        pool = list(range(len(lengths))) if pool is None else list(pool)  # a mixture: its first epoch's draws
+        over = [(ids[i], lengths[i]) for i in dict.fromkeys(pool) if lengths[i] > budget]
         if over:
             shown = ", ".join(f"{rid!r} ({n} tokens)" for rid, n in over[:5])
             raise LvitError(
@@ -70,7 +73,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         generator = torch.Generator()
         generator.manual_seed(seed)
-        order = torch.randperm(len(lengths), generator=generator).tolist()
+        order = [pool[k] for k in torch.randperm(len(pool), generator=generator).tolist()]
         self.batches = budget_batches(list(lengths), order, budget)
 
     def samples_drawn(self, steps: int, accumulation: int) -> int:

@@ -47,9 +47,23 @@ def build_section(cls, raw: Any, source: str, prefix: str):
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = build_section(hint, value, source, key + ".")
+        elif (item := _section_list(hint)) is not None and value is not None:
+            if not isinstance(value, list) or not value:
+                raise LvitError(f"{source}: '{key}' should be a list of mappings, got {value!r}.")
+            kwargs[name] = [build_section(item, v, source, f"{key}[{i}].") for i, v in enumerate(value)]
         else:
             kwargs[name] = _coerce(value, hint, key, source)
     return cls(**kwargs)
+
+
+def _section_list(hint: Any):
+    """The section class of a `list[Section]` (or `list[Section] | None`) hint, else None."""
+    for member in typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,):
+        if typing.get_origin(member) is list:
+            (item,) = typing.get_args(member) or (None,)
+            if dataclasses.is_dataclass(item):
+                return item
+    return None
 
 
 def _reject_unknown(raw: dict, known, source: str, prefix: str) -> None:

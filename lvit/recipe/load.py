@@ -120,6 +120,12 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
             f"method {recipe.method!r}. Remove vision_tower_lr, or set lora.vision_tower: true (a LoRA run saves only "
             "its adapters, so a tower trained outside them would not be kept)."
         )
+    if (recipe.data.path is None) == (recipe.data.sources is None):
+        both = "both" if recipe.data.path is not None else "neither"
+        raise LvitError(
+            f"{source}: set data.path (one source, or a LLaVA-OneVision data YAML) or data.sources (a mixture); "
+            f"this recipe sets {both}."
+        )
     if recipe.data.max_length < 2:
         raise LvitError(f"{source}: data.max_length must be at least 2, got {recipe.data.max_length}.")
     strategy = training.get("train_sampling_strategy", "random")

@@ -39,12 +39,45 @@ class ModelSection:
 
 
 @dataclass
+class SourceSection:
+    """One source of a mixture (`data.sources`): its own files and checks, and how much of it an epoch draws
+    (`lvit/data/mixture.py`). Keys left out take the `data` section's value."""
+
+    path: str
+    """The source's data, in any format `data.path` takes."""
+    name: str | None = None
+    """The source's name in logs, reports and `lvit_log.jsonl` (`loss/<name>`); default: the file's stem."""
+    image_folder: str | None = None
+    format: Literal["auto", "llava", "chat", "hf"] | None = None
+    template: Literal["vicuna_v1", "plain", "auto"] | None = None
+    """Where this source's records must be rendered otherwise (the export's chat template is `data.template`)."""
+    on_bad_record: Literal["error", "skip"] | None = None
+    weight: float | None = None
+    """This source's share of each epoch's samples (weights are normalised over the sources; all sources weigh or
+    none does); the epoch's size is `data.samples_per_epoch`."""
+    count: int | None = None
+    """Samples an epoch draws from this source (more than it has: its records repeat, evenly)."""
+    fraction: float | None = None
+    """A fraction of the source's records an epoch draws (rounded up; above 1: its records repeat)."""
+    select: Literal["random", "first", "last"] = "random"
+    """Which records `count` / `fraction` take: `random` (seeded; each epoch the next ones, so every record comes
+    before any repeats), or the file's `first` / `last` ones (the same every epoch: LLaVA-OneVision's `first:N`,
+    `end:N`)."""
+
+
+@dataclass
 class DataSection:
     """Training data and how a record becomes tokens."""
 
-    path: str
+    path: str | None = None
     """The data: a JSON (a list of records) or JSON Lines file in LLaVA or chat format, or a Hugging Face
-    dataset (a `save_to_disk` folder, parquet or arrow files). See `lvit/data/records.py`."""
+    dataset (a `save_to_disk` folder, parquet or arrow files). See `lvit/data/records.py`. A `.yaml` file is a
+    LLaVA-OneVision data YAML (`datasets: [{json_path, sampling_strategy}]`), read as a mixture."""
+    sources: list[SourceSection] | None = None
+    """A mixture: several sources instead of `path` (`lvit/data/mixture.py`)."""
+    samples_per_epoch: int | None = None
+    """Weighted sources (`weight`): the samples of one epoch; null: as many as the sources give without any record
+    repeating (the source that runs out first sets it)."""
     image_folder: str | None = None
     """Folder that relative image paths in the data are resolved against."""
     format: Literal["auto", "llava", "chat", "hf"] = "auto"

@@ -39,7 +39,11 @@ LOG_FILE = "lvit_log.jsonl"
 """One JSON line per logging step: `{"step", "epoch", "loss", "learning_rate", "grad_norm", ...eval metrics}`."""
 PLOT_FILE = "lvit_loss.png"
 """The training loss (and eval loss, learning rate) per step, drawn when training ends."""
-OWN_LOG_FILES = (LOG_FILE, SKIPPED_FILE)
+MIXTURE_FILE = "mixture.json"
+"""A mixture's plan: per source, its records and what each epoch draws (`lvit.data.mixture`)."""
+MIXTURE_FOLDER = "mixture"
+"""A mixture's draws, `epoch-<E>.jsonl` (`lvit.data.mixture_sampler`)."""
+OWN_LOG_FILES = (LOG_FILE, SKIPPED_FILE, MIXTURE_FILE, MIXTURE_FOLDER)
 """What lvit writes into an output folder before its first checkpoint (a run killed then starts afresh)."""
 # Written by the Trainer into every checkpoint, after everything else it saves:
 TRAINER_STATE_FILE = "trainer_state.json"

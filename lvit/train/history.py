@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # The Trainer's last log of a run (train_runtime, train_loss, ...): the summary's, not a step's.
 _END_KEYS = ("train_runtime", "train_loss", "train_samples_per_second", "train_steps_per_second", "total_flos")
+_COUNT_PREFIXES = ("samples/", "tokens/")
 _LINE_KEYS = (("loss", "loss", "{:.4g}"), ("learning_rate", "lr", "{:.1e}"), ("grad_norm", "grad_norm", "{:.3g}"))
 
 
@@ -50,6 +51,9 @@ def format_entry(entry: dict, max_steps: int | None = None) -> str:
     for key, label, fmt in _LINE_KEYS:
         if isinstance(entry.get(key), (int, float)):
             parts.append(f"{label} {fmt.format(entry[key])}")
+    by_source = [f"{k[5:]} {v:.4g}" for k, v in entry.items() if k.startswith("loss/") and isinstance(v, (int, float))]
+    if by_source:
+        parts.append(f"({', '.join(by_source)})")
     for key, value in entry.items():
         timing = key.endswith(("_runtime", "_per_second"))
         if key.startswith("eval_") and isinstance(value, (int, float)) and not timing:
@@ -78,6 +82,11 @@ class TrainingLog(TrainerCallback):
             return
         if any(key in logs for key in _END_KEYS):
             self.end = dict(logs)
+            # a mixture's samples and tokens per source since the last log: kept, so the file's sums cover the run
+            counts = {k: v for k, v in logs.items() if k.startswith(_COUNT_PREFIXES) and v}
+            if counts:
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **counts}) + "\n")
             return
         entry = {"step": state.global_step, "epoch": state.epoch}
         entry.update({k: v for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)})
@@ -105,6 +114,11 @@ def install(trainer, path: str | Path, progress_bar: bool) -> TrainingLog:
     return history
 
 
+def source_names(entries: list[dict]) -> list[str]:
+    """The sources a mixture's log entries name (`loss/<name>`), in the order first met."""
+    return list(dict.fromkeys(k[5:] for e in entries for k in e if k.startswith("loss/")))
+
+
 def plot_history(
     entries: list[dict], out: str | Path, title: str = "", resumed_at: tuple[int, ...] = ()
 ) -> Path | None:
@@ -128,6 +142,9 @@ def plot_history(
         ax.plot(*zip(*train, strict=True), label="training loss", color="tab:blue", marker=marker)
     if evals:
         ax.plot(*zip(*evals, strict=True), label="eval loss", color="tab:orange", marker="o")
+    for name in source_names(entries):  # a mixture: the training loss of each source
+        points = [(e["step"], e[f"loss/{name}"]) for e in entries if isinstance(e.get(f"loss/{name}"), (int, float))]
+        ax.plot(*zip(*points, strict=True), label=f"loss: {name}", linewidth=1, alpha=0.8)
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

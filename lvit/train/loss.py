@@ -25,15 +25,24 @@ def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def compact_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def compact_loss(
+    model, inputs: dict, num_items_in_batch=None, label_sources: torch.Tensor | None = None, n_sources: int = 0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`(loss, stats)`: the summed cross-entropy of the labelled tokens / `num_items_in_batch` (None: their
-    count, at least 1); `stats` holds `tokens`, `correct` (top-1 hits) and `entropy` (summed), detached."""
+    count, at least 1); `stats` holds `tokens`, `correct` (top-1 hits) and `entropy` (summed), detached. With
+    `label_sources` (a mixture: each position's source, the labels' shape) also `source_loss` and `source_tokens`
+    (`n_sources` entries: the summed token loss and the trained tokens of each source), from the same per-token
+    losses."""
     labels = inputs["labels"]
     keep = labelled_positions(labels)
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits  # (labelled positions, vocab)
     targets = labels[:, 1:][keep[:, :-1]].to(logits.device)
-    token_loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    if label_sources is None:
+        token_loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    else:  # the same sum, from the per-token losses the sources' sums come from
+        per_token = F.cross_entropy(logits.float(), targets, reduction="none")
+        token_loss = per_token.sum()
     count = targets.numel() if num_items_in_batch is None else num_items_in_batch
     loss = token_loss / torch.as_tensor(count, device=token_loss.device).clamp(min=1)
     with torch.no_grad():
@@ -43,4 +52,9 @@ def compact_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torch.Te
             "correct": (logits.argmax(-1) == targets).sum(),
             "entropy": -(logp.exp() * logp).sum(),
         }
+        if label_sources is not None:
+            where = label_sources[:, 1:][keep[:, :-1]].to(logits.device)
+            zeros = torch.zeros(n_sources, dtype=torch.float64, device=logits.device)
+            stats["source_loss"] = zeros.index_add(0, where, per_token.detach().double())
+            stats["source_tokens"] = zeros.index_add(0, where, torch.ones_like(where, dtype=torch.float64))
     return loss, stats

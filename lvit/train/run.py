@@ -17,6 +17,9 @@ from lvit.console import quiet_libraries, show_progress_bar
 from lvit.data.collator import LlavaCollator
 from lvit.data.dataset import tidy_skipped, write_skipped
 from lvit.data.images import ImageLoader
+from lvit.data.mixture import sources_of
+from lvit.data.mixture_dataset import plan_summary, write_plan
+from lvit.data.mixture_sampler import RECORD_FOLDER
 from lvit.data.shared import prepare_once
 from lvit.errors import BAD_RECORD_FIXES, BadRecordStop, LvitError, UnreadableRecord
 from lvit.eval.callback import eval_callbacks
@@ -99,8 +102,16 @@ class TrainingRun:
 
         tokenizer = processor.tokenizer
         encoder = conversation_encoder(recipe.data.template, tokenizer, model.config)
+        sources = sources_of(recipe.data, recipe.source)
+        encoders = {recipe.data.template: encoder}
+        for template in {s.template for s in sources} - set(encoders):
+            encoders[template] = conversation_encoder(template, tokenizer, model.config)
         # the checks of `lvit data check`, on rank 0 only; every rank trains on the records rank 0 kept
-        self.prepared = prepared = prepare_once(recipe.data, encoder, recipe.source)
+        self.prepared = prepared = prepare_once(recipe.data, encoders, recipe.source)
+        mixture = prepared.plan
+        if mixture is not None and main:
+            log.info("%s", plan_summary(mixture))
+            write_plan(mixture, out, args.data_seed or args.seed)
         dataset, self.skipped_file = prepared.dataset, out / SKIPPED_FILE
         if prepared.skipped:
             if main:
@@ -127,13 +138,24 @@ class TrainingRun:
             " (per device: replaced by data.max_tokens_per_batch)" if recipe.data.max_tokens_per_batch else "",
         )
 
+        aspect = recipe.data.image_aspect_ratio
+        by_source = None
+        if mixture is not None:
+            by_source = [
+                (encoders[s.template], ImageLoader(processor.image_processor, s.image_folder, aspect), skips)
+                for s in mixture.sources
+                for skips in [s.on_bad_record == "skip"]
+            ]
+        skip = recipe.data.on_bad_record == "skip" or any(s.on_bad_record == "skip" for s in sources)
         collator = LlavaCollator(
             encoder,
-            ImageLoader(processor.image_processor, recipe.data.image_folder, recipe.data.image_aspect_ratio),
+            ImageLoader(processor.image_processor, recipe.data.image_folder, aspect),
             tokenizer.pad_token_id,
             recipe.data.max_length,
-            skipped_file=self.skipped_file if recipe.data.on_bad_record == "skip" else None,
+            skipped_file=self.skipped_file if skip else None,
             **packing_options(recipe, model),
+            by_source=by_source,
+            source_names=[s.name for s in mixture.sources] if mixture is not None else None,
         )
         self.processor = processor
         self.stop = GracefulStop()
@@ -143,6 +165,8 @@ class TrainingRun:
             train_dataset=dataset,
             data_collator=collator,
             processing_class=processor,
+            mixture=mixture,
+            record_mixture_to=out / RECORD_FOLDER if mixture is not None else None,
             callbacks=[
                 RunFilesCallback(recipe, processor, self.segments),
                 self.stop,

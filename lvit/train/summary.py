@@ -25,6 +25,8 @@ class RunSummary:
     total_records: int
     image: str | None
     """An image of the training data, for the example `lvit chat` command."""
+    by_source: list[dict] | None = None
+    """A mixture: per source, its samples, trained tokens and last logged loss (`by_source`)."""
 
     def format(self) -> str:
         wall = _duration(self.wall_s)
@@ -36,6 +38,12 @@ class RunSummary:
         lines = [f"trained {', '.join(parts)} in {wall}"]
         if self.final_loss is not None:
             lines.append(f"final loss {self.final_loss:.4g} (history: lvit_log.jsonl, plot: lvit_loss.png)")
+        for entry in self.by_source or []:
+            loss = f", last loss {entry['loss']:.4g}" if entry.get("loss") is not None else ""
+            lines.append(
+                f"  {entry['name']}: {entry['samples']:,} samples ({entry['share']:.1%}), {entry['tokens']:,} trained "
+                f"tokens{loss}"
+            )
         if self.skipped:
             lines.append(
                 f"{self.skipped} of {self.total_records} record(s) left out of training (skipped_records.jsonl)"
@@ -64,15 +72,19 @@ def summarize(training, wall_s: float, skipped: int) -> RunSummary:
         counted = [e["num_tokens"] for e in training.history_entries() if isinstance(e.get("num_tokens"), (int, float))]
         tokens = int(counted[-1]) if counted else None
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    dataset = training.prepared.dataset
-    image = next((p for p in dataset["image_path"] if p is not None), None)
-    if image is not None:
-        image = str(resolve_image_path(image, recipe.data.image_folder).resolve())
+    dataset, mixture = training.prepared.dataset, training.prepared.plan
+    first = next((i for i, p in enumerate(dataset["image_path"]) if p is not None), None)
+    image = None
+    if first is not None:
+        row = dataset[first]
+        folder = recipe.data.image_folder if mixture is None else mixture.sources[row["source"]].image_folder
+        image = str(resolve_image_path(row["image_path"], folder).resolve())
+    per_epoch = len(dataset) if mixture is None else mixture.samples_per_epoch
     return RunSummary(
         out=Path(training.out).resolve(),
         stage=recipe.stage,
         steps=state.global_step,
-        samples=_samples(state.global_step, batch, len(dataset))
+        samples=_samples(state.global_step, batch, per_epoch)
         if getattr(trainer, "token_budget", None) is None
         else trainer.token_budget.samples_drawn(state.global_step, args.gradient_accumulation_steps),
         tokens=int(tokens) if tokens else None,
@@ -82,7 +94,23 @@ def summarize(training, wall_s: float, skipped: int) -> RunSummary:
         skipped=skipped,
         total_records=training.prepared.total,
         image=image,
+        by_source=by_source(training.history_entries(), [s.name for s in mixture.sources]) if mixture else None,
     )
+
+
+def by_source(entries: list[dict], names: list[str]) -> list[dict]:
+    """Per source of a mixture, from `lvit_log.jsonl` (the whole run): samples and trained tokens (summed over the
+    logs), their share of the samples, and the last logged loss."""
+    out = []
+    for name in names:
+        samples = sum(int(e.get(f"samples/{name}", 0)) for e in entries)
+        tokens = sum(int(e.get(f"tokens/{name}", 0)) for e in entries)
+        losses = [e[f"loss/{name}"] for e in entries if isinstance(e.get(f"loss/{name}"), (int, float))]
+        out.append({"name": name, "samples": samples, "tokens": tokens, "loss": losses[-1] if losses else None})
+    total = sum(e["samples"] for e in out) or 1
+    for e in out:
+        e["share"] = e["samples"] / total
+    return out
 
 
 def _samples(steps: int, batch: int, n_records: int) -> int:

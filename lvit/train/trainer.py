@@ -11,6 +11,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
 from lvit.data.length_sampler import EpochSeededLengthGroupedSampler
+from lvit.data.mixture import Plan
+from lvit.data.mixture_sampler import MixtureSampler, first_epoch_rows
 from lvit.data.modality_sampler import ModalityGroupedSampler
 from lvit.data.packing import real_tokens
 from lvit.data.token_budget import TokenBudgetBatchSampler
@@ -18,6 +20,7 @@ from lvit.errors import LvitError, UnreadableRecord
 from lvit.runs.files import model_weight_files
 from lvit.train.config import TOKEN_BUDGET_ONE_PROCESS
 from lvit.train.loss import compact_loss
+from lvit.train.source_stats import SourceStats
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +57,21 @@ class LlavaTrainer(SFTTrainer):
     def group_by_modality(self) -> bool:
         return bool(_knob(self.args, "group_by_modality"))
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, mixture: Plan | None = None, record_mixture_to=None, **kwargs):
+        self.mixture = mixture
+        """A mixture's plan (`lvit.data.mixture`): each epoch's draws come from it; the loss is logged per source."""
+        self.record_mixture_to = record_mixture_to
+        self.source_stats = SourceStats([s.name for s in mixture.sources]) if mixture is not None else None
         super().__init__(*args, **kwargs)
         self.token_budget = None
         max_tokens_per_batch = _knob(self.args, "max_tokens_per_batch")
         if max_tokens_per_batch is not None:  # data.max_tokens_per_batch (lvit/data/token_budget.py)
             if self.args.world_size > 1:
                 raise LvitError(TOKEN_BUDGET_ONE_PROCESS)
-            dataset = self.train_dataset
+            dataset, seed = self.train_dataset, self.args.data_seed or self.args.seed
+            pool = first_epoch_rows(mixture, seed) if mixture is not None else None
             self.token_budget = TokenBudgetBatchSampler(
-                dataset["length"], dataset["id"], max_tokens_per_batch, self.args.data_seed or self.args.seed
+                dataset["length"], dataset["id"], max_tokens_per_batch, seed, pool=pool
             )
             sizes = [len(b) for b in self.token_budget.batches]
             log.info(
@@ -103,7 +111,9 @@ class LlavaTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         packed = "row_lengths" in inputs
         tokens = real_tokens(inputs) if packed or "attention_mask" in inputs else None
-        inputs = {k: v for k, v in inputs.items() if k != "row_lengths"}  # the packed rows' lengths: not a model input
+        label_sources, sample_sources = inputs.get("label_sources"), inputs.get("sample_sources")
+        # the packed rows' lengths and a mixture's sources: not model inputs
+        inputs = {k: v for k, v in inputs.items() if k not in ("row_lengths", "label_sources", "sample_sources")}
         args = self.args
         if (
             not self.compact_head
@@ -124,7 +134,13 @@ class LlavaTrainer(SFTTrainer):
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return out
 
-        loss, stats = compact_loss(model, inputs, num_items_in_batch)
+        by_source = label_sources is not None and self.source_stats is not None
+        n_sources = len(self.source_stats.names) if by_source else 0
+        loss, stats = compact_loss(model, inputs, num_items_in_batch, label_sources if by_source else None, n_sources)
+        if by_source:
+            self.source_stats.add(
+                stats.pop("source_loss"), stats.pop("source_tokens"), sample_sources, num_items_in_batch
+            )
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as SFTTrainer.compute_loss: DDP averages the gradients
         gathered = {k: self.accelerator.gather_for_metrics(v.detach().reshape(1)).sum() for k, v in stats.items()}
@@ -137,6 +153,13 @@ class LlavaTrainer(SFTTrainer):
             self._total_train_tokens += self.accelerator.gather_for_metrics(local.reshape(1)).sum().item()
         self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log, with a mixture's loss, share, samples and tokens per source (`lvit.train.source_stats`)
+        in each training log and the last one."""
+        if self.source_stats is not None and ("loss" in logs or "train_runtime" in logs):
+            logs = {**logs, **self.source_stats.pop(self.accelerator)}
+        super().log(logs, start_time)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """No TRL card: TRL writes one into the output folder at every checkpoint (a text model "fine-tuned from
@@ -201,6 +224,8 @@ class LlavaTrainer(SFTTrainer):
         return batches, self._get_num_items_in_batch(batches, device)
 
     def _get_train_sampler(self, train_dataset=None):
+        if self.mixture is not None:
+            return self._mixture_sampler(train_dataset if train_dataset is not None else self.train_dataset)
         if self.group_by_modality:  # data.group_by_modality_length: LLaVA-1.5's single-modality steps
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             args = self.args
@@ -215,6 +240,28 @@ class LlavaTrainer(SFTTrainer):
                 sampler.batch_size, sampler.lengths, self.args.data_seed or self.args.seed
             )
         return sampler
+
+    def _mixture_sampler(self, dataset) -> MixtureSampler:
+        """Each epoch's draws of the mixture, shuffled together, or grouped by modality or length as without one."""
+        args = self.args
+        base = super()._get_train_sampler(dataset)
+        arrange, step = "random", 1
+        if self.group_by_modality:
+            arrange = "modality"
+            step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        elif isinstance(base, LengthGroupedSampler):
+            arrange, step = "length", args.per_device_train_batch_size * args.world_size
+        return MixtureSampler(
+            self.mixture,
+            args.data_seed or args.seed,
+            arrange,
+            has_image=[path is not None for path in dataset["image_path"]] if arrange == "modality" else None,
+            lengths=list(dataset["length"]) if arrange == "length" else None,
+            step_size=step,
+            ids=list(dataset["id"]),
+            indices=list(dataset["index"]),
+            record_to=self.record_mixture_to if args.process_index == 0 else None,
+        )
 
     def create_optimizer(self, model=None):
         """Parameter groups by part (projector, vision tower, the rest) and weight decay; the projector's and the

@@ -1,0 +1,149 @@
+"""Mixtures (`data.sources`, LLaVA-OneVision data YAMLs): the sources' shares, seeded and resumable draws, the loss
+per source in `lvit_log.jsonl`, and the refusals of a recipe that cannot be mixed."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lvit.data.mixture import Source, plan, sources_of
+from lvit.data.mixture_sampler import MixtureSampler, epoch_rows, read_epoch
+from lvit.errors import LvitError
+
+
+def _sources(amounts: list[dict]) -> list[Source]:
+    common = dict(format="auto", image_folder=None, template="vicuna_v1", on_bad_record="error", max_length=64)
+    return [Source(name=f"s{i}", path=f"s{i}.json", overlong="truncate", **common, **a) for i, a in enumerate(amounts)]
+
+
+def _plan(sizes: list[int], amounts: list[dict], samples=None):
+    rows, start = [], 0
+    for n in sizes:
+        rows.append(list(range(start, start + n)))
+        start += n
+    return plan(_sources(amounts), rows, [list(range(n)) for n in sizes], sizes, samples)
+
+
+def test_weights_are_realised_within_one_percent_at_10k_samples():
+    mixture = _plan([3_000, 50_000, 8_000], [{"weight": 2}, {"weight": 5}, {"weight": 3}], samples=40_000)
+    assert mixture.per_epoch == [8_000, 20_000, 12_000]
+    source_of = {r: s for s, rows in enumerate(mixture.rows) for r in rows}
+    sampler = MixtureSampler(mixture, seed=7)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        first = Counter(source_of[r] for r in list(sampler)[:10_000])
+        shares = [first[s] / 10_000 for s in range(3)]
+        assert shares == pytest.approx([0.2, 0.5, 0.3], abs=0.01)
+    # the small source repeats (8000 draws of 3000 records), evenly: each record 2 or 3 times an epoch
+    drawn = Counter(epoch_rows(mixture, 7, 0)[0])
+    assert set(drawn.values()) == {2, 3} and len(drawn) == 3_000
+
+
+def test_default_epoch_is_the_largest_without_repeats():
+    mixture = _plan([100, 1_000], [{"weight": 0.2}, {"weight": 0.8}])
+    assert mixture.per_epoch == [100, 400]  # 100 records at a share of 0.2: 500 samples
+    assert all(len(set(rows)) == len(rows) for rows in epoch_rows(mixture, 0, 0))
+
+
+def test_draws_are_seeded_and_rotate_through_a_subsampled_source():
+    mixture = _plan([10, 25], [{}, {"count": 10}])
+    a, b = MixtureSampler(mixture, seed=3), MixtureSampler(mixture, seed=3)
+    assert list(a) == list(b) and len(a) == 20
+    seen = []
+    for epoch in range(5):  # 25 records, 10 an epoch: every record once before any repeats
+        seen += epoch_rows(mixture, 3, epoch)[1]
+    assert sorted(seen[:20]) == sorted(set(seen[:20])) and set(seen[:30]) == set(range(10, 35))
+    assert epoch_rows(mixture, 3, 0)[0] == list(range(10))  # all: every record every epoch
+    assert list(MixtureSampler(mixture, seed=4)) != list(a)
+
+
+def test_first_and_last_select_by_file_order_the_same_every_epoch():
+    # records 0..9 in the file; 3 and 7 did not pass the checks (rows hold the rest)
+    kept = [i for i in range(10) if i not in (3, 7)]
+    sources = _sources([{"count": 5, "select": "first"}, {"fraction": 0.3, "select": "last"}])
+    mixture = plan(sources, [kept, [100 + i for i in kept]], [kept, kept], [10, 10])
+    assert mixture.rows[0] == [0, 1, 2, 4] and mixture.rows[1] == [108, 109]
+    assert epoch_rows(mixture, 0, 0) == epoch_rows(mixture, 0, 5)
+
+
+def test_onevision_yaml_is_read_as_it_is(tmp_path, tiny_recipe, shapes_data):
+    spec = {
+        "datasets": [
+            {"json_path": str(shapes_data["instruct"]), "sampling_strategy": "first:20"},
+            {"json_path": str(shapes_data["captions"]), "sampling_strategy": "end:25%"},
+            {"json_path": str(shapes_data["captions"]), "sampling_strategy": "random:7"},
+            {"json_path": str(shapes_data["test"])},
+        ]
+    }
+    path = tmp_path / "onevision.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    recipe = tiny_recipe(data__path=str(path))
+    sources = sources_of(recipe.data)
+    assert [(s.name, s.count, s.fraction, s.select) for s in sources] == [
+        ("instruct", 20, None, "first"),
+        ("captions", None, 0.25, "last"),
+        ("captions-2", 7, None, "random"),
+        ("test", None, None, "random"),
+    ]
+    assert all(s.image_folder == recipe.data.image_folder for s in sources)
+    path.write_text(yaml.safe_dump({"datasets": [{"json_path": "x.json", "sampling_strategy": "first2:10"}]}))
+    with pytest.raises(LvitError, match=r"first2:10.*all, first:N, end:N or random:N"):
+        sources_of(tiny_recipe(data__path=str(path)).data)
+
+
+@pytest.mark.parametrize(
+    ("sources", "message"),
+    [
+        ([{"weight": 1}, {}], "some sources of data.sources have a weight"),
+        ([{"weight": 1, "count": 3}, {"weight": 1}], r"sets weight and count"),
+        ([{"count": 0}, {}], "count must be at least 1"),
+        ([{"select": "first"}, {}], "select 'first' picks which records a count or fraction takes"),
+        ([{"name": "a"}, {"name": "a"}], "name 'a' is used twice"),
+        ([{"path": "nowhere.json"}, {}], r"data.sources\[0\].path = 'nowhere.json': file not found"),
+    ],
+)
+def test_bad_mixtures_are_refused_by_key(tiny_recipe, shapes_data, sources, message):
+    raw = [{"path": str(shapes_data["instruct"]), **s} for s in sources]
+    recipe = tiny_recipe(data={"path": ..., "sources": raw})
+    with pytest.raises(LvitError, match=message):
+        sources_of(recipe.data, "r.yaml")
+
+
+def test_path_and_sources_together_are_refused(tiny_recipe, shapes_data):
+    with pytest.raises(LvitError, match="set data.path .* or data.sources .*; this recipe sets both"):
+        tiny_recipe(data={"sources": [{"path": str(shapes_data["captions"])}]})
+
+
+def _mixture_recipe(tiny_recipe, shapes_data, out: Path, **overrides):
+    sources = [
+        {"path": str(shapes_data["instruct"]), "name": "ours", "weight": 0.75},
+        {"path": str(shapes_data["captions"]), "name": "captions", "weight": 0.25},
+    ]
+    return tiny_recipe(out_dir=out, data={"path": ..., "sources": sources}, **overrides)
+
+
+def test_a_mixture_trains_and_logs_its_loss_per_source(tiny_recipe, shapes_data, tmp_path):
+    from lvit.train.run import run
+
+    recipe = _mixture_recipe(tiny_recipe, shapes_data, tmp_path / "run", training={"max_steps": 4, "logging_steps": 2})
+    out = run(recipe)
+    plan_file = json.loads((out / "mixture.json").read_text())
+    # 53 instruct records at 0.75 and 48 captions at 0.25: 70 samples an epoch (53 / 0.75, rounded down), 53 + 17
+    assert [(s["name"], s["per_epoch"]) for s in plan_file["sources"]] == [("ours", 53), ("captions", 17)]
+    drawn = read_epoch(out, 0)
+    assert {k: len(v) for k, v in drawn.items()} == {"ours": 53, "captions": 17}
+    assert len(set(drawn["ours"])) == 53 and len(set(drawn["captions"])) == 17
+    entries = [json.loads(line) for line in (out / "lvit_log.jsonl").read_text().splitlines()]
+    logged = [e for e in entries if "loss" in e]
+    assert [e["step"] for e in logged] == [2, 4]
+    for e in logged:
+        shares = [e["token_share/ours"], e["token_share/captions"]]
+        assert sum(shares) == pytest.approx(1.0, abs=1e-9)
+        weighted = shares[0] * e["loss/ours"] + shares[1] * e["loss/captions"]
+        assert weighted == pytest.approx(e["loss"], rel=1e-6)
+        assert e["samples/ours"] + e["samples/captions"] == 16  # 2 steps of 8
+    assert sum(e.get("samples/ours", 0) + e.get("samples/captions", 0) for e in entries) == 32
