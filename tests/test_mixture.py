@@ -147,3 +147,66 @@ def test_a_mixture_trains_and_logs_its_loss_per_source(tiny_recipe, shapes_data,
         assert weighted == pytest.approx(e["loss"], rel=1e-6)
         assert e["samples/ours"] + e["samples/captions"] == 16  # 2 steps of 8
     assert sum(e.get("samples/ours", 0) + e.get("samples/captions", 0) for e in entries) == 32
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resumes_with_the_same_draws(tiny_recipe, shapes_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from lvit.train.run import run
+
+    def write(out: Path) -> Path:
+        sources = [
+            {"path": str(shapes_data["instruct"]), "name": "ours", "count": 20},
+            {"path": str(shapes_data["captions"]), "name": "captions", "fraction": 0.5},
+        ]
+        raw = tiny_recipe.raw(
+            out_dir=out,
+            data={"path": ..., "sources": sources},
+            global_batch_size=4,
+            training={"max_steps": 16, "save_strategy": "steps", "save_steps": 4, "learning_rate": 1e-3},
+        )
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    from lvit.recipe.load import load_recipe
+
+    reference = run(load_recipe(write(tmp_path / "reference")))  # 44 draws an epoch: 11 steps, then epoch 1
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "lvit", "finetune", str(write(out))]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (out / "checkpoint-4" / "lvit_run.json").is_file():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+    for epoch in (0, 1):  # the same records of each source, each epoch
+        assert read_epoch(out, epoch) == read_epoch(reference, epoch)
+    assert read_epoch(out, 0)["ours"] != read_epoch(out, 1)["ours"]  # 20 of 53: the next ones in epoch 1
+
+    def steps(folder):
+        return {e["step"]: e for e in map(json.loads, (folder / "lvit_log.jsonl").read_text().splitlines())}
+
+    a, b = steps(reference), steps(out)
+    assert sorted(b) == sorted(a) == list(range(1, 17))
+    for step in range(1, 17):  # each step drew as many samples and tokens of each source
+        assert {k: v for k, v in b[step].items() if k.startswith(("samples/", "tokens/"))} == {
+            k: v for k, v in a[step].items() if k.startswith(("samples/", "tokens/"))
+        }
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
+    wa, wb = load_file(str(reference / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -153,3 +153,55 @@ def test_data_is_checked_once_and_every_rank_gets_rank_zeros_records(workspace, 
     zero, one = results["error"]
     assert "image not found" in zero["error"] and one["error"] == zero["error"]  # rank 1 stops too, same message
     assert one["calls"] == {}
+
+
+# Run by two processes: prepare a mixture with `prepare_once`, write each rank's rows and its sampler's epochs.
+_MIXTURE = """
+import json, sys
+import torch.distributed as dist
+dist.init_process_group("gloo")
+import lvit.data.check as check_module
+from lvit.data.mixture_sampler import MixtureSampler
+from lvit.data.shared import prepare_once
+from lvit.model.processor import load_tokenizer
+from lvit.recipe.schema import DataSection, SourceSection
+from lvit.templates.encoder import ConversationEncoder
+
+lm, ours, captions, images, out = sys.argv[1:]
+probes = []
+check_module.probe_image = (lambda fn: lambda *a, **k: probes.append(1) or fn(*a, **k))(check_module.probe_image)
+tokenizer = load_tokenizer(lm)
+encoder = ConversationEncoder("vicuna_v1", tokenizer, tokenizer.convert_tokens_to_ids("<image>"), 16)
+sources = [SourceSection(path=ours, name="ours", weight=3), SourceSection(path=captions, weight=1)]
+data = DataSection(sources=sources, image_folder=images, max_length=256, samples_per_epoch=40)
+prepared = prepare_once(data, {"vicuna_v1": encoder}, "<test>")
+sampler = MixtureSampler(prepared.plan, seed=11)
+epochs = []
+for epoch in (0, 1):
+    sampler.set_epoch(epoch)
+    epochs.append([prepared.dataset[r]["id"] for r in sampler])
+result = {"rows": prepared.dataset.to_list(), "per_epoch": prepared.plan.per_epoch, "epochs": epochs, "probes": len(probes)}
+with open(f"{out}/mixture-rank{dist.get_rank()}.json", "w") as f:
+    json.dump(result, f)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_a_mixture_draws_the_same_records_on_every_rank(workspace, tmp_path):  # noqa: F811
+    root = workspace["root"]
+    recipe = yaml.safe_load(workspace["recipe"].read_text())
+    instruct = Path(recipe["data"]["path"])
+    captions = instruct.with_name("captions.json")
+    script = tmp_path / "mixture.py"
+    script.write_text(_MIXTURE)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args = [str(workspace["lm"]), str(instruct), str(captions), recipe["data"]["image_folder"], str(tmp_path)]
+    _launch({"mixture": [*launch, str(script), *args]}, root)
+    zero, one = (json.loads((tmp_path / f"mixture-rank{r}.json").read_text()) for r in (0, 1))
+    assert zero["probes"] > 0 and one["probes"] == 0  # rank 0 checked, rank 1 rebuilt rank 0's records
+    assert one["rows"] == zero["rows"] and one["per_epoch"] == zero["per_epoch"]
+    assert one["epochs"] == zero["epochs"] and zero["epochs"][0] != zero["epochs"][1]
+    n_ours, n_captions = zero["per_epoch"]
+    assert (n_ours, n_captions) == (30, 10)
+    assert all(sum(i.startswith("cap-") for i in epoch) == n_captions for epoch in zero["epochs"])
