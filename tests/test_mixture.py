@@ -129,8 +129,20 @@ def _mixture_recipe(tiny_recipe, shapes_data, out: Path, **overrides):
 def test_a_mixture_trains_and_logs_its_loss_per_source(tiny_recipe, shapes_data, tmp_path):
     from lvit.train.run import run
 
-    recipe = _mixture_recipe(tiny_recipe, shapes_data, tmp_path / "run", training={"max_steps": 4, "logging_steps": 2})
+    held_out = {"ours": str(shapes_data["test"]), "captions": str(shapes_data["test"])}
+    recipe = _mixture_recipe(
+        tiny_recipe,
+        shapes_data,
+        tmp_path / "run",
+        training={"max_steps": 4, "logging_steps": 2},
+        eval={"data": held_out, "max_new_tokens": 4},
+    )
     out = run(recipe)
+    for name in held_out:  # one held-out set per source, each scored on its own
+        results = json.loads((out / "eval" / name / "results.json").read_text())
+        questions = len(json.loads(Path(held_out[name]).read_text()))
+        assert (results["set"], results["data"], results["total"]) == (name, held_out[name], questions)
+        assert len((out / "eval" / name / "answers.jsonl").read_text().splitlines()) == questions
     plan_file = json.loads((out / "mixture.json").read_text())
     # 53 instruct records at 0.75 and 48 captions at 0.25: 70 samples an epoch (53 / 0.75, rounded down), 53 + 17
     assert [(s["name"], s["per_epoch"]) for s in plan_file["sources"]] == [("ours", 53), ("captions", 17)]
@@ -210,3 +222,53 @@ def test_sigkill_mid_epoch_resumes_with_the_same_draws(tiny_recipe, shapes_data,
     wa, wb = load_file(str(reference / "model.safetensors")), load_file(str(out / "model.safetensors"))
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_data_check_and_preview_report_each_source(tiny_recipe, shapes_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from lvit.cli.app import app
+
+    records = json.loads(Path(shapes_data["captions"]).read_text())[:6]
+    records[2]["image"] = "missing.png"
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(records))
+    sources = [
+        {"path": str(shapes_data["instruct"]), "name": "ours", "count": 10},
+        {"path": str(broken), "name": "web", "template": "plain", "on_bad_record": "skip", "fraction": 0.5},
+    ]
+    path = tiny_recipe.write(tmp_path / "mix.yaml", data={"path": ..., "sources": sources})
+    result = CliRunner().invoke(app, ["data", "check", "--recipe", str(path), "--json"])
+    assert result.exit_code == 1, result.output  # the broken source has an error
+    report = json.loads(result.output)
+    assert [s["name"] for s in report["sources"]] == ["ours", "web"]
+    ours, web = report["sources"]
+    assert (ours["records"], ours["trainable"], ours["per_epoch"], ours["errors"]) == (53, 53, 10, 0)
+    assert (web["records"], web["trainable"], web["per_epoch"], web["errors"]) == (6, 5, 3, 1)  # ceil(0.5 x 5)
+    assert web["problems"][0]["index"] == 2 and web["problems"][0]["kind"] == "image_missing"
+    assert report["samples_per_epoch"] == 13
+    text = CliRunner().invoke(app, ["data", "check", "--recipe", str(path)]).output
+    assert "=== source 'web': " in text and "(requested: 50.00% random, template plain)" in text
+    assert "web: 3 of 5 records an epoch (23.1%" in text
+
+    shown = CliRunner().invoke(app, ["data", "preview", str(path), "-n", "3", "--json"])
+    assert shown.exit_code == 0, shown.output
+    samples = json.loads(shown.output)
+    first = [r["id"] for r in json.loads(Path(shapes_data["instruct"]).read_text())[:3]]
+    assert [(s["source"], s["id"]) for s in samples] == [
+        *[("ours", i) for i in first],
+        ("web", "cap-0"),
+        ("web", "cap-1"),
+        ("web", records[2]["id"]),
+    ]
+    assert "image" in samples[-1]["refused"]
+    from lvit.data.check import encoder_from_recipe
+
+    plain = encoder_from_recipe(tiny_recipe(data={"path": ..., "sources": sources}), "plain")
+    assert samples[3]["input_ids"] == plain.encode(_conversation(records[0])).input_ids  # the source's own template
+
+
+def _conversation(record):
+    from lvit.data.normalise import normalise
+
+    return normalise(record, 0, None, True).conversation

@@ -180,7 +180,8 @@ epochs = []
 for epoch in (0, 1):
     sampler.set_epoch(epoch)
     epochs.append([prepared.dataset[r]["id"] for r in sampler])
-result = {"rows": prepared.dataset.to_list(), "per_epoch": prepared.plan.per_epoch, "epochs": epochs, "probes": len(probes)}
+result = {"rows": prepared.dataset.to_list(), "per_epoch": prepared.plan.per_epoch, "epochs": epochs}
+result["probes"] = len(probes)
 with open(f"{out}/mixture-rank{dist.get_rank()}.json", "w") as f:
     json.dump(result, f)
 dist.barrier()

@@ -58,7 +58,14 @@ def check(
         rec = load_recipe(recipe, overrides, check_training=False)
     elif overrides:
         raise LvitError(f"{overrides[0]!r} overrides a key of the recipe given with --recipe; there is none")
-    report = check_data(data, fmt, image_folder, recipe=rec, decode=decode)
+    from lvit.data.mixture import is_mixture
+
+    if rec is not None and data is None and is_mixture(rec.data):  # each source of the mixture, then its plan
+        from lvit.data.mixture_report import check_mixture
+
+        report = check_mixture(rec, decode=decode)
+    else:
+        report = check_data(data, fmt, image_folder, recipe=rec, decode=decode)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=1))
     else:
@@ -99,7 +106,8 @@ def preview(
     if as_json:
         typer.echo(json.dumps([s.to_json() for s in samples]))
         return
-    typer.echo(f"{len(samples)} sample(s) of {rec.data.path} (template {rec.data.template}):")
+    what = rec.data.path if rec.data.sources is None else f"{len(rec.data.sources)} sources"
+    typer.echo(f"{len(samples)} sample(s) of {what} (template {rec.data.template}):")
     for sample in samples:
         typer.echo(format_sample(sample, rec.data.max_length))
 

@@ -238,7 +238,7 @@ def overlong_reason(n: int, image_end: int, first_trained: int, max_length: int,
     return None
 
 
-def encoder_from_recipe(recipe):
+def encoder_from_recipe(recipe, template: str | None = None):
     """The recipe's `ConversationEncoder` from its tokenizer and the vision tower's config only (no weights).
 
     `recipe`: a `lvit.recipe.schema.Recipe`; `lvit data check --recipe` reads it with
@@ -248,7 +248,7 @@ def encoder_from_recipe(recipe):
     vision = resolve_source(recipe.model.vision_tower, "model.vision_tower", recipe.source)
     tokenizer = load_tokenizer(lm)
     vision_config = vision_config_of(vision)
-    return conversation_encoder(recipe.data.template, tokenizer, vision_config)
+    return conversation_encoder(template or recipe.data.template, tokenizer, vision_config)
 
 
 def check_data(

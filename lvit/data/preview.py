@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lvit.data.check import check_record_images, encoder_from_recipe, overlong_reason
+from lvit.data.mixture import is_mixture, sources_of
 from lvit.data.reader import ReadResult, read_all
 from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER
 
@@ -29,20 +30,34 @@ class Sample:
     """Why training would leave this record out (then it is no sample)."""
     image_token_id: int | None = None
     index: int = 0
+    source: str | None = None
+    """The source it comes from, in a mixture."""
 
     def to_json(self) -> dict:
+        where = {} if self.source is None else {"source": self.source}
         if self.refused is not None:
-            return {"id": self.id, "refused": self.refused}
-        return {"id": self.id, "input_ids": self.input_ids, "labels": self.labels}
+            return {"id": self.id, **where, "refused": self.refused}
+        return {"id": self.id, **where, "input_ids": self.input_ids, "labels": self.labels}
 
 
 def preview(recipe, n: int = 3) -> list[Sample]:
-    """The first `n` records of the recipe's data as samples, in file order. A record training would leave out is
-    listed with why, never shown as a sample: an invalid record, a missing or unreadable image, a record the
-    template refuses, one too long for `data.max_length` under `data.overlong`."""
+    """The first `n` records of the recipe's data as samples, in file order (a mixture: the first `n` of each
+    source, each sample naming its source). A record training would leave out is listed with why, never shown as a
+    sample: an invalid record, a missing or unreadable image, a record the template refuses, one too long for
+    `data.max_length` under `data.overlong`."""
+    if not is_mixture(recipe.data):
+        return _preview(recipe.data, encoder_from_recipe(recipe), n)
+    samples, encoders = [], {}
+    for source in sources_of(recipe.data, recipe.source):
+        if source.template not in encoders:
+            encoders[source.template] = encoder_from_recipe(recipe, source.template)
+        for sample in _preview(source, encoders[source.template], n):
+            sample.source = source.name
+            samples.append(sample)
+    return samples
 
-    data = recipe.data
-    encoder = encoder_from_recipe(recipe)
+
+def _preview(data, encoder, n: int) -> list[Sample]:
     read = read_all(data.path, getattr(data, "format", "auto"))
     first = [r for r in read.records if r.index < n]
     head = ReadResult(read.format, first, [], read.total, {})
@@ -109,12 +124,13 @@ def _marked_text(rendered, n_image: int) -> str:
 
 def format_sample(sample: Sample, max_length: int | None = None) -> str:
     """The sample as text: a header, the text with [trained spans], one row per token (image tokens: one row)."""
+    source = "" if sample.source is None else f"[{sample.source}] "
     if sample.refused is not None:
-        return f"left out of training: {sample.refused}"
+        return f"{source}left out of training: {sample.refused}"
     trained = sum(label != IGNORE_INDEX for label in sample.labels)
     cut = f", cut to data.max_length {max_length}" if sample.length > len(sample.input_ids) else ""
     lines = [
-        f"record {sample.id!r}: {sample.length} tokens{cut}, {trained} trained",
+        f"{source}record {sample.id!r}: {sample.length} tokens{cut}, {trained} trained",
         f"  text:  {sample.text!r}",
         "      #       id  token                 label",
     ]

@@ -3,14 +3,15 @@
 ```yaml
 eval:
   data: data/heldout.json       # questions in any format lvit reads, with reference answers
+                                # or several sets, e.g. one per source of a mixture: {ours: a.json, llava: b.json}
   image_folder: data/images     # default: data.image_folder
   metric: exact_match           # or scienceqa ("The answer is X." references), pope (yes/no references)
   max_new_tokens: 32
   every_n_steps: null           # also evaluate every N optimizer steps, into eval/step-N/
 ```
 
-At the end of training the run folder gets `eval/results.json` and `eval/answers.jsonl`; with
-`every_n_steps`, `eval/step-N/` holds the same at step N. Evaluation never changes training:
+At the end of training the run folder gets `eval/results.json` and `eval/answers.jsonl` (several sets:
+`eval/<name>/...`); with `every_n_steps`, `eval/step-N/` holds the same at step N. Evaluation never changes training:
 generation runs without gradients in eval mode, every module's train/eval mode and every random
 number generator are restored afterwards, and 4-bit layers are kept out of bitsandbytes' CPU
 repacking, whose packed weights have no backward (docs/stack-notes.md#bnb-cpu-repacking).
@@ -40,37 +41,58 @@ log = logging.getLogger(__name__)
 EVAL_DIR = "eval"
 
 
-def check_eval_inputs(recipe) -> list[Question] | None:
-    """The recipe's evaluation questions and images exist (checked before any model loads); returns the questions
-    (None without eval data), for `eval_callbacks`."""
+def eval_sets(recipe) -> dict[str | None, str]:
+    """The recipe's evaluation sets: name -> file (one unnamed set: {None: file}); {} without eval data."""
+    data = recipe.eval.data
+    if data is None:
+        return {}
+    return dict(data) if isinstance(data, dict) else {None: data}
+
+
+def check_eval_inputs(recipe) -> dict[str | None, list[Question]] | None:
+    """The recipe's evaluation questions and images exist (checked before any model loads); returns the questions of
+    each set (None without eval data), for `eval_callbacks`."""
     section = recipe.eval
     if section.data is None:
         return None
-    if not Path(section.data).is_file():
-        raise LvitError(f"{recipe.source}: eval.data = {section.data!r}: file not found.")
     if section.every_n_steps is not None and section.every_n_steps < 1:
         raise LvitError(
             f"{recipe.source}: eval.every_n_steps must be at least 1 (or null), got {section.every_n_steps}."
         )
-    try:
-        questions = read_questions(section.data)
-        check_images(questions, eval_image_folder(recipe))
-    except LvitError as exc:
-        raise LvitError(f"{recipe.source}: eval.data: {exc}") from None
-    missing = [q.id for q in questions if q.reference is None]
-    if missing:
-        raise LvitError(
-            f"{recipe.source}: eval.data = {section.data!r}: {len(missing)} question(s) have no reference answer "
-            f"(a final gpt/assistant turn) to score against, e.g. {missing[0]!r}."
-        )
-    return questions
+    out = {}
+    for name, path in eval_sets(recipe).items():
+        key = "eval.data" if name is None else f"eval.data.{name}"
+        if not Path(path).is_file():
+            raise LvitError(f"{recipe.source}: {key} = {path!r}: file not found.")
+        try:
+            questions = read_questions(path)
+            check_images(questions, eval_image_folder(recipe, name))
+        except LvitError as exc:
+            raise LvitError(f"{recipe.source}: {key}: {exc}") from None
+        missing = [q.id for q in questions if q.reference is None]
+        if missing:
+            raise LvitError(
+                f"{recipe.source}: {key} = {path!r}: {len(missing)} question(s) have no reference answer "
+                f"(a final gpt/assistant turn) to score against, e.g. {missing[0]!r}."
+            )
+        out[name] = questions
+    return out
 
 
-def eval_image_folder(recipe):
-    return recipe.eval.image_folder if recipe.eval.image_folder is not None else recipe.data.image_folder
+def eval_image_folder(recipe, name: str | None = None):
+    """Where a set's image paths resolve: `eval.image_folder`, else (a named set) the image folder of the mixture's
+    source of that name, else `data.image_folder`."""
+    if recipe.eval.image_folder is not None:
+        return recipe.eval.image_folder
+    for source in recipe.data.sources or []:
+        if name is not None and (source.name or Path(source.path).stem) == name and source.image_folder is not None:
+            return source.image_folder
+    return recipe.data.image_folder
 
 
-def eval_callbacks(recipe, processor, encoder, args, questions: list[Question] | None = None) -> list[TrainerCallback]:
+def eval_callbacks(
+    recipe, processor, encoder, args, questions: dict[str | None, list[Question]] | None = None
+) -> list[TrainerCallback]:
     """`[EvalCallback]` when the recipe has an `eval:` section with data, else `[]`; `questions`: the eval data as
     `check_eval_inputs` read it (None: read it here)."""
     if recipe.eval.data is None:
@@ -94,12 +116,18 @@ def eval_callbacks(recipe, processor, encoder, args, questions: list[Question] |
 class EvalCallback(TrainerCallback):
     """Answers the recipe's evaluation questions with the model being trained and scores them."""
 
-    def __init__(self, recipe, processor, encoder, questions: list[Question] | None = None):
+    def __init__(self, recipe, processor, encoder, questions: dict[str | None, list[Question]] | None = None):
         self.recipe = recipe
         self.section = recipe.eval
-        self.questions = questions if questions is not None else read_questions(self.section.data)
+        self.files = eval_sets(recipe)
+        if questions is None:
+            questions = {name: read_questions(path) for name, path in self.files.items()}
+        self.questions = questions
         self.encoder = encoder
-        self.loader = ImageLoader(processor.image_processor, eval_image_folder(recipe), recipe.data.image_aspect_ratio)
+        aspect = recipe.data.image_aspect_ratio
+        self.loaders = {
+            name: ImageLoader(processor.image_processor, eval_image_folder(recipe, name), aspect) for name in questions
+        }
         self.settings = GenerationSettings(max_new_tokens=self.section.max_new_tokens)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -111,9 +139,17 @@ class EvalCallback(TrainerCallback):
         self.evaluate(model, args, state, Path(args.output_dir) / EVAL_DIR)
 
     def evaluate(self, model, args, state, folder: Path) -> dict | None:
-        """Generate and score on the main process; other processes go on (DDP waits for it at the next step)."""
+        """Generate and score every set on the main process; other processes go on (DDP waits for it at the next
+        step). Returns the results (several sets: by name)."""
         if not state.is_world_process_zero:
             return None
+        results = {
+            name: self._evaluate_set(model, args, state, folder if name is None else folder / name, name)
+            for name in self.questions
+        }
+        return results[None] if list(results) == [None] else results
+
+    def _evaluate_set(self, model, args, state, folder: Path, name: str | None) -> dict:
 
         if self.recipe.method == "qlora":
             # done at load already; generation must never repack (docs/stack-notes.md#bnb-cpu-repacking)
@@ -121,11 +157,11 @@ class EvalCallback(TrainerCallback):
         rng = _rng_state()
         try:
             rows = []
-            questions = self.questions
+            questions = self.questions[name]
             batches = iter_answers(
                 model,
                 self.encoder,
-                self.loader,
+                self.loaders[name],
                 [q.conversation for q in questions],
                 [q.image for q in questions],
                 self.settings,
@@ -144,10 +180,13 @@ class EvalCallback(TrainerCallback):
         scores = score_answers(self.section.metric, rows)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "answers.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        results = {"metric": self.section.metric, "step": state.global_step, "data": self.section.data, **scores}
+        results = {"metric": self.section.metric, "step": state.global_step, "data": self.files[name], **scores}
+        if name is not None:
+            results["set"] = name
         (folder / "results.json").write_text(json.dumps(results, indent=2))
         log.info(
-            "evaluation at step %d (%s on %d questions): %s; written to %s",
+            "evaluation%s at step %d (%s on %d questions): %s; written to %s",
+            "" if name is None else f" of {name!r}",
             state.global_step,
             self.section.metric,
             len(rows),

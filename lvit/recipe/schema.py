@@ -144,10 +144,12 @@ class EvalSection:
     """Evaluation during training (`lvit.eval.callback`): answers to a question set, scored, written to
     the run folder's `eval/` at the end (and `eval/step-N/` every `every_n_steps` steps). lvit's own keys."""
 
-    data: str | None = None
-    """Questions with reference answers, in any format lvit reads; null: no evaluation."""
+    data: str | dict[str, str] | None = None
+    """Questions with reference answers, in any format lvit reads; null: no evaluation. A mapping name -> file holds
+    several held-out sets (one per source of a mixture), each scored on its own into `eval/<name>/`."""
     image_folder: str | None = None
-    """Folder the questions' image paths are relative to; null: `data.image_folder`."""
+    """Folder the questions' image paths are relative to; null: `data.image_folder` (a named set: the image folder
+    of the source of that name, if there is one)."""
     metric: Literal["exact_match", "scienceqa", "pope"] = "exact_match"
     """`exact_match` (case-insensitive), `scienceqa` (LLaVA's answer parsing), `pope` (LLaVA's yes/no parsing)."""
     max_new_tokens: int = 32

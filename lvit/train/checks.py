@@ -12,7 +12,7 @@ from lvit.recipe.report_to import check_report_to
 from lvit.recipe.schema import Recipe
 
 
-def check_inputs(recipe: Recipe) -> list[Question] | None:
+def check_inputs(recipe: Recipe) -> dict[str | None, list[Question]] | None:
     """Everything that can be checked before a model loads: data files and folders, `training.report_to`. Returns
     the evaluation questions (`eval.data`, read once), or None."""
     questions = check_data_inputs(recipe)
@@ -20,7 +20,7 @@ def check_inputs(recipe: Recipe) -> list[Question] | None:
     return questions
 
 
-def check_data_inputs(recipe: Recipe) -> list[Question] | None:
+def check_data_inputs(recipe: Recipe) -> dict[str | None, list[Question]] | None:
     """The data files and folders a recipe names (and the eval data); returns the evaluation questions, or None."""
     data = recipe.data
     if data.path is not None and not Path(data.path).exists():  # a file, or a Hugging Face dataset folder
