@@ -160,6 +160,28 @@ def test_a_mixture_trains_and_logs_its_loss_per_source(tiny_recipe, shapes_data,
         assert e["samples/ours"] + e["samples/captions"] == 16  # 2 steps of 8
     assert sum(e.get("samples/ours", 0) + e.get("samples/captions", 0) for e in entries) == 32
 
+    from lvit.export.exporter import export
+
+    exported = export(out, tmp_path / "export", dtype="fp32")  # its self-check prompts from the first source
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert exported.sample.startswith("record ") and "instruct.json" in exported.sample  # a record of "ours"
+    assert exported.max_abs_diff <= exported.tolerance
+    assert "a mixture: " in card and "(weight 0.75)" in card
+
+
+def test_dry_run_checks_each_source(tiny_recipe, shapes_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from lvit.cli.app import app
+
+    sources = [{"path": str(shapes_data["instruct"]), "name": "ours"}, {"path": str(shapes_data["captions"])}]
+    path = tiny_recipe.write(tmp_path / "mix.yaml", out_dir=tmp_path / "out", data={"path": ..., "sources": sources})
+    result = CliRunner().invoke(app, ["finetune", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "data: ours (all), captions (all)" in result.output
+    assert "records of ours: 53 of 53 trainable" in result.output
+    assert "records of captions: 48 of 48 trainable" in result.output
+
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_with_the_same_draws(tiny_recipe, shapes_data, tmp_path):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from lvit.errors import LvitError
 
@@ -71,6 +72,24 @@ class Source:
 def is_mixture(data) -> bool:
     """Whether the recipe's data is a mixture (`data.sources`, or a LLaVA-OneVision data YAML)."""
     return data.sources is not None or _is_yaml(data.path)
+
+
+def checked_source(data, where: str = "<recipe>"):
+    """The data a check of a trained run reads (export's self-check, GGUF's check prompts): `data` itself for one
+    source; for a mixture, its first source rendered with `data.template` (else its first source), as a section
+    with `data`'s other keys. A mixture whose files are gone gives its first file as written (the checks then fall
+    back to a synthetic sample)."""
+    if not is_mixture(data):
+        return data
+    try:
+        sources = sources_of(data, where)
+        source = next((s for s in sources if s.template == data.template), sources[0])
+        path, fmt, folder = source.path, source.format, source.image_folder
+    except LvitError:
+        path = data.sources[0].path if data.sources else data.path
+        fmt, folder = data.format, data.image_folder
+    keys = ("template", "image_aspect_ratio", "max_length", "overlong", "on_bad_record")
+    return SimpleNamespace(path=path, format=fmt, image_folder=folder, **{k: getattr(data, k) for k in keys})
 
 
 def _is_yaml(path) -> bool:

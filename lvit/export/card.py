@@ -83,7 +83,7 @@ def model_card(run, result, out: Path) -> str:
         + " |",
         f"| stage / method | {stage} / {method[run.kind]} |",
         f"| template | `{recipe.data.template}` |",
-        f"| data | `{portable(recipe.data.path)}` (images: `{portable(recipe.data.image_folder)}`) |",
+        _data_row(recipe.data),
         f"| source run | `{portable(run.path.resolve())}`"
         + (f" ({checkpoint}, an intermediate checkpoint)" if checkpoint else "")
         + " |",
@@ -167,3 +167,15 @@ def _local_paths(recipe) -> list[str]:
     """The recipe's model and data values that are local paths (what `portable` shortens)."""
     values = [getattr(getattr(recipe, section), key) for section, key in PATH_KEYS]
     return [v for v in values if v and portable(v) != v]
+
+
+def _data_row(data) -> str:
+    """The card's data row: the file and image folder, or a mixture's sources with what each epoch drew of them."""
+    if data.sources is None:
+        return f"| data | `{portable(data.path)}` (images: `{portable(data.image_folder)}`) |"
+    parts = []
+    for s in data.sources:
+        given = [f"{k} {getattr(s, k):g}" for k in ("weight", "count", "fraction") if getattr(s, k) is not None]
+        amount = given[0] if given else "all"
+        parts.append(f"`{portable(s.path)}` ({amount})")
+    return f"| data | a mixture: {', '.join(parts)} |"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from lvit.data.images import ImageLoader
+from lvit.data.mixture import checked_source
 from lvit.data.reader import first_records
 from lvit.errors import LvitError
 from lvit.model.encoder import conversation_encoder
@@ -99,7 +100,7 @@ def build_sample(run, processor, config) -> Sample:
     """One image-bearing prompt built with the run's template: the first usable record of the run's data
     (its first exchange), else a synthetic image with a fixed question and answer."""
 
-    data = run.recipe.data
+    data = checked_source(run.recipe.data, str(run.path))
     encoder = conversation_encoder(data.template, processor.tokenizer, config)
     loader = ImageLoader(processor.image_processor, data.image_folder, data.image_aspect_ratio)
     for record in image_records(data):
@@ -192,7 +193,7 @@ def check_chat_template_ids(run, processor, config) -> int:
     for the whole conversation and for the generation prompt of its first question. Returns how many
     conversations were compared; raises `LvitError` at the first difference."""
 
-    data = run.recipe.data
+    data = checked_source(run.recipe.data, str(run.path))
     tokenizer = load_tokenizer(resolve_source(run.recipe.model.language_model, "model.language_model", run.path))
     encoder = conversation_encoder(data.template, tokenizer, config)
     image = synthetic_image(config.vision_config.image_size)  # only its size matters: the image token count

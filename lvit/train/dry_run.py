@@ -15,6 +15,8 @@ from pathlib import Path
 
 from lvit.data.check import encoder_from_recipe
 from lvit.data.dataset import inspect_for_training
+from lvit.data.mixture import sources_of
+from lvit.data.mixture_dataset import source_data
 from lvit.errors import LvitError
 from lvit.model.hub import resolve_source
 from lvit.recipe.load import gradient_accumulation
@@ -94,7 +96,10 @@ def dry_run(recipe: Recipe, resume: bool | None = None, allow_changed: tuple[str
     try:
         check_data_inputs(recipe)
         data_found = True
-        report(True, f"data: {recipe.data.path}")
+        sources = sources_of(recipe.data, recipe.source)
+        names = ", ".join(f"{s.name} ({s.amount})" for s in sources)
+        one = len(sources) == 1 and recipe.data.sources is None
+        report(True, f"data: {recipe.data.path}" if one else f"data: {names}")
     except LvitError as exc:
         data_found = False
         text = str(exc)
@@ -123,18 +128,24 @@ def dry_run(recipe: Recipe, resume: bool | None = None, allow_changed: tuple[str
 def _check_records(recipe: Recipe, report, notes: list) -> None:
     """Every record, as training checks them before its first step (data.on_bad_record, data.overlong)."""
 
-    try:
-        insp, _, bad = inspect_for_training(recipe.data, encoder_from_recipe(recipe), recipe.source)
-    except LvitError as exc:
-        report(False, "records", str(exc))
-        return
-    left_out = len({p.index for p in bad}) + len(insp.dropped)
-    report(
-        True,
-        f"records: {insp.total - left_out} of {insp.total} trainable"
-        + (f" ({left_out} left out, listed in the run's skipped_records.jsonl)" if left_out else ""),
-    )
-    if not insp.decoded and any(r.image is not None for r in insp.usable):
+    sources = sources_of(recipe.data, recipe.source)
+    header_only = False
+    for source in sources:
+        label = "records" if len(sources) == 1 and recipe.data.sources is None else f"records of {source.name}"
+        try:
+            encoder = encoder_from_recipe(recipe, source.template)
+            insp, _, bad = inspect_for_training(source_data(source), encoder, recipe.source)
+        except LvitError as exc:
+            report(False, label, str(exc))
+            return
+        left_out = len({p.index for p in bad}) + len(insp.dropped)
+        report(
+            True,
+            f"{label}: {insp.total - left_out} of {insp.total} trainable"
+            + (f" ({left_out} left out, listed in the run's skipped_records.jsonl)" if left_out else ""),
+        )
+        header_only |= not insp.decoded and any(r.image is not None for r in insp.usable)
+    if header_only:
         notes.append(
             "  note images were checked by their header, as the run checks them: a file cut off after it stops the "
             "run where it is met, the steps done saved (exit 3); `lvit data check --decode` finds such files now"

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lvit.data.images import ImageLoader
+from lvit.data.mixture import checked_source
 from lvit.export.gguf.runtime import LlamaCpp
 from lvit.export.selfcheck import SYNTHETIC_QUESTION, image_records, synthetic_image
 from lvit.templates.conversation import Conversation, chat_messages
@@ -83,7 +84,7 @@ def load_export(folder: Path):
 def check_prompts(run, processor, image_size: int, n: int = PROMPTS) -> list[Prompt]:
     """Up to `n` image prompts: the first user turn of the run's one-image records (their images as training loads
     them), else a synthetic image of `image_size` pixels and a fixed question."""
-    data = run.recipe.data
+    data = checked_source(run.recipe.data, str(run.path))
     loader = ImageLoader(processor.image_processor, data.image_folder, data.image_aspect_ratio)
     prompts = []
     for record in image_records(data):
