@@ -193,6 +193,9 @@ def stand_in_image():
 def images_of(row: dict) -> list:
     """What `ImageLoader.load` opens for each image of a training row, in the order of its placeholders."""
     paths = row.get("image_paths")
+    inline = row.get("inline_images")
+    if inline:  # a streamed sample's images come with it (lvit.data.stream)
+        return [path if data is None else io.BytesIO(data) for path, data in zip(paths, inline, strict=True)]
     if paths and len(paths) > 1:  # several images: files (lvit reads one image per Hugging Face row)
         return list(paths)
     return [] if row["image_path"] is None else [image_of(row)]

@@ -30,7 +30,7 @@ from pathlib import Path
 from lvit.data.check import Inspection, inspect_data
 from lvit.data.records import Record
 from lvit.data.report import CheckReport, nothing_to_train
-from lvit.data.sources import is_embedded
+from lvit.data.sources import EmbeddedImage
 from lvit.errors import LvitError
 from lvit.runs.files import SKIPPED_FILE
 from lvit.templates.encoder import ConversationEncoder
@@ -144,7 +144,7 @@ def training_dataset(insp: Inspection, kept: list[tuple[Record, int]]):
     kept rows selected; so the images are neither copied nor decoded."""
     import datasets
 
-    source = next((r.image.source for r, _ in kept if is_embedded(r.image)), None)
+    source = next((r.image.source for r, _ in kept if isinstance(r.image, EmbeddedImage)), None)
     images = source.images() if source is not None else None
     n_rows = len(kept) if images is None else insp.total
     columns: dict[str, list] = {

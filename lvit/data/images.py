@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from lvit.data.sources import EmbeddedImage
+from lvit.data.sources import EmbeddedImage, is_embedded
 
 # Modes with an alpha channel (or a transparent palette entry): composited over white.
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -32,13 +32,13 @@ def resolve_image_path(path: str, image_folder: str | Path | None) -> Path:
 
 def describe_image(image: str | EmbeddedImage, image_folder: str | Path | None) -> str:
     """How an image is named in messages: its resolved path, or which dataset row holds it."""
-    return str(image) if isinstance(image, EmbeddedImage) else str(resolve_image_path(image, image_folder))
+    return str(image) if is_embedded(image) else str(resolve_image_path(image, image_folder))
 
 
 def open_image_source(image, image_folder: str | Path | None):
     """What `PIL.Image.open` takes for an image: a path (resolved), an embedded image's bytes as a file
     object, or a file object as is."""
-    if isinstance(image, EmbeddedImage):
+    if is_embedded(image):
         return io.BytesIO(image.read())
     if isinstance(image, (str, Path)):
         return resolve_image_path(image, image_folder)
@@ -130,7 +130,7 @@ class ImageLoader:
 
 def image_exists(image: str | EmbeddedImage, image_folder: str | Path | None) -> bool:
     """Whether an image can be found: a regular file (one stat), or an embedded image (always)."""
-    if isinstance(image, EmbeddedImage):
+    if is_embedded(image):
         return True
     return os.path.isfile(resolve_image_path(image, image_folder))
 

@@ -156,8 +156,28 @@ class EmbeddedImage(str):
         return self.source.image_bytes(self)
 
 
+class InlineImage(str):
+    """An image whose encoded bytes come with its record (a sample of a streamed WebDataset shard or parquet file,
+    `lvit.data.stream`). A string naming it ("image 'k.jpg' of sample 'k' in shard-0.tar"), as `EmbeddedImage` is;
+    `read()` gives its bytes."""
+
+    __slots__ = ("data",)
+    data: bytes
+
+    def __new__(cls, name: str, data: bytes):
+        self = str.__new__(cls, name)
+        self.data = data
+        return self
+
+    def __reduce__(self):
+        return (InlineImage, (str(self), self.data))
+
+    def read(self) -> bytes:
+        return self.data
+
+
 def is_embedded(image: object) -> bool:
-    return isinstance(image, EmbeddedImage)
+    return isinstance(image, (EmbeddedImage, InlineImage))
 
 
 class HFSource:

@@ -126,6 +126,7 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
             f"{source}: set data.path (one source, or a LLaVA-OneVision data YAML) or data.sources (a mixture); "
             f"this recipe sets {both}."
         )
+    _check_streaming(recipe, training, source)
     if recipe.data.max_length < 2:
         raise LvitError(f"{source}: data.max_length must be at least 2, got {recipe.data.max_length}.")
     strategy = training.get("train_sampling_strategy", "random")
@@ -157,6 +158,35 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
     if row is not None and row < 1:
         raise LvitError(f"{source}: data.max_tokens_per_row = {row}; it must be 1 or more, or null (lvit chooses)")
     return recipe
+
+
+def _check_streaming(recipe: Recipe, training: dict, source: str) -> None:
+    """`data.streaming`: a length in steps, and no batch order that needs the whole dataset."""
+    data = recipe.data
+    if data.shuffle_buffer < 0:
+        raise LvitError(f"{source}: data.shuffle_buffer must be 0 (no shuffling) or more, got {data.shuffle_buffer}.")
+    if not data.streaming:
+        return
+    if not isinstance(training.get("max_steps"), int) or training["max_steps"] < 1:
+        raise LvitError(
+            f"{source}: data.streaming reads the data as it trains, so the run's length is not known from it: set "
+            "training.max_steps (optimizer steps)."
+        )
+    whole = [
+        key
+        for key, on in (
+            ("data.group_by_modality_length", data.group_by_modality_length),
+            ("data.max_tokens_per_batch", data.max_tokens_per_batch is not None),
+            ("training.train_sampling_strategy", training.get("train_sampling_strategy", "random") != "random"),
+            ("training.group_by_length", bool(training.get("group_by_length"))),
+        )
+        if on
+    ]
+    if whole:
+        raise LvitError(
+            f"{source}: {', '.join(whole)} orders the batches over the whole dataset, which data.streaming never "
+            "holds; remove it, or set data.streaming: false."
+        )
 
 
 def _check_amounts(recipe: Recipe, training: dict, source: str) -> None:

@@ -75,6 +75,14 @@ class DataSection:
     LLaVA-OneVision data YAML (`datasets: [{json_path, sampling_strategy}]`), read as a mixture."""
     sources: list[SourceSection] | None = None
     """A mixture: several sources instead of `path` (`lvit/data/mixture.py`)."""
+    streaming: bool = False
+    """Read the data as it is trained on, never whole in memory (`lvit/data/stream/`): JSON Lines, parquet or
+    WebDataset `.tar` shards (a file, folder or glob; local or object storage), each process and data-loader worker
+    reading its own shards, bad samples skipped and listed as they are met (`data.on_bad_record`), the place in the
+    data saved in every checkpoint. Needs `training.max_steps`; sources mix by `weight`."""
+    shuffle_buffer: int = 1000
+    """data.streaming: the samples read ahead and shuffled together (per source and reader; shards are shuffled
+    too); 0: the files' order. Memory holds this many samples, images included, per source and reader."""
     samples_per_epoch: int | None = None
     """Weighted sources (`weight`): the samples of one epoch; null: as many as the sources give without any record
     repeating (the source that runs out first sets it)."""

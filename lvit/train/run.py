@@ -15,12 +15,13 @@ from pathlib import Path
 
 from lvit.console import quiet_libraries, show_progress_bar
 from lvit.data.collator import LlavaCollator
-from lvit.data.dataset import tidy_skipped, write_skipped
+from lvit.data.dataset import Prepared, tidy_skipped, write_skipped
 from lvit.data.images import ImageLoader
 from lvit.data.mixture import sources_of
 from lvit.data.mixture_dataset import plan_summary, write_plan
 from lvit.data.mixture_sampler import RECORD_FOLDER
 from lvit.data.shared import prepare_once
+from lvit.data.stream.dataset import StreamedData
 from lvit.errors import BAD_RECORD_FIXES, BadRecordStop, LvitError, UnreadableRecord
 from lvit.eval.callback import eval_callbacks
 from lvit.model.encoder import conversation_encoder
@@ -106,15 +107,73 @@ class TrainingRun:
         encoders = {recipe.data.template: encoder}
         for template in {s.template for s in sources} - set(encoders):
             encoders[template] = conversation_encoder(template, tokenizer, model.config)
-        # the checks of `lvit data check`, on rank 0 only; every rank trains on the records rank 0 kept
+        self.skipped_file = out / SKIPPED_FILE
+        if recipe.data.streaming:
+            dataset, mixture = self._streamed_data(encoders, args), None
+            names = dataset.names if dataset.mixture else None
+        else:
+            dataset, mixture = self._prepared_data(encoders, args), self.prepared.plan
+            names = [s.name for s in mixture.sources] if mixture is not None else None
+        aspect = recipe.data.image_aspect_ratio
+        by_source = None
+        if names is not None:
+            by_source = [
+                (encoders[s.template], ImageLoader(processor.image_processor, s.image_folder, aspect), skips)
+                for s in sources
+                for skips in [s.on_bad_record == "skip"]
+            ]
+        skip = recipe.data.on_bad_record == "skip" or any(s.on_bad_record == "skip" for s in sources)
+        collator = LlavaCollator(
+            encoder,
+            ImageLoader(processor.image_processor, recipe.data.image_folder, aspect),
+            tokenizer.pad_token_id,
+            recipe.data.max_length,
+            skipped_file=self.skipped_file if skip else None,
+            **packing_options(recipe, model),
+            by_source=by_source,
+            source_names=names,
+        )
+        self.processor = processor
+        self.stop = GracefulStop()
+        self.trainer = trainer = LlavaTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collator,
+            processing_class=processor,
+            mixture=mixture,
+            record_mixture_to=out / RECORD_FOLDER if mixture is not None else None,
+            source_names=names,
+            streamed=recipe.data.streaming,
+            callbacks=[
+                RunFilesCallback(recipe, processor, self.segments),
+                self.stop,
+                *eval_callbacks(recipe, processor, encoder, args, eval_questions),
+            ],
+        )
+        if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
+            trainer.accelerator.state.fsdp_plugin.state_dict_type
+        ):
+            raise LvitError(
+                "FSDP with a sharded state dict: the Trainer would save no model weights. Set fsdp_state_dict_type: "
+                "FULL_STATE_DICT in the accelerate config (see recipes/accelerate/fsdp_8gpu.yaml)."
+            )
+        self.history = history.install(trainer, out / LOG_FILE, show_progress_bar(recipe, args))
+        trainer.resume_data_from = self.resume_from
+        return self
+
+    def _prepared_data(self, encoders: dict, args):
+        """The in-memory training dataset: every record read and checked up front, on rank 0 only (every rank trains on
+        the records rank 0 kept); a mixture's plan logged and written to the run folder."""
+        recipe, out = self.recipe, self.out
         self.prepared = prepared = prepare_once(recipe.data, encoders, recipe.source)
         mixture = prepared.plan
-        if mixture is not None and main:
+        if mixture is not None and self.main:
             log.info("%s", plan_summary(mixture))
             write_plan(mixture, out, args.data_seed or args.seed)
-        dataset, self.skipped_file = prepared.dataset, out / SKIPPED_FILE
+        dataset = prepared.dataset
         if prepared.skipped:
-            if main:
+            if self.main:
                 write_skipped(prepared.skipped, self.skipped_file, append=self.resume_from is not None)
             log.warning(
                 "%d of %d record(s) left out of training (%d invalid, skipped under data.on_bad_record=skip; %d too "
@@ -137,51 +196,26 @@ class TrainingRun:
             args.world_size,
             " (per device: replaced by data.max_tokens_per_batch)" if recipe.data.max_tokens_per_batch else "",
         )
+        return dataset
 
-        aspect = recipe.data.image_aspect_ratio
-        by_source = None
-        if mixture is not None:
-            by_source = [
-                (encoders[s.template], ImageLoader(processor.image_processor, s.image_folder, aspect), skips)
-                for s in mixture.sources
-                for skips in [s.on_bad_record == "skip"]
-            ]
-        skip = recipe.data.on_bad_record == "skip" or any(s.on_bad_record == "skip" for s in sources)
-        collator = LlavaCollator(
-            encoder,
-            ImageLoader(processor.image_processor, recipe.data.image_folder, aspect),
-            tokenizer.pad_token_id,
-            recipe.data.max_length,
-            skipped_file=self.skipped_file if skip else None,
-            **packing_options(recipe, model),
-            by_source=by_source,
-            source_names=[s.name for s in mixture.sources] if mixture is not None else None,
+    def _streamed_data(self, encoders: dict, args) -> StreamedData:
+        """data.streaming: the sources read as training goes (`lvit.data.stream`), checked as they are met."""
+        recipe = self.recipe
+        dataset = StreamedData(recipe.data, encoders, args.data_seed or args.seed, self.skipped_file, recipe.source)
+        self.prepared = Prepared(dataset, [], [], 0, None)
+        shards = ", ".join(f"{s.name}: {len(files)} {kind} shard(s)" for s, kind, files in dataset.sources)
+        log.info(
+            "streaming the data (%s), %d samples read ahead per source and reader; global batch %d = %d per device "
+            "x %d accumulation x %d process(es), %d steps",
+            shards,
+            recipe.data.shuffle_buffer,
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            args.per_device_train_batch_size,
+            args.gradient_accumulation_steps,
+            args.world_size,
+            args.max_steps,
         )
-        self.processor = processor
-        self.stop = GracefulStop()
-        self.trainer = trainer = LlavaTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            data_collator=collator,
-            processing_class=processor,
-            mixture=mixture,
-            record_mixture_to=out / RECORD_FOLDER if mixture is not None else None,
-            callbacks=[
-                RunFilesCallback(recipe, processor, self.segments),
-                self.stop,
-                *eval_callbacks(recipe, processor, encoder, args, eval_questions),
-            ],
-        )
-        if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
-            trainer.accelerator.state.fsdp_plugin.state_dict_type
-        ):
-            raise LvitError(
-                "FSDP with a sharded state dict: the Trainer would save no model weights. Set fsdp_state_dict_type: "
-                "FULL_STATE_DICT in the accelerate config (see recipes/accelerate/fsdp_8gpu.yaml)."
-            )
-        self.history = history.install(trainer, out / LOG_FILE, show_progress_bar(recipe, args))
-        return self
+        return dataset
 
     def train(self) -> TrainingRun:
         resume_from = str(self.resume_from) if self.resume_from else None
@@ -221,7 +255,7 @@ class TrainingRun:
         losses = [e["loss"] for e in self.history_entries() if isinstance(e.get("loss"), (int, float))]
         return {
             "steps": self.trainer.state.global_step,
-            "records_trained": len(self.prepared.dataset),
+            "records_trained": None if self.recipe.data.streaming else len(self.prepared.dataset),
             "final_loss": losses[-1] if losses else None,
             "started": self.segments[0].get("started"),
             "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -249,9 +283,8 @@ class TrainingRun:
         self.metrics = whole_run_metrics(self.metrics, self.history_entries(), self.segments, self.resumed_step, steps)
         save_run(self.trainer, self.recipe, self.processor, self.metrics, left_out, self.segments, self._facts())
         if left_out and self.main:
-            log.warning(
-                "%d of %d record(s) were left out of training (see %s)", left_out, prepared.total, self.skipped_file
-            )
+            of = "" if self.recipe.data.streaming else f" of {prepared.total}"
+            log.warning("%d%s record(s) were left out of training (see %s)", left_out, of, self.skipped_file)
         if self.main:
             resumed = tuple(s["from_step"] for s in self.segments if s.get("from_step"))
             history.plot_history(self.history_entries(), self.out, title=self.out.name, resumed_at=resumed)

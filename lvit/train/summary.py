@@ -22,7 +22,8 @@ class RunSummary:
     resumed_from_step: int
     final_loss: float | None
     skipped: int
-    total_records: int
+    total_records: int | None
+    """None: streamed data (`data.streaming`), whose size is not known."""
     image: str | None
     """An image of the training data, for the example `lvit chat` command."""
     by_source: list[dict] | None = None
@@ -45,9 +46,8 @@ class RunSummary:
                 f"tokens{loss}"
             )
         if self.skipped:
-            lines.append(
-                f"{self.skipped} of {self.total_records} record(s) left out of training (skipped_records.jsonl)"
-            )
+            of = "" if self.total_records is None else f" of {self.total_records}"
+            lines.append(f"{self.skipped}{of} record(s) left out of training (skipped_records.jsonl)")
         else:
             lines.append("no record was left out of training")
         out = shlex.quote(str(self.out))
@@ -72,14 +72,17 @@ def summarize(training, wall_s: float, skipped: int) -> RunSummary:
         counted = [e["num_tokens"] for e in training.history_entries() if isinstance(e.get("num_tokens"), (int, float))]
         tokens = int(counted[-1]) if counted else None
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    dataset, mixture = training.prepared.dataset, training.prepared.plan
-    first = next((i for i, p in enumerate(dataset["image_path"]) if p is not None), None)
+    dataset, mixture, streamed = training.prepared.dataset, training.prepared.plan, recipe.data.streaming
+    first = None if streamed else next((i for i, p in enumerate(dataset["image_path"]) if p is not None), None)
     image = None
     if first is not None:
         row = dataset[first]
         folder = recipe.data.image_folder if mixture is None else mixture.sources[row["source"]].image_folder
         image = str(resolve_image_path(row["image_path"], folder).resolve())
-    per_epoch = len(dataset) if mixture is None else mixture.samples_per_epoch
+    per_epoch = len(dataset) if mixture is None and not streamed else None
+    if per_epoch is None:
+        per_epoch = max(1, state.global_step * batch) if streamed else mixture.samples_per_epoch
+    names = [s.name for s in mixture.sources] if mixture else dataset.names if streamed and dataset.mixture else None
     return RunSummary(
         out=Path(training.out).resolve(),
         stage=recipe.stage,
@@ -92,9 +95,9 @@ def summarize(training, wall_s: float, skipped: int) -> RunSummary:
         resumed_from_step=training.resumed_step,
         final_loss=entries[-1]["loss"] if entries else None,
         skipped=skipped,
-        total_records=training.prepared.total,
+        total_records=None if streamed else training.prepared.total,
         image=image,
-        by_source=by_source(training.history_entries(), [s.name for s in mixture.sources]) if mixture else None,
+        by_source=by_source(training.history_entries(), names) if names else None,
     )
 
 

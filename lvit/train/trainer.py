@@ -21,6 +21,7 @@ from lvit.runs.files import model_weight_files
 from lvit.train.config import TOKEN_BUDGET_ONE_PROCESS
 from lvit.train.loss import compact_loss
 from lvit.train.source_stats import SourceStats
+from lvit.train.streamed import save_data_position, streamed_loader
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,33 @@ class LlavaTrainer(SFTTrainer):
     def group_by_modality(self) -> bool:
         return bool(_knob(self.args, "group_by_modality"))
 
-    def __init__(self, *args, mixture: Plan | None = None, record_mixture_to=None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        mixture: Plan | None = None,
+        record_mixture_to=None,
+        source_names: list[str] | None = None,
+        streamed: bool = False,
+        **kwargs,
+    ):
         self.mixture = mixture
-        """A mixture's plan (`lvit.data.mixture`): each epoch's draws come from it; the loss is logged per source."""
+        """A mixture's plan (`lvit.data.mixture`): each epoch's draws come from it."""
         self.record_mixture_to = record_mixture_to
-        self.source_stats = SourceStats([s.name for s in mixture.sources]) if mixture is not None else None
+        self.source_stats = SourceStats(source_names) if source_names else None
+        """A mixture's sources (planned or streamed): the loss is logged per source."""
+        self.streamed = streamed
+        """data.streaming: the train dataset is a `lvit.data.stream.dataset.StreamedData`."""
+        self.resume_data_from = None
+        """The checkpoint a run resumes from: a streamed run's data position is read from it."""
+        self._data_position_loaded = False
+        streamed_data = kwargs.get("train_dataset") if streamed else None
+        if streamed:  # TRL takes only `datasets` datasets (docs/stack-notes.md#trl-dataset-types); ours is set after
+            import datasets
+
+            kwargs["train_dataset"] = datasets.Dataset.from_dict({"id": ["(streamed)"]})
         super().__init__(*args, **kwargs)
+        if streamed:
+            self.train_dataset = streamed_data
         self.token_budget = None
         max_tokens_per_batch = _knob(self.args, "max_tokens_per_batch")
         if max_tokens_per_batch is not None:  # data.max_tokens_per_batch (lvit/data/token_budget.py)
@@ -86,6 +108,8 @@ class LlavaTrainer(SFTTrainer):
             )
 
     def get_train_dataloader(self):
+        if self.streamed:
+            return streamed_loader(self)
         if self.token_budget is None:
             return super().get_train_dataloader()
         from functools import partial
@@ -160,6 +184,17 @@ class LlavaTrainer(SFTTrainer):
         if self.source_stats is not None and ("loss" in logs or "train_runtime" in logs):
             logs = {**logs, **self.source_stats.pop(self.accelerator)}
         super().log(logs, start_time)
+
+    def get_resumed_dataloader(self, dataloader, num_batches: int):
+        """A streamed run restored its data position from the checkpoint (`streamed_loader`): nothing to skip."""
+        if self.streamed and self._data_position_loaded:
+            return dataloader
+        return super().get_resumed_dataloader(dataloader, num_batches)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.streamed:
+            save_data_position(self, trial)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """No TRL card: TRL writes one into the output folder at every checkpoint (a text model "fine-tuned from
