@@ -100,6 +100,7 @@ def test_unreachable_model_id_names_the_recipe_key(tiny_recipe, tmp_path):
         "llava15_stage1.yaml",
         "llava15_stage2.yaml",
         "llava15_stage2_lora.yaml",
+        "llava15_stage2_mixture.yaml",
         "siglip2_qwen7b_qlora.yaml",
     ],
 )

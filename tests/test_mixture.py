@@ -294,3 +294,33 @@ def _conversation(record):
     from lvit.data.normalise import normalise
 
     return normalise(record, 0, None, True).conversation
+
+
+def test_the_shipped_mixture_recipe_dry_runs_with_local_parts(tiny_parts, shapes_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from lvit.cli.app import app
+    from lvit.recipe.catalog import RECIPES_DIR
+
+    vision, lm = tiny_parts
+    images = shapes_data["images"]
+    sources = (
+        f"[{{name: ours, path: {shapes_data['captions']}, image_folder: {images}, weight: 0.25}}, "
+        f"{{name: llava665k, path: {shapes_data['instruct']}, image_folder: {images}, weight: 0.75}}]"
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "finetune",
+            str(RECIPES_DIR / "llava15_stage2_mixture.yaml"),
+            "--dry-run",
+            f"model.vision_tower={vision}",
+            f"model.language_model={lm}",
+            f"model.projector_from={tmp_path}",
+            f"data.sources={sources}",
+            f"training.output_dir={tmp_path / 'out'}",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "data: ours (weight 0.25), llava665k (weight 0.75)" in result.output
+    assert "records of ours: 48 of 48 trainable" in result.output and "dry run passed" in result.output

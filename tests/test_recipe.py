@@ -157,11 +157,15 @@ def test_sections_must_be_mappings(tmp_path):
         (None, "data", "data"),
         ("model", "vision_tower", "model.vision_tower"),
         ("model", "language_model", "model.language_model"),
-        ("data", "path", "data.path"),
     ],
 )
 def test_missing_required_key(tmp_path, section, key, dotted):
     assert f"missing required key '{dotted}'." in load_error(tmp_path, without(section, key))
+
+
+def test_data_needs_a_path_or_sources(tmp_path):
+    assert "set data.path (one source, or a LLaVA-OneVision data YAML) or data.sources (a mixture); this recipe sets " \
+        "neither." in load_error(tmp_path, without("data", "path"))  # fmt: skip
 
 
 def test_yaml_1_1_exponent_strings_are_floats(tmp_path):

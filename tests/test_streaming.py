@@ -232,3 +232,27 @@ def test_a_streamed_mixture_keeps_its_weights_and_resumes_mid_block(tiny_parts, 
     resumed = StreamedData(data, {"vicuna_v1": encoder}, seed=5)
     resumed.load_state_dict(state)
     assert [r["id"] for r in rows(resumed, 500)] == [r["id"] for r in first[3_456:3_956]]
+
+
+def test_parquet_shards_stream_with_their_embedded_images(shapes_data, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = _records(shapes_data, 10)[:8]
+    images = Path(shapes_data["images"])
+    table = pa.Table.from_pylist(
+        [
+            {
+                "id": r["id"],
+                "conversations": r["conversations"],
+                "image": {"bytes": (images / r["image"]).read_bytes(), "path": r["image"]},
+            }
+            for r in records
+        ]
+    )
+    pq.write_table(table, tmp_path / "part-0.parquet", row_group_size=3)
+    kind, shards = list_shards(str(tmp_path / "*.parquet"))
+    got = list(read_shard(shards[0], kind, start=4))  # the first row group is passed over unread
+    assert kind == "parquet" and [s.offset for s in got] == [4, 5, 6, 7]
+    assert [s.record["id"] for s in got] == [r["id"] for r in records[4:]]
+    assert got[0].record["image"].read() == (images / records[4]["image"]).read_bytes()
