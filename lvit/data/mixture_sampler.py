@@ -2,8 +2,9 @@
 
 Each epoch's draws depend only on (seed, epoch): every process computes the same ones, and a resumed run draws
 the same as the run it continues (the Trainer then skips the batches already trained). The draws of all sources
-are laid out in one order (`MixtureSampler`): shuffled, so the records of a step come from the sources in their
-shares, as LLaVA mixes its 665K records; or grouped by modality (`data.group_by_modality_length`) or by length
+are laid out in one order (`MixtureSampler`): a stratified shuffle (`stratified_positions`: random, and every
+stretch of the epoch holds each source in its share to within a sample, so a step's records come from the sources
+in their shares); or grouped by modality (`data.group_by_modality_length`) or by length
 (`training.group_by_length`) exactly as without a mixture, over the epoch's draws. The token budget
 (`data.max_tokens_per_batch`) forms its micro-batches once per run, from the first epoch's draws
 (`first_epoch_rows`).
@@ -64,6 +65,24 @@ def first_epoch_rows(plan: Plan, seed: int) -> list[int]:
     return [r for rows in epoch_rows(plan, seed, 0) for r in rows]
 
 
+def stratified_positions(counts: list[int], generator: torch.Generator) -> list[int]:
+    """A random order of the draws of several sources (`counts[s]` each, laid out source by source) in which every
+    stretch holds each source in its share, to within a sample: source s's j-th draw (in a random order of its
+    draws) lands at a uniformly random place in the j-th of `counts[s]` equal slices of the epoch. So the first
+    10,000 samples of an epoch hold each source's share to within 1/10,000, and the order is random within it."""
+    total = sum(counts)
+    keys, start = [], 0
+    for n in counts:
+        if n:
+            within = torch.randperm(n, generator=generator)
+            jitter = torch.rand(n, generator=generator, dtype=torch.float64)
+            keys.append(((torch.arange(n, dtype=torch.float64) + jitter) * (total / n), start + within))
+        start += n
+    places = torch.cat([k for k, _ in keys])
+    draws = torch.cat([d for _, d in keys])
+    return draws[torch.argsort(places, stable=True)].tolist()
+
+
 class MixtureSampler(Sampler[int]):
     """The rows of each epoch's draws in one order: `arrange` `random`, `modality` (`has_image`, one optimizer
     step's samples `step_size`) or `length` (`lengths`, `step_size` the per-device batch)."""
@@ -105,7 +124,7 @@ class MixtureSampler(Sampler[int]):
             lengths = [self.lengths[r] for r in drawn]
             positions = get_length_grouped_indices(lengths, self.step_size, generator=generator)
         else:
-            positions = torch.randperm(len(drawn), generator=generator).tolist()
+            positions = stratified_positions([len(rows) for rows in by_source], generator)
         if self.record_to is not None:
             self._record(epoch, by_source)
         return [drawn[k] for k in positions]
