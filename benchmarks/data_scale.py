@@ -15,7 +15,7 @@ Then, each in a fresh process (so its peak resident memory is its own):
 - `streamed N K`: `lvit.data.stream.dataset.StreamedData` over the shards (shuffle buffer 1000): the time to its
   first sample, and the peak memory after K samples (each read, checked and measured as it is met).
 
-    python benchmarks/data_scale.py --records 1000000 5000000 --streamed 200000 1000000
+    python benchmarks/data_scale.py --records 1000000 5000000 --streamed 200000 1000000 --limit-gib 20
 """
 
 from __future__ import annotations
@@ -108,9 +108,10 @@ def measure_streamed(out: Path, n: int, k: int) -> dict:
     return {"first_sample_s": first, "samples": k, "seconds": took, "peak_mib_at": rss_at}
 
 
-def child(out: Path, args: list[str]) -> dict:
+def child(out: Path, args: list[str], limit_gib: float | None = None) -> dict:
     """Run one measurement in a fresh process; its result and its peak resident memory."""
-    command = [sys.executable, __file__, "--out", str(out), "--child", *args]
+    limit = ["--limit-gib", str(limit_gib)] if limit_gib else []
+    command = [sys.executable, __file__, "--out", str(out), *limit, "--child", *args]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
@@ -124,15 +125,27 @@ def main() -> None:
     parser.add_argument("--records", type=int, nargs="+", default=[1_000_000, 5_000_000])
     parser.add_argument("--streamed", type=int, nargs="+", default=[200_000], help="Samples the streamed path reads.")
     parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument(
+        "--limit-gib",
+        type=float,
+        default=None,
+        help="Cap each measurement's memory (address space); a MemoryError is reported.",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = args.out
     if args.child:
         kind, *numbers = args.child
-        if kind == "inmemory":
-            result = measure_inmemory(out, int(numbers[0]))
-        else:
-            result = measure_streamed(out, int(numbers[0]), int(numbers[1]))
+        if args.limit_gib:
+            cap = int(args.limit_gib * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        try:
+            if kind == "inmemory":
+                result = measure_inmemory(out, int(numbers[0]))
+            else:
+                result = measure_streamed(out, int(numbers[0]), int(numbers[1]))
+        except MemoryError:
+            result = {"error": f"MemoryError within {args.limit_gib} GiB"}
         result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -140,14 +153,17 @@ def main() -> None:
     write(out, args.records, args.images)
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}")
     for n in args.records:
-        r = child(out, ["inmemory", str(n)])
+        r = child(out, ["inmemory", str(n)], args.limit_gib)
+        if "error" in r:
+            print(f"in memory, {n:,} records: {r['error']} (peak {r['peak_mib']:,.0f} MiB when it stopped)")
+            continue
         print(
             f"in memory, {n:,} records: prepare {r['seconds']:.0f} s before the first step, peak {r['peak_mib']:,.0f} "
             f"MiB ({r['kept']:,} kept)"
         )
     n = max(args.records)
     for k in args.streamed:
-        r = child(out, ["streamed", str(n), str(k)])
+        r = child(out, ["streamed", str(n), str(k)], args.limit_gib)
         at = ", ".join(f"{mib:,.0f} MiB after {int(s):,}" for s, mib in r["peak_mib_at"].items())
         print(
             f"streamed over {n:,} records: first sample after {r['first_sample_s']:.2f} s; {k:,} samples in "

@@ -324,3 +324,21 @@ def test_the_shipped_mixture_recipe_dry_runs_with_local_parts(tiny_parts, shapes
     assert result.exit_code == 0, result.output
     assert "data: ours (weight 0.25), llava665k (weight 0.75)" in result.output
     assert "records of ours: 48 of 48 trainable" in result.output and "dry run passed" in result.output
+
+
+def test_modality_grouping_and_the_token_budget_work_over_a_mixtures_draws():
+    from lvit.data.token_budget import TokenBudgetBatchSampler
+
+    mixture = _plan([30, 50], [{"weight": 1}, {"weight": 1}], samples=60)
+    has_image = [r % 3 != 0 for r in range(80)]  # every third row text-only
+    sampler = MixtureSampler(mixture, seed=1, arrange="modality", has_image=has_image, step_size=8)
+    order = list(sampler)
+    assert sorted(order) == sorted(r for rows in epoch_rows(mixture, 1, 0) for r in rows)
+    steps = [order[i : i + 8] for i in range(0, len(order) - len(order) % 8, 8)]
+    mixed = [s for s in steps if len({has_image[r] for r in s}) > 1]
+    assert len(mixed) <= 1  # single-modality steps, as without a mixture (at most the leftovers mix)
+    lengths = [10 + r % 7 for r in range(80)]
+    pool = [r for rows in epoch_rows(mixture, 1, 0) for r in rows]
+    budget = TokenBudgetBatchSampler(lengths, [str(r) for r in range(80)], 40, seed=1, pool=pool)
+    assert sorted(r for b in budget.batches for r in b) == sorted(pool)  # the first epoch's draws, each once
+    assert all(sum(lengths[r] for r in b) <= 40 for b in budget.batches)

@@ -256,3 +256,70 @@ def test_parquet_shards_stream_with_their_embedded_images(shapes_data, tmp_path)
     assert kind == "parquet" and [s.offset for s in got] == [4, 5, 6, 7]
     assert [s.record["id"] for s in got] == [r["id"] for r in records[4:]]
     assert got[0].record["image"].read() == (images / records[4]["image"]).read_bytes()
+
+
+@pytest.mark.slow
+def test_two_processes_read_their_own_shards(tiny_recipe, shapes_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    shards = _write_shards(_records(shapes_data), Path(shapes_data["images"]), tmp_path / "wds")
+    raw = _streamed_recipe(tiny_recipe, shards, tmp_path / "out", shuffle_buffer=4)
+    raw["training"].update({"max_steps": 3, "save_strategy": "steps", "save_steps": 3})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([*launch, "-m", "lvit", "finetune", str(path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def reader_states(rank):
+        state = torch.load(tmp_path / "out" / "checkpoint-3" / f"lvit_data_position-rank{rank}.pt", weights_only=True)
+        found = []
+
+        def walk(node):
+            if isinstance(node, dict):
+                if "parts" in node and "sources" in node:
+                    found.append(node)
+                for value in node.values():
+                    walk(value)
+
+        walk(state)
+        return found
+
+    zero, one = reader_states(0), reader_states(1)
+    assert zero and one and all(s["parts"] == 2 for s in zero + one)
+    assert zero != one  # each rank at its own place in its own shards
+
+
+def test_check_preview_and_dry_run_read_streamed_data_shard_by_shard(tiny_recipe, shapes_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from lvit.cli.app import app
+
+    records = _records(shapes_data)
+    shards = _write_shards(records, Path(shapes_data["images"]), tmp_path / "wds")
+    raw = _streamed_recipe(tiny_recipe, f"{shards}/*.tar", tmp_path / "out")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+    checked = runner.invoke(app, ["data", "check", "--recipe", str(path), "--json"])
+    assert checked.exit_code == 1, checked.output
+    (source,) = json.loads(checked.output)["sources"]
+    assert (source["shards"], source["records"], source["trainable"]) == (5, 25, 24)
+    (problem,) = source["problems"]
+    assert problem["kind"] == "image_unreadable" and problem["id"] == records[CORRUPT]["id"]
+    assert f"sample {records[CORRUPT]['id']!r} of shard-000.tar" in problem["where"]
+
+    shown = json.loads(runner.invoke(app, ["data", "preview", str(path), "-n", "5", "--json"]).output)
+    assert [s["id"] for s in shown] == [r["id"] for r in records[:5]]
+    assert "refused" in shown[CORRUPT] and all("input_ids" in s for i, s in enumerate(shown) if i != CORRUPT)
+
+    dry = runner.invoke(app, ["finetune", str(path), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "(streamed, 5 webdataset shard(s); the first 25 checked): 24 trainable, 1 left out (image_unreadable 1)" in (
+        dry.output
+    )

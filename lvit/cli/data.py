@@ -60,7 +60,14 @@ def check(
         raise LvitError(f"{overrides[0]!r} overrides a key of the recipe given with --recipe; there is none")
     from lvit.data.mixture import is_mixture
 
-    if rec is not None and data is None and is_mixture(rec.data):  # each source of the mixture, then its plan
+    if rec is not None and data is None and rec.data.streaming:  # shard by shard, nothing held
+        from lvit.data.check import encoder_from_recipe
+        from lvit.data.mixture import sources_of
+        from lvit.data.stream.check import check_streamed
+
+        templates = {s.template for s in sources_of(rec.data, rec.source)}
+        report = check_streamed(rec, {t: encoder_from_recipe(rec, t) for t in templates})
+    elif rec is not None and data is None and is_mixture(rec.data):  # each source of the mixture, then its plan
         from lvit.data.mixture_report import check_mixture
 
         report = check_mixture(rec, decode=decode)

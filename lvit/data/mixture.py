@@ -92,6 +92,11 @@ def checked_source(data, where: str = "<recipe>"):
     return SimpleNamespace(path=path, format=fmt, image_folder=folder, **{k: getattr(data, k) for k in keys})
 
 
+def is_remote_or_glob(path: str) -> bool:
+    """A URL (`s3://...`) or a glob (`shards/*.tar`): found by `data.streaming`'s shard listing, not on the disk."""
+    return "://" in str(path) or any(c in str(path) for c in "*?[")
+
+
 def _is_yaml(path) -> bool:
     return path is not None and Path(path).suffix.lower() in YAML_SUFFIXES
 
@@ -170,7 +175,7 @@ def _check_amount(source: Source, key: str, where: str) -> None:
             f"{where}: {key}.select {source.select!r} picks which records a count or fraction takes; set "
             f"{key}.count or {key}.fraction, or remove select."
         )
-    if not Path(source.path).exists():
+    if not Path(source.path).exists() and not is_remote_or_glob(source.path):
         raise LvitError(f"{where}: {key}.path = {source.path!r}: file not found.")
     if source.image_folder is not None and not Path(source.image_folder).is_dir():
         raise LvitError(f"{where}: {key}.image_folder = {source.image_folder!r}: folder not found.")

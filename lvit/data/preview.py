@@ -12,7 +12,11 @@ from dataclasses import dataclass
 
 from lvit.data.check import check_record_images, encoder_from_recipe, overlong_reason
 from lvit.data.mixture import is_mixture, sources_of
+from lvit.data.normalise import normalise, normalise_chat
 from lvit.data.reader import ReadResult, read_all
+from lvit.data.stream.check import checked_samples
+from lvit.data.stream.shards import list_shards
+from lvit.data.stream.source_stream import Problem
 from lvit.templates.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER
 
 
@@ -45,14 +49,17 @@ def preview(recipe, n: int = 3) -> list[Sample]:
     source, each sample naming its source). A record training would leave out is listed with why, never shown as a
     sample: an invalid record, a missing or unreadable image, a record the template refuses, one too long for
     `data.max_length` under `data.overlong`."""
-    if not is_mixture(recipe.data):
+    if not is_mixture(recipe.data) and not recipe.data.streaming:
         return _preview(recipe.data, encoder_from_recipe(recipe), n)
     samples, encoders = [], {}
+    named = is_mixture(recipe.data)
     for source in sources_of(recipe.data, recipe.source):
         if source.template not in encoders:
             encoders[source.template] = encoder_from_recipe(recipe, source.template)
-        for sample in _preview(source, encoders[source.template], n):
-            sample.source = source.name
+        encoder = encoders[source.template]
+        shown = _streamed_preview(source, encoder, n) if recipe.data.streaming else _preview(source, encoder, n)
+        for sample in shown:
+            sample.source = source.name if named else None
             samples.append(sample)
     return samples
 
@@ -63,6 +70,28 @@ def _preview(data, encoder, n: int) -> list[Sample]:
     head = ReadResult(read.format, first, [], read.total, {})
     records, image_problems = check_record_images(head, data.image_folder)
     left_out = {p.index: str(p) for p in [*read.problems, *image_problems] if p.index is not None and p.index < n}
+    return _samples(records, left_out, data, encoder)
+
+
+def _streamed_preview(source, encoder, n: int) -> list[Sample]:
+    """The first `n` samples of a streamed source, in file order (its shards sorted), checked as a streamed run
+    checks them."""
+    kind, shards = list_shards(source.path)
+    records, left_out = [], {}
+    for i, (raw, result) in enumerate(checked_samples(source, kind, shards, encoder, limit=n)):
+        if isinstance(result, Problem):
+            left_out[i] = f"{result.where}: {result.reason} [{result.kind}]"
+            continue
+        norm = normalise_chat if "messages" in raw.record else normalise
+        record = norm(raw.record, raw.offset, raw.line)
+        record.index = i
+        records.append(record)
+    return _samples(records, left_out, source, encoder)
+
+
+def _samples(records, left_out: dict, data, encoder) -> list[Sample]:
+    """The records (in order) as samples, each checked against the template and `data.max_length`; `left_out`:
+    place -> why (also filled here)."""
     samples = []
     for record in sorted([*records], key=lambda r: r.index):
         if record.index in left_out:

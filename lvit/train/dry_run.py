@@ -10,6 +10,7 @@ order (`DryRun`); the CLI prints one line per check and exits non-zero if any fa
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from lvit.data.check import encoder_from_recipe
 from lvit.data.dataset import inspect_for_training
 from lvit.data.mixture import sources_of
 from lvit.data.mixture_dataset import source_data
+from lvit.data.stream.check import checked_samples
+from lvit.data.stream.dataset import streamed_sources
+from lvit.data.stream.source_stream import Problem
 from lvit.errors import LvitError
 from lvit.model.hub import resolve_source
 from lvit.recipe.load import gradient_accumulation
@@ -128,6 +132,9 @@ def dry_run(recipe: Recipe, resume: bool | None = None, allow_changed: tuple[str
 def _check_records(recipe: Recipe, report, notes: list) -> None:
     """Every record, as training checks them before its first step (data.on_bad_record, data.overlong)."""
 
+    if recipe.data.streaming:
+        _check_streamed(recipe, report)
+        return
     sources = sources_of(recipe.data, recipe.source)
     header_only = False
     for source in sources:
@@ -150,6 +157,24 @@ def _check_records(recipe: Recipe, report, notes: list) -> None:
             "  note images were checked by their header, as the run checks them: a file cut off after it stops the "
             "run where it is met, the steps done saved (exit 3); `lvit data check --decode` finds such files now"
         )
+
+
+def _check_streamed(recipe: Recipe, report, limit: int = 1000) -> None:
+    """data.streaming: each source's shards, and its first `limit` samples checked as the run checks them."""
+    try:
+        sources = streamed_sources(recipe.data, recipe.source)
+        for source, kind, shards in sources:
+            encoder = encoder_from_recipe(recipe, source.template)
+            results = [r for _, r in checked_samples(source, kind, shards, encoder, limit=limit)]
+            bad = [r for r in results if isinstance(r, Problem)]
+            kinds = ", ".join(f"{k} {n}" for k, n in sorted(Counter(p.kind for p in bad).items()))
+            report(
+                True,
+                f"records of {source.name} (streamed, {len(shards)} {kind} shard(s); the first {len(results)} "
+                f"checked): {len(results) - len(bad)} trainable" + (f", {len(bad)} left out ({kinds})" if bad else ""),
+            )
+    except LvitError as exc:
+        report(False, "records", str(exc))
 
 
 def _check_output_folder(recipe: Recipe, args, resume: bool | None, report, allow_changed=()) -> None:
