@@ -313,6 +313,8 @@ def test_check_preview_and_dry_run_read_streamed_data_shard_by_shard(tiny_recipe
     (problem,) = source["problems"]
     assert problem["kind"] == "image_unreadable" and problem["id"] == records[CORRUPT]["id"]
     assert f"sample {records[CORRUPT]['id']!r} of shard-000.tar" in problem["where"]
+    text = runner.invoke(app, ["data", "check", "--recipe", str(path)]).output
+    assert "(5 webdataset shard(s)) ===" in text and "records 25, trainable 24, problems: image_unreadable 1" in text
 
     shown = json.loads(runner.invoke(app, ["data", "preview", str(path), "-n", "5", "--json"]).output)
     assert [s["id"] for s in shown] == [r["id"] for r in records[:5]]
