@@ -72,14 +72,18 @@ def shares() -> None:
                 )
                 + f"; largest deviation {worst:.4f}"
             )
-    from lvit.data.stream.dataset import StreamedData
+    from itertools import islice
 
-    streamed = StreamedData.__new__(StreamedData)
-    streamed.seed, streamed.shares = 42, [0.25, 0.75]
-    draws = [k for block in range(10) for k in streamed._draws(0, block)]
-    print(
-        f"streamed, 0.25 / 0.75: first 10,000 draws {Counter(draws)[0] / 10_000:.4f} / {Counter(draws)[1] / 10_000:.4f}"
-    )
+    from lvit.data.stream.dataset import mix_sources
+
+    for shares in ([0.25, 0.75], [0.5, 0.3, 0.2], [1 / 3, 1 / 3, 1 / 3]):
+        draws = Counter(islice(mix_sources(shares, 42, 0, [0] * len(shares)), 10_000))
+        realised = [draws[k] / 10_000 for k in range(len(shares))]
+        worst = max(abs(a - b) for a, b in zip(realised, shares, strict=True))
+        print(
+            f"streamed, {' / '.join(f'{w:.3f}' for w in shares)}: first 10,000 draws "
+            f"{' / '.join(f'{r:.4f}' for r in realised)}; largest deviation {worst:.4f}"
+        )
 
 
 def loss_cost() -> None:

@@ -126,7 +126,7 @@ def sources_of(data, where: str = "<recipe>") -> list[Source]:
         names.add(name)
         settings = {**common, **{k: v for k, v in entry.items() if v is not None}}
         source = Source(name=name, **settings)
-        _check_amount(source, key, where)
+        _check_amount(source, key, where, getattr(data, "streaming", False))
         sources.append(source)
     weighted = [s.weight is not None for s in sources]
     if any(weighted) and not all(weighted):
@@ -159,7 +159,7 @@ def _from_section(section) -> dict:
     return out
 
 
-def _check_amount(source: Source, key: str, where: str) -> None:
+def _check_amount(source: Source, key: str, where: str, streaming: bool = False) -> None:
     given = [k for k in ("weight", "count", "fraction") if getattr(source, k) is not None]
     if len(given) > 1:
         both = " and ".join(given)
@@ -175,7 +175,7 @@ def _check_amount(source: Source, key: str, where: str) -> None:
             f"{where}: {key}.select {source.select!r} picks which records a count or fraction takes; set "
             f"{key}.count or {key}.fraction, or remove select."
         )
-    if not Path(source.path).exists() and not is_remote_or_glob(source.path):
+    if not Path(source.path).exists() and not (streaming and is_remote_or_glob(source.path)):
         raise LvitError(f"{where}: {key}.path = {source.path!r}: file not found.")
     if source.image_folder is not None and not Path(source.image_folder).is_dir():
         raise LvitError(f"{where}: {key}.image_folder = {source.image_folder!r}: folder not found.")
@@ -294,8 +294,8 @@ def plan(sources: list[Source], rows: list[list[int]], indices: list[list[int]],
         elif source.count is not None:
             per_epoch.append(source.count)
             fixed.append(False)
-        elif source.fraction is not None:
-            per_epoch.append(math.ceil(source.fraction * len(its_rows)))
+        elif source.fraction is not None:  # of the file's records, as LLaVA-OneVision's `random:N%`
+            per_epoch.append(math.ceil(source.fraction * total))
             fixed.append(False)
         else:
             per_epoch.append(len(its_rows))

@@ -35,6 +35,7 @@ from lvit.infer.answers import answer_row
 from lvit.infer.generation import GenerationSettings, iter_answers
 from lvit.infer.questions import Question, check_images, read_questions
 from lvit.model.quant import disable_cpu_repacking
+from lvit.templates.encoder import ConversationEncoder
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ class EvalCallback(TrainerCallback):
             questions = {name: read_questions(path) for name, path in self.files.items()}
         self.questions = questions
         self.encoder = encoder
+        self.encoders = {name: _set_encoder(recipe, name, encoder) for name in questions}
+        """Each set's encoder: the template of the mixture's source of its name, where that source has its own."""
         aspect = recipe.data.image_aspect_ratio
         self.loaders = {
             name: ImageLoader(processor.image_processor, eval_image_folder(recipe, name), aspect) for name in questions
@@ -160,7 +163,7 @@ class EvalCallback(TrainerCallback):
             questions = self.questions[name]
             batches = iter_answers(
                 model,
-                self.encoder,
+                self.encoders[name],
                 self.loaders[name],
                 [q.conversation for q in questions],
                 [q.image for q in questions],
@@ -194,6 +197,16 @@ class EvalCallback(TrainerCallback):
             folder,
         )
         return results
+
+
+def _set_encoder(recipe, name: str | None, encoder):
+    """The encoder a named set is asked with: the same-named source's template if it sets one, else `encoder`."""
+    for source in recipe.data.sources or []:
+        own = source.template is not None and source.template != encoder.template.name
+        if own and name is not None and (source.name or Path(source.path).stem) == name:
+            return ConversationEncoder(source.template, encoder.tokenizer, encoder.image_token_id,
+                                       encoder.num_image_tokens)  # fmt: skip
+    return encoder
 
 
 def _headline(scores: dict) -> str:

@@ -58,7 +58,8 @@ class SourceSection:
     count: int | None = None
     """Samples an epoch draws from this source (more than it has: its records repeat, evenly)."""
     fraction: float | None = None
-    """A fraction of the source's records an epoch draws (rounded up; above 1: its records repeat)."""
+    """A fraction of the source's records (those in its file) an epoch draws (rounded up; above 1: its records
+    repeat)."""
     select: Literal["random", "first", "last"] = "random"
     """Which records `count` / `fraction` take: `random` (seeded; each epoch the next ones, so every record comes
     before any repeats), or the file's `first` / `last` ones (the same every epoch: LLaVA-OneVision's `first:N`,

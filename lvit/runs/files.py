@@ -179,6 +179,11 @@ def given_paths(recipe: Recipe) -> dict[str, str]:
         value = getattr(getattr(recipe, section), key)
         if value and not Path(value).is_absolute() and Path(value).exists():
             given[f"{section}.{key}"] = value
+    for i, source in enumerate(recipe.data.sources or []):  # a mixture's sources
+        for key in ("path", "image_folder"):
+            value = getattr(source, key)
+            if value and not Path(value).is_absolute() and Path(value).exists():
+                given[f"data.sources.{i}.{key}"] = value
     return given
 
 
@@ -186,8 +191,11 @@ def recipe_with_absolute_paths(recipe: Recipe) -> dict:
     """The recipe as a mapping, local paths made absolute, so the run can be used from any folder."""
     raw = recipe.to_dict()
     for dotted in given_paths(recipe):
-        section, key = dotted.split(".")
-        raw[section][key] = str(Path(raw[section][key]).resolve())
+        *parents, key = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[key] = str(Path(node[key]).resolve())
     return raw
 
 
@@ -222,7 +230,9 @@ def run_info(
         "language_model": absolute["model"]["language_model"],
         "projector_from": absolute["model"]["projector_from"],
         "template": recipe.data.template,
-        "data": absolute["data"]["path"],
+        "data": absolute["data"]["path"]
+        if absolute["data"]["sources"] is None
+        else [{"name": s["name"], "path": s["path"]} for s in absolute["data"]["sources"]],
         "given_paths": given_paths(recipe),
         "recipe": recipe.source,
         "skipped_records": skipped,  # invalid (on_bad_record=skip), too long or undecodable: skipped_records.jsonl

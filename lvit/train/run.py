@@ -21,7 +21,7 @@ from lvit.data.mixture import sources_of
 from lvit.data.mixture_dataset import plan_summary, write_plan
 from lvit.data.mixture_sampler import RECORD_FOLDER
 from lvit.data.shared import prepare_once
-from lvit.data.stream.dataset import StreamedData
+from lvit.data.stream.dataset import StreamedData, check_readers, streamed_sources
 from lvit.errors import BAD_RECORD_FIXES, BadRecordStop, LvitError, UnreadableRecord
 from lvit.eval.callback import eval_callbacks
 from lvit.model.encoder import conversation_encoder
@@ -75,6 +75,9 @@ class TrainingRun:
         quiet_libraries()
         eval_questions = check_inputs(recipe)
         args = build_sft_config(recipe)
+        if recipe.data.streaming:  # every reader its own shards, before any model loads
+            check_readers(streamed_sources(recipe.data, recipe.source), args.world_size, args.dataloader_num_workers,
+                          recipe.source)  # fmt: skip
         self.main = main = args.process_index == 0
         _setup_logging(main)
         self.out = out = Path(args.output_dir)

@@ -21,7 +21,7 @@ from lvit.runs.files import model_weight_files
 from lvit.train.config import TOKEN_BUDGET_ONE_PROCESS
 from lvit.train.loss import compact_loss
 from lvit.train.source_stats import SourceStats
-from lvit.train.streamed import save_data_position, streamed_loader
+from lvit.train.streamed import save_data_position, skip_batches, step_started, streamed_loader
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class LlavaTrainer(SFTTrainer):
         self.resume_data_from = None
         """The checkpoint a run resumes from: a streamed run's data position is read from it."""
         self._data_position_loaded = False
+        self._stopping = False
         streamed_data = kwargs.get("train_dataset") if streamed else None
         if streamed:  # TRL takes only `datasets` datasets (docs/stack-notes.md#trl-dataset-types); ours is set after
             import datasets
@@ -186,15 +187,16 @@ class LlavaTrainer(SFTTrainer):
         super().log(logs, start_time)
 
     def get_resumed_dataloader(self, dataloader, num_batches: int):
-        """A streamed run restored its data position from the checkpoint (`streamed_loader`): nothing to skip."""
-        if self.streamed and self._data_position_loaded:
-            return dataloader
+        """A streamed run restored its data position from the checkpoint (`streamed_loader`): nothing to skip; without
+        one, its own loader reads the trained batches again and drops them (`skip_batches`)."""
+        if self.streamed:
+            return dataloader if self._data_position_loaded else skip_batches(dataloader, num_batches)
         return super().get_resumed_dataloader(dataloader, num_batches)
 
     def _save_checkpoint(self, model, trial):
+        if self.streamed:  # first, so a checkpoint the Trainer completes always has it (lvit/train/streamed.py)
+            save_data_position(self, trial, at_step_start=self._stopping)
         super()._save_checkpoint(model, trial)
-        if self.streamed:
-            save_data_position(self, trial)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """No TRL card: TRL writes one into the output folder at every checkpoint (a text model "fine-tuned from
@@ -240,6 +242,8 @@ class LlavaTrainer(SFTTrainer):
         says so at this step's start (before any forward), all agree on the message, and all raise it, so
         `lvit.train.run.TrainingRun` saves the steps done on every rank instead of the others waiting forever."""
         batches, problem = [], None
+        if self.streamed:
+            step_started(self)
         try:
             for _ in range(num_batches):
                 try:
@@ -255,6 +259,7 @@ class LlavaTrainer(SFTTrainer):
             dist.all_gather_object(said, problem)
             problem = next((p for p in said if p is not None), None)
         if problem is not None:
+            self._stopping = True  # the checkpoint saved now holds the data position of this step's start
             raise UnreadableRecord(problem)
         return batches, self._get_num_items_in_batch(batches, device)
 
@@ -285,7 +290,7 @@ class LlavaTrainer(SFTTrainer):
             arrange = "modality"
             step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
         elif isinstance(base, LengthGroupedSampler):
-            arrange, step = "length", args.per_device_train_batch_size * args.world_size
+            arrange, step = "length", base.batch_size  # the Trainer's own megabatch size
         return MixtureSampler(
             self.mixture,
             args.data_seed or args.seed,

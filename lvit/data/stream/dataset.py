@@ -2,10 +2,11 @@
 
 `StreamedData` is a `torch.utils.data.IterableDataset` of training rows (the in-memory dataset's columns, images
 inline): every process and data-loader worker is one reader (`part` of `parts`) that takes its own shards of every
-source (`lvit.data.stream.source_stream`), and a mixture's sources are interleaved by weight: each block of
-`MIX_BLOCK` draws holds each source's share rounded by largest remainder, in a seeded order, so the realised
-shares are the requested ones to within a draw per block. Sources are endless (each starts its next epoch when
-it runs out), so the shares hold however long the run; `training.max_steps` sets its length.
+source (`lvit.data.stream.source_stream`), and a mixture's sources are interleaved by weight (`mix_sources`): a
+source's j-th draw comes at a seeded random moment within the j-th of its equal slices of the stream, so after
+any number of draws each source has had its share to within one draw, and the order is random within that.
+Sources are endless (each starts its next epoch when it runs out), so the shares hold however long the run;
+`training.max_steps` sets its length.
 
 Where every reader is (`state_dict`: each source's place and the interleaving's) goes into every checkpoint
 through torchdata's `StatefulDataLoader` (`lvit.train.trainer`), which saves and restores it per worker, so a
@@ -31,7 +32,7 @@ from lvit.data.stream.shards import list_shards
 from lvit.data.stream.source_stream import SampleChecker, SourceStream, rng
 from lvit.errors import LvitError
 
-MIX_BLOCK = 1000
+_CHUNK = 1024  # the seeded moments of a source's draws, made this many at a time
 
 
 def streamed_sources(data, where: str = "<recipe>") -> list[tuple[Source, str, list[str]]]:
@@ -53,6 +54,19 @@ def streamed_sources(data, where: str = "<recipe>") -> list[tuple[Source, str, l
             "weight."
         )
     return out
+
+
+def check_readers(sources: list[tuple[Source, str, list[str]]], processes: int, workers: int, where: str) -> None:
+    """Every reader (process x data-loader worker) needs a shard of each source: refused before any model loads."""
+    readers = processes * max(1, workers)
+    few = [(s.name, len(shards)) for s, _, shards in sources if len(shards) < readers]
+    if few:
+        shown = ", ".join(f"{name!r} has {n}" for name, n in few)
+        raise LvitError(
+            f"{where}: data.streaming gives each of the {readers} readers ({processes} process(es) x "
+            f"{max(1, workers)} data-loader worker(s)) shards of its own, and {shown}. Split the data into at least "
+            f"{readers} shards, or lower training.dataloader_num_workers."
+        )
 
 
 class StreamedData(torch.utils.data.IterableDataset):
@@ -99,31 +113,36 @@ class StreamedData(torch.utils.data.IterableDataset):
             if loaded:
                 stream.resume(loaded["sources"][k])
             streams.append(stream)
-        block, taken = (loaded["block"], loaded["taken"]) if loaded else (0, 0)
+        drawn = list(loaded["drawn"]) if loaded else [0] * len(streams)
         iters = [iter(s) for s in streams]
-        while True:
-            order = self._draws(part, block)
-            for i in range(taken, len(order)):
-                row = next(iters[order[i]])
-                self._state = {
-                    "parts": parts,
-                    "block": block,
-                    "taken": i + 1,
-                    "sources": [dict(s.state) for s in streams],
-                }
-                yield row
-            block, taken = block + 1, 0
+        for k in mix_sources(self.shares, self.seed, part, drawn):
+            row = next(iters[k])
+            drawn[k] += 1
+            self._state = {"parts": parts, "drawn": list(drawn), "sources": [dict(s.state) for s in streams]}
+            yield row
 
-    def _draws(self, part: int, block: int) -> list[int]:
-        """The sources of one block of draws: each its share of `MIX_BLOCK` (largest remainder), seeded order."""
-        if len(self.shares) == 1:
-            return [0] * MIX_BLOCK
-        exact = [p * MIX_BLOCK for p in self.shares]
-        counts = [int(x) for x in exact]
-        for k in sorted(range(len(exact)), key=lambda k: (counts[k] - exact[k], k))[: MIX_BLOCK - sum(counts)]:
-            counts[k] += 1
-        draws = [k for k, n in enumerate(counts) for _ in range(n)]
-        return [draws[i] for i in rng(self.seed, "mix", part, block).permutation(len(draws))]
+
+def mix_sources(shares: list[float], seed: int, part: int, drawn: list[int]):
+    """The source of each next draw, endlessly, from `drawn` draws of each so far: source s's j-th draw comes at
+    `(j + u) / shares[s]`, u seeded by (seed, part, s, j), the earliest first (see the module docstring)."""
+    if len(shares) == 1:
+        while True:
+            yield 0
+    chunks: dict[tuple[int, int], list[float]] = {}
+
+    def moment(s: int, j: int) -> float:
+        key = (s, j // _CHUNK)
+        if key not in chunks:
+            if len(chunks) > 4 * len(shares):  # keep only the chunks in use
+                chunks.clear()
+            chunks[key] = rng(seed, "mix", part, s, key[1]).random(_CHUNK).tolist()
+        return (j + chunks[key][j % _CHUNK]) / shares[s]
+
+    drawn = list(drawn)
+    while True:
+        k = min(range(len(shares)), key=lambda s: moment(s, drawn[s]))
+        drawn[k] += 1
+        yield k
 
 
 def reader_part() -> tuple[int, int]:

@@ -59,7 +59,9 @@ def list_shards(path: str) -> tuple[str, list[str]]:
     fs, _, found = fsspec.get_fs_token_paths(path)
     if len(found) == 1 and fs.isdir(found[0]):
         found = sorted(p for p in fs.find(found[0]) if PurePosixPath(p).suffix.lower() in (*KINDS, ".json"))
-    found = sorted(found)
+        if any(PurePosixPath(p).suffix.lower() != ".json" for p in found):  # beside shards: metadata files
+            found = [p for p in found if PurePosixPath(p).suffix.lower() != ".json"]
+    found = sorted(p for p in found if fs.exists(p))
     if not found:
         raise LvitError(f"{path}: no shard found (streaming reads .jsonl, .parquet or WebDataset .tar files).")
     suffixes = {PurePosixPath(p).suffix.lower() for p in found}
