@@ -341,3 +341,22 @@ def read_checked(path, image_folder=None):
     records, image_problems = check_record_images(read, image_folder)
     problems = sorted([*read.problems, *image_problems], key=lambda p: -1 if p.index is None else p.index)
     return records, problems, read.total
+
+
+def kill_after_checkpoint(command: list[str], checkpoint: Path, timeout: float = 600) -> None:
+    """Start `command` (an `lvit finetune`), wait until `checkpoint` is complete (its `lvit_run.json`, written last)
+    and kill -9 the process."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (checkpoint / "lvit_run.json").is_file():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -185,12 +185,11 @@ def test_dry_run_checks_each_source(tiny_recipe, shapes_data, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_with_the_same_draws(tiny_recipe, shapes_data, tmp_path):
-    import signal
     import subprocess
     import sys
-    import time
 
     import torch
+    from conftest import kill_after_checkpoint
     from safetensors.torch import load_file
 
     from lvit.train.run import run
@@ -216,13 +215,7 @@ def test_sigkill_mid_epoch_resumes_with_the_same_draws(tiny_recipe, shapes_data,
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "lvit", "finetune", str(write(out))]
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not (out / "checkpoint-4" / "lvit_run.json").is_file():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(command, out / "checkpoint-4")
     assert not (out / "model.safetensors").exists()
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -119,12 +119,11 @@ def test_a_streamed_run_trains_the_same_steps_as_the_in_memory_run(tiny_recipe, 
 @pytest.mark.slow
 def test_a_killed_streamed_run_resumes_at_the_same_sample(tiny_recipe, shapes_data, tmp_path):
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     import torch
+    from conftest import kill_after_checkpoint
     from safetensors.torch import load_file
 
     from lvit.train.run import run
@@ -143,13 +142,7 @@ def test_a_killed_streamed_run_resumes_at_the_same_sample(tiny_recipe, shapes_da
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "lvit", "finetune", str(write(out))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not (out / "checkpoint-3" / "lvit_run.json").is_file():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(command, out / "checkpoint-3")
     assert (out / "checkpoint-3" / "lvit_data_position-rank0.pt").is_file()
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
