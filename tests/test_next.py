@@ -111,3 +111,36 @@ def test_pinpoints_must_be_whole_tiles():
         check_pinpoints([[32, 50]], 32, "r")
     with pytest.raises(LvitError, match="a list of \\[height, width\\] pairs"):
         check_pinpoints([[32]], 32, "r")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_image_token_counts_and_training_ids_equal_the_processors(next_model, seed):
+    """For images of many sizes, `image_tokens` is the processor's expansion of `<image>`, and the training ids (the
+    conversation encoder given those counts) are `apply_chat_template` + the processor's ids."""
+    import random
+
+    from lvit.model.encoder import conversation_encoder
+    from lvit.model.next import image_tokens
+    from lvit.templates.conversation import Conversation
+
+    model, processor = next_model
+    config = model.config
+    encoder = conversation_encoder("vicuna_v1", processor.tokenizer, config)
+    rng = random.Random(seed)
+    for _ in range(12):
+        height, width = rng.randint(8, 200), rng.randint(8, 200)
+        n = image_tokens(height, width, config.vision_config, config.image_grid_pinpoints)
+        conv = Conversation([("user", "What is it?"), ("assistant", "A thing.")], has_image=True, image_tokens=(n,))
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A thing."}]},
+        ]
+        text = processor.apply_chat_template(messages)
+        ids = processor(text=[text], images=[Image.new("RGB", (width, height))], return_tensors="pt")["input_ids"][0]
+        assert int((ids == config.image_token_id).sum()) == n, (height, width)
+        assert encoder.encode(conv).input_ids == ids.tolist(), (height, width)
+        lengths = encoder.lengths([conv])
+        assert (
+            lengths.total == [len(ids)]
+            and lengths.image_end[0] == int((ids == config.image_token_id).nonzero().max()) + 1
+        )

@@ -36,6 +36,27 @@ def default_pinpoints(image_size: int) -> list[list[int]]:
     return [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]]
 
 
+def image_tokens(height: int, width: int, vision_config, pinpoints: list[list[int]]) -> int:
+    """The image tokens LLaVA-NeXT's AnyRes gives an image of `height` x `width` pixels (as it is loaded: EXIF
+    orientation applied): the whole image's features, then the grid of its best-fit pinpoint's tiles with the
+    padding's rows or columns cut away and a newline closing each row (`LlavaNextModel.pack_image_features`; the
+    rounding is transformers' `unpad_image`). A tile yields one feature per patch (lvit refuses a tower that keeps
+    CLIP's class token for AnyRes)."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    size = vision_config.image_size
+    side = size // vision_config.patch_size
+    best_height, best_width = select_best_resolution((height, width), pinpoints)
+    rows, cols = best_height // size * side, best_width // size * side
+    if width / height > cols / rows:  # wider than the grid: padding rows above and below
+        kept = int(round(height * (cols / width), 7))
+        rows -= 2 * ((rows - kept) // 2)
+    else:
+        kept = int(round(width * (rows / height), 7))
+        cols -= 2 * ((cols - kept) // 2)
+    return side * side + rows * (cols + 1)
+
+
 def check_pinpoints(pinpoints, image_size: int, where: str) -> list[list[int]]:
     """Pinpoints as `[[height, width], ...]`, each side a multiple of the tower's image size (whole tiles)."""
     ok = (

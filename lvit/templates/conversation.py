@@ -47,6 +47,9 @@ class Conversation:
     "\n", `lvit.data.records` normalises it so) is where its image goes."""
     system: str | None = None
     """Overrides the template's system prompt when set."""
+    image_tokens: tuple[int, ...] | None = None
+    """How many image tokens each image takes, in order, where that depends on the image (LLaVA-NeXT's AnyRes:
+    `lvit.model.next.image_tokens`); None: the encoder's fixed count for every image."""
 
     @property
     def num_images(self) -> int:

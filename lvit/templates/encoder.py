@@ -28,7 +28,8 @@ class ConversationEncoder:
     """Turns conversations into (input_ids, labels) with a template and a tokenizer.
 
     `num_image_tokens` image-token ids stand for the image (what the vision tower yields after the
-    CLS token is dropped), so the model's features and the ids always match.
+    CLS token is dropped), so the model's features and the ids always match; a conversation that carries its
+    images' own counts (`Conversation.image_tokens`, LLaVA-NeXT's AnyRes) takes those instead.
 
     A conversation is rendered to one string (the template's pieces, with the tokenizer's BOS and EOS
     strings and one `<image>`), tokenized once as `processor.apply_chat_template(..., tokenize=True)`
@@ -70,11 +71,14 @@ class ConversationEncoder:
             [r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True, verbose=False
         )
         out = []
-        for r, token_ids, offsets in zip(rendered, batch["input_ids"], batch["offset_mapping"], strict=True):
+        for conv, r, token_ids, offsets in zip(
+            convs, rendered, batch["input_ids"], batch["offset_mapping"], strict=True
+        ):
             input_ids: list[int] = []
             labels: list[int] = []
             image_end = 0
             image_starts = set(r.images)
+            counts = iter(self._image_counts(conv, len(r.images)))
             spans = iter(r.trained)
             span = next(spans, None)
             for token, (a, b) in zip(token_ids, offsets, strict=True):
@@ -84,8 +88,9 @@ class ConversationEncoder:
                     raise ValueError(_straddle(self.tokenizer, token, r.text, a, b))
                 if a in image_starts and token == self.image_token_id:
                     image_starts.discard(a)
-                    input_ids += [token] * self.num_image_tokens
-                    labels += [IGNORE_INDEX] * self.num_image_tokens
+                    n = next(counts)
+                    input_ids += [token] * n
+                    labels += [IGNORE_INDEX] * n
                     image_end = len(input_ids)
                     continue
                 input_ids.append(token)
@@ -109,7 +114,6 @@ class ConversationEncoder:
         backend = _plain_backend(self.tokenizer)
         if backend is None:  # a tokenizer in a non-plain state: measure with `encode`, the same numbers
             return self._lengths_by_encoding(convs)
-        extra = self.num_image_tokens - 1
         out = Lengths()
 
         def finish(rendered: list[Rendered | None], encodings, first: int) -> None:
@@ -118,6 +122,7 @@ class ConversationEncoder:
                     total = image_end = first_trained = 0
                 else:
                     try:
+                        extra = [n - 1 for n in self._image_counts(convs[i], len(r.images))]
                         total, image_end, first_trained = self._measure(r, e, extra)
                     except ValueError as exc:
                         out.rejected[i] = str(exc)
@@ -146,14 +151,23 @@ class ConversationEncoder:
                 finish(rendered, future.result(), first)
         return out
 
-    def _measure(self, r: Rendered, e, extra: int) -> tuple[int, int, int]:
+    def _image_counts(self, conv: Conversation, n_images: int) -> list[int]:
+        """The image tokens of each of the conversation's `n_images` images: its own counts, or the fixed one."""
+        counts = conv.image_tokens
+        if counts is None:
+            return [self.num_image_tokens] * n_images
+        if len(counts) != n_images:
+            raise ValueError(f"lvit bug: {len(counts)} image-token counts for {n_images} image(s)")
+        return list(counts)
+
+    def _measure(self, r: Rendered, e, extra: list[int]) -> tuple[int, int, int]:
         """(total, image_end, first_trained) of one rendered conversation from its Rust encoding `e`, as
-        `encode` counts them (the image expanded by `extra` tokens); ValueError where `encode` refuses."""
+        `encode` counts them (image k expanded by `extra[k]` tokens); ValueError where `encode` refuses."""
         n = len(e)
         images = [e.char_to_token(position) for position in r.images]
         if None in images:  # `check_tokenizer` makes sure `<image>` is one token
             raise ValueError("lvit bug: no token at the image placeholder")
-        n += extra * len(images)
+        n += sum(extra)
         first_trained = n
         for start, end in r.trained:
             index = _first_token_in(e, start, end)
@@ -163,8 +177,8 @@ class ConversationEncoder:
             if a < start:
                 raise ValueError(_straddle(self.tokenizer, e.ids[index], r.text, a, b))
             if first_trained == n:
-                first_trained = index + extra * sum(image < index for image in images)
-        return n, (images[-1] + 1 + extra * len(images) if images else 0), first_trained
+                first_trained = index + sum(x for image, x in zip(images, extra, strict=True) if image < index)
+        return n, (images[-1] + 1 + sum(extra) if images else 0), first_trained
 
     def _lengths_by_encoding(self, convs: list[Conversation]) -> Lengths:
         out = Lengths()
