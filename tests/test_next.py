@@ -6,6 +6,7 @@ image-token counts are the reference's feature counts."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,117 @@ def test_image_token_counts_and_training_ids_equal_the_processors(next_model, se
             lengths.total == [len(ids)]
             and lengths.image_end[0] == int((ids == config.image_token_id).nonzero().max()) + 1
         )
+
+
+def _varied_data(folder: Path, n: int = 20) -> Path:
+    """`n` LLaVA records whose images come in five aspect ratios (SIZES), a colour each."""
+    import json
+
+    images = folder / "images"
+    images.mkdir(parents=True)
+    records = []
+    for i in range(n):
+        height, width = SIZES[i % len(SIZES)]
+        colour = ("red", "green", "blue", "white")[i % 4]
+        Image.new("RGB", (width, height), colour).save(images / f"{i}.png")
+        records.append(
+            {
+                "id": f"r{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is it?"},
+                    {"from": "gpt", "value": f"It is {colour}."},
+                ],
+            }
+        )
+    (folder / "data.json").write_text(json.dumps(records))
+    return folder / "data.json"
+
+
+@pytest.mark.slow
+def test_a_tiny_next_model_trains_on_a_llava_stage_1_through_the_cli(tiny_recipe, tmp_path):
+    """Stage 1 as LLaVA-1.5 (architecture llava, the shapes captions), then stage 2 as LLaVA-NeXT on images of five
+    aspect ratios, through `lvit finetune`; the run reloads as a stock LlavaNextForConditionalGeneration whose
+    projector started from stage 1 and whose image_newline trained."""
+    import json
+
+    import yaml
+    from transformers import LlavaNextForConditionalGeneration
+    from typer.testing import CliRunner
+
+    from lvit.cli.app import app
+
+    runner = CliRunner()
+    stage1 = tiny_recipe.write(
+        tmp_path / "s1.yaml", "align", out_dir=tmp_path / "stage1", model={"projector": "mlp2x_gelu"}
+    )
+    assert runner.invoke(app, ["finetune", str(stage1)]).exit_code == 0
+    data = _varied_data(tmp_path / "data")
+    raw = tiny_recipe.raw(
+        out_dir=tmp_path / "stage2",
+        model={"architecture": "llava_next", "projector": "mlp2x_gelu", "projector_from": str(tmp_path / "stage1")},
+        data={"path": str(data), "image_folder": str(tmp_path / "data" / "images"), "max_length": 512},
+        training={"max_steps": 3},
+    )
+    (tmp_path / "s2.yaml").write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["finetune", str(tmp_path / "s2.yaml")])
+    assert result.exit_code == 0, result.output
+    model = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "stage2")
+    assert model.config.image_grid_pinpoints == default_pinpoints(32)
+    hidden = model.config.text_config.hidden_size
+    start = torch.randn(hidden, generator=torch.Generator().manual_seed(0)) / math.sqrt(hidden)
+    assert not torch.equal(model.model.image_newline.detach(), start)  # trained
+    log = [json.loads(line) for line in (tmp_path / "stage2" / "lvit_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3] and all(math.isfinite(e["loss"]) for e in log)
+    for command in (["export", str(tmp_path / "stage2"), "--out", str(tmp_path / "x")],
+                    ["chat", str(tmp_path / "stage2"), "--prompt", "Hi"]):  # fmt: skip
+        refused = runner.invoke(app, command)
+        assert refused.exit_code == 2 and "a LLaVA-NeXT run (model.architecture: llava_next)" in refused.output
+        assert "LlavaNextForConditionalGeneration.from_pretrained(" in refused.output
+
+
+def test_packed_next_batches_equal_padded_ones_and_the_checks_count_the_collators_tokens(next_model, tmp_path):
+    """The checks' lengths (each image's tokens from its header) are the collated lengths, and a packed batch (one
+    row, lvit's packed sdpa) gives the padded batch's loss: the images' tiles and sizes follow the packed order."""
+    from functools import partial
+
+    import torch.nn.functional as F
+
+    from lvit.data.collator import LlavaCollator
+    from lvit.data.dataset import prepare
+    from lvit.data.images import ImageLoader
+    from lvit.model.encoder import conversation_encoder
+    from lvit.model.next import image_tokens
+    from lvit.model.packed_attention import use_packed_sdpa
+    from lvit.recipe.schema import DataSection
+    from lvit.templates.conversation import IGNORE_INDEX
+
+    model, processor = next_model
+    config = model.config
+    counts = partial(image_tokens, vision_config=config.vision_config, pinpoints=config.image_grid_pinpoints)
+    encoder = conversation_encoder("vicuna_v1", processor.tokenizer, config)
+    encoder.image_tokens_for_size = counts
+    data = _varied_data(tmp_path, 6)
+    dataset = prepare(
+        DataSection(path=str(data), image_folder=str(tmp_path / "images"), max_length=512), encoder
+    ).dataset
+    rows = [dataset[i] for i in range(6)]
+    loader = ImageLoader(processor.image_processor, tmp_path / "images")
+    pad = processor.tokenizer.pad_token_id
+    padded = LlavaCollator(encoder, loader, pad, 512, image_tokens=counts)(rows)
+    packed = LlavaCollator(encoder, loader, pad, 512, packing=True, max_tokens_per_row=None, image_tokens=counts)(rows)
+    assert padded["attention_mask"].sum(1).tolist() == [r["length"] for r in rows]
+    assert packed["image_sizes"].tolist() == padded["image_sizes"].tolist() == [list(SIZES[i % 5]) for i in range(6)]
+
+    def loss(batch):
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "row_lengths")}
+        logits = model(**inputs).logits
+        targets = batch["labels"][:, 1:].flatten()
+        count = int((targets != IGNORE_INDEX).sum())
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, reduction="sum") / count
+
+    with torch.no_grad():
+        want = loss(padded)
+        assert use_packed_sdpa(model, 512, min_hidden_size=0) is None  # the tiny model: forced, as training would
+        got = loss(packed)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -16,15 +16,18 @@ from __future__ import annotations
 import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from lvit.data.images import describe_image, image_exists, probe_image
+from lvit.data.images import describe_image, image_exists, oriented_size, probe_image
 from lvit.data.reader import ReadResult, read_all
 from lvit.data.records import Record, RecordError, where_of
 from lvit.data.report import CheckReport
 from lvit.errors import LvitError
 from lvit.model.encoder import conversation_encoder
 from lvit.model.hub import resolve_source
+from lvit.model.next import default_pinpoints
+from lvit.model.next import image_tokens as next_image_tokens
 from lvit.model.processor import load_tokenizer
 from lvit.model.towers import vision_config_of
 from lvit.templates.conversation import Lengths
@@ -107,6 +110,7 @@ def _inspect(path, fmt, image_folder, decode, encoder, max_length, overlong) -> 
     problems = list(read.problems) + image_problems + duplicate_ids(parsed)
     insp = Inspection(str(path), read.format, read.total, parsed, usable, problems, decoded=decode)
     if encoder is not None:
+        _image_tokens_by_size(usable, encoder, image_folder)
         lengths = encoder.lengths([r.conversation for r in usable])
         if lengths.rejected:  # records the template rejects (e.g. plain: one caption per record)
             for i, message in lengths.rejected.items():
@@ -122,6 +126,18 @@ def _inspect(path, fmt, image_folder, decode, encoder, max_length, overlong) -> 
             _apply_overlong(insp, max_length, overlong)
     problems.sort(key=lambda p: -1 if p.index is None else p.index)
     return insp
+
+
+def _image_tokens_by_size(records: list[Record], encoder, image_folder) -> None:
+    """LLaVA-NeXT's AnyRes: each image's tokens from its size (its header), set on the records' conversations."""
+    tokens_for = getattr(encoder, "image_tokens_for_size", None)
+    if tokens_for is None:
+        return
+    sizes: dict = {}
+    for record in records:
+        if record.images:
+            got = [sizes.setdefault(i, oriented_size(i, image_folder)) for i in record.images]
+            record.conversation.image_tokens = tuple(tokens_for(h, w) for h, w in got)
 
 
 def check_record_images(
@@ -248,7 +264,11 @@ def encoder_from_recipe(recipe, template: str | None = None):
     vision = resolve_source(recipe.model.vision_tower, "model.vision_tower", recipe.source)
     tokenizer = load_tokenizer(lm)
     vision_config = vision_config_of(vision)
-    return conversation_encoder(template or recipe.data.template, tokenizer, vision_config)
+    encoder = conversation_encoder(template or recipe.data.template, tokenizer, vision_config)
+    if recipe.model.architecture == "llava_next":
+        pinpoints = recipe.model.image_grid_pinpoints or default_pinpoints(vision_config.image_size)
+        encoder.image_tokens_for_size = partial(next_image_tokens, vision_config=vision_config, pinpoints=pinpoints)
+    return encoder
 
 
 def check_data(

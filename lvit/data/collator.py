@@ -58,6 +58,7 @@ class LlavaCollator:
         max_tokens_per_row: int | str | None = None,
         by_source: list[tuple[ConversationEncoder, ImageLoader, bool]] | None = None,
         source_names: list[str] | None = None,
+        image_tokens=None,
     ):
         self.encoder = encoder
         self.image_loader = image_loader
@@ -65,6 +66,8 @@ class LlavaCollator:
         """A mixture: each source's encoder, image loader and whether it skips a bad record (its `on_bad_record`),
         by the rows' `source` column."""
         self.source_names = source_names
+        self.image_tokens = image_tokens
+        """LLaVA-NeXT's AnyRes: (height, width) -> the image's tokens (`lvit.model.next.image_tokens`), else None."""
         self.pad_token_id = pad_token_id
         self.max_length = max_length
         self.skipped_file = None if skipped_file is None else str(skipped_file)
@@ -89,7 +92,10 @@ class LlavaCollator:
                 stand_ins.add(i)
             per_record.append(loaded)
         images = [image for loaded in per_record for image in loaded]
-        encoded = self._encode(rows)
+        counts = None
+        if self.image_tokens is not None:  # each image's tokens from its size, as loaded
+            counts = [tuple(self.image_tokens(i.height, i.width) for i in loaded) or None for loaded in per_record]
+        encoded = self._encode(rows, counts)
         ids = [e.input_ids[: self.max_length] for e in encoded]
         labels = [
             [IGNORE_INDEX] * len(x) if i in stand_ins else e.labels[: self.max_length]
@@ -99,7 +105,7 @@ class LlavaCollator:
             batch, layout = pack(ids, labels, self.max_tokens_per_row, self.pad_token_id)
             if images:
                 packed = [image for row in layout for i in row for image in per_record[i]]
-                batch["pixel_values"] = self.image_loader.pixel_values(packed)
+                batch.update(self.image_loader.image_inputs(packed))
             if self.by_source is not None:
                 self._add_sources(batch, rows, [[(i, len(ids[i])) for i in row] for row in layout])
             return batch
@@ -110,7 +116,7 @@ class LlavaCollator:
             "labels": torch.tensor([x + [IGNORE_INDEX] * (width - len(x)) for x in labels]),
         }
         if images:
-            batch["pixel_values"] = self.image_loader.pixel_values(images)
+            batch.update(self.image_loader.image_inputs(images))
         if self.by_source is not None:
             self._add_sources(batch, rows, [[(i, len(x))] for i, x in enumerate(ids)])
         return batch
@@ -118,17 +124,21 @@ class LlavaCollator:
     def _skips(self, row: dict) -> bool:
         return self.by_source is None or self.by_source[row["source"]][2]
 
-    def _encode(self, rows: list[dict]) -> list:
-        """Each row encoded with its source's encoder (the recipe's for one source), in one call per encoder."""
+    def _encode(self, rows: list[dict], counts: list | None = None) -> list:
+        """Each row encoded with its source's encoder (the recipe's for one source), in one call per encoder;
+        `counts`: each row's images' token counts (AnyRes)."""
+        convs = [conversation_from_row(r) for r in rows]
+        for conv, n in zip(convs, counts or [], strict=False):
+            conv.image_tokens = n
         if self.by_source is None:
-            return self.encoder.encode_many([conversation_from_row(r) for r in rows])
+            return self.encoder.encode_many(convs)
         encoded: list = [None] * len(rows)
         groups: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(id(self.by_source[row["source"]][0]), []).append(i)
         for members in groups.values():
             encoder = self.by_source[rows[members[0]]["source"]][0]
-            conversations = [conversation_from_row(rows[i]) for i in members]
+            conversations = [convs[i] for i in members]
             for i, e in zip(members, encoder.encode_many(conversations), strict=True):
                 encoded[i] = e
         return encoded

@@ -123,6 +123,12 @@ class ImageLoader:
     def pixel_values(self, images: list[Image.Image]):
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
+    def image_inputs(self, images: list[Image.Image]) -> dict:
+        """The model's image inputs: `pixel_values`, and `image_sizes` where the processor gives them (LLaVA-NeXT's
+        AnyRes: each image's tiles, and its size)."""
+        out = self.image_processor(images=images, return_tensors="pt")
+        return {k: out[k] for k in ("pixel_values", "image_sizes") if k in out}
+
 
 # ---------------------------------------------------------------------------------------------
 # checking images (lvit data check, training's up-front checks)
@@ -133,6 +139,15 @@ def image_exists(image: str | EmbeddedImage, image_folder: str | Path | None) ->
     if is_embedded(image):
         return True
     return os.path.isfile(resolve_image_path(image, image_folder))
+
+
+def oriented_size(image, image_folder: str | Path | None) -> tuple[int, int]:
+    """(height, width) of an image as it is loaded (EXIF orientation applied), from its header alone."""
+    with Image.open(open_image_source(image, image_folder)) as img:
+        width, height = img.size
+        if img.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated a quarter turn
+            width, height = height, width
+    return height, width
 
 
 def read_header(source) -> tuple[str | None, tuple[int, int]]:

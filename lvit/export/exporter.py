@@ -49,6 +49,7 @@ from lvit.runs.files import (
     RunFolder,
     copy_run_files,
     read_run,
+    refuse_next,
     write_export_info,
     write_projector,
 )
@@ -138,6 +139,7 @@ def export(
             f"lvit export: {exc}\nRUN_DIR must be the output folder of an `lvit finetune` run "
             "(its training.output_dir) or one of its checkpoint-N folders."
         ) from None
+    refuse_next(run, "lvit export")
     if tolerance is not None and not tolerance >= 0:
         raise LvitError(f"--tolerance must be a number >= 0, got {tolerance}.")
     target_dtype = parse_dtype(dtype) if dtype is not None else (None if projector_only else DTYPES[DEFAULT_DTYPE])

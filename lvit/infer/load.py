@@ -30,6 +30,7 @@ from lvit.runs.files import (
     is_run_folder,
     read_export_info,
     read_run,
+    refuse_next,
 )
 from lvit.templates.encoder import ConversationEncoder
 
@@ -40,7 +41,9 @@ DEFAULT_TEMPLATE = "vicuna_v1"
 
 
 def _open(run: RunFolder | str | Path) -> RunFolder:
-    return run if isinstance(run, RunFolder) else read_run(run)
+    run = run if isinstance(run, RunFolder) else read_run(run)
+    refuse_next(run, "lvit chat / generate / eval")
+    return run
 
 
 def _base_model_section(run: RunFolder):
@@ -182,6 +185,7 @@ def load_model(
 
 def _load_run(path: Path, load_4bit: bool, device: str, base_model: dict[str, str] | None = None) -> LoadedModel:
     run = read_run(path, base_model)
+    refuse_next(run, "lvit chat / generate / eval")
     if load_4bit and run.kind in ("align", "lora"):
         raise LvitError(
             f"--load-4bit works on full runs and exported folders; {path} is a {run.kind!r} run. "

@@ -29,6 +29,8 @@ def apply_stage(model, stage: str, projector: str, train_lm: bool = True, train_
         raise ValueError(f"unknown stage {stage!r}")
     model.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(True)
+    if getattr(model.model, "image_newline", None) is not None:  # LLaVA-NeXT's row ends train with the projector
+        model.model.image_newline.requires_grad_(True)
     if stage == "finetune" and train_lm:
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)

@@ -127,6 +127,7 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
             f"this recipe sets {both}."
         )
     _check_streaming(recipe, training, source)
+    _check_next(recipe, source)
     if recipe.data.max_length < 2:
         raise LvitError(f"{source}: data.max_length must be at least 2, got {recipe.data.max_length}.")
     strategy = training.get("train_sampling_strategy", "random")
@@ -158,6 +159,35 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
     if row is not None and row < 1:
         raise LvitError(f"{source}: data.max_tokens_per_row = {row}; it must be 1 or more, or null (lvit chooses)")
     return recipe
+
+
+def _check_next(recipe: Recipe, source: str) -> None:
+    """model.architecture llava_next: what lvit trains it with so far (issue 25 is under way)."""
+    model = recipe.model
+    if model.architecture != "llava_next":
+        if model.image_grid_pinpoints is not None:
+            raise LvitError(f"{source}: model.image_grid_pinpoints is for model.architecture: llava_next; remove it.")
+        return
+    if recipe.data.image_aspect_ratio != "square":
+        raise LvitError(
+            f"{source}: model.architecture llava_next sees each image at its own aspect ratio (AnyRes); remove "
+            f"data.image_aspect_ratio: {recipe.data.image_aspect_ratio} (LLaVA-NeXT's `anyres` replaces `pad`)."
+        )
+    if recipe.method != "full":
+        raise LvitError(
+            f"{source}: model.architecture llava_next trains with method full in this version of lvit (its "
+            "image_newline is not kept by LoRA adapters yet); use method: full."
+        )
+    if recipe.data.streaming:
+        raise LvitError(
+            f"{source}: model.architecture llava_next does not read streamed data yet; set data.streaming: false."
+        )
+    if recipe.stage != "finetune":
+        raise LvitError(
+            f"{source}: model.architecture llava_next is trained in stage 2 (finetune) on a LLaVA-1.5-style stage 1, "
+            "as LLaVA-NeXT reused LLaVA-1.5's: train stage 1 with model.architecture: llava and pass its run folder "
+            "as model.projector_from."
+        )
 
 
 def _check_streaming(recipe: Recipe, training: dict, source: str) -> None:

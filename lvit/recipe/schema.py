@@ -36,6 +36,13 @@ class ModelSection:
     """A stage-1 (`align`) run folder whose trained projector initialises this run's projector."""
     attn_implementation: str | None = None
     """Passed to `from_pretrained` (`sdpa`, `flash_attention_2`, `eager`); None lets transformers choose."""
+    architecture: Literal["llava", "llava_next"] = "llava"
+    """`llava`: every image at the tower's size (`LlavaForConditionalGeneration`). `llava_next`: LLaVA-NeXT's AnyRes
+    (`LlavaNextForConditionalGeneration`, `lvit/model/next.py`): each image at the best-fitting pinpoint
+    resolution, in tiles, so an image's tokens depend on its size."""
+    image_grid_pinpoints: list[list[int]] | None = None
+    """llava_next: the (height, width) resolutions an image may be seen at; null: LLaVA-NeXT's grid for the tower
+    (1x2, 2x1, 2x2, 3x1 and 1x3 tiles)."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ import logging
 from lvit.data.packing import LONGEST
 from lvit.model.adapters import add_lora
 from lvit.model.assemble import assemble
+from lvit.model.next import to_next
 from lvit.model.packed_attention import PACKED_SDPA, use_packed_sdpa
 from lvit.model.stages import apply_stage
 from lvit.recipe.attention import VARLEN_ATTENTION, check_attention
@@ -64,6 +65,8 @@ def build_model(recipe: Recipe, args):
         on_cpu=args.use_cpu,
         template=recipe.data.template,
     )
+    if recipe.model.architecture == "llava_next":  # AnyRes (lvit/model/next.py)
+        model, processor = to_next(model, processor, recipe.model.image_grid_pinpoints, seed=args.seed)
     if recipe.data.packing:
         blocker = use_packed_sdpa(model, recipe.data.max_length)
         if blocker is not None and model.config.get_text_config()._attn_implementation not in VARLEN_ATTENTION:
