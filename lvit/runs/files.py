@@ -185,17 +185,10 @@ def given_paths(recipe: Recipe) -> dict[str, str]:
     """The recipe's local paths as given (`"model.language_model": "runs/parts/lm"`), where they are relative.
 
     Hub ids (`openai/clip-vit-large-patch14`: no such local file or folder) and absolute paths are left out."""
-    given = {}
-    for section, key in PATH_KEYS:
-        value = getattr(getattr(recipe, section), key)
-        if value and not Path(value).is_absolute() and Path(value).exists():
-            given[f"{section}.{key}"] = value
+    named = {f"{section}.{key}": getattr(getattr(recipe, section), key) for section, key in PATH_KEYS}
     for i, source in enumerate(recipe.data.sources or []):  # a mixture's sources
-        for key in ("path", "image_folder"):
-            value = getattr(source, key)
-            if value and not Path(value).is_absolute() and Path(value).exists():
-                given[f"data.sources.{i}.{key}"] = value
-    return given
+        named.update({f"data.sources.{i}.{key}": getattr(source, key) for key in ("path", "image_folder")})
+    return {k: v for k, v in named.items() if v and not Path(v).is_absolute() and Path(v).exists()}
 
 
 def recipe_with_absolute_paths(recipe: Recipe) -> dict:
