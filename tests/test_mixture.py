@@ -159,6 +159,15 @@ def test_a_mixture_trains_and_logs_its_loss_per_source(tiny_recipe, shapes_data,
         assert weighted == pytest.approx(e["loss"], rel=1e-6)
         assert e["samples/ours"] + e["samples/captions"] == 16  # 2 steps of 8
     assert sum(e.get("samples/ours", 0) + e.get("samples/captions", 0) for e in entries) == 32
+    from lvit.train.history import source_names
+    from lvit.train.summary import by_source
+
+    assert source_names(entries) == ["ours", "captions"]  # a line each in lvit_loss.png
+    summary = by_source(entries, ["ours", "captions"])  # the run summary's per-source lines
+    assert [s["samples"] for s in summary] == [
+        sum(e.get(f"samples/{n}", 0) for e in entries) for n in ("ours", "captions")
+    ]
+    assert [s["loss"] for s in summary] == [logged[-1]["loss/ours"], logged[-1]["loss/captions"]]
 
     from lvit.export.exporter import export
 

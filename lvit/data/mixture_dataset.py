@@ -9,7 +9,6 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 from lvit.data.dataset import Prepared, prepare
 from lvit.data.mixture import Plan, Source, plan, sources_of
@@ -27,19 +26,6 @@ class MixturePart:
     prepared: Prepared
 
 
-def source_data(source: Source):
-    """What `lvit.data.dataset.prepare` reads of a data section, for one source."""
-    return SimpleNamespace(
-        path=source.path,
-        format=source.format,
-        image_folder=source.image_folder,
-        on_bad_record=source.on_bad_record,
-        max_length=source.max_length,
-        overlong=source.overlong,
-        template=source.template,
-    )
-
-
 def prepare_mixture(data, encoders: dict, where: str = "<recipe>") -> Prepared:
     """Read, check and measure every source of `data` (`encoders`: template name -> `ConversationEncoder`), and
     combine them (`combine`). A source that cannot be trained on stops the run with its own checker's report."""
@@ -47,7 +33,7 @@ def prepare_mixture(data, encoders: dict, where: str = "<recipe>") -> Prepared:
     parts = []
     for source in sources:
         try:
-            prepared = prepare(source_data(source), encoders[source.template], where)
+            prepared = prepare(source, encoders[source.template], where)  # a Source has the data keys prepare reads
         except LvitError as exc:
             raise LvitError(f"data source {source.name!r}: {exc}") from None
         parts.append(MixturePart(source, prepared))

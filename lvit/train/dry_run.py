@@ -17,7 +17,6 @@ from pathlib import Path
 from lvit.data.check import encoder_from_recipe
 from lvit.data.dataset import inspect_for_training
 from lvit.data.mixture import sources_of
-from lvit.data.mixture_dataset import source_data
 from lvit.data.stream.check import checked_samples
 from lvit.data.stream.dataset import streamed_sources
 from lvit.data.stream.source_stream import Problem
@@ -141,7 +140,7 @@ def _check_records(recipe: Recipe, report, notes: list) -> None:
         label = "records" if len(sources) == 1 and recipe.data.sources is None else f"records of {source.name}"
         try:
             encoder = encoder_from_recipe(recipe, source.template)
-            insp, _, bad = inspect_for_training(source_data(source), encoder, recipe.source)
+            insp, _, bad = inspect_for_training(source, encoder, recipe.source)
         except LvitError as exc:
             report(False, label, str(exc))
             return

@@ -78,8 +78,8 @@ class TrainingRun:
         eval_questions = check_inputs(recipe)
         args = build_sft_config(recipe)
         if recipe.data.streaming:  # every reader its own shards, before any model loads
-            check_readers(streamed_sources(recipe.data, recipe.source), args.world_size, args.dataloader_num_workers,
-                          recipe.source)  # fmt: skip
+            self.shards = streamed_sources(recipe.data, recipe.source)
+            check_readers(self.shards, args.world_size, args.dataloader_num_workers, recipe.source)
         self.main = main = args.process_index == 0
         _setup_logging(main)
         self.out = out = Path(args.output_dir)
@@ -213,7 +213,8 @@ class TrainingRun:
     def _streamed_data(self, encoders: dict, args) -> StreamedData:
         """data.streaming: the sources read as training goes (`lvit.data.stream`), checked as they are met."""
         recipe = self.recipe
-        dataset = StreamedData(recipe.data, encoders, args.data_seed or args.seed, self.skipped_file, recipe.source)
+        seed = args.data_seed or args.seed
+        dataset = StreamedData(recipe.data, encoders, seed, self.skipped_file, recipe.source, sources=self.shards)
         self.prepared = Prepared(dataset, [], [], 0, None)
         shards = ", ".join(f"{s.name}: {len(files)} {kind} shard(s)" for s, kind, files in dataset.sources)
         log.info(

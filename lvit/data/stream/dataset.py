@@ -73,9 +73,10 @@ class StreamedData(torch.utils.data.IterableDataset):
     """The streamed training rows of a recipe's data; see the module docstring. `encoders`: template ->
     `ConversationEncoder`; `block`: `data.shuffle_buffer`; `skipped_file`: where skipped samples are listed."""
 
-    def __init__(self, data, encoders: dict, seed: int, skipped_file=None, where: str = "<recipe>"):
+    def __init__(self, data, encoders: dict, seed: int, skipped_file=None, where: str = "<recipe>", sources=None):
         super().__init__()
-        self.sources = streamed_sources(data, where)
+        self.sources = sources if sources is not None else streamed_sources(data, where)
+        """`(source, kind, shards)` of each source (`streamed_sources`; given when the caller listed them already)."""
         self.encoders = encoders
         self.seed, self.block = seed, data.shuffle_buffer
         self.skipped_file = None if skipped_file is None else str(skipped_file)
