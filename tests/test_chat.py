@@ -174,8 +174,8 @@ def test_two_images_match_plain_transformers(full_run, two_images):
     assert plain["input_ids"][0].tolist() == ids
     image_id = loaded.model.config.image_token_id
     assert ids.count(image_id) == 2 * session.encoder.num_image_tokens
-    assert session.pixel_values.shape[0] == 2 and not torch.equal(*session.pixel_values)
-    assert torch.allclose(session.pixel_values, plain["pixel_values"])
+    assert session.image_inputs["pixel_values"].shape[0] == 2 and not torch.equal(*session.image_inputs["pixel_values"])
+    assert torch.allclose(session.image_inputs["pixel_values"], plain["pixel_values"])
     answer = session.ask(question)
     model = loaded.model.eval()
     with torch.no_grad():

@@ -172,11 +172,27 @@ def _varied_data(folder: Path, n: int = 20) -> Path:
     return folder / "data.json"
 
 
-@pytest.mark.slow
-def test_a_tiny_next_model_trains_on_a_llava_stage_1_through_the_cli(tiny_recipe, tmp_path):
+def _plain_greedy(folder: Path, image: Image.Image, question: str, max_new_tokens: int) -> tuple[list, str]:
+    """(prompt ids, answer) of an exported folder in plain transformers, as its model card says to load it."""
+    from transformers import AutoImageProcessor, AutoProcessor, LlavaNextForConditionalGeneration
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, add_special_tokens=False, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    width = inputs["input_ids"].shape[1]
+    return inputs["input_ids"][0].tolist(), processor.decode(out[0, width:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.slow  # two tiny runs, an export and generation, about 40 s
+def test_a_tiny_next_model_trains_both_stages_through_the_cli_and_exports(tiny_recipe, tmp_path):
     """Stage 1 as LLaVA-1.5 (architecture llava, the shapes captions), then stage 2 as LLaVA-NeXT on images of five
     aspect ratios, through `lvit finetune`; the run reloads as a stock LlavaNextForConditionalGeneration whose
-    projector started from stage 1 and whose image_newline trained."""
+    image_newline trained; `lvit export` writes a stock folder (self-checked) and plain transformers gives, for each
+    aspect ratio, lvit's prompt ids and greedy answer; `lvit generate`'s batch gives the same answers."""
     import json
 
     import yaml
@@ -184,6 +200,9 @@ def test_a_tiny_next_model_trains_on_a_llava_stage_1_through_the_cli(tiny_recipe
     from typer.testing import CliRunner
 
     from lvit.cli.app import app
+    from lvit.infer.chat import ChatSession
+    from lvit.infer.generation import GenerationSettings
+    from lvit.infer.load import load_model
 
     runner = CliRunner()
     stage1 = tiny_recipe.write(
@@ -207,11 +226,37 @@ def test_a_tiny_next_model_trains_on_a_llava_stage_1_through_the_cli(tiny_recipe
     assert not torch.equal(model.model.image_newline.detach(), start)  # trained
     log = [json.loads(line) for line in (tmp_path / "stage2" / "lvit_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [1, 2, 3] and all(math.isfinite(e["loss"]) for e in log)
-    for command in (["export", str(tmp_path / "stage2"), "--out", str(tmp_path / "x")],
-                    ["chat", str(tmp_path / "stage2"), "--prompt", "Hi"]):  # fmt: skip
-        refused = runner.invoke(app, command)
-        assert refused.exit_code == 2 and "a LLaVA-NeXT run (model.architecture: llava_next)" in refused.output
-        assert "LlavaNextForConditionalGeneration.from_pretrained(" in refused.output
+
+    exported = runner.invoke(app, ["export", str(tmp_path / "stage2"), "--out", str(tmp_path / "x"), "--dtype", "fp32"])
+    assert exported.exit_code == 0, exported.output
+    assert "LlavaNextForConditionalGeneration.from_pretrained(" in (tmp_path / "x" / "README.md").read_text()
+    loaded = load_model(tmp_path / "stage2", device="cpu")
+    settings = GenerationSettings(max_new_tokens=6)
+    question = "What colour is it?"
+    answers = []
+    for height, width in SIZES:
+        path = tmp_path / f"ask-{height}x{width}.png"
+        Image.effect_noise((width, height), 60).convert("RGB").save(path)
+        session = ChatSession(loaded, path, settings)
+        ids = session.encoder.encode(session.conversation(question), for_generation=True).input_ids
+        plain_ids, plain_answer = _plain_greedy(tmp_path / "x", Image.open(path).convert("RGB"), question, 6)
+        assert ids == plain_ids, (height, width)
+        answers.append(session.ask(question))
+        assert answers[-1] == plain_answer, (height, width)
+    assert any(answers)
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        "".join(json.dumps({"question_id": str(i), "image": f"ask-{h}x{w}.png", "text": question}) + "\n"
+                for i, (h, w) in enumerate(SIZES))  # fmt: skip
+    )
+    generated = runner.invoke(
+        app,
+        ["generate", str(tmp_path / "stage2"), "--data", str(questions), "--out", str(tmp_path / "answers.jsonl"),
+         "--image-folder", str(tmp_path), "--max-new-tokens", "6", "--batch-size", "5"],
+    )  # fmt: skip
+    assert generated.exit_code == 0, generated.output
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in rows] == answers
 
 
 def test_packed_next_batches_equal_padded_ones_and_the_checks_count_the_collators_tokens(next_model, tmp_path):
@@ -259,3 +304,43 @@ def test_packed_next_batches_equal_padded_ones_and_the_checks_count_the_collator
         assert use_packed_sdpa(model, 512, min_hidden_size=0) is None  # the tiny model: forced, as training would
         got = loss(packed)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # a LoRA and a QLoRA run of 2 steps and their exports, about 30 s
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_next_under_adapters_keeps_its_image_newline_and_exports(tiny_recipe, tmp_path, method):
+    """peft keeps adapters and modules_to_save, not a bare parameter: lvit saves the trained image_newline (fp32)
+    beside the adapter of the run and each checkpoint, loads it with the run, merges it into the export (the
+    self-check compares logits), and restores it on resume."""
+    from safetensors.torch import load_file
+    from transformers import LlavaNextForConditionalGeneration
+
+    from lvit.export.exporter import export
+    from lvit.infer.load import load_trained
+    from lvit.model.next import NEWLINE_FILE, newline_of
+    from lvit.train.run import TrainingRun, run
+
+    overrides = {"method": method, "model": {"architecture": "llava_next"}, "lora": {"r": 8, "alpha": 16}}
+    recipe = tiny_recipe(
+        "finetune", out_dir=tmp_path / "run", training={"save_strategy": "steps", "save_steps": 1}, **overrides
+    )
+    out = run(recipe)
+    saved = load_file(str(out / NEWLINE_FILE))["image_newline"]
+    hidden = saved.shape[0]
+    start = torch.randn(hidden, generator=torch.Generator().manual_seed(0)) / math.sqrt(hidden)
+    assert saved.dtype == torch.float32 and not torch.equal(saved, start)
+    at_1 = load_file(str(out / "checkpoint-1" / NEWLINE_FILE))["image_newline"]
+    assert not torch.equal(at_1, saved) and not torch.equal(at_1, start)
+
+    trained, _, _ = load_trained(out, masters=True)
+    assert torch.equal(newline_of(trained).detach(), saved)
+    result = export(out, tmp_path / "x", dtype="fp32")
+    assert result.max_abs_diff <= result.tolerance
+    exported = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "x", dtype=torch.float32)
+    assert torch.equal(exported.model.image_newline.detach(), saved)
+
+    fresh = TrainingRun(tiny_recipe("finetune", out_dir=tmp_path / "again", **overrides)).setup()
+    model = fresh.trainer.model
+    assert newline_of(model).requires_grad and torch.equal(newline_of(model).detach().float(), start)
+    fresh.trainer._load_from_checkpoint(str(out / "checkpoint-1"))
+    assert torch.equal(newline_of(model).detach().float(), at_1)

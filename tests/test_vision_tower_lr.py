@@ -53,17 +53,23 @@ def test_the_tower_trains_up_to_its_feature_layer(tiny_runs):
             param.requires_grad_(before[name])
 
 
-@pytest.mark.slow  # a bf16 run of 2 steps, about 6 s
-def test_a_bf16_tower_update_at_2e_6_reaches_its_fp32_masters(tiny_recipe):
+@pytest.mark.slow  # a bf16 run of 2 steps per architecture, about 6 s each
+@pytest.mark.parametrize("architecture", ["llava", "llava_next"])
+def test_a_bf16_tower_update_at_2e_6_reaches_its_fp32_masters(tiny_recipe, architecture):
     """At lr 2e-6 a step moves an entry by about 2e-6, far below bf16's resolution: only fp32 masters keep it. The
     run folder holds the tower's masters; every entry of the trained part moved from the initial tower, the unused
-    last layer did not, and the optimizer gave the tower its own learning rate."""
+    last layer did not, and the optimizer gave the tower its own learning rate. LLaVA-NeXT's tower sees every tile
+    of each image (AnyRes) and trains the same way."""
     import lvit.train.build
     import lvit.train.config
     from lvit.train.run import TrainingRun
 
     recipe = tiny_recipe(
-        "finetune", vision_tower_lr=2e-6, model={"torch_dtype": "bfloat16"}, training={"bf16": True, "max_steps": 2}
+        "finetune",
+        vision_tower_lr=2e-6,
+        model={"torch_dtype": "bfloat16", "architecture": architecture},
+        data={"max_length": 512},
+        training={"bf16": True, "max_steps": 2},
     )
     initial = lvit.train.build.build_model(recipe, lvit.train.config.build_sft_config(recipe))[0]
     start = {n: p.detach().float().clone() for n, p in initial.model.vision_tower.named_parameters()}

@@ -35,7 +35,6 @@ from lvit.infer.answers import answer_row
 from lvit.infer.generation import GenerationSettings, iter_answers
 from lvit.infer.questions import Question, check_images, read_questions
 from lvit.model.quant import disable_cpu_repacking
-from lvit.templates.encoder import ConversationEncoder
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +203,7 @@ def _set_encoder(recipe, name: str | None, encoder):
     for source in recipe.data.sources or []:
         own = source.template is not None and source.template != encoder.template.name
         if own and name is not None and (source.name or Path(source.path).stem) == name:
-            return ConversationEncoder(source.template, encoder.tokenizer, encoder.image_token_id,
-                                       encoder.num_image_tokens)  # fmt: skip
+            return encoder.like(source.template)
     return encoder
 
 

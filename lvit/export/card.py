@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lvit.export.serving import serving_lines
+from lvit.model.next import stock_class
 from lvit.runs.files import PATH_KEYS, RECIPE_FILE, RUN_INFO_FILE, is_hub_id, portable
 
 _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -13,10 +14,10 @@ _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _LOAD_SNIPPET = """
 import torch
 from PIL import Image, ImageOps
-from transformers import AutoImageProcessor, AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoImageProcessor, AutoProcessor, {model_class}
 
 path = "{path}"
-model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.{dtype}, device_map="auto")
+model = {model_class}.from_pretrained(path, dtype=torch.{dtype}, device_map="auto")
 processor = AutoProcessor.from_pretrained(path)
 # the PIL image processor it was trained with (transformers takes torchvision's whenever it is installed)
 processor.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
@@ -64,7 +65,8 @@ def model_card(run, result, out: Path) -> str:
     if hub_ids and not result.projector_only:
         front.append("base_model: [" + ", ".join(hub_ids) + "]")
     front.append("---")
-    what = "projector of a LLaVA model" if result.projector_only else "LLaVA model"
+    model_name = "LLaVA-NeXT model (AnyRes)" if recipe.model.architecture == "llava_next" else "LLaVA model"
+    what = f"projector of a {model_name}" if result.projector_only else model_name
     lines = [
         *front,
         "",
@@ -151,7 +153,12 @@ def model_card(run, result, out: Path) -> str:
             "torchvision is installed, and its pixels differ from the PIL ones the model was trained on.",
             "",
             "```python",
-            _LOAD_SNIPPET.format(path=f"path/to/{out.name}", dtype=_TORCH_DTYPE[result.dtype], prompt=prompt).strip(),
+            _LOAD_SNIPPET.format(
+                path=f"path/to/{out.name}",
+                dtype=_TORCH_DTYPE[result.dtype],
+                prompt=prompt,
+                model_class=stock_class(recipe.model.architecture).__name__,
+            ).strip(),
             "```",
             *serving_lines(out.name, recipe, result.gguf),
         ]

@@ -3,7 +3,8 @@
 One entry point for every kind of run folder lvit writes (`lvit.runs`): stage 1 (`align`), stage 2
 `full`, `lora` and `qlora`, and their `checkpoint-N` folders.
 
-- Default: the run's trained weights as a plain `LlavaForConditionalGeneration` + its processor,
+- Default: the run's trained weights as a plain `LlavaForConditionalGeneration` (`LlavaNextForConditionalGeneration`
+  for a LLaVA-NeXT run) + its processor,
   in (sharded) safetensors. Adapters are merged (QLoRA into the *dequantized* 4-bit base, see
   `lvit.infer.load.load_merged`); no peft wrapper, `lora_` or `modules_to_save` key is left, and the
   folder loads with plain transformers: no lvit, no peft, no `trust_remote_code`.
@@ -43,13 +44,13 @@ from lvit.export.selfcheck import (
     projector_tolerance,
 )
 from lvit.infer.load import load_merged, load_trained
+from lvit.model.next import stock_class
 from lvit.model.projector import load_projector, new_projector
 from lvit.runs.files import (
     MODEL_CARD_FILE,
     RunFolder,
     copy_run_files,
     read_run,
-    refuse_next,
     write_export_info,
     write_projector,
 )
@@ -139,7 +140,6 @@ def export(
             f"lvit export: {exc}\nRUN_DIR must be the output folder of an `lvit finetune` run "
             "(its training.output_dir) or one of its checkpoint-N folders."
         ) from None
-    refuse_next(run, "lvit export")
     if tolerance is not None and not tolerance >= 0:
         raise LvitError(f"--tolerance must be a number >= 0, got {tolerance}.")
     target_dtype = parse_dtype(dtype) if dtype is not None else (None if projector_only else DTYPES[DEFAULT_DTYPE])
@@ -152,6 +152,12 @@ def export(
     if gguf is not None:
         if projector_only:
             raise LvitError("--gguf writes a whole model; it does not go with --projector-only.")
+        if run.recipe.model.architecture == "llava_next":
+            raise LvitError(
+                f"{run.path}: a LLaVA-NeXT run (model.architecture: llava_next); --gguf writes LLaVA-1.5's GGUF pair "
+                "only in this version of lvit. Export without --gguf: the folder is a stock "
+                "LlavaNextForConditionalGeneration that transformers and vLLM load."
+            )
         converter, quants = check_gguf_options(gguf.dtype, gguf.quant, gguf.verify, gguf.llama_cpp)
 
     with temporary_folder(out) as tmp:
@@ -183,7 +189,7 @@ def export(
 
 
 def _export_model(run: RunFolder, tmp: Path, dtype, tolerance, max_shard_size, device: str) -> ExportResult:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
     merge = " (adapters merged)" if run.kind in ("lora", "qlora") else ""
     log.info("[1/3] %s run %s: writing a stock LLaVA model%s (%s)", run.kind, run.path, merge, _SHORT[dtype])
@@ -214,7 +220,9 @@ def _export_model(run: RunFolder, tmp: Path, dtype, tolerance, max_shard_size, d
     log.info(
         "[3/3] self-check: the export as written, reloaded with plain from_pretrained in fp32 (%s)", sample.description
     )
-    exported, info = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32, output_loading_info=True)
+    exported, info = stock_class(run.recipe.model.architecture).from_pretrained(
+        tmp, dtype=torch.float32, output_loading_info=True
+    )
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise LvitError(f"lvit export: the written model does not reload cleanly ({bad}); this is an lvit bug.")

@@ -87,7 +87,8 @@ def projector_tolerance(export_dtype: torch.dtype, trained_dtype: torch.dtype, o
 @dataclass
 class Sample:
     input_ids: torch.Tensor
-    pixel_values: torch.Tensor
+    image_inputs: dict
+    """`ImageLoader.image_inputs`: `pixel_values`, and `image_sizes` for LLaVA-NeXT."""
     description: str
 
 
@@ -108,21 +109,22 @@ def build_sample(run, processor, config) -> Sample:
         if len(record.images) > 1 and not conv.images_inline:  # its images are all in later turns
             continue
         try:
-            encoded = encoder.encode(conv)
             images = [loader.load(image) for image in record.images[: conv.num_images]]
+            encoded = encoder.encode(encoder.sized(conv, [(i.height, i.width) for i in images]))
         except Exception:  # unreadable image, or a record the template rejects: try the next one
             continue
         if encoded.image_end > data.max_length:
             continue
         ids = encoded.input_ids[: data.max_length]
         return Sample(
-            torch.tensor([ids]), loader.pixel_values(images), f"record {record.id!r} of {data.path}, {len(ids)} tokens"
+            torch.tensor([ids]), loader.image_inputs(images), f"record {record.id!r} of {data.path}, {len(ids)} tokens"
         )
     conv = Conversation(turns=[("user", SYNTHETIC_QUESTION), ("assistant", SYNTHETIC_ANSWER)], has_image=True)
-    ids = encoder.encode(conv).input_ids
+    image = synthetic_image(config.vision_config.image_size)
+    ids = encoder.encode(encoder.sized(conv, [(image.height, image.width)])).input_ids
     return Sample(
         torch.tensor([ids]),
-        loader.pixel_values([synthetic_image(config.vision_config.image_size)]),
+        loader.image_inputs([image]),
         f"a synthetic image and a fixed question (no readable image record in {data.path}), {len(ids)} tokens",
     )
 
@@ -136,12 +138,13 @@ def image_records(data) -> Iterator:
     yield from (r for r in records if r.image is not None)
 
 
-def synthetic_image(size: int = 224):
-    """A deterministic test image: a red square on a white background."""
+def synthetic_image(size: int = 224, width: int | None = None):
+    """A deterministic test image: a red square on a white background, `size` high and `width` (default `size`)
+    wide."""
     from PIL import Image, ImageDraw
 
     size = max(size, 16)
-    image = Image.new("RGB", (size, size), "white")
+    image = Image.new("RGB", (width or size, size), "white")
     ImageDraw.Draw(image).rectangle([size // 8, size // 8, size // 2, size // 2], fill="red")
     return image
 
@@ -156,12 +159,9 @@ def logits(model, sample: Sample, device: str) -> torch.Tensor:
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
     pixel_dtype = next(llava.model.vision_tower.parameters()).dtype
     ids = sample.input_ids.to(device)
-    out = model(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        pixel_values=sample.pixel_values.to(device=device, dtype=pixel_dtype),
-        use_cache=False,
-    )
+    images = {k: v.to(device) for k, v in sample.image_inputs.items()}
+    images["pixel_values"] = images["pixel_values"].to(pixel_dtype)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **images, use_cache=False)
     return out.logits.float().cpu()
 
 
@@ -171,7 +171,10 @@ def projector_outputs(llava, trained_projector, written_projector, sample: Sampl
     tower gives the sample's image (its configured feature layer; CLS dropped with the "default" strategy)."""
     config = llava.config
     vision = llava.model.vision_tower
-    pixel_values = sample.pixel_values.to(device=device, dtype=next(vision.parameters()).dtype)
+    pixel_values = sample.image_inputs["pixel_values"]
+    if pixel_values.dim() == 5:  # LLaVA-NeXT: (images, tiles, ...): every tile
+        pixel_values = pixel_values.flatten(0, 1)
+    pixel_values = pixel_values.to(device=device, dtype=next(vision.parameters()).dtype)
     hidden = vision(pixel_values, output_hidden_states=True).hidden_states[config.vision_feature_layer]
     features = (hidden if config.vision_feature_select_strategy == "full" else hidden[:, 1:]).float().cpu()
     return copy.deepcopy(trained_projector).float().cpu()(features), written_projector(features)
@@ -196,19 +199,22 @@ def check_chat_template_ids(run, processor, config) -> int:
     data = checked_source(run.recipe.data, str(run.path))
     tokenizer = load_tokenizer(resolve_source(run.recipe.model.language_model, "model.language_model", run.path))
     encoder = conversation_encoder(data.template, tokenizer, config)
-    image = synthetic_image(config.vision_config.image_size)  # only its size matters: the image token count
+    side = config.vision_config.image_size
+    image = synthetic_image(side, side * 3 // 2)  # only its size matters: the image token count (LLaVA-NeXT's)
     # vicuna_v1 and auto (the LM's own template): the processor's; plain: passed explicitly
     chat_template = CHAT_TEMPLATES["plain"] if data.template == "plain" else None
     synthetic = Conversation(turns=[("user", SYNTHETIC_QUESTION), ("assistant", SYNTHETIC_ANSWER)], has_image=True)
     convs = [(f"record {r.id!r}", r.conversation) for r in _records(data)] or [("a synthetic sample", synthetic)]
     compared = 0
     for where, conv in convs:
+        conv = encoder.sized(conv, [(image.height, image.width)] * conv.num_images)
         try:
             trained = encoder.encode(conv)
         except ValueError:  # a record the template refuses: training leaves it out too
             continue
         compared += 1
         prompt = Conversation(conv.turns[:1], conv.has_image, conv.system)
+        prompt = encoder.sized(prompt, [(image.height, image.width)] * prompt.num_images)
         for what, ids, c, generation in (
             ("the training sample", trained.input_ids, conv, False),
             ("the generation prompt", encoder.encode(prompt, for_generation=True).input_ids, prompt, True),

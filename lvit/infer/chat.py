@@ -79,7 +79,8 @@ class ChatSession:
         self.settings = settings or GenerationSettings(max_new_tokens=512)
         self.encoder = loaded.encoder()
         self.turns: list[tuple[str, str]] = []
-        self.pixel_values = None
+        self.image_inputs = None
+        self.image_sizes: list[tuple[int, int]] = []
         self.images = _as_list(image)
         if self.images:
             loader = loaded.image_loader()
@@ -92,11 +93,12 @@ class ChatSession:
                     loaded_images.append(loader.load(str(path)))
                 except OSError as exc:
                     raise LvitError(f"{which}: cannot be read as an image ({exc})") from None
-            self.pixel_values = loader.pixel_values(loaded_images)  # one row per image, in the order given
+            self.image_inputs = loader.image_inputs(loaded_images)  # one image per row, in the order given
+            self.image_sizes = [(i.height, i.width) for i in loaded_images]
 
     @property
     def has_image(self) -> bool:
-        return self.pixel_values is not None
+        return self.image_inputs is not None
 
     def conversation(self, text: str) -> Conversation:
         """The conversation so far with `text` as the next user turn, as the model is asked it.
@@ -112,7 +114,7 @@ class ChatSession:
         elif len(self.images) > 1:
             role, first = turns[0]
             turns[0] = (role, f"{IMAGE_PLACEHOLDER}\n" * len(self.images) + first)
-        return Conversation(turns=turns, has_image=self.has_image)
+        return self.encoder.sized(Conversation(turns=turns, has_image=self.has_image), self.image_sizes)
 
     def ask(self, text: str, write: Callable[[str], None] | None = None) -> str:
         """Answer `text` given the conversation so far; streams the answer to `write` as it is generated."""
@@ -120,7 +122,7 @@ class ChatSession:
         streamer = _streamer(self.encoder.tokenizer, write) if write is not None else None
         with eval_mode(self.loaded.model) as model:
             (answer,) = generate_batch(
-                model, self.encoder, None, [conv], [None], self.settings, streamer, self.pixel_values
+                model, self.encoder, None, [conv], [None], self.settings, streamer, self.image_inputs
             )
         self.turns += [("user", text), ("assistant", answer)]
         return answer

@@ -68,28 +68,34 @@ def generate_batch(
     image_paths: list[str | list[str] | None],
     settings: GenerationSettings,
     streamer=None,
-    pixel_values: torch.Tensor | None = None,
+    image_inputs: dict | None = None,
 ) -> list[str]:
     """Answer the last user turn of each conversation in one `generate` call, left-padded.
 
     The caller puts the model in eval mode. `image_paths[i]` is conversation i's image, a list of them (one
-    per placeholder, in order) or None. `pixel_values` may be passed instead of loading the images (one row
-    per image, in the order of the conversations and their placeholders).
+    per placeholder, in order) or None. `image_inputs` (`ImageLoader.image_inputs`: `pixel_values`, and
+    `image_sizes` for LLaVA-NeXT) may be passed instead of loading the images, one image per placeholder in the
+    order of the conversations; the conversations then carry their images' token counts where those depend on the
+    size (`ConversationEncoder.sized`).
     """
     tokenizer = encoder.tokenizer
     device, dtype = _model_device_and_dtype(model)
+    if image_inputs is None:
+        per_conv = [[image_loader.load(p) for p in images_of(entry)] for entry in image_paths]
+        convs = [
+            encoder.sized(c, [(i.height, i.width) for i in images]) for c, images in zip(convs, per_conv, strict=True)
+        ]
+        images = [image for images in per_conv for image in images]
+        image_inputs = image_loader.image_inputs(images) if images else None
     encoded = encoder.encode_many(convs, for_generation=True)
     width = max(len(e.input_ids) for e in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.tensor([[pad] * (width - len(e.input_ids)) + e.input_ids for e in encoded])
     attention = torch.tensor([[0] * (width - len(e.input_ids)) + [1] * len(e.input_ids) for e in encoded])
     kwargs = {}
-    if pixel_values is None:
-        images = [image_loader.load(p) for entry in image_paths for p in images_of(entry)]
-        if images:
-            pixel_values = image_loader.pixel_values(images)
-    if pixel_values is not None:
-        kwargs["pixel_values"] = pixel_values.to(device=device, dtype=dtype)
+    if image_inputs is not None:
+        kwargs = {k: v.to(device) for k, v in image_inputs.items()}
+        kwargs["pixel_values"] = kwargs["pixel_values"].to(dtype)
     out = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention.to(device),

@@ -1,7 +1,8 @@
 """Loading any folder lvit wrote (a run, a checkpoint, an export) or a stock LLaVA folder as a model.
 
 - `load_trained`: a run or checkpoint as it trained (a 4-bit base + adapter for QLoRA);
-- `load_merged`: a run or checkpoint as one stock `LlavaForConditionalGeneration`, adapters merged;
+- `load_merged`: a run or checkpoint as one stock `LlavaForConditionalGeneration` (`LlavaNext...` for a
+  LLaVA-NeXT run), adapters merged;
 - `load_model`: any of those folders, or an exported / stock LLaVA folder, ready for generation
   (`LoadedModel`: the model with the template and image handling it was trained with).
 
@@ -19,6 +20,7 @@ from lvit.data.images import ImageLoader
 from lvit.errors import LvitError
 from lvit.model.assemble import assemble
 from lvit.model.encoder import conversation_encoder
+from lvit.model.next import load_newline, newline_of, stock_class, to_next
 from lvit.model.processor import load_processor
 from lvit.model.projector import load_projector
 from lvit.model.quant import LLAVA_SKIP, bnb_config, dequantize_4bit_layers, disable_cpu_repacking
@@ -30,7 +32,6 @@ from lvit.runs.files import (
     is_run_folder,
     read_export_info,
     read_run,
-    refuse_next,
 )
 from lvit.templates.encoder import ConversationEncoder
 
@@ -41,9 +42,7 @@ DEFAULT_TEMPLATE = "vicuna_v1"
 
 
 def _open(run: RunFolder | str | Path) -> RunFolder:
-    run = run if isinstance(run, RunFolder) else read_run(run)
-    refuse_next(run, "lvit chat / generate / eval")
-    return run
+    return run if isinstance(run, RunFolder) else read_run(run)
 
 
 def _base_model_section(run: RunFolder):
@@ -66,14 +65,18 @@ def check_base_parts(run: RunFolder) -> None:
 
 
 def _assemble_base(run: RunFolder):
+    """The run's frozen base as it was assembled (a LLaVA-NeXT run's in `LlavaNextForConditionalGeneration`, its
+    `image_newline` still to be loaded)."""
     check_base_parts(run)
-    model, _ = assemble(
+    model, processor = assemble(
         _base_model_section(run),
         str(run.path),
         quantize_lm=run.kind == "qlora",
         compute_dtype=run.recipe.lora.compute_dtype,
         template=run.recipe.data.template,
     )
+    if run.recipe.model.architecture == "llava_next":
+        model, _ = to_next(model, processor, run.recipe.model.image_grid_pinpoints)
     return model
 
 
@@ -88,22 +91,27 @@ def load_trained(run: RunFolder | str | Path, device: str | None = None, masters
     fp32, the projector (and LoRA weights) of the other kinds in fp32 beside the base in its own dtype.
     """
     import torch
-    from transformers import LlavaForConditionalGeneration
 
     run = _open(run)
     processor = load_processor(run.path)
     if run.holds_whole_model:
-        model = LlavaForConditionalGeneration.from_pretrained(run.path, **({"dtype": torch.float32} if masters else {}))
+        model = stock_class(run.recipe.model.architecture).from_pretrained(
+            run.path, **({"dtype": torch.float32} if masters else {})
+        )
     else:
         model = _assemble_base(run)
         if masters:
             model.model.multi_modal_projector.float()
+            if newline_of(model) is not None:
+                model.model.image_newline.data = model.model.image_newline.data.float()
         if run.kind == "align":
             load_projector(model, str(run.path), run.recipe.model.projector, str(run.path))
         else:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, run.path)
+            if newline_of(model) is not None:
+                load_newline(model, run.path)
     model.eval()
     if device:
         model.to(device)
@@ -136,6 +144,8 @@ def load_merged(run: RunFolder | str | Path, dtype=None):
             model.config.text_config.__dict__.pop(attr, None)
     model = model.to(torch.float32)
     merged = PeftModel.from_pretrained(model, run.path).merge_and_unload()
+    if newline_of(merged) is not None:
+        load_newline(merged, run.path)
     merged.eval()
     return merged.to(dtype), processor, run
 
@@ -185,7 +195,6 @@ def load_model(
 
 def _load_run(path: Path, load_4bit: bool, device: str, base_model: dict[str, str] | None = None) -> LoadedModel:
     run = read_run(path, base_model)
-    refuse_next(run, "lvit chat / generate / eval")
     if load_4bit and run.kind in ("align", "lora"):
         raise LvitError(
             f"--load-4bit works on full runs and exported folders; {path} is a {run.kind!r} run. "
@@ -208,15 +217,13 @@ def _load_run(path: Path, load_4bit: bool, device: str, base_model: dict[str, st
 
 
 def _load_llava_folder(path: Path, load_4bit: bool, device: str) -> LoadedModel:
-    from transformers import LlavaForConditionalGeneration
-
     if not (path / "config.json").is_file():
         raise LvitError(
             f"{path} is neither an lvit run folder (no {RUN_INFO_FILE}) nor a Hugging Face model folder "
             "(no config.json)."
         )
     model_type = _model_type(path)
-    if model_type != "llava":
+    if model_type not in ("llava", "llava_next"):
         raise LvitError(
             f"{path} holds a {model_type or 'non-LLaVA'} model, not a LLaVA model: pass an lvit run folder or "
             "checkpoint, an `lvit export` folder, or a LLaVA model folder (a vision tower or a language model alone "
@@ -229,7 +236,7 @@ def _load_llava_folder(path: Path, load_4bit: bool, device: str) -> LoadedModel:
         )
     try:
         processor = load_processor(path)
-        model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+        model = stock_class(model_type).from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise LvitError(f"{path}: cannot be loaded as a LLaVA model with its processor: {exc}") from None
     if not load_4bit:

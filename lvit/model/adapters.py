@@ -5,7 +5,8 @@ on the vision tower up to its feature layer).
 (docs/stack-notes.md#peft-targets-hit-clip), so the targets are found by walking the language model
 and anchored to its path.
 The projector trains fully: it is a peft `modules_to_save`, so it is saved with the adapter and
-restored on resume.
+restored on resume. LLaVA-NeXT's `image_newline` trains fully too, saved beside the adapter by lvit's trainer
+(`lvit.model.next.NEWLINE_FILE`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 
 import torch
 
+from lvit.model.next import newline_of
 from lvit.model.projector import freeze_identity
 from lvit.model.stages import tower_unused
 
@@ -67,4 +69,7 @@ def add_lora(model, lora, projector: str):
     )
     peft_model = get_peft_model(model, config)
     freeze_identity(peft_model, projector)  # modules_to_save made a trainable copy of the whole projector
+    newline = newline_of(peft_model)
+    if newline is not None:  # LLaVA-NeXT's row ends: peft froze them; they train, saved beside the adapter
+        newline.requires_grad_(True)
     return peft_model

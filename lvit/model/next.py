@@ -139,3 +139,55 @@ def next_processor(processor, vision_config, pinpoints: list[list[int]]):
         chat_template=processor.chat_template,
         num_additional_image_tokens=1 if has_cls_token(vision_config) else 0,
     )
+
+
+# --- under LoRA / QLoRA: image_newline beside the adapter ----------------------------------------------------
+
+NEWLINE_FILE = "image_newline.safetensors"
+"""Where a LoRA / QLoRA NeXT run keeps its trained `image_newline`, beside its adapter: peft saves adapters and
+`modules_to_save` modules, not a bare parameter of the model (`LlavaNextModel.image_newline`)."""
+
+
+def stock_class(architecture: str):
+    """The transformers class of a `model.architecture`."""
+    import transformers
+
+    return (
+        transformers.LlavaNextForConditionalGeneration
+        if architecture == "llava_next"
+        else (transformers.LlavaForConditionalGeneration)
+    )
+
+
+def newline_of(model):
+    """The `image_newline` parameter of a LLaVA-NeXT model or a peft model around one; None for LLaVA."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.model, "image_newline", None)
+
+
+def save_newline(model, folder) -> None:
+    """Write a peft-wrapped NeXT model's `image_newline` into `folder` (`NEWLINE_FILE`), as it trains (fp32)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    newline = newline_of(model)
+    if newline is not None and hasattr(model, "peft_config"):
+        save_file({"image_newline": newline.detach().cpu().contiguous()}, str(Path(folder) / NEWLINE_FILE))
+
+
+def load_newline(model, folder) -> None:
+    """Load `NEWLINE_FILE` from `folder` into a NeXT model (or a peft model around one), in the model's dtype."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(folder) / NEWLINE_FILE
+    if not path.is_file():
+        raise LvitError(
+            f"{folder}: no {NEWLINE_FILE}; a LoRA / QLoRA LLaVA-NeXT run keeps its trained image_newline there, "
+            "beside the adapter. Was the folder copied without it?"
+        )
+    newline = newline_of(model)
+    with torch.no_grad():
+        newline.copy_(load_file(str(path))["image_newline"].to(newline.dtype))

@@ -162,7 +162,7 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
 
 
 def _check_next(recipe: Recipe, source: str) -> None:
-    """model.architecture llava_next: what lvit trains it with so far (issue 25 is under way)."""
+    """model.architecture llava_next: AnyRes in stage 2, on in-memory data, without LLaVA's `pad`."""
     model = recipe.model
     if model.architecture != "llava_next":
         if model.image_grid_pinpoints is not None:
@@ -172,11 +172,6 @@ def _check_next(recipe: Recipe, source: str) -> None:
         raise LvitError(
             f"{source}: model.architecture llava_next sees each image at its own aspect ratio (AnyRes); remove "
             f"data.image_aspect_ratio: {recipe.data.image_aspect_ratio} (LLaVA-NeXT's `anyres` replaces `pad`)."
-        )
-    if recipe.method != "full":
-        raise LvitError(
-            f"{source}: model.architecture llava_next trains with method full in this version of lvit (its "
-            "image_newline is not kept by LoRA adapters yet); use method: full."
         )
     if recipe.data.streaming:
         raise LvitError(

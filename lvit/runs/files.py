@@ -146,17 +146,6 @@ def read_run(path: str | Path, base_model: dict[str, str] | None = None) -> RunF
     return RunFolder(path, recipe, json.loads(info_path.read_text()))
 
 
-def refuse_next(run: RunFolder, command: str) -> None:
-    """`command` does not take a LLaVA-NeXT run yet (model.architecture llava_next): say so, and how to load it."""
-    if run.recipe.model.architecture == "llava_next":
-        raise LvitError(
-            f"{run.path}: a LLaVA-NeXT run (model.architecture: llava_next); `{command}` does not take one in this "
-            "version of lvit. The run folder is a stock model: load it with transformers' "
-            f"LlavaNextForConditionalGeneration.from_pretrained({str(run.path)!r}) and "
-            "LlavaNextProcessor.from_pretrained(the same folder)."
-        )
-
-
 def is_run_folder(path: str | Path) -> bool:
     """Whether `path` is (or is becoming) an lvit run folder or checkpoint, rather than a model folder."""
     path = Path(path)

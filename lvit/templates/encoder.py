@@ -3,6 +3,8 @@ the data checks use."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from lvit.errors import LvitError
 from lvit.templates.builtin import AUTO, TEMPLATES, Template
 from lvit.templates.chat_template import LMChatTemplate
@@ -43,6 +45,9 @@ class ConversationEncoder:
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
+        self.image_tokens_for_size = None
+        """LLaVA-NeXT's AnyRes: (height, width) -> an image's tokens (`lvit.model.next.image_tokens`); None: every
+        image takes `num_image_tokens`."""
         name = template if isinstance(template, str) else template.name
         if tokenizer.eos_token_id is None and name != AUTO:  # auto: the chat template's end-of-turn token
             raise ValueError("the tokenizer has no EOS token; lvit's templates end each answer with it")
@@ -50,6 +55,19 @@ class ConversationEncoder:
         self.template = get_template(template, tokenizer) if isinstance(template, str) else template
         self._bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else ""
         self._eos = tokenizer.eos_token or ""
+
+    def sized(self, conv: Conversation, sizes: list[tuple[int, int]]) -> Conversation:
+        """`conv` with each image's token count from its (height, width) as loaded, where counts depend on the size
+        (`image_tokens_for_size`); `conv` itself otherwise."""
+        if self.image_tokens_for_size is None or not sizes:
+            return conv
+        return dataclasses.replace(conv, image_tokens=tuple(self.image_tokens_for_size(h, w) for h, w in sizes))
+
+    def like(self, template: Template | str) -> ConversationEncoder:
+        """The same tokenizer and image-token counts with another template."""
+        other = ConversationEncoder(template, self.tokenizer, self.image_token_id, self.num_image_tokens)
+        other.image_tokens_for_size = self.image_tokens_for_size
+        return other
 
     def render(self, conv: Conversation, for_generation: bool = False) -> Rendered:
         """The conversation's text (what the chat template renders) with its trained spans (none in a

@@ -11,7 +11,6 @@ import logging
 import shlex
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 from lvit.console import quiet_libraries, show_progress_bar
@@ -26,7 +25,6 @@ from lvit.data.stream.dataset import StreamedData, check_readers, streamed_sourc
 from lvit.errors import BAD_RECORD_FIXES, BadRecordStop, LvitError, UnreadableRecord
 from lvit.eval.callback import eval_callbacks
 from lvit.model.encoder import conversation_encoder
-from lvit.model.next import image_tokens
 from lvit.model.stages import format_report, report_modules
 from lvit.recipe.schema import Recipe
 from lvit.runs.files import LOG_FILE, SKIPPED_FILE
@@ -112,12 +110,7 @@ class TrainingRun:
         encoders = {recipe.data.template: encoder}
         for template in {s.template for s in sources} - set(encoders):
             encoders[template] = conversation_encoder(template, tokenizer, model.config)
-        anyres = None
-        if recipe.model.architecture == "llava_next":  # an image's tokens depend on its size (lvit/model/next.py)
-            config = model.config
-            anyres = partial(image_tokens, vision_config=config.vision_config, pinpoints=config.image_grid_pinpoints)
-            for each in encoders.values():
-                each.image_tokens_for_size = anyres
+        anyres = encoder.image_tokens_for_size  # LLaVA-NeXT: an image's tokens depend on its size (lvit/model/next.py)
         self.skipped_file = out / SKIPPED_FILE
         if recipe.data.streaming:
             dataset, mixture = self._streamed_data(encoders, args), None

@@ -17,6 +17,7 @@ from lvit.data.modality_sampler import ModalityGroupedSampler
 from lvit.data.packing import real_tokens
 from lvit.data.token_budget import TokenBudgetBatchSampler
 from lvit.errors import LvitError, UnreadableRecord
+from lvit.model.next import load_newline, newline_of, save_newline
 from lvit.runs.files import model_weight_files
 from lvit.train.config import TOKEN_BUDGET_ONE_PROCESS
 from lvit.train.loss import compact_loss
@@ -198,6 +199,11 @@ class LlavaTrainer(SFTTrainer):
             save_data_position(self, trial, at_step_start=self._stopping)
         super()._save_checkpoint(model, trial)
 
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:  # LoRA / QLoRA NeXT: its trained image_newline beside the adapter
+            save_newline(self.model, output_dir or self.args.output_dir)
+
     def create_model_card(self, *args, **kwargs) -> None:
         """No TRL card: TRL writes one into the output folder at every checkpoint (a text model "fine-tuned from
         None"), and a run stopped while saving its first checkpoint then left a folder that looked like another's
@@ -219,7 +225,10 @@ class LlavaTrainer(SFTTrainer):
             own = model.state_dict()
             to_model_key = _legacy_key_map(model, own)
         if not to_model_key:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if hasattr(model, "peft_config") and newline_of(model) is not None:
+                load_newline(model, folder)
+            return
         from safetensors.torch import load_file
 
         state = {}
