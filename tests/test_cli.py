@@ -102,6 +102,12 @@ def test_unreachable_model_id_names_the_recipe_key(tiny_recipe, tmp_path):
         "llava15_stage2_lora.yaml",
         "llava15_stage2_mixture.yaml",
         "siglip2_qwen7b_qlora.yaml",
+        "llava_next_stage1.yaml",
+        "llava_next_stage2.yaml",
+        "llava_next_stage2_qlora.yaml",
+        "llava_next_qwen2_stage1.yaml",
+        "llava_next_qwen2_stage2.yaml",
+        "llava_next_qwen2_stage2_qlora.yaml",
     ],
 )
 def test_paper_recipes_dry_run_offline(name):
@@ -242,6 +248,36 @@ def test_user_errors_print_a_message_and_exit_2(args, message):
 def test_version_is_the_package_metadata():
     result = CliRunner().invoke(app, ["--version"], catch_exceptions=False)
     assert result.exit_code == 0 and result.stdout == f"lvit {version('lvit')}\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "batch"),
+    [
+        ("llava_next_stage1.yaml", "32 per device x 1 accumulation x 8 = 256"),
+        ("llava_next_stage2.yaml", "4 per device x 4 accumulation x 8 = 128"),
+        ("llava_next_stage2_qlora.yaml", "1 per device x 128 accumulation x 1 = 128"),
+        ("llava_next_qwen2_stage2.yaml", "4 per device x 4 accumulation x 8 = 128"),
+    ],
+)
+def test_llava_next_recipes_dry_run_with_local_parts(tiny_parts, shapes_data, tmp_path, name, batch):
+    """LLaVA-NeXT's recipes on local parts: stage 1 as LLaVA-1.5's, stage 2 as AnyRes (the pinpoints in units of
+    the tiny tower's 32 px), the tower at 2e-6 in the full recipes. The tiny LM has no chat template of its own:
+    the Qwen2 recipe's `auto` is replaced by vicuna_v1 here (tests/test_families.py covers `auto`)."""
+    vision, lm = tiny_parts
+    overrides = [f"model.vision_tower={vision}", f"model.language_model={lm}"]
+    if "stage2" in name:
+        overrides += [f"model.projector_from={tmp_path}", "model.image_grid_pinpoints=null"]
+        overrides += [f"data.path={shapes_data['instruct']}", f"data.image_folder={shapes_data['images']}"]
+    else:
+        overrides += [f"data.path={shapes_data['captions']}", f"data.image_folder={shapes_data['images']}"]
+    if "qwen2" in name:
+        overrides += ["data.template=vicuna_v1"]
+    result = CliRunner().invoke(
+        app, ["finetune", str(RECIPES / name), "--dry-run", *overrides, f"training.output_dir={tmp_path / 'out'}"]
+    )
+    assert result.exit_code == 0, result.output
+    assert batch in result.output and "dry run passed" in result.output
+    assert ("architecture llava_next (AnyRes)" in result.output) == ("stage2" in name)
 
 
 def test_checkout_recipes_folder_is_the_shipped_one():

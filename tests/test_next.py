@@ -246,8 +246,10 @@ def test_a_tiny_next_model_trains_both_stages_through_the_cli_and_exports(tiny_r
     assert any(answers)
     questions = tmp_path / "questions.jsonl"
     questions.write_text(
-        "".join(json.dumps({"question_id": str(i), "image": f"ask-{h}x{w}.png", "text": question}) + "\n"
-                for i, (h, w) in enumerate(SIZES))  # fmt: skip
+        "".join(
+            json.dumps({"question_id": str(i), "image": f"ask-{h}x{w}.png", "text": question}) + "\n"
+            for i, (h, w) in enumerate(SIZES)
+        )  # fmt: skip
     )
     generated = runner.invoke(
         app,
@@ -344,3 +346,46 @@ def test_next_under_adapters_keeps_its_image_newline_and_exports(tiny_recipe, tm
     assert newline_of(model).requires_grad and torch.equal(newline_of(model).detach().float(), start)
     fresh.trainer._load_from_checkpoint(str(out / "checkpoint-1"))
     assert torch.equal(newline_of(model).detach().float(), at_1)
+
+
+def test_data_check_and_preview_give_each_images_tokens_from_its_size(tiny_recipe, tmp_path):
+    """`lvit data check --recipe` reports the distribution of image tokens per image (each from its header), and
+    `lvit data preview` shows each image's count, in its text and JSON; preview's ids are the collator's."""
+    import json
+    from functools import partial
+
+    from transformers import CLIPVisionConfig
+    from typer.testing import CliRunner
+
+    from lvit.cli.app import app
+    from lvit.model.next import image_tokens
+    from lvit.model.processor import load_tokenizer
+
+    data = _varied_data(tmp_path / "data", 10)
+    recipe = tiny_recipe.write(
+        tmp_path / "r.yaml",
+        model={"architecture": "llava_next"},
+        data={"path": str(data), "image_folder": str(tmp_path / "data" / "images"), "max_length": 512},
+    )
+    vision = CLIPVisionConfig.from_pretrained(tiny_recipe.vision_dir)
+    count = partial(image_tokens, vision_config=vision, pinpoints=default_pinpoints(vision.image_size))
+    want = [count(*SIZES[i % len(SIZES)]) for i in range(10)]
+    assert len(set(want)) >= 4  # the aspect ratios cost different amounts
+
+    runner = CliRunner()
+    checked = runner.invoke(app, ["data", "check", "--recipe", str(recipe), "--json"])
+    assert checked.exit_code == 0, checked.output
+    report = json.loads(checked.output)["image_tokens"]
+    assert (report["images"], report["total"], report["min"], report["max"]) == (10, sum(want), min(want), max(want))
+    assert sum(b["count"] for b in report["histogram"]) == 10
+    text = runner.invoke(app, ["data", "check", "--recipe", str(recipe)]).output
+    assert f"image tokens per image (AnyRes: from each image's size), 10 images, {sum(want)} in all:" in text
+
+    shown = runner.invoke(app, ["data", "preview", str(recipe), "-n", "5", "--json"])
+    assert shown.exit_code == 0, shown.output
+    samples = json.loads(shown.output)
+    assert [s["image_tokens"] for s in samples] == [[n] for n in want[:5]]
+    image_id = load_tokenizer(str(tiny_recipe.lm_dir)).convert_tokens_to_ids("<image>")
+    assert [s["input_ids"].count(image_id) for s in samples] == want[:5]
+    text = runner.invoke(app, ["data", "preview", str(recipe), "-n", "2"]).output
+    assert f"image tokens {want[0]}" in text and f"<image>×{want[0]}" in text and f"<image>×{want[1]}" in text

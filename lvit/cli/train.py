@@ -67,7 +67,10 @@ def _print_dry_run(result) -> None:
     from lvit.train.dry_run import Check
 
     rec = result.recipe
-    typer.echo(f"recipe {rec.source}: stage {rec.stage}, projector {rec.model.projector}, template {rec.data.template}")
+    anyres = ", architecture llava_next (AnyRes)" if rec.model.architecture == "llava_next" else ""
+    typer.echo(
+        f"recipe {rec.source}: stage {rec.stage}, projector {rec.model.projector}, template {rec.data.template}{anyres}"
+    )
     for item in result.items:
         if not isinstance(item, Check):
             typer.echo(item)

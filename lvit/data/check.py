@@ -110,7 +110,7 @@ def _inspect(path, fmt, image_folder, decode, encoder, max_length, overlong) -> 
     problems = list(read.problems) + image_problems + duplicate_ids(parsed)
     insp = Inspection(str(path), read.format, read.total, parsed, usable, problems, decoded=decode)
     if encoder is not None:
-        _image_tokens_by_size(usable, encoder, image_folder)
+        image_tokens_by_size(usable, encoder, image_folder)
         lengths = encoder.lengths([r.conversation for r in usable])
         if lengths.rejected:  # records the template rejects (e.g. plain: one caption per record)
             for i, message in lengths.rejected.items():
@@ -128,7 +128,7 @@ def _inspect(path, fmt, image_folder, decode, encoder, max_length, overlong) -> 
     return insp
 
 
-def _image_tokens_by_size(records: list[Record], encoder, image_folder) -> None:
+def image_tokens_by_size(records: list[Record], encoder, image_folder) -> None:
     """LLaVA-NeXT's AnyRes: each image's tokens from its size (its header), set on the records' conversations."""
     tokens_for = getattr(encoder, "image_tokens_for_size", None)
     if tokens_for is None:

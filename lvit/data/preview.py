@@ -2,7 +2,8 @@
 
 Each record is encoded with the recipe's template and tokenizer (`lvit.templates.encoder.ConversationEncoder`, the
 same ids the collator builds, cut at `data.max_length` as it cuts them). `format_sample` shows a sample
-as text with the trained spans in brackets and the image as `<image>×N`, then one row per token (index,
+as text with the trained spans in brackets and each image as `<image>×N` (N: its tokens, which for LLaVA-NeXT depend
+on its size), then one row per token (index,
 id, token, label; the image tokens as one row).
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lvit.data.check import check_record_images, encoder_from_recipe, overlong_reason
+from lvit.data.check import check_record_images, encoder_from_recipe, image_tokens_by_size, overlong_reason
 from lvit.data.mixture import is_mixture, sources_of
 from lvit.data.normalise import normalise, normalise_chat
 from lvit.data.reader import ReadResult, read_all
@@ -36,12 +37,15 @@ class Sample:
     index: int = 0
     source: str | None = None
     """The source it comes from, in a mixture."""
+    image_tokens: list[int] | None = None
+    """Each image's tokens, in order (LLaVA-NeXT's AnyRes: from the image's size)."""
 
     def to_json(self) -> dict:
         where = {} if self.source is None else {"source": self.source}
         if self.refused is not None:
             return {"id": self.id, **where, "refused": self.refused}
-        return {"id": self.id, **where, "input_ids": self.input_ids, "labels": self.labels}
+        images = {"image_tokens": self.image_tokens} if self.image_tokens else {}
+        return {"id": self.id, **where, "input_ids": self.input_ids, "labels": self.labels, **images}
 
 
 def preview(recipe, n: int = 3) -> list[Sample]:
@@ -69,6 +73,7 @@ def _preview(data, encoder, n: int) -> list[Sample]:
     first = [r for r in read.records if r.index < n]
     head = ReadResult(read.format, first, [], read.total, {})
     records, image_problems = check_record_images(head, data.image_folder)
+    image_tokens_by_size(records, encoder, data.image_folder)
     left_out = {p.index: str(p) for p in [*read.problems, *image_problems] if p.index is not None and p.index < n}
     return _samples(records, left_out, data, encoder)
 
@@ -108,16 +113,18 @@ def _samples(records, left_out: dict, data, encoder) -> list[Sample]:
             left_out[record.index] = f"{record.where}: too long ({reason}; data.overlong: {data.overlong})"
             continue
         ids, labels = enc.input_ids[: data.max_length], enc.labels[: data.max_length]
+        counts = list(record.conversation.image_tokens or [encoder.num_image_tokens] * len(rendered.images))
         samples.append(
             Sample(
                 record.id,
                 ids,
                 labels,
-                _marked_text(rendered, encoder.num_image_tokens),
+                _marked_text(rendered, counts),
                 encoder.tokenizer.convert_ids_to_tokens(ids),
                 total,
                 image_token_id=encoder.image_token_id,
                 index=record.index,
+                image_tokens=counts,
             )
         )
     samples += [Sample(_id_of(why), [], [], "", [], 0, refused=why, index=i) for i, why in left_out.items()]
@@ -130,8 +137,10 @@ def _id_of(why: str) -> str:
     return why[start + 5 : why.index("'", start + 5)] if start >= 0 else why.split(":", 1)[0]
 
 
-def _marked_text(rendered, n_image: int) -> str:
+def _marked_text(rendered, counts: list[int]) -> str:
+    """The text, trained spans in [brackets], image k as `<image>×counts[k]`."""
     marks = {}
+    by_place = dict(zip(rendered.images, counts, strict=True))
     for start, end in rendered.trained:
         marks[start], marks[end] = "[", "]"
     text = rendered.text
@@ -141,7 +150,7 @@ def _marked_text(rendered, n_image: int) -> str:
         if cut in marks and marks[cut] == "]":
             out.append("]")
         if cut in rendered.images:
-            out.append(f"{IMAGE_PLACEHOLDER}×{n_image}")
+            out.append(f"{IMAGE_PLACEHOLDER}×{by_place[cut]}")
             pos = cut + len(IMAGE_PLACEHOLDER)
         else:
             pos = cut
@@ -158,8 +167,9 @@ def format_sample(sample: Sample, max_length: int | None = None) -> str:
         return f"{source}left out of training: {sample.refused}"
     trained = sum(label != IGNORE_INDEX for label in sample.labels)
     cut = f", cut to data.max_length {max_length}" if sample.length > len(sample.input_ids) else ""
+    images = f", image tokens {' + '.join(map(str, sample.image_tokens))}" if sample.image_tokens else ""
     lines = [
-        f"{source}record {sample.id!r}: {sample.length} tokens{cut}, {trained} trained",
+        f"{source}record {sample.id!r}: {sample.length} tokens{cut}, {trained} trained{images}",
         f"  text:  {sample.text!r}",
         "      #       id  token                 label",
     ]

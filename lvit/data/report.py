@@ -39,6 +39,14 @@ def histogram(values: list[int], bins: int = 10) -> list[dict]:
     return [{"from": edges[i], "to": edges[i + 1], "count": int(c)} for i, c in enumerate(counts) if edges[i] < top]
 
 
+def _bars(bins: list[dict]) -> list[str]:
+    """A histogram's bins as text bars."""
+    peak = max(b["count"] for b in bins) or 1
+    return [
+        f"    {b['from']:>7} - {b['to'] - 1:<7} {'#' * round(30 * b['count'] / peak):<30} {b['count']}" for b in bins
+    ]
+
+
 @dataclass
 class CheckReport:
     inspection: Inspection
@@ -72,6 +80,14 @@ class CheckReport:
         }
         if insp.lengths is not None and insp.lengths.total:
             out["lengths"] = {**percentiles(insp.lengths.total), "histogram": histogram(insp.lengths.total)}
+        per_image = [n for r in insp.usable for n in (r.conversation.image_tokens or ())]
+        if per_image:  # LLaVA-NeXT's AnyRes: an image's tokens depend on its size
+            out["image_tokens"] = {
+                **percentiles(per_image),
+                "images": len(per_image),
+                "total": sum(per_image),
+                "histogram": histogram(per_image),
+            }
         if insp.overlong is not None:
             out["overlong"] = {
                 "policy": insp.overlong,
@@ -94,6 +110,23 @@ class CheckReport:
 
     def format_summary(self) -> list[str]:
         s = self.summary()
+        lines = self._summary_rows(s)
+        if "image_tokens" in s:
+            t = s["image_tokens"]
+            counted = f"{t['images']} images, {t['total']} in all"
+            lines.append(f"  image tokens per image (AnyRes: from each image's size), {counted}:")
+            lines.append(f"    min {t['min']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  max {t['max']}")
+            lines += _bars(t["histogram"])
+        if s["overlong"] is not None:
+            o = s["overlong"]
+            verb = "stop training (data.overlong: error)" if o["policy"] == "error" else "be dropped"
+            lines.append(
+                f"  over data.max_length {o['max_length']} (data.overlong: {o['policy']}): {o['truncated']} would be "
+                f"truncated after the image, {o['dropped']} would {verb}"
+            )
+        return lines
+
+    def _summary_rows(self, s: dict) -> list[str]:
         lines = [f"summary of {s['path']} (format {s['format']}):"]
         rows = [
             ("records", s["records"]),
@@ -117,19 +150,9 @@ class CheckReport:
             n = len(self.inspection.lengths.total)
             lines.append(f"  sequence length in tokens (text + image tokens), {n} samples:")
             lines.append(f"    min {ln['min']}  p50 {ln['p50']}  p90 {ln['p90']}  p99 {ln['p99']}  max {ln['max']}")
-            peak = max(b["count"] for b in ln["histogram"]) or 1
-            for b in ln["histogram"]:
-                bar = "#" * round(30 * b["count"] / peak)
-                lines.append(f"    {b['from']:>7} - {b['to'] - 1:<7} {bar:<30} {b['count']}")
+            lines += _bars(ln["histogram"])
         elif self.recipe is None:
             lines.append("  sequence lengths: pass --recipe to measure samples in tokens (and check data.max_length)")
-        if s["overlong"] is not None:
-            o = s["overlong"]
-            verb = "stop training (data.overlong: error)" if o["policy"] == "error" else "be dropped"
-            lines.append(
-                f"  over data.max_length {o['max_length']} (data.overlong: {o['policy']}): {o['truncated']} would be "
-                f"truncated after the image, {o['dropped']} would {verb}"
-            )
         return lines
 
     def format_text(self) -> str:
