@@ -281,7 +281,7 @@ def test_packed_next_batches_equal_padded_ones_and_the_checks_count_the_collator
     config = model.config
     counts = partial(image_tokens, vision_config=config.vision_config, pinpoints=config.image_grid_pinpoints)
     encoder = conversation_encoder("vicuna_v1", processor.tokenizer, config)
-    encoder.image_tokens_for_size = counts
+    assert encoder.image_tokens_for_size(40, 80) == counts(40, 80)  # a NeXT config's encoder counts by size
     data = _varied_data(tmp_path, 6)
     dataset = prepare(
         DataSection(path=str(data), image_folder=str(tmp_path / "images"), max_length=512), encoder
