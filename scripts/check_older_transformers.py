@@ -1,7 +1,8 @@
-"""Check that an lvit export (a stock `LlavaForConditionalGeneration` folder) gives the same prompt and greedy tokens
-under another transformers release (e.g. the last 4.x) as under the one lvit uses (5.x).
+"""Check that an lvit export (a stock `LlavaForConditionalGeneration` or `LlavaNextForConditionalGeneration` folder)
+gives the same prompt and greedy tokens under another transformers release (e.g. the last 4.x) as under the one lvit
+uses (5.x).
 
-`run` loads the export in THIS interpreter with AutoProcessor + LlavaForConditionalGeneration (fp32, CPU), builds
+`run` loads the export in THIS interpreter with AutoProcessor + the class its config names (fp32, CPU), builds
 the prompt with `processor.apply_chat_template` (one image + a question, add_generation_prompt=True), generates
 16 greedy tokens with eos disabled (generation_config.eos_token_id = None, so all 16 are produced), and prints JSON:
 transformers_version, prompt_ids, tokens, top_logits (the chosen token's logit at each step), info (classes loaded,
@@ -40,7 +41,7 @@ def make_image(path: str | None):
 def run(export: str, image_path: str | None) -> dict:
     import torch
     import transformers
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     torch.manual_seed(0)
     out: dict = dict(transformers_version=transformers.__version__, prompt_ids=None, tokens=None, top_logits=None)
@@ -53,9 +54,10 @@ def run(export: str, image_path: str | None) -> dict:
         out["info"]["image_processor"] = type(getattr(processor, "image_processor", None)).__name__
         stage = "model"
         # `dtype=` is understood from transformers 4.56 on (older: torch_dtype=)
-        model, loading = LlavaForConditionalGeneration.from_pretrained(
-            export, dtype=torch.float32, output_loading_info=True
-        )
+        model_type = AutoConfig.from_pretrained(export).model_type
+        model_class = LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
+        out["info"]["model_class"] = model_class.__name__
+        model, loading = model_class.from_pretrained(export, dtype=torch.float32, output_loading_info=True)
         model.eval()
         text = model.config.text_config
         rope = getattr(text, "rope_parameters", None) or {}

@@ -189,8 +189,8 @@ def _plain_greedy(folder: Path, image: Image.Image, question: str, max_new_token
 
 @pytest.mark.slow  # two tiny runs, an export and generation, about 40 s
 def test_a_tiny_next_model_trains_both_stages_through_the_cli_and_exports(tiny_recipe, tmp_path):
-    """Stage 1 as LLaVA-1.5 (architecture llava, the shapes captions), then stage 2 as LLaVA-NeXT on images of five
-    aspect ratios, through `lvit finetune`; the run reloads as a stock LlavaNextForConditionalGeneration whose
+    """Stage 1 as LLaVA-1.5 (architecture llava), then stage 2 as LLaVA-NeXT, on images of five aspect ratios,
+    through `lvit finetune`; the run reloads as a stock LlavaNextForConditionalGeneration whose
     image_newline trained; `lvit export` writes a stock folder (self-checked) and plain transformers gives, for each
     aspect ratio, lvit's prompt ids and greedy answer; `lvit generate`'s batch gives the same answers."""
     import json
@@ -205,11 +205,22 @@ def test_a_tiny_next_model_trains_both_stages_through_the_cli_and_exports(tiny_r
     from lvit.infer.load import load_model
 
     runner = CliRunner()
-    stage1 = tiny_recipe.write(
-        tmp_path / "s1.yaml", "align", out_dir=tmp_path / "stage1", model={"projector": "mlp2x_gelu"}
-    )
-    assert runner.invoke(app, ["finetune", str(stage1)]).exit_code == 0
     data = _varied_data(tmp_path / "data")
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps([
+        {"id": r["id"], "image": r["image"], "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": r["conversations"][1]["value"]}]}
+        for r in json.loads(data.read_text())
+    ]))  # fmt: skip
+    stage1 = tiny_recipe.write(
+        tmp_path / "s1.yaml",
+        "align",
+        out_dir=tmp_path / "stage1",
+        model={"projector": "mlp2x_gelu"},
+        data={"path": str(captions), "image_folder": str(tmp_path / "data" / "images")},
+    )
+    trained = runner.invoke(app, ["finetune", str(stage1)])
+    assert trained.exit_code == 0, trained.output
     raw = tiny_recipe.raw(
         out_dir=tmp_path / "stage2",
         model={"architecture": "llava_next", "projector": "mlp2x_gelu", "projector_from": str(tmp_path / "stage1")},
@@ -230,6 +241,8 @@ def test_a_tiny_next_model_trains_both_stages_through_the_cli_and_exports(tiny_r
     exported = runner.invoke(app, ["export", str(tmp_path / "stage2"), "--out", str(tmp_path / "x"), "--dtype", "fp32"])
     assert exported.exit_code == 0, exported.output
     assert "LlavaNextForConditionalGeneration.from_pretrained(" in (tmp_path / "x" / "README.md").read_text()
+    gguf = runner.invoke(app, ["export", str(tmp_path / "stage2"), "--out", str(tmp_path / "g"), "--gguf"])
+    assert gguf.exit_code == 2 and "--gguf is refused" in gguf.output and not (tmp_path / "g").exists()
     loaded = load_model(tmp_path / "stage2", device="cpu")
     settings = GenerationSettings(max_new_tokens=6)
     question = "What colour is it?"

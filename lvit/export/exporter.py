@@ -154,9 +154,11 @@ def export(
             raise LvitError("--gguf writes a whole model; it does not go with --projector-only.")
         if run.recipe.model.architecture == "llava_next":
             raise LvitError(
-                f"{run.path}: a LLaVA-NeXT run (model.architecture: llava_next); --gguf writes LLaVA-1.5's GGUF pair "
-                "only in this version of lvit. Export without --gguf: the folder is a stock "
-                "LlavaNextForConditionalGeneration that transformers and vLLM load."
+                f"{run.path}: a LLaVA-NeXT run (model.architecture: llava_next): --gguf is refused. llama.cpp's "
+                "mtmd (llama-server, llama-mtmd-cli, Ollama) gives such a model 576 tokens per tile with the whole "
+                "image last, no unpadding and no row newline, and no tiles for an image up to the tower's size: "
+                "other image tokens than it was trained on (docs/stack-notes.md#llama-cpp-anyres). Export without "
+                "--gguf: the folder is a stock LlavaNextForConditionalGeneration that transformers and vLLM load."
             )
         converter, quants = check_gguf_options(gguf.dtype, gguf.quant, gguf.verify, gguf.llama_cpp)
 
