@@ -402,3 +402,15 @@ def test_data_check_and_preview_give_each_images_tokens_from_its_size(tiny_recip
     assert [s["input_ids"].count(image_id) for s in samples] == want[:5]
     text = runner.invoke(app, ["data", "preview", str(recipe), "-n", "2"]).output
     assert f"image tokens {want[0]}" in text and f"<image>×{want[0]}" in text and f"<image>×{want[1]}" in text
+
+    # a max_length between the counts: a sample is cut after its image, never inside it, or left out as too long
+    limit = sorted(set(want))[-2] + 40
+    cut = runner.invoke(app, ["data", "preview", str(recipe), "-n", "5", "--json", "-o", f"data.max_length={limit}"])
+    assert cut.exit_code == 0, cut.output
+    shown = json.loads(cut.output)
+    kept = [s for s in shown if "refused" not in s]
+    assert all(len(s["input_ids"]) <= limit and s["input_ids"].count(image_id) == s["image_tokens"][0] for s in kept)
+    dropped = [s for s in shown if "refused" in s]
+    assert kept and dropped and all("too long" in s["refused"] for s in dropped)
+    before = samples[0]["input_ids"].index(image_id)  # the text before the image (the same in every record)
+    assert {s["id"] for s in dropped} == {f"r{i}" for i in range(5) if before + want[i] > limit}
