@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from lvit.errors import LvitError
-from lvit.model.next import check_pinpoints, default_pinpoints, to_next
+from lvit.model.next import check_pinpoints, default_pinpoints, image_tokens, to_next
 from lvit.recipe.schema import ModelSection
 
 SIZES = [(40, 80), (80, 40), (60, 60), (30, 100), (100, 24)]  # (height, width): wide, tall, square, very wide, tall
@@ -73,9 +73,26 @@ def next_model(tiny_parts):
     return model.eval(), next_processor
 
 
-def test_the_next_forward_equals_llava_nexts_anyres_path(next_model):
-    model, processor = next_model
-    assert model.config.image_grid_pinpoints == default_pinpoints(32)
+@pytest.fixture(scope="module")
+def next_siglip_model(tiny_parts, tmp_path_factory):
+    """LLaVA-NeXT on a tiny SigLIP tower: no CLS token, every patch feature kept (strategy `full`)."""
+    from lvit.demo.tiny import build_tiny_siglip
+    from lvit.model.assemble import assemble
+
+    _, lm = tiny_parts
+    tower = build_tiny_siglip(tmp_path_factory.mktemp("siglip") / "tower")
+    torch.manual_seed(0)
+    llava, processor = assemble(ModelSection(vision_tower=str(tower), language_model=str(lm), projector="mlp2x_gelu"))
+    model, next_processor = to_next(llava, processor)
+    assert model.config.vision_feature_select_strategy == "full"
+    return model.eval(), next_processor
+
+
+@pytest.mark.parametrize("tower", ["next_model", "next_siglip_model"])
+def test_the_next_forward_equals_llava_nexts_anyres_path(request, tower):
+    model, processor = request.getfixturevalue(tower)
+    side = model.config.vision_config.image_size
+    assert model.config.image_grid_pinpoints == default_pinpoints(side)
     embed = model.get_input_embeddings()
     for height, width in SIZES:
         image = Image.new("RGB", (width, height))
@@ -87,9 +104,11 @@ def test_the_next_forward_equals_llava_nexts_anyres_path(next_model):
         with torch.no_grad():
             tiles = inputs["pixel_values"][0]
             ph, pw = best_resolution(height, width, model.config.image_grid_pinpoints)
-            tiles = tiles[: (ph // 32) * (pw // 32) + 1]
+            tiles = tiles[: (ph // side) * (pw // side) + 1]
             expected = reference_features(model, tiles, height, width)
             assert len(image_positions) == expected.shape[0], (height, width)  # the processor's count
+            pinpoints = model.config.image_grid_pinpoints
+            assert image_tokens(height, width, model.config.vision_config, pinpoints) == len(image_positions)
             embeds = embed(ids[None]).clone()
             embeds[0, image_positions] = expected
             hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
