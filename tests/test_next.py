@@ -433,3 +433,67 @@ def test_data_check_and_preview_give_each_images_tokens_from_its_size(tiny_recip
     assert kept and dropped and all("too long" in s["refused"] for s in dropped)
     before = samples[0]["input_ids"].index(image_id)  # the text before the image (the same in every record)
     assert {s["id"] for s in dropped} == {f"r{i}" for i in range(5) if before + want[i] > limit}
+
+
+@pytest.mark.slow  # two tiny runs of 2 steps, about 10 s
+def test_a_streamed_next_run_counts_and_trains_as_the_in_memory_one(tiny_recipe, shapes_data, tmp_path):
+    """WebDataset shards whose images come in five aspect ratios: the streamed checks count each image's tokens
+    from its header as the in-memory checks do (the same lengths: `lvit data check`), and a max_length between the
+    counts leaves out the same samples, so the streamed run trains the in-memory run's steps."""
+    import json
+
+    import yaml
+    from test_streaming import _in_memory_copy, _records, _streamed_recipe, _write_shards
+    from typer.testing import CliRunner
+
+    from lvit.cli.app import app
+    from lvit.train.run import run
+
+    images = tmp_path / "shapes"
+    images.mkdir()
+    records = _records(shapes_data)
+    for i, record in enumerate(records):
+        if "image" in record:
+            height, width = SIZES[i % len(SIZES)]
+            Image.open(Path(shapes_data["images"]) / record["image"]).resize((width, height)).save(
+                images / record["image"]
+            )
+    shards = _write_shards(records, images, tmp_path / "wds")
+    path, folder = _in_memory_copy(records, images, tmp_path)
+
+    def recipes(max_length: int) -> tuple[dict, dict]:
+        streamed = _streamed_recipe(tiny_recipe, shards, tmp_path / "s", shuffle_buffer=0, max_length=max_length)
+        streamed["model"]["architecture"] = "llava_next"
+        memory = tiny_recipe.raw(
+            out_dir=tmp_path / "m",
+            model={"architecture": "llava_next"},
+            data={"path": str(path), "image_folder": str(folder), "on_bad_record": "skip", "max_length": max_length},
+            global_batch_size=8,
+            training={"max_steps": 6, "learning_rate": 1e-3, "train_sampling_strategy": "sequential"},
+        )
+        return streamed, memory
+
+    def check(raw: dict) -> dict:
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+        checked = CliRunner().invoke(app, ["data", "check", "--recipe", str(tmp_path / "r.yaml"), "--json"])
+        return json.loads(checked.output)
+
+    streamed, memory = (check(raw) for raw in recipes(512))
+    assert (
+        streamed["sources"][0]["lengths"] == memory["lengths"]
+        and len({h["count"] for h in memory["lengths"]["histogram"]}) > 2
+    )
+    streamed_raw, memory_raw = recipes(115)  # the samples of the widest images are too long: left out in both
+    streamed, memory = (check(raw) for raw in (streamed_raw, memory_raw))
+    dropped = memory["overlong"]["dropped"]
+    assert dropped > 0 and streamed["sources"][0]["problems_by_kind"]["too_long"] == dropped
+    assert streamed["sources"][0]["trainable"] == memory["trainable"]
+
+    logs = []
+    for raw in (streamed_raw, memory_raw):  # within the first pass (the in-memory epoch ends with a short step)
+        raw["training"]["max_steps"] = 2
+        out = run(tiny_recipe.recipe_from_raw(raw))
+        logs.append([json.loads(line) for line in (out / "lvit_log.jsonl").read_text().splitlines()])
+    a, b = logs
+    assert [e["num_tokens"] for e in a] == [e["num_tokens"] for e in b]  # the same samples, step by step
+    assert [e["loss"] for e in a] == pytest.approx([e["loss"] for e in b], rel=1e-5)

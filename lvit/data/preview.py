@@ -91,6 +91,7 @@ def _streamed_preview(source, encoder, n: int) -> list[Sample]:
         record = norm(raw.record, raw.offset, raw.line)
         record.index = i
         records.append(record)
+    image_tokens_by_size(records, encoder, source.image_folder)
     return _samples(records, left_out, source, encoder)
 
 

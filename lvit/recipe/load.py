@@ -162,7 +162,7 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
 
 
 def _check_next(recipe: Recipe, source: str) -> None:
-    """model.architecture llava_next: AnyRes in stage 2, on in-memory data, without LLaVA's `pad`."""
+    """model.architecture llava_next: AnyRes in stage 2, without LLaVA's `pad`."""
     model = recipe.model
     if model.architecture != "llava_next":
         if model.image_grid_pinpoints is not None:
@@ -172,10 +172,6 @@ def _check_next(recipe: Recipe, source: str) -> None:
         raise LvitError(
             f"{source}: model.architecture llava_next sees each image at its own aspect ratio (AnyRes); remove "
             f"data.image_aspect_ratio: {recipe.data.image_aspect_ratio} (LLaVA-NeXT's `anyres` replaces `pad`)."
-        )
-    if recipe.data.streaming:
-        raise LvitError(
-            f"{source}: model.architecture llava_next does not read streamed data yet; set data.streaming: false."
         )
     if recipe.stage != "finetune":
         raise LvitError(

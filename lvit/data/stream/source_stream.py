@@ -27,7 +27,7 @@ import numpy as np
 
 from lvit.data.check import overlong_reason
 from lvit.data.dataset import Skipped, append_skipped
-from lvit.data.images import describe_image, image_exists, probe_image
+from lvit.data.images import describe_image, image_exists, oriented_size, probe_image
 from lvit.data.mixture import Source
 from lvit.data.normalise import normalise, normalise_chat
 from lvit.data.records import RecordError
@@ -120,6 +120,9 @@ class SampleChecker:
             )
             if found is not None and found[1] == "error":
                 return Problem(raw, parsed.id, found[0], found[2]), None
+        if self.encoder.image_tokens_for_size is not None and parsed.images:  # AnyRes: tokens from each size
+            sizes = [oriented_size(image, folder) for image in parsed.images]
+            parsed.conversation = self.encoder.sized(parsed.conversation, sizes)
         return None, parsed
 
     def report(self, problem: Problem) -> None:
