@@ -479,6 +479,7 @@ def test_a_streamed_next_run_counts_and_trains_as_the_in_memory_one(tiny_recipe,
         return json.loads(checked.output)
 
     streamed, memory = (check(raw) for raw in recipes(512))
+    assert streamed["sources"][0]["image_tokens"] == memory["image_tokens"]  # per image, from each header
     assert (
         streamed["sources"][0]["lengths"] == memory["lengths"]
         and len({h["count"] for h in memory["lengths"]["histogram"]}) > 2

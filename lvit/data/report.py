@@ -39,6 +39,16 @@ def histogram(values: list[int], bins: int = 10) -> list[dict]:
     return [{"from": edges[i], "to": edges[i + 1], "count": int(c)} for i, c in enumerate(counts) if edges[i] < top]
 
 
+def image_token_summary(per_image: list[int]) -> dict:
+    """The distribution of image tokens per image (AnyRes): percentiles, how many images, the sum, a histogram."""
+    return {
+        **percentiles(per_image),
+        "images": len(per_image),
+        "total": sum(per_image),
+        "histogram": histogram(per_image),
+    }
+
+
 def _bars(bins: list[dict]) -> list[str]:
     """A histogram's bins as text bars."""
     peak = max(b["count"] for b in bins) or 1
@@ -82,12 +92,7 @@ class CheckReport:
             out["lengths"] = {**percentiles(insp.lengths.total), "histogram": histogram(insp.lengths.total)}
         per_image = [n for r in insp.usable for n in (r.conversation.image_tokens or ())]
         if per_image:  # LLaVA-NeXT's AnyRes: an image's tokens depend on its size
-            out["image_tokens"] = {
-                **percentiles(per_image),
-                "images": len(per_image),
-                "total": sum(per_image),
-                "histogram": histogram(per_image),
-            }
+            out["image_tokens"] = image_token_summary(per_image)
         if insp.overlong is not None:
             out["overlong"] = {
                 "policy": insp.overlong,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from itertools import islice
 
 from lvit.data.mixture import Source
-from lvit.data.report import histogram, percentiles
+from lvit.data.report import histogram, image_token_summary, percentiles
 from lvit.data.stream.dataset import streamed_sources
 from lvit.data.stream.shards import RawSample, read_shard
 from lvit.data.stream.source_stream import Problem, SampleChecker
@@ -27,7 +27,7 @@ _SHOWN = 20
 def checked_samples(source: Source, kind: str, shards: list[str], encoder, limit: int | None = None) -> Iterator:
     """`(raw, row or Problem)` for the samples of a source in file order (at most `limit`), nothing skipped silently
     and nothing stopping: every problem comes back as a `Problem`."""
-    checker = SampleChecker(replace(source, on_bad_record="skip"), None, encoder, None)
+    checker = SampleChecker(replace(source, on_bad_record="skip"), None, encoder, None, report_image_tokens=True)
     raws = (raw for shard in shards for raw in read_shard(shard, kind))
     if limit is not None:
         raws = islice(raws, limit)
@@ -47,6 +47,8 @@ class SourceCheck:
     problems: list[dict] = field(default_factory=list)
     by_kind: Counter = field(default_factory=Counter)
     lengths: array.array = field(default_factory=lambda: array.array("i"))
+    image_tokens: array.array = field(default_factory=lambda: array.array("i"))
+    """Each image's tokens, where they depend on its size (AnyRes)."""
 
     def add(self, raw: RawSample, result) -> None:
         self.records += 1
@@ -57,6 +59,7 @@ class SourceCheck:
         else:
             self.trainable += 1
             self.lengths.append(result["length"])
+            self.image_tokens.extend(result.get("image_tokens", ()))
 
     def to_json(self) -> dict:
         return {
@@ -70,6 +73,7 @@ class SourceCheck:
             "lengths": {**percentiles(list(self.lengths)), "histogram": histogram(list(self.lengths))}
             if self.lengths
             else None,
+            **({"image_tokens": image_token_summary(list(self.image_tokens))} if self.image_tokens else {}),
             "problems": self.problems,
         }
 
@@ -101,6 +105,12 @@ class StreamCheckReport:
                 ln = percentiles(list(p.lengths))
                 spread = f"min {ln['min']} p50 {ln['p50']} p90 {ln['p90']} p99 {ln['p99']} max {ln['max']}"
                 lines.append(f"  sequence length in tokens (image tokens included): {spread}")
+            if p.image_tokens:
+                t = percentiles(list(p.image_tokens))
+                spread = f"min {t['min']} p50 {t['p50']} p90 {t['p90']} p99 {t['p99']} max {t['max']}"
+                lines.append(
+                    f"  image tokens per image (AnyRes: from each image's size), {len(p.image_tokens)}: {spread}"
+                )
         verdict = "errors: a streamed run skips these (data.on_bad_record: skip) or stops on the first"
         lines.append("no errors" if self.ok else verdict)
         return "\n".join(lines)

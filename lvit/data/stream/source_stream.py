@@ -64,10 +64,14 @@ class SampleChecker:
     """A raw sample -> a training row (`lvit.data.dataset`'s columns, images inline), or None (skipped), or
     `UnreadableRecord` (the run stops)."""
 
-    def __init__(self, source: Source, index: int | None, encoder, skipped_file: str | None):
+    def __init__(
+        self, source: Source, index: int | None, encoder, skipped_file: str | None, report_image_tokens: bool = False
+    ):
         self.source, self.index, self.encoder = source, index, encoder
         self.skipped_file = skipped_file
         self.warned = 0
+        self.report_image_tokens = report_image_tokens
+        """The checks' rows carry each image's tokens (`image_tokens`, AnyRes) for their report; training's do not."""
 
     def check_many(self, raws: list[RawSample]) -> list:
         """Each sample's training row, or its `Problem` (reported by `report` when its turn comes); the template and
@@ -98,6 +102,8 @@ class SampleChecker:
             row["inline_images"] = [x.data if isinstance(x, InlineImage) else None for x in parsed.images]
             if self.index is not None:
                 row["source"] = self.index
+            if self.report_image_tokens and parsed.conversation.image_tokens:
+                row["image_tokens"] = list(parsed.conversation.image_tokens)
             out[i] = row
         return out
 
