@@ -355,6 +355,7 @@ def test_next_under_adapters_keeps_its_image_newline_and_exports(tiny_recipe, tm
     from lvit.train.run import TrainingRun, run
 
     overrides = {"method": method, "model": {"architecture": "llava_next"}, "lora": {"r": 8, "alpha": 16}}
+    overrides["projector_lr"] = 1e-3
     recipe = tiny_recipe(
         "finetune", out_dir=tmp_path / "run", training={"save_strategy": "steps", "save_steps": 1}, **overrides
     )
@@ -366,6 +367,7 @@ def test_next_under_adapters_keeps_its_image_newline_and_exports(tiny_recipe, tm
     at_1 = load_file(str(out / "checkpoint-1" / NEWLINE_FILE))["image_newline"]
     assert not torch.equal(at_1, saved) and not torch.equal(at_1, start)
 
+    assert "with `image_newline.safetensors` beside it" in (out / "README.md").read_text()  # the run's card
     trained, _, _ = load_trained(out, masters=True)
     assert torch.equal(newline_of(trained).detach(), saved)
     result = export(out, tmp_path / "x", dtype="fp32")
@@ -378,6 +380,26 @@ def test_next_under_adapters_keeps_its_image_newline_and_exports(tiny_recipe, tm
     assert newline_of(model).requires_grad and torch.equal(newline_of(model).detach().float(), start)
     fresh.trainer._load_from_checkpoint(str(out / "checkpoint-1"))
     assert torch.equal(newline_of(model).detach().float(), at_1)
+    fresh.trainer.create_optimizer()
+    lr = next(g["lr"] for g in fresh.trainer.optimizer.param_groups if any(p is newline_of(model) for p in g["params"]))
+    assert lr == 1e-3  # the projector's (projector_lr), not the adapters' learning_rate
+
+
+def test_next_adapters_are_refused_under_sharded_training(tiny_recipe, monkeypatch):
+    """DeepSpeed and FSDP shard the parameters: lvit could not save image_newline whole beside the adapter, so a
+    LoRA NeXT run under them is refused by name before training."""
+    import lvit.train.run
+    from lvit.train.trainer import LlavaTrainer
+
+    class Sharded(LlavaTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.is_deepspeed_enabled = True
+
+    monkeypatch.setattr(lvit.train.run, "LlavaTrainer", Sharded)
+    recipe = tiny_recipe("finetune", method="lora", model={"architecture": "llava_next"})
+    with pytest.raises(LvitError, match="LoRA / QLoRA LLaVA-NeXT run under DeepSpeed or FSDP"):
+        lvit.train.run.TrainingRun(recipe).setup()
 
 
 def test_data_check_and_preview_give_each_images_tokens_from_its_size(tiny_recipe, tmp_path):

@@ -21,6 +21,7 @@ def _params(module) -> dict[str, bool]:
     [
         ({"vision_tower_lr": -1.0}, "a positive number"),
         ({"method": "lora", "vision_tower_lr": 2e-6}, "method 'full'"),
+        ({"method": "lora", "lora": {"vision_tower": True}}, "set vision_tower_lr"),
     ],
 )
 def test_vision_tower_lr_is_checked_with_the_recipe(tiny_recipe, overrides, message):

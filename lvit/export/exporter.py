@@ -292,6 +292,11 @@ def _clean_config(config, dtype: torch.dtype) -> None:
 
 def _export_projector(run: RunFolder, tmp: Path, dtype, tolerance, device: str) -> ExportResult:
     log.info("[1/2] %s run %s: the trained projector", run.kind, run.path)
+    if run.recipe.model.architecture == "llava_next":
+        log.warning(
+            "a LLaVA-NeXT run: the projector-only export holds the projector, not image_newline; a NeXT stage 2 "
+            "started from it (model.projector_from) draws a new image_newline, as it does on a LLaVA-1.5 stage 1"
+        )
     trained, processor, _ = load_trained(run, device=device, masters=True)
     llava = trained.get_base_model() if hasattr(trained, "get_base_model") else trained
     projector = _unwrap_projector(llava.model.multi_modal_projector)

@@ -120,6 +120,11 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", check_training: bool =
             f"method {recipe.method!r}. Remove vision_tower_lr, or set lora.vision_tower: true (a LoRA run saves only "
             "its adapters, so a tower trained outside them would not be kept)."
         )
+    if recipe.method != "full" and recipe.lora.vision_tower and recipe.vision_tower_lr is None:
+        raise LvitError(
+            f"{source}: lora.vision_tower: true adapts the vision tower at its own learning rate; set "
+            "vision_tower_lr (e.g. 2.0e-5), or remove lora.vision_tower."
+        )
     if (recipe.data.path is None) == (recipe.data.sources is None):
         both = "both" if recipe.data.path is not None else "neither"
         raise LvitError(

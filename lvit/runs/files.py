@@ -219,6 +219,7 @@ def run_info(
         "stage": recipe.stage,
         "method": recipe.method,
         "projector": recipe.model.projector,
+        "architecture": recipe.model.architecture,
         "vision_tower": absolute["model"]["vision_tower"],
         "language_model": absolute["model"]["language_model"],
         "projector_from": absolute["model"]["projector_from"],
@@ -282,6 +283,10 @@ def run_card(folder: str | Path, info: dict) -> str:
     checkpoint = bool(CHECKPOINT_NAME.match(folder.name))
     where = f"`{folder.name}`, a checkpoint of an lvit run" if checkpoint else "an lvit run"
     holds = _HOLDS["align-checkpoint" if kind == "align" and checkpoint else kind]
+    if info.get("architecture") == "llava_next":  # AnyRes: the stock class, and its image_newline under adapters
+        holds = holds.replace("LlavaForConditional", "LlavaNextForConditional").replace(
+            "the trained projector", "the trained projector, with `image_newline.safetensors` beside it"
+        )
     lines = [
         f"# {folder.name}",
         "",

@@ -172,6 +172,10 @@ class ConversationEncoder:
     def _image_counts(self, conv: Conversation, n_images: int) -> list[int]:
         """The image tokens of each of the conversation's `n_images` images: its own counts, or the fixed one."""
         counts = conv.image_tokens
+        if counts is None and n_images and self.image_tokens_for_size is not None:
+            raise RuntimeError(
+                "lvit bug: an image's tokens depend on its size here, and the conversation has no counts"
+            )
         if counts is None:
             return [self.num_image_tokens] * n_images
         if len(counts) != n_images:

@@ -25,6 +25,7 @@ from lvit.data.stream.dataset import StreamedData, check_readers, streamed_sourc
 from lvit.errors import BAD_RECORD_FIXES, BadRecordStop, LvitError, UnreadableRecord
 from lvit.eval.callback import eval_callbacks
 from lvit.model.encoder import conversation_encoder
+from lvit.model.next import newline_of
 from lvit.model.stages import format_report, report_modules
 from lvit.recipe.schema import Recipe
 from lvit.runs.files import LOG_FILE, SKIPPED_FILE
@@ -162,6 +163,17 @@ class TrainingRun:
             raise LvitError(
                 "FSDP with a sharded state dict: the Trainer would save no model weights. Set fsdp_state_dict_type: "
                 "FULL_STATE_DICT in the accelerate config (see recipes/accelerate/fsdp_8gpu.yaml)."
+            )
+        if (
+            newline_of(trainer.model) is not None
+            and recipe.method != "full"
+            and (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled)
+        ):
+            raise LvitError(
+                "a LoRA / QLoRA LLaVA-NeXT run under DeepSpeed or FSDP: lvit keeps its image_newline beside the "
+                "adapter from the whole parameter, which these shard. Launch with plain data parallelism instead "
+                "(`accelerate launch --multi_gpu --num_processes N -m lvit finetune ...`; the adapters are small), or "
+                "use method: full."
             )
         self.history = history.install(trainer, out / LOG_FILE, show_progress_bar(recipe, args))
         trainer.resume_data_from = self.resume_from

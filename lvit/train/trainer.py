@@ -323,7 +323,9 @@ class LlavaTrainer(SFTTrainer):
         groups: dict[tuple[str | None, bool], list] = {}
         for name, param in model.named_parameters():
             if param.requires_grad:
-                part = next((p for p in lrs if f"{p}." in name), None)
+                # LLaVA-NeXT's image_newline is part of the projection of image features: the projector's lr
+                part = "multi_modal_projector" if name.endswith("image_newline") else None
+                part = part or next((p for p in lrs if f"{p}." in name), None)
                 groups.setdefault((part, name in decay), []).append(param)
         param_groups = []
         for (part, decays), params in groups.items():
