@@ -321,8 +321,8 @@ def test_packed_next_batches_equal_padded_ones_and_the_checks_count_the_collator
     rows = [dataset[i] for i in range(6)]
     loader = ImageLoader(processor.image_processor, tmp_path / "images")
     pad = processor.tokenizer.pad_token_id
-    padded = LlavaCollator(encoder, loader, pad, 512, image_tokens=counts)(rows)
-    packed = LlavaCollator(encoder, loader, pad, 512, packing=True, max_tokens_per_row=None, image_tokens=counts)(rows)
+    padded = LlavaCollator(encoder, loader, pad, 512)(rows)
+    packed = LlavaCollator(encoder, loader, pad, 512, packing=True, max_tokens_per_row=None)(rows)
     assert padded["attention_mask"].sum(1).tolist() == [r["length"] for r in rows]
     assert packed["image_sizes"].tolist() == padded["image_sizes"].tolist() == [list(SIZES[i % 5]) for i in range(6)]
 
@@ -352,6 +352,7 @@ def test_next_under_adapters_keeps_its_image_newline_and_exports(tiny_recipe, tm
     from lvit.export.exporter import export
     from lvit.infer.load import load_trained
     from lvit.model.next import NEWLINE_FILE, newline_of
+    from lvit.model.stages import report_modules
     from lvit.train.run import TrainingRun, run
 
     overrides = {"method": method, "model": {"architecture": "llava_next"}, "lora": {"r": 8, "alpha": 16}}
@@ -380,6 +381,8 @@ def test_next_under_adapters_keeps_its_image_newline_and_exports(tiny_recipe, tm
     assert newline_of(model).requires_grad and torch.equal(newline_of(model).detach().float(), start)
     fresh.trainer._load_from_checkpoint(str(out / "checkpoint-1"))
     assert torch.equal(newline_of(model).detach().float(), at_1)
+    row = next(r for r in report_modules(model.get_base_model()) if r.name == "model.image_newline")
+    assert (row.trainable, row.frozen, row.trainable_dtypes) == (hidden, 0, ("fp32",))  # logged as it trains
     fresh.trainer.create_optimizer()
     lr = next(g["lr"] for g in fresh.trainer.optimizer.param_groups if any(p is newline_of(model) for p in g["params"]))
     assert lr == 1e-3  # the projector's (projector_lr), not the adapters' learning_rate

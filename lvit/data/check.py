@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 from lvit.data.images import describe_image, image_exists, oriented_size, probe_image
@@ -27,7 +26,6 @@ from lvit.errors import LvitError
 from lvit.model.encoder import conversation_encoder
 from lvit.model.hub import resolve_source
 from lvit.model.next import default_pinpoints
-from lvit.model.next import image_tokens as next_image_tokens
 from lvit.model.processor import load_tokenizer
 from lvit.model.towers import vision_config_of
 from lvit.templates.conversation import Lengths
@@ -129,15 +127,14 @@ def _inspect(path, fmt, image_folder, decode, encoder, max_length, overlong) -> 
 
 
 def image_tokens_by_size(records: list[Record], encoder, image_folder) -> None:
-    """LLaVA-NeXT's AnyRes: each image's tokens from its size (its header), set on the records' conversations."""
-    tokens_for = getattr(encoder, "image_tokens_for_size", None)
-    if tokens_for is None:
+    """LLaVA-NeXT's AnyRes: each image's tokens from its size (its header), set on the records' conversations
+    (`ConversationEncoder.sized`); nothing for an encoder whose counts are fixed."""
+    if encoder.image_tokens_for_size is None:
         return
     sizes: dict = {}
     for record in records:
-        if record.images:
-            got = [sizes.setdefault(i, oriented_size(i, image_folder)) for i in record.images]
-            record.conversation.image_tokens = tuple(tokens_for(h, w) for h, w in got)
+        got = [sizes.setdefault(i, oriented_size(i, image_folder)) for i in record.images]
+        record.conversation = encoder.sized(record.conversation, got)
 
 
 def check_record_images(
@@ -264,11 +261,10 @@ def encoder_from_recipe(recipe, template: str | None = None):
     vision = resolve_source(recipe.model.vision_tower, "model.vision_tower", recipe.source)
     tokenizer = load_tokenizer(lm)
     vision_config = vision_config_of(vision)
-    encoder = conversation_encoder(template or recipe.data.template, tokenizer, vision_config)
-    if recipe.model.architecture == "llava_next":
+    pinpoints = None
+    if recipe.model.architecture == "llava_next":  # AnyRes: each image's tokens from its size
         pinpoints = recipe.model.image_grid_pinpoints or default_pinpoints(vision_config.image_size)
-        encoder.image_tokens_for_size = partial(next_image_tokens, vision_config=vision_config, pinpoints=pinpoints)
-    return encoder
+    return conversation_encoder(template or recipe.data.template, tokenizer, vision_config, pinpoints)
 
 
 def check_data(

@@ -58,7 +58,6 @@ class LlavaCollator:
         max_tokens_per_row: int | str | None = None,
         by_source: list[tuple[ConversationEncoder, ImageLoader, bool]] | None = None,
         source_names: list[str] | None = None,
-        image_tokens=None,
     ):
         self.encoder = encoder
         self.image_loader = image_loader
@@ -66,8 +65,6 @@ class LlavaCollator:
         """A mixture: each source's encoder, image loader and whether it skips a bad record (its `on_bad_record`),
         by the rows' `source` column."""
         self.source_names = source_names
-        self.image_tokens = image_tokens
-        """LLaVA-NeXT's AnyRes: (height, width) -> the image's tokens (`lvit.model.next.image_tokens`), else None."""
         self.pad_token_id = pad_token_id
         self.max_length = max_length
         self.skipped_file = None if skipped_file is None else str(skipped_file)
@@ -92,10 +89,7 @@ class LlavaCollator:
                 stand_ins.add(i)
             per_record.append(loaded)
         images = [image for loaded in per_record for image in loaded]
-        counts = None
-        if self.image_tokens is not None:  # each image's tokens from its size, as loaded
-            counts = [tuple(self.image_tokens(i.height, i.width) for i in loaded) or None for loaded in per_record]
-        encoded = self._encode(rows, counts)
+        encoded = self._encode(rows, [[(i.height, i.width) for i in loaded] for loaded in per_record])
         ids = [e.input_ids[: self.max_length] for e in encoded]
         labels = [
             [IGNORE_INDEX] * len(x) if i in stand_ins else e.labels[: self.max_length]
@@ -124,12 +118,12 @@ class LlavaCollator:
     def _skips(self, row: dict) -> bool:
         return self.by_source is None or self.by_source[row["source"]][2]
 
-    def _encode(self, rows: list[dict], counts: list | None = None) -> list:
+    def _encode(self, rows: list[dict], sizes: list[list[tuple[int, int]]]) -> list:
         """Each row encoded with its source's encoder (the recipe's for one source), in one call per encoder;
-        `counts`: each row's images' token counts (AnyRes)."""
-        convs = [conversation_from_row(r) for r in rows]
-        for conv, n in zip(convs, counts or [], strict=False):
-            conv.image_tokens = n
+        `sizes`: each row's images as loaded, (height, width), for an encoder whose image tokens depend on them
+        (LLaVA-NeXT's AnyRes, `ConversationEncoder.sized`)."""
+        encoders = [self.encoder if self.by_source is None else self.by_source[r["source"]][0] for r in rows]
+        convs = [e.sized(conversation_from_row(r), s) for e, r, s in zip(encoders, rows, sizes, strict=True)]
         if self.by_source is None:
             return self.encoder.encode_many(convs)
         encoded: list = [None] * len(rows)

@@ -102,8 +102,8 @@ def load_trained(run: RunFolder | str | Path, device: str | None = None, masters
         model = _assemble_base(run)
         if masters:
             model.model.multi_modal_projector.float()
-            if newline_of(model) is not None:
-                model.model.image_newline.data = model.model.image_newline.data.float()
+            if newline_of(model) is not None:  # LLaVA-NeXT's row ends: a master weight too
+                newline_of(model).data = newline_of(model).data.float()
         if run.kind == "align":
             load_projector(model, str(run.path), run.recipe.model.projector, str(run.path))
         else:

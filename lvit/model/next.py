@@ -40,8 +40,8 @@ def image_tokens(height: int, width: int, vision_config, pinpoints: list[list[in
     """The image tokens LLaVA-NeXT's AnyRes gives an image of `height` x `width` pixels (as it is loaded: EXIF
     orientation applied): the whole image's features, then the grid of its best-fit pinpoint's tiles with the
     padding's rows or columns cut away and a newline closing each row (`LlavaNextModel.pack_image_features`; the
-    rounding is transformers' `unpad_image`). A tile yields one feature per patch (lvit refuses a tower that keeps
-    CLIP's class token for AnyRes)."""
+    rounding is transformers' `unpad_image`). A tile yields one feature per patch (CLIP's class token is dropped,
+    SigLIP has none: `lvit.model.towers.feature_select_strategy`)."""
     from transformers.image_processing_utils import select_best_resolution
 
     size = vision_config.image_size

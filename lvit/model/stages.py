@@ -79,22 +79,26 @@ def _dtype_name(param) -> str:
 
 
 def report_modules(model) -> list[ModuleRow]:
-    """Parameter counts and dtypes (trainable, frozen) for the parts of a LLaVA model."""
+    """Parameter counts and dtypes (trainable, frozen) for the parts of a LLaVA model (and LLaVA-NeXT's
+    `image_newline`)."""
     parts = [
-        ("model.vision_tower", model.model.vision_tower),
+        ("model.vision_tower", model.model.vision_tower.parameters()),
         *[
-            (f"model.multi_modal_projector.{n}", m)
+            (f"model.multi_modal_projector.{n}", m.parameters())
             for n, m in model.model.multi_modal_projector.named_children()
             if any(True for _ in m.parameters())
         ],
-        *[(f"model.language_model.{n}", m) for n, m in model.model.language_model.named_children()],
-        ("lm_head", model.lm_head),
+        *[(f"model.language_model.{n}", m.parameters()) for n, m in model.model.language_model.named_children()],
+        ("lm_head", model.lm_head.parameters()),
     ]
+    newline = getattr(model.model, "image_newline", None)
+    if newline is not None:
+        parts.insert(1, ("model.image_newline", [newline]))
     rows, seen = [], set()
-    for name, module in parts:
+    for name, params in parts:
         trainable = frozen = 0
         dtypes: dict[bool, set[str]] = {True: set(), False: set()}
-        for p in module.parameters():
+        for p in params:
             if id(p) in seen:  # tied weights are counted once
                 continue
             seen.add(id(p))

@@ -254,10 +254,11 @@ def write_run_files(folder: str | Path, recipe: Recipe, info: dict) -> None:
 _HOLDS = {
     "align": "the trained projector (`projector.safetensors`); CLIP and the language model are unchanged base parts",
     "align-checkpoint": "the whole LLaVA model as the Trainer saves a checkpoint (only its projector trained)",
-    "full": "the whole trained LLaVA model (`model.safetensors`), a stock `LlavaForConditionalGeneration`",
-    "lora": "a peft adapter (`adapter_model.safetensors`): LoRA on the language model and the trained projector",
+    "full": "the whole trained LLaVA model (`model.safetensors`), a stock `{model_class}`",
+    "lora": "a peft adapter (`adapter_model.safetensors`): LoRA on the language model and the trained "
+    "projector{newline}",
     "qlora": "a peft adapter (`adapter_model.safetensors`) trained on a 4-bit NF4 language model: LoRA on the "
-    "language model and the trained projector",
+    "language model and the trained projector{newline}",
 }
 
 
@@ -282,11 +283,11 @@ def run_card(folder: str | Path, info: dict) -> str:
     kind = "align" if info["stage"] == "align" else info["method"]
     checkpoint = bool(CHECKPOINT_NAME.match(folder.name))
     where = f"`{folder.name}`, a checkpoint of an lvit run" if checkpoint else "an lvit run"
-    holds = _HOLDS["align-checkpoint" if kind == "align" and checkpoint else kind]
-    if info.get("architecture") == "llava_next":  # AnyRes: the stock class, and its image_newline under adapters
-        holds = holds.replace("LlavaForConditional", "LlavaNextForConditional").replace(
-            "the trained projector", "the trained projector, with `image_newline.safetensors` beside it"
-        )
+    next_run = info.get("architecture") == "llava_next"  # AnyRes: its class, and image_newline beside an adapter
+    holds = _HOLDS["align-checkpoint" if kind == "align" and checkpoint else kind].format(
+        model_class="LlavaNextForConditionalGeneration" if next_run else "LlavaForConditionalGeneration",
+        newline=", with `image_newline.safetensors` beside it" if next_run else "",
+    )
     lines = [
         f"# {folder.name}",
         "",

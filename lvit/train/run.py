@@ -111,7 +111,6 @@ class TrainingRun:
         encoders = {recipe.data.template: encoder}
         for template in {s.template for s in sources} - set(encoders):
             encoders[template] = conversation_encoder(template, tokenizer, model.config)
-        anyres = encoder.image_tokens_for_size  # LLaVA-NeXT: an image's tokens depend on its size (lvit/model/next.py)
         self.skipped_file = out / SKIPPED_FILE
         if recipe.data.streaming:
             dataset, mixture = self._streamed_data(encoders, args), None
@@ -137,7 +136,6 @@ class TrainingRun:
             **packing_options(recipe, model),
             by_source=by_source,
             source_names=names,
-            image_tokens=anyres,
         )
         self.processor = processor
         self.stop = GracefulStop()
